@@ -1,0 +1,48 @@
+"""The public API is curated: this list changes only on purpose."""
+
+import fastinfer
+
+EXPECTED = [
+    "AttentionSwapError",
+    "BatchError",
+    "CacheMismatchError",
+    "CardinalityError",
+    "CheckpointError",
+    "ClosedError",
+    "CompileError",
+    "ConfigError",
+    "DeadlineExceeded",
+    "FastInferError",
+    "LoadError",
+    "MetricNameError",
+    "MissingDependencyError",
+    "QueueFull",
+    "RecompileError",
+    "StateDictMismatch",
+    "UnsafeCheckpointError",
+    "VerificationError",
+    "WorkerCrashed",
+    "WorkerError",
+    "WorkerStartupError",
+    "WorkerTimeout",
+    "__version__",
+]
+
+
+def test_all_is_the_curated_list() -> None:
+    assert fastinfer.__all__ == EXPECTED
+
+
+def test_all_is_sorted() -> None:
+    assert fastinfer.__all__ == sorted(fastinfer.__all__)
+
+
+def test_every_public_name_resolves() -> None:
+    for name in fastinfer.__all__:
+        assert getattr(fastinfer, name) is not None, name
+
+
+def test_nothing_public_is_left_out() -> None:
+    public = {n for n in vars(fastinfer) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(fastinfer, n)).__name__ == "module"}
+    assert public - modules - set(fastinfer.__all__) == set()
