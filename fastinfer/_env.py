@@ -1,0 +1,32 @@
+"""Every environment variable fastinfer reads, in one place (documented in docs/environment-variables.md).
+
+Values are read when a feature is used, never at import time, so a test or a service can set them
+after ``import fastinfer``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# name -> one-line description (docs/environment-variables.md has the long form)
+VARIABLES: dict[str, str] = {
+    "FASTINFER_PROFILE": "profile every fastinfer.profile() block (and the served model) and write traces",
+    "FASTINFER_PROFILE_DIR": "folder for profiler traces (default ./fastinfer-traces)",
+    "FASTINFER_CACHE_DIR": "persistent folder for Inductor compile caches and backend decisions",
+    "FASTINFER_PROGRESS": "force progress bars on (1) or off (0); default: only on a terminal",
+}
+
+
+def get(name: str, default: str | None = None) -> str | None:
+    """Read a documented fastinfer variable (an undocumented name is a programming error)."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not a documented fastinfer environment variable")
+    return os.environ.get(name, default)
+
+
+def flag(name: str) -> bool | None:
+    """A boolean variable: True for 1/true/yes/on, False for 0/false/no/off, None when unset."""
+    value = get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip().lower() in ("1", "true", "yes", "on")
