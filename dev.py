@@ -4,6 +4,7 @@
     python3 dev.py demo [ARGS...]   # the main job (``fastinfer demo``)
     python3 dev.py test [PYTEST ARGS...]   # lint + type check + the whole test suite
     python3 dev.py lint             # ruff (lint and format check) and mypy only
+    python3 dev.py docs [--serve]   # build the docs site strictly into site/ (or serve it)
 
 It needs nothing but Python >= 3.10 and pip. Every run is idempotent: the virtual environment is
 created once, and packages are installed again only when ``pyproject.toml`` changes.
@@ -32,7 +33,8 @@ TORCH_PIN = "torch==2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 EXTRAS = {
     "demo": ["serve", "plot"],
-    "test": ["dev", "serve", "transformers", "plot"],
+    "test": ["dev", "serve", "transformers", "plot", "docs"],
+    "docs": ["docs"],
     "lint": ["dev"],
 }
 
@@ -104,6 +106,10 @@ def ensure_venv(extras: list[str]) -> Path:
     return py
 
 
+def _quiet_mkdocs() -> dict[str, str]:
+    return {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+
+
 def lint(py: Path) -> None:
     _run([str(py), "-m", "ruff", "check", "."], cwd=ROOT)
     _run([str(py), "-m", "ruff", "format", "--check", "."], cwd=ROOT)
@@ -119,6 +125,9 @@ def main(argv: list[str]) -> int:
     try:
         if cmd == "demo":
             _run([str(py), "-m", "fastinfer", "demo", *rest], cwd=ROOT)
+        elif cmd == "docs":
+            verb = "serve" if "--serve" in rest else "build"
+            _run([str(py), "-m", "mkdocs", verb, "--strict"], cwd=ROOT, env=_quiet_mkdocs())
         elif cmd == "lint":
             lint(py)
         else:

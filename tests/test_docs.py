@@ -41,3 +41,16 @@ def test_docs_link_to_existing_pages() -> None:
         if not (page.parent / target).exists()
     ]
     assert broken == []
+
+
+def test_docs_site_builds_strictly(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocs", reason="needs the docs extra")
+    from conftest import run_python
+
+    run_python(
+        "import sys; from mkdocs.__main__ import cli; "
+        f"sys.argv = ['mkdocs', 'build', '--strict', '-q', '-d', {str(tmp_path / 'site')!r}]; cli()",
+        env={"NO_MKDOCS_2_WARNING": "1"},
+        timeout=180,
+    )
+    assert (tmp_path / "site" / "index.html").exists()
