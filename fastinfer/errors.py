@@ -9,6 +9,7 @@ both work. Messages say what failed, name the offending items and say the fix.
     FastInferError
     ├── ConfigError (ValueError)                  bad argument or config value
     │   └── MetricNameError                       name/label breaks Prometheus rules
+    ├── InvalidInput (ValueError)                 a request's input is malformed (HTTP 422)
     ├── MissingDependencyError (ImportError)      an optional extra is not installed
     ├── ClosedError (RuntimeError)                the object was closed (or not started)
     ├── QueueFull (RuntimeError)                  backpressure: a queue limit was hit
@@ -45,6 +46,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "FastInferError",
+    "InvalidInput",
     "LoadError",
     "MetricNameError",
     "MissingDependencyError",
@@ -70,6 +72,10 @@ class ConfigError(FastInferError, ValueError):
 
 class MetricNameError(ConfigError):
     """A metric or label name breaks the Prometheus naming rules."""
+
+
+class InvalidInput(FastInferError, ValueError):
+    """A request's input is malformed (wrong shape, type, length); HTTP services answer 422."""
 
 
 class MissingDependencyError(FastInferError, ImportError):

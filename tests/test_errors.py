@@ -24,6 +24,7 @@ def test_every_error_is_exported_and_rooted() -> None:
     [
         (errors.ConfigError, ValueError),
         (errors.MetricNameError, ValueError),
+        (errors.InvalidInput, ValueError),
         (errors.MissingDependencyError, ImportError),
         (errors.ClosedError, RuntimeError),
         (errors.QueueFull, RuntimeError),

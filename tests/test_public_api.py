@@ -13,6 +13,7 @@ EXPECTED = [
     "ConfigError",
     "DeadlineExceeded",
     "FastInferError",
+    "InvalidInput",
     "LoadError",
     "MetricNameError",
     "MissingDependencyError",

@@ -1,0 +1,5 @@
+"""Integrations of fastinfer with serving stacks; each submodule imports its own extra lazily.
+
+- ``fastinfer.integrations.fastapi``: lifespan, readiness, error mapping, cancel-on-disconnect,
+  ``/metrics`` for a FastAPI app (extra: ``serve``).
+"""

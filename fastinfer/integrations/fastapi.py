@@ -1,0 +1,413 @@
+"""FastAPI integration: startup in phases, readiness, error mapping, cancel-on-disconnect, /metrics.
+
+Imported only from here (``import fastinfer`` never imports FastAPI). Needs the ``serve`` extra.
+
+    from fastapi import FastAPI, Request
+    from fastinfer import DynamicBatcher
+    from fastinfer.integrations.fastapi import FastInferService
+
+    svc = FastInferService()
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        with svc.phase("load"):
+            model = make_model()
+        svc.state.batcher = svc.manage(
+            DynamicBatcher(model_fn, max_batch_size=32, max_wait_ms=5, **svc.batcher_hooks()),
+            name="classifier",
+        )
+
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+
+    @app.post("/predict")
+    async def predict(body: dict, request: Request):
+        return {"label": await svc.submit(svc.state.batcher, body["text"], request)}
+
+What :meth:`FastInferService.install` adds:
+
+- ``GET /healthz`` (alive: 200 as soon as the server runs) and ``GET /readyz`` (200 only once every
+  setup phase finished: loaded, compiled, warmed up; 503 before, with the current phase);
+- exception handlers: ``QueueFull`` → 503 with ``Retry-After``, ``DeadlineExceeded`` → 504,
+  invalid input (``InvalidInput``, request validation) → 422 naming the problem, ``WorkerCrashed``
+  / ``ClosedError`` / not ready → 503; any other error → 500 with no traceback in the response;
+- ``GET /metrics``: Prometheus text from the service's :class:`fastinfer.MetricsRecorder` through
+  ``prometheus_client``, with request latency, queue wait, batch size, batch execution time,
+  outcomes, queue depth and startup phase times recorded automatically;
+- :meth:`FastInferService.submit` / :meth:`~FastInferService.run`: a client that disconnects
+  cancels its queued request, so it never reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+from fastinfer._optional import require
+from fastinfer.errors import (
+    ClosedError,
+    ConfigError,
+    DeadlineExceeded,
+    FastInferError,
+    InvalidInput,
+    QueueFull,
+    WorkerCrashed,
+)
+from fastinfer.metrics import MetricsRecorder, standard_metrics
+
+fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
+prometheus_client = require("prometheus_client", purpose="the /metrics endpoint")
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, Response  # noqa: E402
+
+__all__ = ["ClientDisconnected", "FastInferService", "NotReady", "run_server"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class NotReady(FastInferError, RuntimeError):
+    """The service has not finished its setup (load, compile, warm-up) yet: HTTP 503."""
+
+
+class ClientDisconnected(FastInferError, ConnectionError):
+    """The HTTP client left before its result was ready; its queued work was cancelled."""
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Any:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+class FastInferService:
+    """What a FastAPI app needs from fastinfer, as one object: lifecycle, readiness, metrics.
+
+    Args:
+        recorder: the metrics recorder behind ``/metrics`` (a new one by default).
+        background_setup: run the setup function after the server starts (``/healthz`` answers at
+            once, ``/readyz`` and model endpoints say 503 until it finishes: the Kubernetes
+            pattern). ``False`` runs it inside the lifespan, before the server accepts requests.
+        retry_after_s: the ``Retry-After`` sent with 503s when the error does not carry one.
+        shutdown_timeout_s: how long shutdown waits for managed objects to drain.
+    """
+
+    def __init__(
+        self,
+        *,
+        recorder: MetricsRecorder | None = None,
+        background_setup: bool = True,
+        retry_after_s: float = 1.0,
+        shutdown_timeout_s: float = 30.0,
+        metrics_path: str = "/metrics",
+        health_path: str = "/healthz",
+        ready_path: str = "/readyz",
+    ) -> None:
+        if retry_after_s <= 0 or shutdown_timeout_s <= 0:
+            raise ConfigError("retry_after_s and shutdown_timeout_s must be > 0")
+        self.recorder = recorder if recorder is not None else MetricsRecorder()
+        self.metrics = standard_metrics(self.recorder)
+        self.state = SimpleNamespace()
+        self.background_setup = background_setup
+        self.retry_after_s = retry_after_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.paths = {"metrics": metrics_path, "health": health_path, "ready": ready_path}
+        self._setup_fn: Callable[[FastInferService], Any] | None = None
+        self._managed: list[tuple[str, Any]] = []
+        self._phases: dict[str, float] = {}
+        self._phase: str = "not started"
+        self._ready = False
+        self._setup_error: BaseException | None = None
+        self._setup_task: asyncio.Task[None] | None = None
+        self._phase_seconds = self.recorder.histogram(
+            "fastinfer_startup_phase_seconds",
+            "time of each startup phase (load, swap, compile, warm-up)",
+            unit="seconds",
+            labels=("phase",),
+        )
+        self._http_latency = self.recorder.histogram(
+            "fastinfer_http_request_seconds",
+            "HTTP request latency by route and status class",
+            unit="seconds",
+            labels=("route", "status"),
+        )
+
+    # ------------------------------------------------------------------ setup and lifecycle
+
+    def setup(self, fn: Callable[[FastInferService], Any]) -> Callable[[FastInferService], Any]:
+        """Register the function that builds the service (sync or async); usable as a decorator."""
+        self._setup_fn = fn
+        return fn
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one setup phase; ``/readyz`` shows it while it runs and its time once done."""
+        self._phase = name
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - t0
+            self._phases[name] = self._phases.get(name, 0.0) + elapsed
+            self._phase_seconds.labels(phase=name).observe(elapsed)
+
+    def manage(self, obj: T, *, name: str) -> T:
+        """Close ``obj`` (draining it) at shutdown, in reverse order, and export its ``statistics()``."""
+        if not (hasattr(obj, "aclose") or hasattr(obj, "close")):
+            raise ConfigError(f"manage({name!r}): {type(obj).__name__} has no close() or aclose()")
+        self._managed.append((name, obj))
+        if hasattr(obj, "statistics"):
+            self.recorder.track(obj, prefix=f"fastinfer_{name}")
+        return obj
+
+    def batcher_hooks(self) -> dict[str, Callable[[Any], None]]:
+        """``on_batch``/``on_request`` callbacks for a :class:`fastinfer.DynamicBatcher` that record
+        the standard batch and request metrics: pass them as ``DynamicBatcher(..., **hooks)``."""
+        m = self.metrics
+
+        def on_batch(rec: Any) -> None:
+            m.batch_size.observe(rec.size)
+            m.batch_execution_seconds.observe(rec.execution_seconds)
+            for wait in rec.queue_wait_seconds:
+                m.queue_wait_seconds.observe(wait)
+
+        def on_request(rec: Any) -> None:
+            m.requests_total.labels(outcome=rec.outcome).inc()
+            if rec.outcome == "ok":
+                m.request_latency_seconds.observe(rec.latency_seconds)
+
+        return {"on_batch": on_batch, "on_request": on_request}
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` returns: ready or not, the current phase, the phase times."""
+        out: dict[str, Any] = {"ready": self._ready, "phase": self._phase, "phases": self._phases}
+        if self._setup_error is not None:
+            out["error"] = f"{type(self._setup_error).__name__}: {self._setup_error}"
+        return out
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until setup finished; re-raise its error if it failed."""
+        if self._setup_task is not None:
+            await asyncio.wait_for(asyncio.shield(self._setup_task), timeout)
+        if self._setup_error is not None:
+            raise self._setup_error
+
+    async def _run_setup(self) -> None:
+        self._phase = "setup"
+        try:
+            if self._setup_fn is not None:
+                if inspect.iscoroutinefunction(self._setup_fn):
+                    await self._setup_fn(self)
+                else:  # a sync setup runs in a thread so /healthz keeps answering
+                    await asyncio.to_thread(self._setup_fn, self)
+            self._ready, self._phase = True, "ready"
+            logger.info("fastinfer service ready: %s", self._phases)
+        except BaseException as exc:
+            self._setup_error, self._phase = exc, "failed"
+            logger.exception("fastinfer service setup failed")
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _shutdown(self) -> None:
+        self._ready, self._phase = False, "shutting down"
+        if self._setup_task is not None and not self._setup_task.done():
+            self._setup_task.cancel()
+        for name, obj in reversed(self._managed):
+            try:
+                if hasattr(obj, "aclose"):
+                    await asyncio.wait_for(obj.aclose(), self.shutdown_timeout_s)
+                else:
+                    result = await asyncio.to_thread(obj.close)
+                    if inspect.isawaitable(result):
+                        await asyncio.wait_for(result, self.shutdown_timeout_s)
+            except Exception:
+                logger.exception("closing %s failed during shutdown", name)
+        self._managed.clear()
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """The FastAPI lifespan: run the setup (in the background by default), drain at shutdown."""
+        if self.background_setup:
+            self._setup_task = asyncio.create_task(self._run_setup())
+        else:
+            await self._run_setup()
+            if self._setup_error is not None:
+                raise self._setup_error
+        try:
+            yield
+        finally:
+            await self._shutdown()
+
+    # ------------------------------------------------------------------ request helpers
+
+    def check_ready(self) -> None:
+        """Raise :class:`NotReady` (HTTP 503) while setup has not finished."""
+        if not self._ready:
+            raise NotReady(f"the service is not ready yet (phase: {self._phase}); retry shortly")
+
+    async def run(self, request: Any, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` unless the HTTP client disconnects first, in which case it is
+        cancelled (a queued batcher request is removed and never reaches the model) and
+        :class:`ClientDisconnected` is raised."""
+        self.check_ready()
+        work = asyncio.ensure_future(awaitable)
+
+        async def disconnected() -> None:
+            # The body has been read by now, so the next ASGI message is the disconnect.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            work.cancel()
+            watcher.cancel()
+            raise
+        if work in done:
+            watcher.cancel()
+            return work.result()
+        work.cancel()
+        try:
+            await work
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise ClientDisconnected("the client disconnected; its request was cancelled")
+
+    async def submit(
+        self, batcher: Any, item: Any, request: Any, *, timeout: float | None = None
+    ) -> Any:
+        """``await batcher.submit(item)``, cancelled if the client disconnects first."""
+        return await self.run(request, batcher.submit(item, timeout=timeout))
+
+    # ------------------------------------------------------------------ app wiring
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of the recorder (what ``GET /metrics`` returns)."""
+        registry = prometheus_client.CollectorRegistry(auto_describe=False)
+        self.recorder.register(registry)
+        return prometheus_client.generate_latest(registry)  # type: ignore[no-any-return]
+
+    def install(self, app: Any) -> None:
+        """Add the health, readiness and metrics routes, the error handlers and the HTTP metrics."""
+        svc = self
+
+        @app.get(self.paths["health"], include_in_schema=False)
+        async def healthz() -> dict[str, str]:
+            return {"status": "alive"}
+
+        @app.get(self.paths["ready"], include_in_schema=False)
+        async def readyz() -> Any:
+            body = svc.readiness()
+            return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+        @app.get(self.paths["metrics"], include_in_schema=False)
+        async def metrics() -> Any:
+            text = await asyncio.to_thread(svc.metrics_text)
+            return Response(text, media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+        def retry_after(exc: BaseException) -> dict[str, str]:
+            seconds = getattr(exc, "retry_after", None) or svc.retry_after_s
+            return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+        handlers: dict[type[BaseException], Callable[[Any, Any], Any]] = {
+            QueueFull: lambda r, e: _error(503, "queue_full", str(e), retry_after(e)),
+            NotReady: lambda r, e: _error(503, "not_ready", str(e), retry_after(e)),
+            WorkerCrashed: lambda r, e: _error(503, "worker_crashed", str(e), retry_after(e)),
+            ClosedError: lambda r, e: _error(503, "shutting_down", str(e), retry_after(e)),
+            DeadlineExceeded: lambda r, e: _error(504, "deadline_exceeded", str(e)),
+            InvalidInput: lambda r, e: _error(422, "invalid_input", str(e)),
+            ClientDisconnected: lambda r, e: Response(status_code=499),
+            RequestValidationError: lambda r, e: _error(422, "invalid_input", _validation_message(e)),
+        }
+        for exc_type, handler in handlers.items():
+            app.add_exception_handler(exc_type, _async(handler))
+
+        async def internal(request: Any, exc: Exception) -> Any:
+            logger.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
+            return _error(500, "internal_error", "internal error; see the server log")
+
+        app.add_exception_handler(Exception, internal)
+        app.add_exception_handler(FastInferError, internal)
+        app.add_middleware(_HTTPMetrics, histogram=self._http_latency, skip=set(self.paths.values()))
+
+
+def _async(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handler(request: Any, exc: Any) -> Any:
+        return fn(request, exc)
+
+    return handler
+
+
+def _validation_message(exc: Any) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+class _HTTPMetrics:
+    """ASGI middleware: latency per route template (bounded label values) and status class."""
+
+    def __init__(self, app: Any, *, histogram: Any, skip: set[str]) -> None:
+        self.app, self.histogram, self.skip = app, histogram, skip
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.skip:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.histogram.labels(route=template, status=f"{status[0] // 100}xx").observe(
+                time.perf_counter() - t0
+            )
+
+
+@contextmanager
+def run_server(
+    app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a background thread; yields its base URL; stops it on exit.
+
+    Binds to localhost by default (nothing listens beyond it unless you pass ``host``). ``port=0``
+    picks a free port. Handy in notebooks and tests; production runs ``uvicorn module:app``.
+    """
+    import threading
+
+    uvicorn = require("uvicorn", purpose="run_server")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="fastinfer-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start (see its log above)")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()
+    try:
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
