@@ -1,6 +1,6 @@
 """``fastinfer`` / ``python -m fastinfer``: the command line.
 
-fastinfer demo [--quick]    the showcase: runs each primitive and prints what it did
+fastinfer demo [--quick] [--serve]   plain FastAPI endpoint vs the fastinfer stack
 """
 
 from __future__ import annotations
@@ -13,13 +13,19 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastinfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the showcase of every primitive")
-    demo.add_argument("--quick", action="store_true", help="smaller workloads")
+    demo = sub.add_parser("demo", help="plain FastAPI endpoint vs the fastinfer stack, side by side")
+    demo.add_argument("--quick", action="store_true", help="a shorter load ramp")
+    demo.add_argument("--serve", action="store_true", help="then keep the service running")
+    demo.add_argument("--compile", action="store_true", help="also compile the model (slower start)")
+    demo.add_argument("--out", default="fastinfer-demo", help="folder for report.json/.png")
+    demo.add_argument("--port", type=int, default=8000, help="port for --serve (on 127.0.0.1)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from fastinfer._demo import run_demo
 
-        return run_demo(quick=args.quick)
+        return run_demo(
+            quick=args.quick, serve=args.serve, out=args.out, compile=args.compile, port=args.port
+        )
     return 2  # pragma: no cover - argparse already rejected anything else
 
 

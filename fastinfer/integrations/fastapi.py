@@ -167,19 +167,19 @@ class FastInferService:
 
     def batcher_hooks(self) -> dict[str, Callable[[Any], None]]:
         """``on_batch``/``on_request`` callbacks for a :class:`fastinfer.DynamicBatcher` that record
-        the standard batch and request metrics: pass them as ``DynamicBatcher(..., **hooks)``."""
+        the standard distributions (request latency, queue wait, batch size, batch execution time):
+        pass them as ``DynamicBatcher(..., **svc.batcher_hooks())``. Counts and gauges (requests
+        by outcome, queue depth) come from the batcher's ``statistics()`` via :meth:`manage`."""
         m = self.metrics
 
         def on_batch(rec: Any) -> None:
-            m.batch_size.observe(rec.size)
-            m.batch_execution_seconds.observe(rec.execution_seconds)
+            m.observe_batch(size=rec.size, seconds=rec.execution_seconds)
             for wait in rec.queue_wait_seconds:
-                m.queue_wait_seconds.observe(wait)
+                m.queue_wait.observe(wait)
 
         def on_request(rec: Any) -> None:
-            m.requests_total.labels(outcome=rec.outcome).inc()
             if rec.outcome == "ok":
-                m.request_latency_seconds.observe(rec.latency_seconds)
+                m.request_latency.observe(rec.latency_seconds)
 
         return {"on_batch": on_batch, "on_request": on_request}
 
@@ -293,9 +293,7 @@ class FastInferService:
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition of the recorder (what ``GET /metrics`` returns)."""
-        registry = prometheus_client.CollectorRegistry(auto_describe=False)
-        self.recorder.register(registry)
-        return prometheus_client.generate_latest(registry)  # type: ignore[no-any-return]
+        return self.recorder.exposition().encode()
 
     def install(self, app: Any) -> None:
         """Add the health, readiness and metrics routes, the error handlers and the HTTP metrics."""

@@ -1,0 +1,90 @@
+"""A text-classification service: tokenizer + small BERT-like model, batched, with metrics.
+
+    uvicorn examples.text_classification_service:app      # serve it (from the repository root)
+    python examples/text_classification_service.py        # start it, send requests, stop it
+
+Startup runs in phases (load with the fast loader, swap attention), then /readyz turns 200; until
+then /predict answers 503. Requests are batched by a DynamicBatcher; a client that disconnects
+cancels its queued request; /metrics serves Prometheus text.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field
+
+import fastinfer
+from fastinfer import testing
+from fastinfer.integrations.fastapi import FastInferService
+
+CHECKPOINT = Path(tempfile.gettempdir()) / "fastinfer-example-classifier.pt"
+LABELS = ("negative", "positive")
+tokenizer = testing.HashTokenizer(vocab_size=1000, max_length=128)
+svc = FastInferService()
+
+
+@svc.setup
+def build(svc: FastInferService) -> None:
+    if not CHECKPOINT.exists():  # stands in for your trained weights
+        testing.save_checkpoint(testing.bert_like_classifier(), CHECKPOINT)
+    with svc.phase("load"):
+        model = fastinfer.load_model(testing.bert_like_classifier, CHECKPOINT)
+    with svc.phase("swap_attention"):
+        warm = tokenizer(["a short warm up text", "and a somewhat longer one " * 6])
+        fastinfer.swap_attention_(model, example_inputs=(warm["input_ids"], warm["attention_mask"]))
+
+    def classify(texts: list[str]) -> list[dict[str, Any]]:
+        enc = tokenizer(texts)
+        with torch.inference_mode():
+            probs = model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
+        return [{"label": LABELS[int(p.argmax())], "score": round(float(p.max()), 4)} for p in probs]
+
+    svc.state.batcher = svc.manage(
+        fastinfer.DynamicBatcher(
+            classify, max_batch_size=32, max_wait_ms=5, max_queue_size=1024, **svc.batcher_hooks()
+        ),
+        name="classifier",
+    )
+
+
+app = FastAPI(lifespan=svc.lifespan)
+svc.install(app)
+
+
+class Query(BaseModel):
+    text: str = Field(min_length=1, max_length=5000)
+
+
+@app.post("/predict")
+async def predict(query: Query, request: Request) -> Any:
+    return await svc.submit(svc.state.batcher, query.text, request)
+
+
+if __name__ == "__main__":
+    import asyncio
+
+    import httpx
+
+    from fastinfer.integrations.fastapi import run_server
+
+    async def main(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            while (await client.get("/readyz")).status_code != 200:
+                await asyncio.sleep(0.05)
+            texts = [f"review number {i} " + "good " * (i % 7) for i in range(64)]
+            answers = await asyncio.gather(*(client.post("/predict", json={"text": t}) for t in texts))
+            assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+            print("first answer:", answers[0].json())
+            bad = await client.post("/predict", json={"text": ""})
+            print("empty text ->", bad.status_code, bad.json()["detail"])
+            metrics = (await client.get("/metrics")).text
+            sizes = [line for line in metrics.splitlines() if line.startswith("fastinfer_batch_size_count")]
+            print("batches run:", sizes)
+
+    with run_server(app) as url:
+        asyncio.run(main(url))

@@ -1,0 +1,144 @@
+"""The two services the demo compares, each run in its own process by ``run_demo``:
+
+- ``plain``: what users write today: a sync FastAPI endpoint that tokenizes and runs the model for
+  each request (FastAPI runs it in its thread pool, so requests fight over the cores);
+- ``fastinfer``: the same model and tokenizer through fastinfer: fast loader, attention swap,
+  optional compile, a dynamic batcher, readiness, metrics and cancel-on-disconnect.
+
+    python -m fastinfer._demo.server --mode fastinfer --checkpoint CKPT [--port 8000]
+
+It prints ``FASTINFER_DEMO_PORT <port>`` once it listens (on 127.0.0.1 unless --host says more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastinfer._demo import model as demo_model
+from fastinfer._optional import require
+
+
+def plain_app(checkpoint: Path) -> Any:
+    fastapi = require("fastapi")
+    from pydantic import BaseModel
+
+    model = demo_model.build_model()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    model.eval()
+    tok = demo_model.tokenizer()
+    app = fastapi.FastAPI()
+
+    class Request(BaseModel):
+        text: str
+
+    @app.post("/predict")
+    def predict(req: Request) -> dict[str, Any]:
+        enc = tok([req.text])
+        with torch.no_grad():
+            logits = model(enc["input_ids"], enc["attention_mask"])
+        return demo_model.postprocess(logits)[0]
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, bool]:
+        return {"ready": True}
+
+    return app
+
+
+def fastinfer_app(
+    checkpoint: Path,
+    *,
+    compile: bool = False,
+    swap: bool = True,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+) -> Any:
+    fastapi = require("fastapi")
+    from pydantic import BaseModel
+
+    import fastinfer
+    from fastinfer.integrations.fastapi import FastInferService
+
+    svc = FastInferService()
+    tok = demo_model.tokenizer()
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        with svc.phase("load"):
+            model = fastinfer.load_model(demo_model.build_model, checkpoint)
+        example = tok(demo_model.texts(max_batch_size, seed=1))
+        example_inputs = (example["input_ids"], example["attention_mask"])
+        if swap:
+            with svc.phase("swap_attention"):
+                svc.state.attention = fastinfer.swap_attention_(
+                    model, example_inputs=example_inputs
+                )
+        run_model: Any = model
+        if compile:
+            with svc.phase("compile"):
+                run_model = fastinfer.compile_model(
+                    model, example_inputs, batch_sizes=(1, 8, max_batch_size), fallback="eager"
+                )
+
+        def predict_batch(texts: list[str]) -> list[dict[str, Any]]:
+            enc = tok(texts)
+            with torch.inference_mode():
+                logits = run_model(enc["input_ids"], enc["attention_mask"])
+            return demo_model.postprocess(logits)
+
+        svc.state.batcher = svc.manage(
+            fastinfer.DynamicBatcher(
+                predict_batch,
+                max_batch_size=max_batch_size,
+                max_wait_ms=max_wait_ms,
+                policy="adaptive",
+                max_queue_size=4096,
+                **svc.batcher_hooks(),
+            ),
+            name="batcher",
+        )
+
+    app = fastapi.FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+
+    class Request(BaseModel):
+        text: str
+
+    @app.post("/predict")
+    async def predict(req: Request, request: fastapi.Request) -> Any:
+        return await svc.submit(svc.state.batcher, req.text, request)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["plain", "fastinfer"], required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-swap", action="store_true")
+    args = parser.parse_args(argv)
+    uvicorn = require("uvicorn")
+    if args.mode == "plain":
+        app = plain_app(args.checkpoint)
+    else:
+        app = fastinfer_app(args.checkpoint, compile=args.compile, swap=not args.no_swap)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    print(f"FASTINFER_DEMO_PORT {sock.getsockname()[1]}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
