@@ -32,8 +32,8 @@ VENV = ROOT / ".venv"
 TORCH_PIN = "torch==2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 EXTRAS = {
-    "demo": ["serve", "plot"],
-    "test": ["dev", "serve", "transformers", "plot", "docs"],
+    "demo": ["demo"],
+    "test": ["dev", "demo", "serve", "transformers", "plot", "docs"],
     "docs": ["docs"],
     "lint": ["dev"],
 }

@@ -47,6 +47,7 @@ def build(svc: FastInferService) -> None:
             model, torch.randn(SIZES[-1], *SHAPE), batch_sizes=SIZES, fallback="eager"
         )
     svc.state.compiled = compiled
+    svc.state.graphs_after_warmup = compiled.statistics().graphs
 
     def predict(batch: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) -> (B, 10)
         with torch.inference_mode():
@@ -105,7 +106,8 @@ if __name__ == "__main__":
             bad = await client.post("/predict", json={"pixels": [0.0] * 5})
             print("5 pixels ->", bad.status_code, bad.json()["detail"])
         stats = svc.state.compiled.statistics()
-        print("compiles after warm-up:", stats.recompiles_after_warmup)
+        print("graphs compiled while serving:", stats.graphs - svc.state.graphs_after_warmup)
+        print("recompiles refused:", stats.recompiles_refused, "| fallback:", stats.fallback)
 
     with run_server(app) as url:
         asyncio.run(main(url))

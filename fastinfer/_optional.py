@@ -13,6 +13,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "fastapi": ("fastapi", "serve"),
     "uvicorn": ("uvicorn", "serve"),
     "httpx": ("httpx", "serve"),
+    "aiohttp": ("aiohttp", "serve"),
     "prometheus_client": ("prometheus-client", "serve"),
     "transformers": ("transformers", "transformers"),
     "optimum": ("optimum", "transformers"),

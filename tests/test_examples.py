@@ -17,7 +17,7 @@ pytestmark = pytest.mark.serve
     ("script", "expect"),
     [
         ("text_classification_service.py", "batches run"),
-        ("image_service.py", "compiles after warm-up: 0"),
+        ("image_service.py", "graphs compiled while serving: 0"),
         ("sync_endpoint.py", "requests in"),
         ("pool_service.py", "256 results"),
     ],

@@ -255,12 +255,13 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, style in (("plain", "o--"), ("fastinfer", "s-")):
+    for mode, style, color in (("plain", "o--", "tab:gray"), ("fastinfer", "s-", "tab:orange")):
         rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rs]
-        ax1.plot(xs, [r["throughput_rps"] for r in rs], style, label=mode)
-        ax2.plot(xs, [r["p99_s"] * 1e3 for r in rs], style, label=f"{mode} p99")
-        ax2.plot(xs, [r["p50_s"] * 1e3 for r in rs], style, alpha=0.5, label=f"{mode} p50")
+        ax1.plot(xs, [r["throughput_rps"] for r in rs], style, color=color, label=mode)
+        ax2.plot(xs, [r["p99_s"] * 1e3 for r in rs], style, color=color, label=f"{mode} p99")
+        ax2.plot(xs, [r["p50_s"] * 1e3 for r in rs], style, color=color, alpha=0.4,
+                 label=f"{mode} p50")  # fmt: skip
     ax1.set(xlabel="concurrent clients", ylabel="requests / s", title="throughput", xscale="log")
     ax2.set(xlabel="concurrent clients", ylabel="latency (ms)", title="latency", xscale="log")
     ax2.set_yscale("log")

@@ -81,6 +81,25 @@ class ClientDisconnected(FastInferError, ConnectionError):
     """The HTTP client left before its result was ready; its queued work was cancelled."""
 
 
+class _State(SimpleNamespace):
+    """``svc.state``: what setup built. Reading an attribute setup has not set yet raises
+    :class:`NotReady` (HTTP 503) while the service is starting, not an ``AttributeError`` (500)."""
+
+    def __init__(self, svc: FastInferService) -> None:
+        super().__init__()
+        object.__setattr__(self, "_svc", svc)
+
+    def __getattr__(self, name: str) -> Any:
+        svc = object.__getattribute__(self, "_svc")
+        if not svc.ready and not name.startswith("__"):
+            raise NotReady(f"the service is not ready yet (phase: {svc._phase}); retry shortly")
+        raise AttributeError(f"svc.state has no {name!r}: set it in the setup function")
+
+    def __repr__(self) -> str:
+        items = {k: v for k, v in vars(self).items() if k != "_svc"}
+        return f"state({', '.join(f'{k}={v!r}' for k, v in items.items())})"
+
+
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Any:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
@@ -112,7 +131,7 @@ class FastInferService:
             raise ConfigError("retry_after_s and shutdown_timeout_s must be > 0")
         self.recorder = recorder if recorder is not None else MetricsRecorder()
         self.metrics = standard_metrics(self.recorder)
-        self.state = SimpleNamespace()
+        self.state = _State(self)
         self.background_setup = background_setup
         self.retry_after_s = retry_after_s
         self.shutdown_timeout_s = shutdown_timeout_s
