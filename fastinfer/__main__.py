@@ -1,6 +1,7 @@
 """``fastinfer`` / ``python -m fastinfer``: the command line.
 
 fastinfer demo [--quick] [--serve]   plain FastAPI endpoint vs the fastinfer stack
+fastinfer warm MODULE:FACTORY ...    compile a model into a cache bundle or an AOT package
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--compile", action="store_true", help="also compile the model (slower start)")
     demo.add_argument("--out", default="fastinfer-demo", help="folder for report.json/.png")
     demo.add_argument("--port", type=int, default=8000, help="port for --serve (on 127.0.0.1)")
+    from fastinfer._warm import add_parser as add_warm
+
+    add_warm(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from fastinfer._demo import run_demo
@@ -26,6 +30,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(
             quick=args.quick, serve=args.serve, out=args.out, compile=args.compile, port=args.port
         )
+    if args.command == "warm":
+        from fastinfer._warm import run_warm
+        from fastinfer.errors import FastInferError
+
+        try:
+            return run_warm(args)
+        except FastInferError as exc:
+            print(f"fastinfer warm: error: {exc}", file=sys.stderr)
+            return 1
     return 2  # pragma: no cover - argparse already rejected anything else
 
 
