@@ -1,6 +1,6 @@
 """``fastinfer`` / ``python -m fastinfer``: the command line.
 
-    fastinfer demo [--quick]    the showcase: runs each primitive and prints what it did
+fastinfer demo [--quick]    the showcase: runs each primitive and prints what it did
 """
 
 from __future__ import annotations
@@ -15,11 +15,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the showcase of every primitive")
     demo.add_argument("--quick", action="store_true", help="smaller workloads")
+    from fastinfer._warm import add_parser as add_warm
+
+    add_warm(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from fastinfer._demo import run_demo
 
         return run_demo(quick=args.quick)
+    if args.command == "warm":
+        from fastinfer._warm import run_warm
+        from fastinfer.errors import FastInferError
+
+        try:
+            return run_warm(args)
+        except FastInferError as exc:
+            print(f"fastinfer warm: error: {exc}", file=sys.stderr)
+            return 1
     return 2  # pragma: no cover - argparse already rejected anything else
 
 
