@@ -413,7 +413,12 @@ def compile_model(
                 expected[b] = model(*batches[b][0], **batches[b][1])
     stats["opaque_fused_ops"] = opaque
     if opaque:
-        _log_once(f"opaque:{type(model).__qualname__}", logging.WARNING, _OPAQUE_FIX, list(opaque))
+        _log_once(
+            f"opaque:{type(model).__qualname__}",
+            logging.WARNING,
+            "%s",
+            _OPAQUE_FIX.format(ops=list(opaque)),
+        )
 
     def give_up(reason: str, exc: BaseException | None) -> CompiledModel:
         if fallback == "error":
@@ -610,6 +615,21 @@ def _positional_names(model: nn.Module, n: int) -> list[str]:
     return params[:n]
 
 
+def _load_runner(path: str) -> Any:
+    # torch's own load_package first probes this CPU's vector ISA by compiling test programs
+    # (seconds, and it needs a C++ compiler) only to warn on a mismatch; fastinfer checks its own
+    # manifest instead, so go straight to the package loader.
+    try:
+        from torch._inductor.package.package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+        return AOTICompiledModel(loader)
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other torch versions
+        from torch import _inductor
+
+        return _inductor.aoti_load_package(path)
+
+
 def load_aot(path: str | os.PathLike[str], *, check_environment: bool = True) -> CompiledModel:
     """Load an AOTInductor package written by :func:`export_aot`: no JIT, no C++ compiler needed.
 
@@ -639,11 +659,9 @@ def load_aot(path: str | os.PathLike[str], *, check_environment: bool = True) ->
                 f"AOT package {p} was built for another environment: {fields}. Fix: rebuild it "
                 "here with fastinfer.export_aot or `fastinfer warm --aot`"
             )
-    from torch import _inductor
-
     t0 = time.perf_counter()
     try:
-        runner = _inductor.aoti_load_package(str(p))
+        runner = _load_runner(str(p))
     except Exception as exc:
         raise CompileError(f"loading AOT package {p} failed: {_explain(exc)}") from exc
     stats = {
