@@ -338,6 +338,11 @@ def _explain(exc: BaseException) -> str:
     markers = ("cppcompileerror", "invalidcxxcompiler", "no such file or dir")
     if any(s in lowered for s in markers) and any(s in lowered for s in ("g++", "c++", "compiler")):
         return f"{_NO_COMPILER}. Cause: {text[:800]}"
+    if "constraintviolation" in lowered or "specialized" in lowered:
+        return (
+            f"{text[:1200]}\nFix: the model fixes the batch size in its code; pass dynamic=False "
+            "to compile one graph per batch size"
+        )
     return text[:1500]
 
 
@@ -541,13 +546,14 @@ def export_aot(
     rtol: float | None = None,
     atol: float | None = None,
     inductor_configs: dict[str, Any] | None = None,
+    cache: InductorCache | None = None,
 ) -> Path:
     """Write an AOTInductor ``.pt2`` package with a dynamic batch dimension (dim 0 of each tensor).
 
     The batch dimension ranges over ``min(batch_sizes)..max(batch_sizes)``; every size in
     ``batch_sizes`` is checked against eager before the package is renamed into place. The package
     records the environment it was built for (torch, CPU ISA, GPU) and :func:`load_aot` checks it.
-    Raises :class:`CompileError` (no C++ compiler, export failure) or :class:`VerificationError`.
+    The compile runs inside ``cache`` (default ``$FASTINFER_CACHE_DIR`` when set). Raises :class:`CompileError` (no C++ compiler, export failure) or :class:`VerificationError`.
     """
     sizes = _check_batch_sizes(batch_sizes)
     if not isinstance(model, nn.Module):
@@ -580,11 +586,15 @@ def export_aot(
                 **dict(zip(_positional_names(model, len(args)), dynamic_shapes)),
                 **{k: spec(v, dim) for k, v in kwargs.items()},
             }
+    cache = _resolve_cache(cache, "inductor")
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".pt2")
     os.close(fd)
     try:
         try:
-            with torch.inference_mode(False), torch.no_grad():
+            ctx = contextlib.ExitStack()
+            if cache is not None and not cache.active:
+                ctx.enter_context(cache)
+            with ctx, torch.inference_mode(False), torch.no_grad():
                 ep = torch_export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
                 _inductor.aoti_compile_and_package(
                     ep, package_path=tmp, inductor_configs=inductor_configs
@@ -1104,7 +1114,9 @@ def _build(
     if spec == "aot":
         if not isinstance(model, nn.Module):
             raise CompileError("the aot candidate needs an nn.Module")
-        pkg = export_aot(model, example_inputs, tmp / "model.pt2", batch_sizes=sizes, verify=False)
+        pkg = export_aot(
+            model, example_inputs, tmp / "model.pt2", batch_sizes=sizes, verify=False, cache=cache
+        )
         loaded = load_aot(pkg)
         return loaded, loaded
     backend, mode = _MODES.get(spec, (spec, None))

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "fastinfer-cache.json"
 _INDUCTOR_SUBDIR = "inductor"
 _LOCK_FILE = ".fastinfer.lock"
+_ISA_PROBE = "isa-probe.json"
 _FORMAT = 1
 
 # Inductor settings that change generated code (and so must match between build and use).
@@ -330,8 +331,56 @@ class InductorCache:
         inductor_config.fx_graph_cache = True
         functorch_config.enable_autograd_cache = True
         clear_caches()  # in-memory caches may point into the previous folder
+        self._replay_isa_probe()
         self._base = _counters()
         return self
+
+    def _replay_isa_probe(self) -> None:
+        """Run inductor's CPU ISA probe once per process, replaying a recorded outcome.
+
+        Inductor decides which vector ISAs to generate code for by compiling test programs into
+        the cache folder and ``dlopen``-ing each in a child Python (seconds, every process). The
+        compiled test programs live in this folder, keyed by code, flags and compiler; their load
+        outcome is recorded in ``isa-probe.json`` and replayed when this folder (same manifest:
+        CPU ISA, compiler, torch) is used again, so a warm start skips the child processes.
+        """
+        try:
+            from torch._inductor import cpu_vec_isa as isa
+        except ImportError:  # pragma: no cover
+            return
+        listing = getattr(isa, "valid_vec_isa_list", None)
+        original = getattr(getattr(isa, "VecISA", None), "_probe_load", None)
+        if listing is None or original is None or not hasattr(listing, "cache_info"):
+            return
+        if listing.cache_info().currsize:  # already probed in this process
+            return
+        record = self.path / _ISA_PROBE
+        try:
+            known: dict[str, bool] = json.loads(record.read_text())
+        except (OSError, ValueError):
+            known = {}
+        seen: dict[str, bool] = {}
+
+        def probe(vec_isa: Any, output_path: str) -> bool:
+            key = os.path.basename(output_path)
+            if key in known and os.path.isfile(output_path):
+                ok = bool(known[key])
+            else:
+                ok = bool(original(vec_isa, output_path))
+            seen[key] = ok
+            return ok
+
+        isa.VecISA._probe_load = probe  # type: ignore[method-assign,assignment]
+        try:
+            isa.pick_vec_isa()
+        except Exception as exc:  # the real compile will report it with its cause
+            logger.debug("CPU ISA probe failed: %s", exc)
+            return
+        finally:
+            isa.VecISA._probe_load = original  # type: ignore[method-assign]
+        if seen and {**known, **seen} != known:
+            with contextlib.suppress(OSError):
+                _write_json_atomic(record, {**known, **seen})
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -93,7 +93,7 @@ def test_inductor_compile_warms_every_batch_size_then_never_compiles(warm: dict[
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     assert _graphs() == before, "a warmed model compiled at serve time"
     assert compiled.statistics().calls == 4
-    assert not list(Path("/tmp").glob(f"torchinductor_*/{warm['path'].name}"))
+    assert list((warm["path"] / "inductor" / "fxgraph").rglob("*")), "not compiled into the cache"
 
 
 @pytest.mark.slow
@@ -103,17 +103,24 @@ def test_bundle_exported_here_loads_with_no_compile_in_a_fresh_process(
     code = f"""
 import json, torch, fastinfer
 from fastinfer import testing
+from torch._inductor import cpu_vec_isa
+probes = []
+real_probe = cpu_vec_isa.VecISA._probe_load
+cpu_vec_isa.VecISA._probe_load = lambda self, path: probes.append(path) or real_probe(self, path)
 cache = fastinfer.InductorCache.import_({str(warm["bundle"])!r}, {str(tmp_path / "imported")!r})
 with cache:
     x = torch.randn(4, 32)
     c = fastinfer.compile_model(testing.tiny_mlp(), x, batch_sizes=(1, 4, 8), cache=cache)
 s, cs = c.statistics(), cache.statistics()
 print(json.dumps({{"hits": s.cache_hits, "misses": s.cache_misses, "graphs": s.graphs,
-                  "cache_hits": cs.cache_hits, "path": str(cache.path)}}))
+                  "cache_hits": cs.cache_hits, "path": str(cache.path), "probes": len(probes)}}))
 """
     out = json.loads(run_python(code, timeout=240).stdout.strip().splitlines()[-1])
     assert out["misses"] == 0 and out["hits"] == out["graphs"] == 2, out
     assert out["cache_hits"] == 2 and out["path"] == str(tmp_path / "imported")
+    # The CPU ISA probe's outcome was replayed from the bundle: no dlopen child processes.
+    assert (warm["path"] / "isa-probe.json").is_file()
+    assert out["probes"] == 0, out
 
 
 @pytest.mark.slow
@@ -438,3 +445,31 @@ def test_aot_package_for_another_isa_is_refused(aot_package: Path, tmp_path: Pat
 def test_public_names() -> None:
     for name in ("CompiledModel", "InductorCache", "compile_model", "export_aot", "load_aot"):
         assert hasattr(fastinfer, name)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU paths (skipped cleanly without CUDA)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_reduce_overhead_on_gpu_is_measured(tmp_path: Path) -> None:
+    model = ft.tiny_mlp().cuda()
+    x = _x().cuda()
+    with InductorCache(tmp_path) as cache:
+        compiled = compile_model(model, x, mode="reduce-overhead", batch_sizes=(1, 8), cache=cache)
+        before = _graphs()
+        for b in (1, 8):
+            compiled(_x(b).cuda())
+        assert _graphs() == before
+        report = select_backend(
+            model,
+            x,
+            candidates=["eager", "inductor", "reduce-overhead"],
+            batch_sizes=(1, 8),
+            repeat=3,
+            cache=cache,
+        )
+    assert report.result("reduce-overhead").status == "ok", report.result("reduce-overhead")
+    assert cache.statistics().active is False
