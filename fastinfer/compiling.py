@@ -22,11 +22,9 @@ import json
 import logging
 import math
 import os
-import statistics as _stats
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -329,6 +327,13 @@ def _resolve_cache(cache: InductorCache | None, backend: Any) -> InductorCache |
     if cache is not None or not (isinstance(backend, str) and backend == "inductor"):
         return cache
     path = _env.get("FASTINFER_CACHE_DIR")
+    if not path:
+        _log_once(
+            "no-cache",
+            logging.INFO,
+            "compiling into torch's default cache in the temporary directory (wiped on restart); "
+            "pass cache=fastinfer.InductorCache(path) or set FASTINFER_CACHE_DIR to start warm",
+        )
     return InductorCache(path) if path else None
 
 
@@ -601,6 +606,8 @@ def export_aot(
                 )
         except Exception as exc:
             raise CompileError(f"export_aot failed: {_explain(exc)}") from exc
+        import zipfile
+
         with zipfile.ZipFile(tmp, "a", compression=zipfile.ZIP_STORED) as zf:
             root = zf.namelist()[0].split("/")[0]
             zf.writestr(f"{root}/{_AOT_MANIFEST}", json.dumps(environment_manifest()))
@@ -650,6 +657,8 @@ def load_aot(path: str | os.PathLike[str], *, check_environment: bool = True) ->
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"AOT package {p} does not exist; build one with fastinfer.export_aot")
+    import zipfile
+
     built: dict[str, Any] | None = None
     try:
         with zipfile.ZipFile(p) as zf:
@@ -731,7 +740,7 @@ class CandidateResult:
     def geomean_speedup(self) -> float:
         if not self.speedup:
             return 0.0
-        return math.exp(_stats.fmean(math.log(s) for s in self.speedup.values()))
+        return math.exp(sum(math.log(s) for s in self.speedup.values()) / len(self.speedup))
 
 
 @dataclass(frozen=True)
@@ -877,6 +886,12 @@ def _decisions_dir(cache_dir: str | os.PathLike[str] | None) -> Path | None:
     return Path(env) / "decisions" if env else None
 
 
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    mid = len(ys) // 2
+    return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
+
+
 def _time_interleaved(
     fns: Mapping[str, Callable[[], Any]], *, repeat: int, target_s: float = 0.01
 ) -> dict[str, float]:
@@ -895,7 +910,7 @@ def _time_interleaved(
             for _ in range(number):
                 fn()
             samples[name].append((time.perf_counter() - t) / number)
-    return {k: _stats.median(v) for k, v in samples.items()}
+    return {k: _median(v) for k, v in samples.items()}
 
 
 def select_backend(

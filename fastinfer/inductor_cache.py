@@ -26,19 +26,21 @@ import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from fastinfer import _env
 from fastinfer.errors import CacheMismatchError, ConfigError, FastInferError
+
+if TYPE_CHECKING:
+    import tarfile
 
 __all__ = ["CacheLockTimeout", "CacheStatistics", "InductorCache", "environment_manifest"]
 
@@ -91,7 +93,7 @@ class CacheStatistics:
 
 def _cxx() -> str | None:
     """The C++ compiler inductor would use (``CXX`` or g++/c++/clang++ on PATH), or None."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    for name in (_env.get("CXX"), "g++", "c++", "clang++"):
         if name and (found := shutil.which(name)):
             return found
     return None
@@ -110,7 +112,7 @@ def _compiler_version(path: str) -> str:
 
 def _cpu_capability() -> str:
     # ATEN_CPU_CAPABILITY overrides what ATen and inductor vectorise for, so it is what counts.
-    override = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    override = (_env.get("ATEN_CPU_CAPABILITY") or "").strip().lower()
     return override or str(torch.backends.cpu.get_cpu_capability()).lower()
 
 
@@ -443,6 +445,8 @@ class InductorCache:
         """
         if self.manifest() is None:
             raise ConfigError(f"{self.path} holds no fastinfer cache yet: compile into it first")
+        import tarfile
+
         bundle = Path(bundle_path).expanduser().resolve()
         bundle.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=bundle.parent, prefix=f".{bundle.name}.", suffix=".tmp")
@@ -475,6 +479,8 @@ class InductorCache:
         renamed into place, under a lock, so concurrent importers are safe; an already imported,
         matching ``dest`` is reused.
         """
+        import tarfile
+
         bundle = Path(bundle_path).expanduser()
         if not bundle.is_file():
             raise ConfigError(f"cache bundle {bundle} does not exist")
@@ -548,6 +554,8 @@ def _no_locks(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 
 
 def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    import tarfile
+
     if hasattr(tarfile, "data_filter"):
         tar.extractall(dest, filter="data")
     else:  # pragma: no cover - Python without PEP 706
@@ -559,6 +567,8 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
 
 def _merge_bundle(bundle: Path, path: Path) -> None:
     """Copy a bundle's entries into an existing matching cache (each file renamed into place)."""
+    import tarfile
+
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.merge."))
     try:
         with tarfile.open(bundle) as tar:
