@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,44 @@ def test_statistics_start_at_zero(tmp_path: Path) -> None:
         s = cache.statistics()
         assert s.active and (s.cache_hits, s.cache_misses, s.cache_bypasses) == (0, 0, 0)
     assert not cache.statistics().active
+
+
+def test_the_compile_lock_excludes_other_processes(tmp_path: Path) -> None:
+    with InductorCache(tmp_path):
+        pass
+    held, release = tmp_path / "held", tmp_path / "release"
+    code = f"""
+import pathlib, time, fastinfer
+cache = fastinfer.InductorCache({str(tmp_path)!r})
+with cache.exclusive():
+    pathlib.Path({str(held)!r}).touch()
+    deadline = time.monotonic() + 60
+    while not pathlib.Path({str(release)!r}).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+print("released")
+"""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists():  # the other process holds the lock
+            assert proc.poll() is None and time.monotonic() < deadline, "holder did not start"
+            time.sleep(0.01)
+        with (
+            pytest.raises(CacheLockTimeout, match="another process"),
+            InductorCache(tmp_path).exclusive(timeout=0.2),
+        ):
+            pass
+        release.touch()
+        waiter = InductorCache(tmp_path)
+        with waiter.exclusive(timeout=60):  # waits for the holder, then gets it
+            pass
+        assert proc.wait(60) == 0 and "released" in (proc.stdout.read() if proc.stdout else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
