@@ -73,6 +73,11 @@ _ENV_KEYS = (
 )
 
 
+# folder -> (thread holding its compile lock in this process, depth), for re-entrancy
+_held: dict[str, tuple[int, int]] = {}
+_held_mutex = threading.Lock()
+
+
 class CacheLockTimeout(FastInferError, TimeoutError):
     """Waiting for another process to finish compiling into a cache took longer than allowed."""
 
@@ -424,8 +429,24 @@ class InductorCache:
     def exclusive(self, timeout: float | None = None) -> Iterator[None]:
         """Hold the folder's compile lock: the first process compiles, the others wait then load.
 
-        Raises :class:`CacheLockTimeout` after ``timeout`` seconds (default: ``lock_timeout``).
+        Re-entrant within a thread (``export`` inside ``exclusive`` does not deadlock). Raises
+        :class:`CacheLockTimeout` after ``timeout`` seconds (default: ``lock_timeout``).
         """
+        key, me = str(self.path), threading.get_ident()
+        with _held_mutex:
+            owner = _held.get(key)
+            if owner is not None and owner[0] == me:
+                _held[key] = (me, owner[1] + 1)
+                reentered = True
+            else:
+                reentered = False
+        if reentered:
+            try:
+                yield
+            finally:
+                with _held_mutex:
+                    _held[key] = (me, _held[key][1] - 1)
+            return
         wait = self.lock_timeout if timeout is None else timeout
         lock = self.path / ".compile.lock"
         with _flock(lock, timeout=wait, what=f"compiling into {self.path}") as waited:
@@ -433,7 +454,13 @@ class InductorCache:
                 if waited > 0.01:
                     self._lock_waits += 1
                 self._lock_wait_s += waited
-            yield
+            with _held_mutex:
+                _held[key] = (me, 1)
+            try:
+                yield
+            finally:
+                with _held_mutex:
+                    _held.pop(key, None)
 
     # -- bundles -------------------------------------------------------------------------------
 

@@ -263,3 +263,20 @@ print("released")
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_compile_lock_is_reentrant_within_a_thread(tmp_path: Path) -> None:
+    cache = _fake_cache(tmp_path / "c")
+    with cache.exclusive(timeout=1), InductorCache(cache.path).exclusive(timeout=1):
+        bundle = cache.export(tmp_path / "b.tar")  # takes the lock again: no deadlock
+    assert bundle.is_file()
+    released = threading.Event()
+
+    def other_thread() -> None:
+        with InductorCache(cache.path).exclusive(timeout=5):
+            released.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join(30)
+    assert released.is_set(), "the lock was not released after the outermost exit"
