@@ -4,6 +4,14 @@ Importing this package is cheap and has no side effects: it imports no optional 
 changes no torch setting and configures no logging.
 """
 
+from fastinfer.compiling import (
+    BackendReport,
+    CompiledModel,
+    compile_model,
+    export_aot,
+    load_aot,
+    select_backend,
+)
 from fastinfer.errors import (
     AttentionSwapError,
     BatchError,
@@ -29,20 +37,26 @@ from fastinfer.errors import (
     WorkerStartupError,
     WorkerTimeout,
 )
+from fastinfer.inductor_cache import (
+    InductorCache,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSwapError",
+    "BackendReport",
     "BatchError",
     "CacheMismatchError",
     "CardinalityError",
     "CheckpointError",
     "ClosedError",
     "CompileError",
+    "CompiledModel",
     "ConfigError",
     "DeadlineExceeded",
     "FastInferError",
+    "InductorCache",
     "InvalidInput",
     "LoadError",
     "MetricNameError",
@@ -57,4 +71,8 @@ __all__ = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "compile_model",
+    "export_aot",
+    "load_aot",
+    "select_backend",
 ]

@@ -14,6 +14,9 @@ VARIABLES: dict[str, str] = {
     "FASTINFER_PROFILE_DIR": "folder for profiler traces (default ./fastinfer-traces)",
     "FASTINFER_CACHE_DIR": "persistent folder for Inductor compile caches and backend decisions",
     "FASTINFER_PROGRESS": "force progress bars on (1) or off (0); default: only on a terminal",
+    # Read (never set) by fastinfer.inductor_cache, because they change what inductor compiles:
+    "ATEN_CPU_CAPABILITY": "torch's CPU ISA override (avx2, avx512, default); recorded in compile-cache manifests",
+    "CXX": "the C++ compiler inductor uses; fastinfer checks it exists before compiling",
 }
 
 

@@ -4,15 +4,18 @@ import fastinfer
 
 EXPECTED = [
     "AttentionSwapError",
+    "BackendReport",
     "BatchError",
     "CacheMismatchError",
     "CardinalityError",
     "CheckpointError",
     "ClosedError",
     "CompileError",
+    "CompiledModel",
     "ConfigError",
     "DeadlineExceeded",
     "FastInferError",
+    "InductorCache",
     "InvalidInput",
     "LoadError",
     "MetricNameError",
@@ -27,6 +30,10 @@ EXPECTED = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "compile_model",
+    "export_aot",
+    "load_aot",
+    "select_backend",
 ]
 
 
