@@ -28,6 +28,8 @@ from fastinfer.errors import (
     WorkerStartupError,
     WorkerTimeout,
 )
+from fastinfer.metrics import MetricsRecorder, MetricsSnapshot
+from fastinfer.profiling import profile
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,8 @@ __all__ = [
     "FastInferError",
     "LoadError",
     "MetricNameError",
+    "MetricsRecorder",
+    "MetricsSnapshot",
     "MissingDependencyError",
     "QueueFull",
     "RecompileError",
@@ -55,4 +59,5 @@ __all__ = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "profile",
 ]

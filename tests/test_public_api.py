@@ -15,6 +15,8 @@ EXPECTED = [
     "FastInferError",
     "LoadError",
     "MetricNameError",
+    "MetricsRecorder",
+    "MetricsSnapshot",
     "MissingDependencyError",
     "QueueFull",
     "RecompileError",
@@ -26,6 +28,7 @@ EXPECTED = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "profile",
 ]
 
 
