@@ -42,7 +42,6 @@ import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
-from operator import add, sub
 from typing import Any, Literal, TypeVar, cast
 
 from fastinfer._optional import require
@@ -647,6 +646,9 @@ class SeriesSnapshot:
 
     ``bucket_counts`` are per bucket (not cumulative), one per bound plus the +Inf bucket.
     Percentiles are estimated from the buckets (exact to the bucket width, clamped to min/max).
+    In a delta (:meth:`MetricsRecorder.collect_delta`) histograms carry ``bucket_deltas`` instead:
+    ``(bucket index, added count)`` for the buckets that changed, so merging 1000-bucket
+    histograms costs what changed, not what exists.
     """
 
     labels: Mapping[str, str]
@@ -661,6 +663,7 @@ class SeriesSnapshot:
     p99: float | None = None
     p999: float | None = None
     bucket_counts: tuple[int, ...] = ()
+    bucket_deltas: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -759,6 +762,8 @@ class MetricsSnapshot:
                     for f in ("count", "sum", "min", "max", "mean", "p50", "p90", "p99", "p999"):
                         sd[f] = getattr(s, f)
                     sd["bucket_counts"] = list(s.bucket_counts)
+                    if s.bucket_deltas:
+                        sd["bucket_deltas"] = [list(p) for p in s.bucket_deltas]
                 else:
                     sd["value"] = s.value
                 md["series"].append(sd)
@@ -898,9 +903,13 @@ class MetricsSnapshot:
 
 
 def _series_from_dict(sd: Mapping[str, Any]) -> SeriesSnapshot:
-    kw: dict[str, Any] = {k: v for k, v in sd.items() if k not in ("labels", "bucket_counts")}
+    skip = ("labels", "bucket_counts", "bucket_deltas")
+    kw: dict[str, Any] = {k: v for k, v in sd.items() if k not in skip}
     return SeriesSnapshot(
-        labels=dict(sd["labels"]), bucket_counts=tuple(sd.get("bucket_counts", ())), **kw
+        labels=dict(sd["labels"]),
+        bucket_counts=tuple(sd.get("bucket_counts", ())),
+        bucket_deltas=tuple((int(i), int(c)) for i, c in sd.get("bucket_deltas", ())),
+        **kw,
     )
 
 
@@ -964,7 +973,7 @@ def _hist_series_snapshot(
     n = sum(counts)
     if n == 0:
         return SeriesSnapshot(labels=labels, count=0, sum=0.0, bucket_counts=tuple(counts))
-    pct = _percentiles(counts, bounds, lo, hi, midpoint) if percentiles else {}
+    pct: dict[str, Any] = _percentiles(counts, bounds, lo, hi, midpoint) if percentiles else {}
     return SeriesSnapshot(
         labels=labels,
         count=n,
@@ -1360,21 +1369,26 @@ class MetricsRecorder:
                         counts, total, lo, hi = child._read()
                         prev = shipped.get(skey)
                         if prev is None:
-                            dcounts, dsum = counts, total
+                            pairs = [(i, c) for i, c in enumerate(counts) if c]
+                            dsum = total
                         else:
                             if prev[0] == counts:
                                 continue
-                            dcounts = list(map(sub, counts, prev[0]))
+                            pairs = [
+                                (i, c - p)
+                                for i, c, p in zip(itertools.count(), counts, prev[0])
+                                if c != p
+                            ]
                             dsum = total - prev[1]
                         shipped[skey] = (counts, total)
                         series.append(
                             SeriesSnapshot(
                                 labels=labels,
-                                count=sum(dcounts),
+                                count=sum(c for _, c in pairs),
                                 sum=dsum,
                                 min=lo,
                                 max=hi,
-                                bucket_counts=tuple(dcounts),
+                                bucket_deltas=tuple(pairs),
                             )
                         )
                     elif isinstance(child, _CounterSeries):
@@ -1470,7 +1484,9 @@ class MetricsRecorder:
                         lock = child._lock
                         lock.acquire()
                         try:
-                            child._counts = list(map(add, child._counts, s.bucket_counts))
+                            counts = child._counts
+                            for i, c in s.bucket_deltas:
+                                counts[i] += c
                             child._sum += s.sum
                             if s.min is not None and s.min < child._min:
                                 child._min = s.min
