@@ -353,7 +353,13 @@ def maybe_profile(name: str = "serve", *, warmup: int = 3, steps: int = 10) -> I
         return
     assert w.profile is not None
     if start:
-        w.profile.__enter__()
+        try:
+            w.profile.__enter__()
+        except Exception:  # profiling must never break the service it observes
+            logger.exception("FASTINFER_PROFILE: could not start the profiler for %r", name)
+            w.done = True
+            yield
+            return
     try:
         yield
     finally:
@@ -361,10 +367,13 @@ def maybe_profile(name: str = "serve", *, warmup: int = 3, steps: int = 10) -> I
             w.seen += 1
             stop = w.seen >= steps
         if stop:
-            w.profile.__exit__(None, None, None)
-            w.summary = w.profile.summary
             w.done = True
-            logger.warning("FASTINFER_PROFILE window %r finished:\n%s", name, w.summary)
+            try:
+                w.profile.__exit__(None, None, None)
+                w.summary = w.profile.summary
+                logger.warning("FASTINFER_PROFILE window %r finished:\n%s", name, w.summary)
+            except Exception:
+                logger.exception("FASTINFER_PROFILE: could not finish the profile of %r", name)
 
 
 def last_window_summary(name: str = "serve") -> ProfileSummary | None:

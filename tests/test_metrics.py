@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastinfer
 from fastinfer import CardinalityError, ConfigError, MetricNameError, MetricsRecorder
@@ -554,6 +556,44 @@ def test_deltas_merge_exactly_and_duplicates_are_ignored() -> None:
     assert (st.deltas_merged, st.duplicate_deltas_ignored, st.workers) == (6, 3, 2)
     empty = w1.collect_delta()
     assert empty.metrics == {} and parent.merge(empty, worker="w1")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2),  # which worker records it
+            st.floats(1e-6, 100.0),  # the observation
+            st.booleans(),  # ship a delta after it
+        ),
+        max_size=80,
+    ),
+    st.sampled_from(["default", "log-linear"]),
+)
+def test_merge_of_any_split_equals_recording_in_one_place(
+    events: list[tuple[int, float, bool]], buckets: str
+) -> None:
+    spec = None if buckets == "default" else "log-linear"
+    workers = [MetricsRecorder() for _ in range(3)]
+    parent, reference = MetricsRecorder(), MetricsRecorder()
+    reference.histogram("h_seconds", buckets=spec)
+    for w in workers:
+        w.histogram("h_seconds", buckets=spec)
+    for who, value, ship in events:
+        workers[who].histogram("h_seconds", buckets=spec).observe(value)
+        workers[who].counter("n_total").inc()
+        reference.histogram("h_seconds", buckets=spec).observe(value)
+        if ship:
+            parent.merge(workers[who].collect_delta(), worker=str(who))
+    for i, w in enumerate(workers):
+        parent.merge(w.collect_delta(), worker=str(i))
+    got, want = parent.snapshot(), reference.snapshot()
+    g, r = got["h_seconds"].get(), want["h_seconds"].get()
+    assert g is not None and r is not None
+    assert (g.count, g.bucket_counts, g.min, g.max) == (r.count, r.bucket_counts, r.min, r.max)
+    assert (g.p50, g.p99) == (r.p50, r.p99)
+    assert g.sum == pytest.approx(r.sum, rel=1e-9, abs=1e-12)
+    assert (got.value("n_total") if "n_total" in got else 0) == len(events)
 
 
 @pytest.mark.parametrize(

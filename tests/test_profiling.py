@@ -110,3 +110,21 @@ def test_maybe_profile_is_a_no_op_unless_the_env_var_is_set(
     assert s.trace_path is not None and Path(s.trace_path).parent == tmp_path
     assert len(list(tmp_path.glob("svc-*.json"))) == 1  # one window, one trace
     assert "window 'svc' finished" in caplog.text
+
+
+def test_maybe_profile_never_breaks_the_service(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: profiling.Profile) -> profiling.Profile:
+        raise RuntimeError("profiler already running")
+
+    monkeypatch.setattr(profiling.Profile, "__enter__", broken)
+    monkeypatch.setenv("FASTINFER_PROFILE", "1")
+    results = []
+    with caplog.at_level(logging.ERROR, logger="fastinfer.profiling"):
+        for i in range(4):
+            with profiling.maybe_profile("svc", warmup=0, steps=2):
+                results.append(i)
+    assert results == [0, 1, 2, 3]
+    assert "could not start the profiler" in caplog.text
+    assert profiling.last_window_summary("svc") is None
