@@ -1034,7 +1034,15 @@ _STANDARD_FIELDS: dict[str, tuple[str, Kind, dict[str, str]]] = {
     "cache_bypasses": ("fastinfer_compile_cache_total", "counter", {"result": "bypass"}),
     "cache_bypass": ("fastinfer_compile_cache_total", "counter", {"result": "bypass"}),
 }
-_DICT_LABEL = {"worker_busy_ratio": "worker"}
+_STANDARD_FIELDS["busy_ratio_per_worker"] = ("fastinfer_worker_busy_ratio", "gauge", {})
+
+
+def _dict_label(field_name: str) -> str:
+    """The label for a dict field's keys: ``worker`` for ``*_per_worker``, else ``key``."""
+    if field_name == "worker_busy_ratio":
+        return "worker"
+    _, sep, tail = field_name.rpartition("_per_")
+    return tail if sep and _LABEL_NAME.match(tail) and tail != "le" else "key"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1627,7 +1635,7 @@ class MetricsRecorder:
             if isinstance(value, bool | int | float):
                 items = [({}, float(value))]
             elif isinstance(value, Mapping):
-                label = _DICT_LABEL.get(f.name, "key")
+                label = _dict_label(f.name)
                 items = [
                     ({label: str(k)}, float(v))
                     for k, v in value.items()
@@ -1647,6 +1655,9 @@ class MetricsRecorder:
                 base = f"{t.prefix.rstrip('_')}_{f.name}" if t.prefix else f.name
                 kind = "counter" if (f.name.endswith("_total") or f.name in t.counters) else "gauge"
                 mname, extra = base, {}
+                std = STANDARD_METRICS.get(mname)
+                if std is not None and std.kind != kind:
+                    continue  # e.g. compile_seconds: the standard histogram is fed by callbacks
             for lab, v in items:
                 key = tuple(sorted({**t.labels, **extra, **lab}.items()))
                 plan.append((mname, kind, key, v))

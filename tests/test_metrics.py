@@ -777,6 +777,8 @@ class _BatcherStats:
     mean_batch_size: float
     worker_busy_ratio: dict[str, float] = field(default_factory=dict)
     name: str = "b"
+    queue_per_worker: dict[int, int] = field(default_factory=lambda: {0: 1, 1: 4})
+    compile_seconds: float = 2.5  # would collide with the standard histogram: skipped
 
 
 class _FakeBatcher:
@@ -803,6 +805,12 @@ def test_track_exports_statistics_at_snapshot_and_scrape_time() -> None:
     assert snap["fastinfer_batcher_mean_batch_size"].kind == "gauge"
     assert snap.value("fastinfer_worker_busy_ratio", worker="1") == 0.75
     assert "fastinfer_batcher_name" not in snap
+    assert snap.value("fastinfer_batcher_queue_per_worker", worker="1") == 4
+    assert snap["fastinfer_batcher_queue_per_worker"].label_names == ("worker",)
+    rec2 = MetricsRecorder()
+    standard_metrics(rec2)
+    rec2.track(b, prefix="fastinfer")  # compile_seconds is not turned into a clashing gauge
+    assert rec2.snapshot()["fastinfer_compile_seconds"].kind == "histogram"
     b.stats = _BatcherStats(0, 12, 2, 5, 2.4)
     assert rec.snapshot().value("fastinfer_requests_total", outcome="ok") == 12
     b.fail = True
