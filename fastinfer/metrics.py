@@ -11,9 +11,11 @@ and export to Prometheus.
 
 Design notes (why it is fast and exact):
 
-- An observation is one ``bisect`` on a precomputed tuple of bucket bounds (C code) and a few
-  additions under a per-series lock taken with ``acquire``/``release`` (cheaper than ``with`` on
-  CPython 3.11). prometheus_client takes two locks and walks its buckets in Python.
+- A histogram observation is one ``bisect`` on a precomputed tuple of bucket bounds (C code) and
+  a few additions into the calling thread's own shard of the series: no lock, so no contention
+  between threads and no lost counts (each shard has one writer). Readers add the shards up; a
+  finished thread's shard is folded into the series. prometheus_client takes two locks per
+  observation and walks its buckets in Python. Counters and gauges use a per-series lock.
 - Latencies are seconds. Histograms default to latency buckets (``unit="seconds"``) or powers of
   two for sizes; :class:`LogLinearBuckets` gives high-resolution buckets whose percentiles have a
   bounded relative error (``1 / (2 * per_octave)``, 1.6% by default).
@@ -309,17 +311,44 @@ class _GaugeSeries:
 _STAMPS = itertools.count(1)  # next() on itertools.count is atomic under the GIL
 
 
+class _Shard:
+    """One thread's part of a histogram series: written by that thread only, so no lock."""
+
+    __slots__ = ("counts", "max", "min", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.sum: float = 0.0
+        self.min: float = _INF
+        self.max: float = -_INF
+
+    def fold(self, other: _Shard) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
+
+class _ThreadToken:
+    """Lives in a thread's local storage; when the thread ends, its shard is folded into the base."""
+
+    __slots__ = ("__weakref__",)
+
+
 class _HistogramSeries:
-    __slots__ = ("_bounds", "_counts", "_lock", "_max", "_metric", "_min", "_sum", "labels")
+    """Per-thread shards: an observation touches only its own thread's shard (no lock, no
+    contention); readers add the shards up under the series lock. A finished thread's shard is
+    folded into ``_base`` so that thread churn does not grow the series."""
+
+    __slots__ = ("_base", "_bounds", "_local", "_lock", "_metric", "_shards", "labels")
 
     def __init__(self, metric: str, labels: tuple[str, ...], bounds: tuple[float, ...]) -> None:
         self._metric = metric
         self.labels = labels
         self._bounds = bounds
-        self._counts = [0] * (len(bounds) + 1)  # last slot: +Inf
-        self._sum: float = 0.0
-        self._min: float = _INF
-        self._max: float = -_INF
+        self._base = _Shard(len(bounds) + 1)  # last slot: +Inf; merges and retired shards
+        self._shards: list[_Shard] = []
+        self._local = threading.local()
         self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:
@@ -331,29 +360,67 @@ class _HistogramSeries:
             raise _bad_value(self._metric, value) from None
         if value != value:  # NaN would poison the sum forever
             raise _bad_value(self._metric, value)
-        lock = self._lock
-        lock.acquire()
         try:
-            self._counts[i] += 1
-            self._sum += value
-            if value < self._min:
-                self._min = value
-            if value > self._max:
-                self._max = value
-        finally:
-            lock.release()
+            shard = self._local.shard
+        except AttributeError:
+            shard = self._new_shard()
+        shard.counts[i] += 1
+        shard.sum += value
+        if value < shard.min:
+            shard.min = value
+        if value > shard.max:
+            shard.max = value
+
+    def _new_shard(self) -> _Shard:
+        shard = _Shard(len(self._bounds) + 1)
+        token = _ThreadToken()
+        with self._lock:
+            self._shards.append(shard)
+        weakref.finalize(token, self._retire, shard)
+        self._local.token = token  # dropped when the thread ends
+        self._local.shard = shard
+        return shard
+
+    def _retire(self, shard: _Shard) -> None:
+        with self._lock:
+            if shard in self._shards:
+                self._shards.remove(shard)
+                self._base.fold(shard)
 
     def time(self, *, cuda_sync: bool | Literal["events"] = False) -> Timer:
         """A :class:`Timer` observing into this series."""
         return Timer(self, cuda_sync=cuda_sync)
 
     def _read(self) -> tuple[list[int], float, float, float]:
-        lock = self._lock
-        lock.acquire()
-        try:
-            return list(self._counts), self._sum, self._min, self._max
-        finally:
-            lock.release()
+        with self._lock:
+            base = self._base
+            counts, total, lo, hi = list(base.counts), base.sum, base.min, base.max
+            for sh in self._shards:
+                # a shard's owner may be writing: each read is atomic; count and sum can be one
+                # observation apart for an instant, counts are never lost
+                counts = [a + b for a, b in zip(counts, list(sh.counts))]
+                total += sh.sum
+                lo = min(lo, sh.min)
+                hi = max(hi, sh.max)
+            return counts, total, lo, hi
+
+    def _add(
+        self,
+        bucket_deltas: Iterable[tuple[int, int]],
+        total: float,
+        lo: float | None,
+        hi: float | None,
+    ) -> None:
+        with self._lock:
+            base = self._base
+            counts = base.counts
+            for i, c in bucket_deltas:
+                counts[i] += c
+            base.sum += total
+            if lo is not None and lo < base.min:
+                base.min = lo
+            if hi is not None and hi > base.max:
+                base.max = hi
 
 
 _Series = _CounterSeries | _GaugeSeries | _HistogramSeries
@@ -1489,19 +1556,7 @@ class MetricsRecorder:
                 if isinstance(metric, Histogram):
                     for s in m.series:
                         child = metric._child(tuple(s.labels[n] for n in metric.label_names))
-                        lock = child._lock
-                        lock.acquire()
-                        try:
-                            counts = child._counts
-                            for i, c in s.bucket_deltas:
-                                counts[i] += c
-                            child._sum += s.sum
-                            if s.min is not None and s.min < child._min:
-                                child._min = s.min
-                            if s.max is not None and s.max > child._max:
-                                child._max = s.max
-                        finally:
-                            lock.release()
+                        child._add(s.bucket_deltas, s.sum, s.min, s.max)
                 elif isinstance(metric, Counter):
                     for s in m.series:
                         metric._child(tuple(s.labels[n] for n in metric.label_names)).inc(

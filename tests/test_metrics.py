@@ -226,6 +226,21 @@ def test_concurrent_observations_lose_no_counts() -> None:
     assert len(snap["c_seconds"].series) == 1
 
 
+def test_thread_churn_folds_shards_and_keeps_every_count() -> None:
+    rec = MetricsRecorder()
+    h = rec.histogram("churn_seconds")
+    series = h._unlabelled()
+    for _ in range(30):  # one short-lived thread per "request"
+        t = threading.Thread(target=lambda: [h.observe(0.01) for _ in range(10)])
+        t.start()
+        t.join()
+    h.observe(0.02)  # this thread keeps its shard
+    assert len(series._shards) <= 2  # finished threads' shards were folded into the base
+    s = rec.snapshot()["churn_seconds"].get()
+    assert s is not None and s.count == 301 and s.max == 0.02
+    assert s.sum == pytest.approx(3.02)
+
+
 # --------------------------------------------------------------------------------------------
 # Percentiles
 # --------------------------------------------------------------------------------------------
