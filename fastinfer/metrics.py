@@ -340,7 +340,16 @@ class _HistogramSeries:
     contention); readers add the shards up under the series lock. A finished thread's shard is
     folded into ``_base`` so that thread churn does not grow the series."""
 
-    __slots__ = ("_base", "_bounds", "_local", "_lock", "_metric", "_shards", "labels")
+    __slots__ = (
+        "__weakref__",
+        "_base",
+        "_bounds",
+        "_local",
+        "_lock",
+        "_metric",
+        "_shards",
+        "labels",
+    )
 
     def __init__(self, metric: str, labels: tuple[str, ...], bounds: tuple[float, ...]) -> None:
         self._metric = metric
@@ -376,7 +385,8 @@ class _HistogramSeries:
         token = _ThreadToken()
         with self._lock:
             self._shards.append(shard)
-        weakref.finalize(token, self._retire, shard)
+        # a weak reference: a series dropped while the thread lives on must not be kept alive
+        weakref.finalize(token, _retire_shard, weakref.ref(self), shard)
         self._local.token = token  # dropped when the thread ends
         self._local.shard = shard
         return shard
@@ -421,6 +431,12 @@ class _HistogramSeries:
                 base.min = lo
             if hi is not None and hi > base.max:
                 base.max = hi
+
+
+def _retire_shard(series_ref: weakref.ref[_HistogramSeries], shard: _Shard) -> None:
+    series = series_ref()
+    if series is not None:
+        series._retire(shard)
 
 
 _Series = _CounterSeries | _GaugeSeries | _HistogramSeries

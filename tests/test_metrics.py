@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import math
@@ -13,6 +14,8 @@ import re
 import sys
 import threading
 import types
+import weakref
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
 
@@ -230,8 +233,13 @@ def test_thread_churn_folds_shards_and_keeps_every_count() -> None:
     rec = MetricsRecorder()
     h = rec.histogram("churn_seconds")
     series = h._unlabelled()
+
+    def work(observe: Callable[[float], None] = h.observe) -> None:
+        for _ in range(10):
+            observe(0.01)
+
     for _ in range(30):  # one short-lived thread per "request"
-        t = threading.Thread(target=lambda: [h.observe(0.01) for _ in range(10)])
+        t = threading.Thread(target=work)
         t.start()
         t.join()
     h.observe(0.02)  # this thread keeps its shard
@@ -239,6 +247,10 @@ def test_thread_churn_folds_shards_and_keeps_every_count() -> None:
     s = rec.snapshot()["churn_seconds"].get()
     assert s is not None and s.count == 301 and s.max == 0.02
     assert s.sum == pytest.approx(3.02)
+    ref = weakref.ref(series)
+    del rec, h, series, s, work, t
+    gc.collect()
+    assert ref() is None  # this thread's shard does not keep a dropped recorder alive
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,8 +874,6 @@ def test_tracked_object_that_is_collected_is_dropped() -> None:
     b = _FakeBatcher()
     rec.track(b)
     del b
-    import gc
-
     gc.collect()
     rec.snapshot()
     assert rec.statistics().tracked == 0
