@@ -57,7 +57,7 @@ def test_profile_summary_on_a_tiny_model(
 
 def test_launch_bound_hint_for_many_tiny_ops(tmp_path: Path) -> None:
     model, x = _ManyTinyOps(), torch.randn(4, 4)
-    with fastinfer.profile(steps=3, trace_dir=False, tiny_op_us=200, print_summary=False) as prof:
+    with fastinfer.profile(steps=3, trace_dir=False, tiny_op_us=1000, print_summary=False) as prof:
         for _ in range(3):
             model(x)
     s = prof.summary
