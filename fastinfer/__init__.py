@@ -40,6 +40,13 @@ from fastinfer.errors import (
 from fastinfer.inductor_cache import (
     InductorCache,
 )
+from fastinfer.metrics import (
+    MetricsRecorder,
+    MetricsSnapshot,
+)
+from fastinfer.profiling import (
+    profile,
+)
 
 __version__ = "0.1.0"
 
@@ -60,6 +67,8 @@ __all__ = [
     "InvalidInput",
     "LoadError",
     "MetricNameError",
+    "MetricsRecorder",
+    "MetricsSnapshot",
     "MissingDependencyError",
     "QueueFull",
     "RecompileError",
@@ -74,5 +83,6 @@ __all__ = [
     "compile_model",
     "export_aot",
     "load_aot",
+    "profile",
     "select_backend",
 ]

@@ -19,6 +19,8 @@ EXPECTED = [
     "InvalidInput",
     "LoadError",
     "MetricNameError",
+    "MetricsRecorder",
+    "MetricsSnapshot",
     "MissingDependencyError",
     "QueueFull",
     "RecompileError",
@@ -33,6 +35,7 @@ EXPECTED = [
     "compile_model",
     "export_aot",
     "load_aot",
+    "profile",
     "select_backend",
 ]
 
