@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Bench
-
 import torch
+from _harness import Bench
 
 from fastinfer._demo import _service
 from fastinfer._demo import model as demo_model
@@ -76,7 +75,9 @@ def main() -> None:
                     closed_loop(target, payload, concurrency=conc, requests=n_closed, label=mode)
                 )
                 saturated[mode] = res
-                bench.add_value(f"closed c={conc}", f"{mode} throughput", res.throughput, unit="req/s")
+                bench.add_value(
+                    f"closed c={conc}", f"{mode} throughput", res.throughput, unit="req/s"
+                )
                 bench.add_value(f"closed c={conc}", f"{mode} p50", res.p50, unit="s")
                 bench.add_value(f"closed c={conc}", f"{mode} p99", res.p99, unit="s")
                 for rate in rates:
@@ -89,7 +90,9 @@ def main() -> None:
                     bench.add_value(case, f"{mode} p99", r.p99, unit="s")
                     errors = r.sent - r.ok
                     if errors:
-                        bench.note(f"{mode} at {rate:g}/s: {errors} of {r.sent} not 200: {r.statuses}")
+                        bench.note(
+                            f"{mode} at {rate:g}/s: {errors} of {r.sent} not 200: {r.statuses}"
+                        )
 
     plain, fast = saturated["plain"], saturated["fastinfer"]
     bench.add_value(
@@ -99,7 +102,9 @@ def main() -> None:
         unit="x",
         target=(">=", 2.0),
     )
-    bench.add_value("targets", "fastinfer p99 / plain p99", fast.p99 / plain.p99, unit="x", target=("<", 1.0))
+    bench.add_value(
+        "targets", "fastinfer p99 / plain p99", fast.p99 / plain.p99, unit="x", target=("<", 1.0)
+    )
     bench.add_value(
         "targets",
         "fastinfer / offline ceiling",

@@ -24,9 +24,11 @@ def forward(batch: torch.Tensor) -> torch.Tensor:  # (B, 32) -> (B, 8)
 batcher = fastinfer.DynamicBatcher(forward, max_batch_size=16, max_wait_ms=2, collate="stack")
 
 # %%
-outputs = await asyncio.gather(*(batcher.submit(torch.randn(32)) for _ in range(100)))  # noqa: F704, PLE1142
+outputs = await asyncio.gather(*(batcher.submit(torch.randn(32)) for _ in range(100)))  # noqa: F704
 stats = batcher.statistics()
-print(f"{len(outputs)} results from {stats.batches_run} batches, mean size {stats.batch_size_mean:.1f}")
+print(
+    f"{len(outputs)} results from {stats.batches_run} batches, mean size {stats.batch_size_mean:.1f}"
+)
 
 # %%
 # A plain (non-async) call from a cell works too: submit_sync does not deadlock although this
@@ -34,4 +36,4 @@ print(f"{len(outputs)} results from {stats.batches_run} batches, mean size {stat
 print(batcher.submit_sync(torch.randn(32)).shape)
 
 # %%
-await batcher.aclose()  # noqa: F704, PLE1142
+await batcher.aclose()  # noqa: F704

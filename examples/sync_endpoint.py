@@ -48,8 +48,12 @@ if __name__ == "__main__":
 
     with run_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         with ThreadPoolExecutor(16) as threads:
-            answers = list(threads.map(lambda i: client.post("/predict", json={"x": [i, 1, 2, 3]}), range(48)))
+            answers = list(
+                threads.map(lambda i: client.post("/predict", json={"x": [i, 1, 2, 3]}), range(48))
+            )
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
         stats = batcher.statistics()
-        print(f"{stats.requests_ok} requests in {stats.batches_run} batches (mean {stats.batch_size_mean:.1f})")
+        print(
+            f"{stats.requests_ok} requests in {stats.batches_run} batches (mean {stats.batch_size_mean:.1f})"
+        )
     batcher.close()

@@ -42,7 +42,9 @@ def build(svc: FastInferService) -> None:
         enc = tokenizer(texts)
         with torch.inference_mode():
             probs = model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
-        return [{"label": LABELS[int(p.argmax())], "score": round(float(p.max()), 4)} for p in probs]
+        return [
+            {"label": LABELS[int(p.argmax())], "score": round(float(p.max()), 4)} for p in probs
+        ]
 
     svc.state.batcher = svc.manage(
         fastinfer.DynamicBatcher(
@@ -77,13 +79,19 @@ if __name__ == "__main__":
             while (await client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.05)
             texts = [f"review number {i} " + "good " * (i % 7) for i in range(64)]
-            answers = await asyncio.gather(*(client.post("/predict", json={"text": t}) for t in texts))
+            answers = await asyncio.gather(
+                *(client.post("/predict", json={"text": t}) for t in texts)
+            )
             assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
             print("first answer:", answers[0].json())
             bad = await client.post("/predict", json={"text": ""})
             print("empty text ->", bad.status_code, bad.json()["detail"])
             metrics = (await client.get("/metrics")).text
-            sizes = [line for line in metrics.splitlines() if line.startswith("fastinfer_batch_size_count")]
+            sizes = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("fastinfer_batch_size_count")
+            ]
             print("batches run:", sizes)
 
     with run_server(app) as url:

@@ -14,10 +14,14 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastinfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="plain FastAPI endpoint vs the fastinfer stack, side by side")
+    demo = sub.add_parser(
+        "demo", help="plain FastAPI endpoint vs the fastinfer stack, side by side"
+    )
     demo.add_argument("--quick", action="store_true", help="a shorter load ramp")
     demo.add_argument("--serve", action="store_true", help="then keep the service running")
-    demo.add_argument("--compile", action="store_true", help="also compile the model (slower start)")
+    demo.add_argument(
+        "--compile", action="store_true", help="also compile the model (slower start)"
+    )
     demo.add_argument("--out", default="fastinfer-demo", help="folder for report.json/.png")
     demo.add_argument("--port", type=int, default=8000, help="port for --serve (on 127.0.0.1)")
     from fastinfer._warm import add_parser as add_warm

@@ -130,7 +130,9 @@ async def closed_loop(
         t0 = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         duration = time.perf_counter() - t0
-    return LoadResult(label, sum(statuses.values()), statuses[200], dict(statuses), duration, tuple(lat))
+    return LoadResult(
+        label, sum(statuses.values()), statuses[200], dict(statuses), duration, tuple(lat)
+    )
 
 
 async def open_loop(
@@ -167,4 +169,6 @@ async def open_loop(
         if tasks:
             await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
-    return LoadResult(label, sum(statuses.values()), statuses[200], dict(statuses), duration, tuple(lat))
+    return LoadResult(
+        label, sum(statuses.values()), statuses[200], dict(statuses), duration, tuple(lat)
+    )

@@ -88,6 +88,8 @@ _NON_BASE_UNITS = {
     "ns": "seconds", "nanoseconds": "seconds", "minutes": "seconds", "hours": "seconds",
     "kb": "bytes", "mb": "bytes", "gb": "bytes", "kilobytes": "bytes", "megabytes": "bytes",
 }  # fmt: skip
+# statistics() fields in sub-units are exported in seconds: ``max_wait_ms`` -> ``..._max_wait_seconds``
+_SUBUNIT_SUFFIXES = {"_ms": 1e-3, "_us": 1e-6, "_ns": 1e-9}
 GaugeMode = Literal["worker", "sum", "max", "min", "last"]
 _GAUGE_MODES = ("worker", "sum", "max", "min", "last")
 Kind = Literal["counter", "gauge", "histogram"]
@@ -1723,7 +1725,13 @@ class MetricsRecorder:
             elif t.standard and f.name in _STANDARD_FIELDS:
                 mname, kind, extra = _STANDARD_FIELDS[f.name]
             else:
-                base = f"{t.prefix.rstrip('_')}_{f.name}" if t.prefix else f.name
+                field = f.name
+                for suffix, factor in _SUBUNIT_SUFFIXES.items():  # record base units: seconds
+                    if field.endswith(suffix):
+                        field = field[: -len(suffix)] + "_seconds"
+                        items = [(lab, v * factor) for lab, v in items]
+                        break
+                base = f"{t.prefix.rstrip('_')}_{field}" if t.prefix else field
                 kind = "counter" if (f.name.endswith("_total") or f.name in t.counters) else "gauge"
                 mname, extra = base, {}
                 std = STANDARD_METRICS.get(mname)

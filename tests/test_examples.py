@@ -3,10 +3,8 @@
 import ast
 import asyncio
 import sys
-from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_python
 
 EXAMPLES = ROOT / "examples"

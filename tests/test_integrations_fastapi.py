@@ -91,7 +91,7 @@ def gate() -> Iterator[Gate]:
 
 def test_readiness_waits_for_setup_and_requests_get_503_until_then() -> None:
     setup_gate = threading.Event()
-    app, svc = make_app(lambda xs: [x * 2 for x in xs], setup_gate=setup_gate)
+    app, _ = make_app(lambda xs: [x * 2 for x in xs], setup_gate=setup_gate)
     with run_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
         assert client.get("/healthz").status_code == 200
         r = client.get("/readyz")
@@ -210,12 +210,14 @@ def test_metrics_endpoint_exposes_standard_metrics() -> None:
     assert samples[("fastinfer_request_latency_seconds_count", ())] == 6
     assert samples[("fastinfer_queue_wait_seconds_count", ())] == 6
     http = {k: v for k, v in samples.items() if k[0] == "fastinfer_http_request_seconds_count"}
-    assert http[
-        ("fastinfer_http_request_seconds_count", (("route", "/predict"), ("status", "2xx")))
-    ] == 6
-    assert http[
-        ("fastinfer_http_request_seconds_count", (("route", "/predict"), ("status", "4xx")))
-    ] == 1
+    assert (
+        http[("fastinfer_http_request_seconds_count", (("route", "/predict"), ("status", "2xx")))]
+        == 6
+    )
+    assert (
+        http[("fastinfer_http_request_seconds_count", (("route", "/predict"), ("status", "4xx")))]
+        == 1
+    )
     assert any(name == "fastinfer_startup_phase_seconds_count" for name, _ in samples)
 
 
@@ -227,7 +229,11 @@ def test_shutdown_drains_queued_requests_and_closes_the_batcher(gate: Gate) -> N
         batcher = svc.state.batcher
         client = httpx.Client(base_url=url, timeout=30)
         threads = [
-            threading.Thread(target=lambda i=i: answers.append(client.post("/predict", json={"x": i}).status_code))
+            threading.Thread(
+                target=lambda i=i: answers.append(
+                    client.post("/predict", json={"x": i}).status_code
+                )
+            )
             for i in range(3)
         ]
         for t in threads:

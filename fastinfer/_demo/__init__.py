@@ -10,6 +10,7 @@ plus what each primitive contributes measured on the model itself. It writes ``r
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -101,7 +102,11 @@ def _drive(url: str, mode: str, levels: tuple[int, ...], per_level: int) -> list
     for conc in levels:
         n = max(per_level, conc * 4)
         # warm the connection pool and the model's shapes at this concurrency, untimed
-        asyncio.run(closed_loop(f"{url}/predict", lambda i: bodies[i % 512], concurrency=conc, requests=conc))
+        asyncio.run(
+            closed_loop(
+                f"{url}/predict", lambda i: bodies[i % 512], concurrency=conc, requests=conc
+            )
+        )
         before = _batch_totals(url) if mode == "fastinfer" else (0.0, 0.0)
         bar = _progress(n, f"{mode:>9} c={conc}")
         res = asyncio.run(
@@ -111,7 +116,7 @@ def _drive(url: str, mode: str, levels: tuple[int, ...], per_level: int) -> list
                 concurrency=conc,
                 requests=n,
                 label=f"{mode}@{conc}",
-                on_done=lambda: bar.update(1),
+                on_done=functools.partial(bar.update, 1),
             )
         )
         bar.close()

@@ -49,6 +49,4 @@ def texts(n: int, *, seed: int = 0, min_words: int = 16, max_words: int = 63) ->
 def postprocess(logits: torch.Tensor) -> list[dict[str, Any]]:
     probs = logits.softmax(-1)
     top = probs.argmax(-1)
-    return [
-        {"label": LABELS[int(i)], "score": round(float(p[i]), 4)} for i, p in zip(top, probs)
-    ]
+    return [{"label": LABELS[int(i)], "score": round(float(p[i]), 4)} for i, p in zip(top, probs)]

@@ -10,7 +10,6 @@
 It prints ``FASTINFER_DEMO_PORT <port>`` once it listens (on 127.0.0.1 unless --host says more).
 """
 
-
 import argparse
 import socket
 import sys
@@ -18,32 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import FastAPI, Request
+from pydantic import BaseModel
 
 from fastinfer._demo import model as demo_model
 from fastinfer._optional import require
 
 
-def _request_model() -> Any:
-    from pydantic import BaseModel
-
-    class TextRequest(BaseModel):
-        text: str
-
-    return TextRequest
+class TextRequest(BaseModel):
+    text: str
 
 
 def plain_app(checkpoint: Path) -> Any:
-    fastapi = require("fastapi")
-    TextRequest = _request_model()
 
     model = demo_model.build_model()
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     model.eval()
     tok = demo_model.tokenizer()
-    app = fastapi.FastAPI()
+    app = FastAPI()
 
     @app.post("/predict")
-    def predict(req: TextRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+    def predict(req: TextRequest) -> dict[str, Any]:
         enc = tok([req.text])
         with torch.no_grad():
             logits = model(enc["input_ids"], enc["attention_mask"])
@@ -64,8 +58,6 @@ def fastinfer_app(
     max_batch_size: int = 32,
     max_wait_ms: float = 5.0,
 ) -> Any:
-    fastapi = require("fastapi")
-    TextRequest = _request_model()
 
     import fastinfer
     from fastinfer.integrations.fastapi import FastInferService
@@ -109,11 +101,11 @@ def fastinfer_app(
             name="batcher",
         )
 
-    app = fastapi.FastAPI(lifespan=svc.lifespan)
+    app = FastAPI(lifespan=svc.lifespan)
     svc.install(app)
 
     @app.post("/predict")
-    async def predict(req: TextRequest, request: fastapi.Request) -> Any:  # type: ignore[valid-type]
+    async def predict(req: TextRequest, request: Request) -> Any:
         return await svc.submit(svc.state.batcher, req.text, request)
 
     return app

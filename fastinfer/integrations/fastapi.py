@@ -65,7 +65,7 @@ from fastinfer.metrics import MetricsRecorder, standard_metrics
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
 prometheus_client = require("prometheus_client", purpose="the /metrics endpoint")
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse, Response  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
 
 __all__ = ["ClientDisconnected", "FastInferService", "NotReady", "run_server"]
 
@@ -344,7 +344,9 @@ class FastInferService:
             DeadlineExceeded: lambda r, e: _error(504, "deadline_exceeded", str(e)),
             InvalidInput: lambda r, e: _error(422, "invalid_input", str(e)),
             ClientDisconnected: lambda r, e: Response(status_code=499),
-            RequestValidationError: lambda r, e: _error(422, "invalid_input", _validation_message(e)),
+            RequestValidationError: lambda r, e: _error(
+                422, "invalid_input", _validation_message(e)
+            ),
         }
         for exc_type, handler in handlers.items():
             app.add_exception_handler(exc_type, _async(handler))
@@ -355,7 +357,9 @@ class FastInferService:
 
         app.add_exception_handler(Exception, internal)
         app.add_exception_handler(FastInferError, internal)
-        app.add_middleware(_HTTPMetrics, histogram=self._http_latency, skip=set(self.paths.values()))
+        app.add_middleware(
+            _HTTPMetrics, histogram=self._http_latency, skip=set(self.paths.values())
+        )
 
 
 def _async(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
