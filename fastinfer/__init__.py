@@ -28,6 +28,7 @@ from fastinfer.errors import (
     WorkerStartupError,
     WorkerTimeout,
 )
+from fastinfer.pool import CorePlan, PinnedPool, configure_threads
 
 __version__ = "0.1.0"
 
@@ -40,11 +41,13 @@ __all__ = [
     "ClosedError",
     "CompileError",
     "ConfigError",
+    "CorePlan",
     "DeadlineExceeded",
     "FastInferError",
     "LoadError",
     "MetricNameError",
     "MissingDependencyError",
+    "PinnedPool",
     "QueueFull",
     "RecompileError",
     "StateDictMismatch",
@@ -55,4 +58,5 @@ __all__ = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "configure_threads",
 ]

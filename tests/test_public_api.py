@@ -11,11 +11,13 @@ EXPECTED = [
     "ClosedError",
     "CompileError",
     "ConfigError",
+    "CorePlan",
     "DeadlineExceeded",
     "FastInferError",
     "LoadError",
     "MetricNameError",
     "MissingDependencyError",
+    "PinnedPool",
     "QueueFull",
     "RecompileError",
     "StateDictMismatch",
@@ -26,6 +28,7 @@ EXPECTED = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "configure_threads",
 ]
 
 
