@@ -666,6 +666,7 @@ class PinnedPool(concurrent.futures.Executor):
                 logger.warning("PinnedPool: %s", msg)
 
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a worker became ready / failed
         self._pending: collections.deque[_Call] = collections.deque()
         self._workers = [_Worker(i, wc) for i, wc in enumerate(self.split)]
         self._ids = itertools.count()
@@ -729,13 +730,30 @@ class PinnedPool(concurrent.futures.Executor):
         """``await pool.run(x)``: :meth:`submit` for asyncio code."""
         return await asyncio.wrap_future(self.submit(x, *args, **kwargs))
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every worker is ready (after start or restarts). False on timeout.
+
+        Calls never need this (they queue while a worker restarts); it is for tests, health
+        checks and benchmarks that want the whole pool. Returns False at once if the pool is
+        closed or a worker slot gave up restarting.
+        """
+
+        def settled() -> bool:
+            states = {w.state for w in self._workers}
+            return states == {"ready"} or self._closing or "failed" in states
+
+        with self._changed:
+            self._changed.wait_for(settled, timeout)
+            return {w.state for w in self._workers} == {"ready"} and not self._closing
+
     def close(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop accepting calls, finish the queued and running ones, stop the workers and join.
 
         ``cancel_pending=True`` cancels queued calls instead of running them. Idempotent.
         """
-        with self._lock:
+        with self._changed:
             self._closing = True
+            self._changed.notify_all()
             if cancel_pending:
                 while self._pending:
                     call = self._pending.popleft()
@@ -884,8 +902,10 @@ class PinnedPool(concurrent.futures.Executor):
                 self._started.set()
         finally:
             self._shutdown_workers()
-            self._closed = True
-            self._closing = True
+            with self._changed:
+                self._closed = True
+                self._closing = True
+                self._changed.notify_all()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -991,6 +1011,8 @@ class PinnedPool(concurrent.futures.Executor):
                 w.first_ready = now
             for note in w.info.get("notes", []):
                 self._notes.append(f"worker {w.index}: {note}")
+            with self._changed:
+                self._changed.notify_all()
         elif kind == "init_error":
             self._kill(w)
             self._start_failed(w, f"worker {w.index}'s init() raised:\n{msg[1]}")
@@ -1131,6 +1153,8 @@ class PinnedPool(concurrent.futures.Executor):
         if w.start_failures >= 3:
             logger.error("PinnedPool: worker %d failed to start 3 times; giving up on it", w.index)
             w.state = "failed"
+            with self._changed:
+                self._changed.notify_all()
             return
         self._restart(w, reaped=True)
 
@@ -1142,7 +1166,8 @@ class PinnedPool(concurrent.futures.Executor):
                     return
                 call = self._pending.popleft()
                 w = min(idle, key=lambda w: (w.idle_since, w.index))  # longest idle first
-            if not call.fut.set_running_or_notify_cancel():
+            # a retried call is already running; a fresh one may have been cancelled meanwhile
+            if not call.fut.running() and not call.fut.set_running_or_notify_cancel():
                 self._counts["cancelled"] += 1
                 continue
             call.started = time.monotonic()

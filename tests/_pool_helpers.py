@@ -40,6 +40,11 @@ def predict(state: dict[str, Any], batch: Any) -> Any:
         os.kill(os.getpid(), signal.SIGKILL)
     if batch == "hang":
         time.sleep(600)
+    if isinstance(batch, tuple) and batch[0] == "wait-file":
+        deadline = time.monotonic() + 60
+        while not Path(batch[1]).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "opened"
     if isinstance(batch, tuple) and batch[0] == "crash-once":
         marker = Path(batch[1])
         if not marker.exists():
