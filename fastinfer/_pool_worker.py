@@ -63,6 +63,63 @@ def set_mempolicy(node: int, *, bind: bool) -> str | None:
     return None
 
 
+# Tensors up to this size travel as bytes inside the message: below it, copying is cheaper than
+# passing a shared-memory file descriptor (a connection and handshake per tensor).
+SMALL_TENSOR_BYTES = 256 * 1024
+
+
+def rebuild_small_tensor(data: bytes, dtype: str, shape: tuple[int, ...], grad: bool) -> Any:
+    import torch
+
+    dt = getattr(torch, dtype)
+    if not data:
+        t = torch.empty(shape, dtype=dt)
+    else:
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
+    return t.requires_grad_(grad) if grad else t
+
+
+def make_dumps() -> Any:
+    """A ``dumps(obj) -> bytes`` that sends tensors through shared memory (torch's reductions),
+    small CPU tensors inline. Imports torch: call it only after pinning."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch
+    import torch.multiprocessing  # registers the shared-memory tensor reductions
+
+    shared = ForkingPickler._extra_reducers[torch.Tensor]  # type: ignore[attr-defined]
+
+    def reduce(t: Any) -> Any:
+        if (
+            t.device.type == "cpu"
+            and t.layout == torch.strided
+            and not t.is_quantized
+            and t.numel() * t.element_size() <= SMALL_TENSOR_BYTES
+            and (t.is_leaf or not t.requires_grad)
+        ):
+            try:
+                c = t.detach().contiguous()
+                raw = c.reshape(-1).view(torch.uint8).numpy().tobytes()
+                name = str(c.dtype).removeprefix("torch.")
+                return rebuild_small_tensor, (raw, name, tuple(c.shape), t.requires_grad)
+            except (RuntimeError, TypeError):
+                pass  # a dtype numpy or view() cannot take: share it instead
+        return shared(t)
+
+    class _Pickler(ForkingPickler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.dispatch_table[torch.Tensor] = reduce
+
+    def dumps(obj: Any) -> bytes:
+        buf = io.BytesIO()
+        _Pickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+        return buf.getvalue()
+
+    return dumps
+
+
 def _watch_parent(parent_pid: int) -> None:
     # Backstop for PR_SET_PDEATHSIG (which fires when the parent *thread* exits and is Linux only):
     # poll the parent pid; when we are re-parented the parent is gone.
@@ -113,8 +170,10 @@ def main(argv: list[str]) -> None:
         report_interval = float(setup["report_interval"])
         state = init()
         import fastinfer.pool
+        from fastinfer._pool_worker import make_dumps  # as a module, so pickles name it
 
         fastinfer.pool._worker_state = state
+        dumps = make_dumps()
     except BaseException:
         try:
             conn.send_bytes(pickle.dumps(("init_error", traceback.format_exc())))
@@ -165,7 +224,7 @@ def main(argv: list[str]) -> None:
                 traceback.print_exc()
         tail = (exec_s, has_report, payload_report)
         try:
-            data = ForkingPickler.dumps((*reply, *tail))
+            data = dumps((*reply, *tail))
         except Exception:
             if reply[0] == "ok":
                 reply = (
@@ -177,9 +236,9 @@ def main(argv: list[str]) -> None:
             else:  # the exception itself does not pickle: send its traceback only
                 reply = ("err", call_id, None, reply[3])
             try:
-                data = ForkingPickler.dumps((*reply, *tail))
+                data = dumps((*reply, *tail))
             except Exception:
-                data = ForkingPickler.dumps((*reply, exec_s, False, None))
+                data = dumps((*reply, exec_s, False, None))
         try:
             conn.send_bytes(data)
         except OSError:

@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 _WORKER_ENTRY = Path(__file__).with_name("_pool_worker.py")
 _worker_state: Any = None  # set inside a worker process after init()
+_dumps_fn: Callable[[Any], bytes] | None = None
 
 
 def worker_state() -> Any:
@@ -835,11 +836,12 @@ class PinnedPool(concurrent.futures.Executor):
     # ---------------------------------------------------------------- internals
 
     def _dumps(self, call: _Call) -> bytes:
-        from multiprocessing.reduction import ForkingPickler
+        global _dumps_fn
+        if _dumps_fn is None:
+            from fastinfer._pool_worker import make_dumps
 
-        import torch.multiprocessing  # noqa: F401  (registers shared-memory tensor reductions)
-
-        return bytes(ForkingPickler.dumps(("call", call.id, call.kind, call.args)))
+            _dumps_fn = make_dumps()
+        return _dumps_fn(("call", call.id, call.kind, call.args))
 
     def _wake(self) -> None:
         try:

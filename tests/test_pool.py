@@ -89,15 +89,35 @@ def test_env_reaches_workers_before_torch(pool: PinnedPool) -> None:
 def test_results_match_eager_and_tensors_travel_in_shared_memory(pool: PinnedPool) -> None:
     model = h.init_model()["model"]
     x = torch.randn(8, 16)
-    assert not x.is_shared()
     y = pool.submit(x).result(timeout=60)
-    assert x.is_shared(), "the argument's storage moved to shared memory instead of being pickled"
-    assert y.is_shared(), "the result came back through shared memory"
     with torch.inference_mode():
         torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-6)
-    big = torch.randn(1 << 18)
+    big = torch.randn(1 << 18)  # 1 MB: above the inline limit
+    assert not big.is_shared()
     back = pool.submit(("echo", big)).result(timeout=60)
+    assert big.is_shared(), "the argument's storage moved to shared memory instead of being pickled"
+    assert back.is_shared(), "the result came back through shared memory"
     torch.testing.assert_close(back, big, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4, 6).t(),  # non-contiguous
+        lambda: torch.randn(3, 5, dtype=torch.bfloat16),
+        lambda: torch.tensor(3.5),  # 0-dim
+        lambda: torch.empty(0, 4),
+        lambda: torch.arange(10) > 4,  # bool
+        lambda: torch.randn(3, requires_grad=True),
+    ],
+    ids=["non-contiguous", "bfloat16", "scalar", "empty", "bool", "requires-grad"],
+)
+def test_small_tensors_travel_inline_and_intact(pool: PinnedPool, make: Any) -> None:
+    t = make()
+    back = pool.submit(("echo", t)).result(timeout=60)
+    assert not t.is_shared() and back.dtype == t.dtype and back.shape == t.shape
+    assert back.requires_grad == t.requires_grad
+    torch.testing.assert_close(back.detach(), t.detach(), rtol=0, atol=0)
 
 
 def test_worker_exception_keeps_its_type_and_traceback(pool: PinnedPool) -> None:
