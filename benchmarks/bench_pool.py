@@ -57,6 +57,11 @@ def ppe_init() -> None:
     _model = init_model()
 
 
+def ppe_init_one_thread() -> None:
+    torch.set_num_threads(1)
+    ppe_init()
+
+
 def ppe_predict(x: torch.Tensor) -> torch.Tensor:
     return predict(_model, x)
 
@@ -87,8 +92,8 @@ def main() -> None:
     quick = bench.quick
     plan = CorePlan.detect()
     n = plan.default_workers()
-    calls = 8 if quick else 32
-    repeat = 3 if quick else 7
+    calls = 8 if quick else 24
+    repeat = 3 if quick else 5
     xs = [
         torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(i)) for i in range(calls)
     ]
@@ -100,25 +105,33 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")
     pinned = PinnedPool(init_model, predict, workers=n)
     unpinned = PinnedPool(init_model, predict, workers=n, pin=False, load_warning_threshold=None)
-    single = PinnedPool(init_model, predict, workers=1, load_warning_threshold=None)
+    # scaling baseline: one worker on one physical core
+    one_core = CorePlan(plan.cores[:1], plan.quota_cpus, plan.online_cpus)
+    single = PinnedPool(init_model, predict, plan=one_core, workers=1, load_warning_threshold=None)
     ppe = concurrent.futures.ProcessPoolExecutor(n, mp_context=spawn, initializer=ppe_init)
+    # control: same executor and transport, one thread per worker (isolates the thread effect)
+    ppe1 = concurrent.futures.ProcessPoolExecutor(
+        n, mp_context=spawn, initializer=ppe_init_one_thread
+    )
     if pinned.foreign_load_warning:
         bench.note(f"pool warning at start: {pinned.foreign_load_warning}")
     model = init_model()
     # warm every ProcessPoolExecutor worker (they start lazily)
     list(ppe.map(ppe_predict, xs[: 2 * n]))
+    list(ppe1.map(ppe_predict, xs[: 2 * n]))
 
     def on_pool(p: PinnedPool) -> Any:
         return lambda: [f.result() for f in [p.submit(x) for x in xs]]
 
-    def on_ppe() -> list[Any]:
-        return [f.result() for f in [ppe.submit(ppe_predict, x) for x in xs]]
+    def on_ppe(ex: concurrent.futures.ProcessPoolExecutor) -> Any:
+        return lambda: [f.result() for f in [ex.submit(ppe_predict, x) for x in xs]]
 
     def one_process() -> list[Any]:
         return [predict(model, x) for x in xs]
 
     variants = {
-        "default threads (ProcessPoolExecutor)": on_ppe,
+        "default threads (ProcessPoolExecutor)": on_ppe(ppe),
+        "ProcessPoolExecutor, 1 thread (control)": on_ppe(ppe1),
         "pinned (fastinfer)": on_pool(pinned),
         "unpinned 1-thread": on_pool(unpinned),
         "one process, all cores": one_process,
@@ -205,6 +218,7 @@ def main() -> None:
     for p in (pinned, unpinned, single, epool):
         p.close()
     ppe.shutdown()
+    ppe1.shutdown()
     eppe.shutdown()
     bench.note(f"load average after: {loadavg()}")
     bench.note(
