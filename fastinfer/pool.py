@@ -482,7 +482,7 @@ class _Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
         self.state = "new"  # new -> starting -> ready -> dead/failed
-        self.call: _Call | None = None
+        self.calls: collections.deque[_Call] = collections.deque()  # head is running
         self.pid: int | None = None
         self.info: dict[str, Any] = {}
         self.deadline = 0.0  # startup deadline
@@ -563,6 +563,8 @@ class PinnedPool(concurrent.futures.Executor):
         startup_timeout: seconds a worker may take to become ready.
         load_warning_threshold: per-CPU utilisation (%) of foreign load that triggers the
             busy-cores warning at start; None skips the check.
+        prefetch: calls sent to a worker ahead of the one it runs (default 1), so it never
+            waits for the parent between calls; 0 sends one call at a time.
 
     Raises :class:`WorkerStartupError` (with the worker's traceback) when a worker fails to start.
     """
@@ -589,6 +591,7 @@ class PinnedPool(concurrent.futures.Executor):
         on_call: Callable[[CallRecord], None] | None = None,
         startup_timeout: float = 300.0,
         load_warning_threshold: float | None = 50.0,
+        prefetch: int = 1,
     ) -> None:
         if start_method != "spawn":
             raise ConfigError(
@@ -614,6 +617,8 @@ class PinnedPool(concurrent.futures.Executor):
             raise ConfigError(
                 f"interop_threads must be an int >= 1 or None, got {interop_threads!r}"
             )
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ConfigError(f"prefetch must be an int >= 0, got {prefetch!r}")
         if report_interval < 0:
             raise ConfigError(f"report_interval must be >= 0, got {report_interval!r}")
         env = dict(env or {})
@@ -640,6 +645,7 @@ class PinnedPool(concurrent.futures.Executor):
         self._numa, self._env = numa, env
         self._on_report, self._on_call = on_worker_report, on_call
         self._startup_timeout = startup_timeout
+        self.prefetch = prefetch
         import multiprocessing.spawn
 
         prep = multiprocessing.spawn.get_preparation_data("fastinfer-pool-worker")
@@ -756,10 +762,14 @@ class PinnedPool(concurrent.futures.Executor):
             self._closing = True
             self._changed.notify_all()
             if cancel_pending:
+                keep: collections.deque[_Call] = collections.deque()
                 while self._pending:
                     call = self._pending.popleft()
                     if call.fut.cancel():
                         self._counts["cancelled"] += 1
+                    else:  # already running (re-queued after a crash): it still gets a result
+                        keep.append(call)
+                self._pending = keep
         self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -785,7 +795,8 @@ class PinnedPool(concurrent.futures.Executor):
             for w in self._workers:
                 lat = sorted(w.lat)
                 up = now - w.first_ready if w.first_ready else 0.0
-                busy = w.busy + (now - w.call.started if w.call else 0.0)
+                head = w.calls[0] if w.calls else None
+                busy = w.busy + (now - head.started if head else 0.0)
                 per.append(
                     WorkerStatistics(
                         worker=w.index,
@@ -794,7 +805,7 @@ class PinnedPool(concurrent.futures.Executor):
                         state=w.state,
                         cpus=tuple(w.info.get("affinity", w.cores.cpus)),
                         threads=int(w.info.get("threads", self._threads or w.cores.threads)),
-                        in_flight=1 if w.call else 0,
+                        in_flight=len(w.calls),
                         calls_ok=w.ok,
                         calls_failed=w.failed,
                         restarts=w.restarts,
@@ -843,6 +854,11 @@ class PinnedPool(concurrent.futures.Executor):
             _dumps_fn = make_dumps()
         return _dumps_fn(("call", call.id, call.kind, call.args))
 
+    def _note(self, text: str) -> None:
+        with self._lock:
+            if text not in self._notes:
+                self._notes.append(text)
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
@@ -858,7 +874,7 @@ class PinnedPool(concurrent.futures.Executor):
             if len(w.cores.nodes) == 1:
                 numa_node = w.cores.nodes[0]
             else:
-                self._notes.append(f"worker {w.index} spans NUMA nodes {w.cores.nodes}: not bound")
+                self._note(f"worker {w.index} spans NUMA nodes {w.cores.nodes}: not bound")
         cfg = {
             "parent_pid": os.getpid(),
             "worker": w.index,
@@ -944,9 +960,7 @@ class PinnedPool(concurrent.futures.Executor):
             self._dispatch()
             with self._lock:
                 idle = (
-                    self._closing
-                    and not self._pending
-                    and all(w.call is None for w in self._workers)
+                    self._closing and not self._pending and all(not w.calls for w in self._workers)
                 )
                 no_workers = all(w.state == "failed" for w in self._workers)
             if no_workers:
@@ -959,7 +973,7 @@ class PinnedPool(concurrent.futures.Executor):
     def _next_deadline(self) -> float | None:
         ds = [w.deadline for w in self._workers if w.state == "starting"]
         if self.timeout is not None:
-            ds += [w.call.started + self.timeout for w in self._workers if w.call is not None]
+            ds += [w.calls[0].started + self.timeout for w in self._workers if w.calls]
         return min(ds) if ds else None
 
     def _check_deadlines(self) -> None:
@@ -970,12 +984,9 @@ class PinnedPool(concurrent.futures.Executor):
                 self._start_failed(
                     w, f"worker {w.index} did not start within {self._startup_timeout:g}s"
                 )
-            elif (
-                self.timeout is not None
-                and w.call is not None
-                and now >= w.call.started + self.timeout
-            ):
-                call, w.call = w.call, None
+            elif self.timeout is not None and w.calls and now >= w.calls[0].started + self.timeout:
+                call = w.calls.popleft()
+                self._requeue(w)
                 self._counts["timeouts"] += 1
                 self._finish(
                     w,
@@ -1012,17 +1023,19 @@ class PinnedPool(concurrent.futures.Executor):
             if not w.first_ready:
                 w.first_ready = now
             for note in w.info.get("notes", []):
-                self._notes.append(f"worker {w.index}: {note}")
+                self._note(f"worker {w.index}: {note}")
             with self._changed:
                 self._changed.notify_all()
         elif kind == "init_error":
             self._kill(w)
             self._start_failed(w, f"worker {w.index}'s init() raised:\n{msg[1]}")
         elif kind in ("ok", "err"):
-            call, w.call = w.call, None
-            if call is None or call.id != msg[1]:
+            if not w.calls or w.calls[0].id != msg[1]:
                 logger.error("PinnedPool: worker %d answered an unknown call %r", w.index, msg[1])
                 return
+            call = w.calls.popleft()
+            if w.calls:  # the prefetched call starts now
+                w.calls[0].started = time.monotonic()
             if kind == "ok":
                 _, _, result, exec_s, has_report, report = msg
                 self._finish(w, call, "ok", result=result, execution=exec_s)
@@ -1109,7 +1122,8 @@ class PinnedPool(concurrent.futures.Executor):
         if w.state == "starting":
             self._start_failed(w, f"worker {w.index} {how} during startup", reaped=True)
             return
-        call, w.call = w.call, None
+        call = w.calls.popleft() if w.calls else None
+        self._requeue(w)
         self._counts["crashes"] += 1
         where = f"worker {w.index} (pid {w.pid}, cpus {_cpus_str(w.cores.cpus)}) {how}"
         logger.warning("PinnedPool: %s; restarting it on the same cores", where)
@@ -1131,6 +1145,16 @@ class PinnedPool(concurrent.futures.Executor):
                     w, call, "crashed", error=WorkerCrashed(f"{where} while running a call{again}")
                 )
         self._restart(w, reaped=True)
+
+    def _requeue(self, w: _Worker) -> None:
+        """Put a dead worker's prefetched calls back at the front of the queue. They never
+        started (the worker runs calls in order and their predecessor never answered), and the
+        worker never read them, so their shared-memory handles are still unused."""
+        with self._lock:
+            while w.calls:
+                call = w.calls.pop()
+                call.started = 0.0
+                self._pending.appendleft(call)
 
     def _restart(self, w: _Worker, *, reaped: bool = False) -> None:
         if not reaped:
@@ -1163,17 +1187,28 @@ class PinnedPool(concurrent.futures.Executor):
     def _dispatch(self) -> None:
         while True:
             with self._lock:
-                idle = [w for w in self._workers if w.state == "ready" and w.call is None]
-                if not idle or not self._pending:
+                free = [
+                    w for w in self._workers if w.state == "ready" and len(w.calls) <= self.prefetch
+                ]
+                if not free or not self._pending:
                     return
                 call = self._pending.popleft()
-                w = min(idle, key=lambda w: (w.idle_since, w.index))  # longest idle first
+                # least loaded: fewest calls held, then the longest idle (or longest running)
+                w = min(
+                    free,
+                    key=lambda w: (
+                        len(w.calls),
+                        w.calls[0].started if w.calls else w.idle_since,
+                        w.index,
+                    ),
+                )
             # a retried call is already running; a fresh one may have been cancelled meanwhile
             if not call.fut.running() and not call.fut.set_running_or_notify_cancel():
                 self._counts["cancelled"] += 1
                 continue
-            call.started = time.monotonic()
-            w.call = call
+            if not w.calls:
+                call.started = time.monotonic()
+            w.calls.append(call)
             assert call.data is not None
             try:
                 assert w.conn is not None
@@ -1187,9 +1222,8 @@ class PinnedPool(concurrent.futures.Executor):
             self._pending.clear()
             self._closing = True
         for w in self._workers:
-            if w.call is not None:
-                calls.append(w.call)
-                w.call = None
+            calls.extend(w.calls)
+            w.calls.clear()
         for call in calls:
             if not call.fut.done() and (
                 call.fut.running() or call.fut.set_running_or_notify_cancel()

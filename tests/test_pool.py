@@ -219,6 +219,19 @@ def test_crash_fails_the_call_and_the_worker_restarts_on_the_same_cores(
     assert after.crashes == before.crashes + 1 and after.workers_alive == N
 
 
+def test_calls_queued_behind_a_crash_are_not_lost(fragile: PinnedPool, tmp_path: Path) -> None:
+    # fill every worker (one running + prefetched) with calls that wait on a gate, crash one
+    # worker's running call: the calls it had prefetched never started and must still succeed
+    assert fragile.wait_ready(timeout=60)
+    gate = tmp_path / "gate"
+    crash = fragile.submit("exit")
+    others = [fragile.submit(("wait-file", str(gate))) for _ in range(4 * fragile.workers)]
+    with pytest.raises(WorkerCrashed):
+        crash.result(timeout=60)
+    gate.write_text("go")
+    assert [f.result(timeout=60) for f in others] == ["opened"] * len(others)
+
+
 def test_hang_past_timeout_fails_and_the_worker_is_replaced(fragile: PinnedPool) -> None:
     before = fragile.statistics()
     with pytest.raises(WorkerTimeout, match="timeout of 3s"):
@@ -288,7 +301,7 @@ def test_close_can_cancel_queued_calls() -> None:
     first = p.submit(("echo", 0))
     queued = [p.submit(("echo", i)) for i in range(1, 50)]
     p.shutdown(cancel_futures=True)
-    assert first.result(timeout=0) == 0 or first.cancelled()
+    assert first.cancelled() or first.result(timeout=0) == 0
     assert any(f.cancelled() for f in queued)
     for f in queued:
         assert f.cancelled() or f.result(timeout=0) in range(50)
@@ -366,10 +379,12 @@ def test_numa_binding_syscall_works_on_node0() -> None:
 def test_a_queued_call_can_be_cancelled(pool: PinnedPool, tmp_path: Path) -> None:
     gate = tmp_path / "open"
     before = pool.statistics().requests_cancelled
-    busy = [pool.submit(("wait-file", str(gate))) for _ in range(pool.workers)]
+    # every worker runs one call and holds `prefetch` more: the next call stays in the queue
+    held = pool.workers * (1 + pool.prefetch)
+    busy = [pool.submit(("wait-file", str(gate))) for _ in range(held)]
     queued = pool.submit(("echo", "never"))
     assert queued.cancel(), "a call still in the queue can be cancelled"
     gate.write_text("go")
-    assert [f.result(timeout=60) for f in busy] == ["opened"] * pool.workers
+    assert [f.result(timeout=60) for f in busy] == ["opened"] * held
     assert pool.submit(("echo", "next")).result(timeout=60) == "next"
     assert pool.statistics().requests_cancelled == before + 1
