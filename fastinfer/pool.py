@@ -585,6 +585,11 @@ class PinnedPool(concurrent.futures.Executor):
                 env=env,
                 stdin=subprocess.DEVNULL,
             )
+        except OSError as exc:  # out of memory or pids: a start failure, not a pool failure
+            parent.close()
+            w.proc, w.conn, w.state = None, None, "starting"
+            self._start_failed(w, f"cannot start worker {w.index}: {exc}", reaped=True)
+            return
         finally:
             child.close()
         w.conn = Connection(parent.detach())

@@ -388,3 +388,12 @@ def test_a_queued_call_can_be_cancelled(pool: PinnedPool, tmp_path: Path) -> Non
     assert [f.result(timeout=60) for f in busy] == ["opened"] * held
     assert pool.submit(("echo", "next")).result(timeout=60) == "next"
     assert pool.statistics().requests_cancelled == before + 1
+
+
+def test_a_failed_process_start_is_a_startup_error() -> None:
+    enomem = OSError(12, "Cannot allocate memory")
+    with (
+        mock.patch.object(pool_mod.subprocess, "Popen", side_effect=enomem),
+        pytest.raises(WorkerStartupError, match=r"cannot start worker 0: .*Cannot allocate memory"),
+    ):
+        PinnedPool(h.init_model, h.predict, workers=1, load_warning_threshold=None)
