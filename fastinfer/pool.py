@@ -624,6 +624,28 @@ class PinnedPool(concurrent.futures.Executor):
 
     def _loop(self) -> None:
         while True:
+            # Housekeeping first, so every state change (including ones made while spawning)
+            # is acted on before the thread sleeps.
+            if not self._started.is_set():
+                states = {w.state for w in self._workers}
+                if self._startup_error is not None or states == {"ready"}:
+                    self._started.set()
+                if self._startup_error is not None:
+                    return
+            self._dispatch()
+            with self._lock:
+                idle = (
+                    self._closing and not self._pending and all(not w.calls for w in self._workers)
+                )
+                no_workers = all(w.state == "failed" for w in self._workers)
+            if no_workers:
+                self._fail_everything(
+                    WorkerCrashed("every PinnedPool worker failed to restart; see the log")
+                )
+                return
+            if idle and self._started.is_set():
+                return
+
             with self._lock:
                 conns = {w.conn: w for w in self._workers if w.conn is not None}
                 deadline = self._next_deadline()
@@ -646,24 +668,6 @@ class PinnedPool(concurrent.futures.Executor):
                     continue
                 self._on_message(w, raw)
             self._check_deadlines()
-            if not self._started.is_set():
-                states = {w.state for w in self._workers}
-                if self._startup_error is not None or states == {"ready"}:
-                    self._started.set()
-                if self._startup_error is not None:
-                    return
-            self._dispatch()
-            with self._lock:
-                idle = (
-                    self._closing and not self._pending and all(not w.calls for w in self._workers)
-                )
-                no_workers = all(w.state == "failed" for w in self._workers)
-            if no_workers:
-                self._fail_everything(
-                    WorkerCrashed("every PinnedPool worker failed to restart; see the log")
-                )
-            if idle and self._started.is_set():
-                return
 
     def _next_deadline(self) -> float | None:
         ds = [w.deadline for w in self._workers if w.state == "starting"]

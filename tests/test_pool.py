@@ -33,6 +33,8 @@ from fastinfer import (
     WorkerTimeout,
 )
 
+pytestmark = pytest.mark.timeout(120)  # a hang fails fast
+
 N = min(2, CorePlan.detect().physical_cores)
 REPORTS: list[tuple[int, Any]] = []
 CALLS: list[pool_mod.CallRecord] = []
