@@ -233,15 +233,14 @@ def main() -> None:
             max(over, 0.0),
             unit="s",
         )
-        if nbytes <= (
-            1 << 20
-        ):  # the size of a batch for this model; 64 MB batches mean far more work
-            bench.add_value(
-                f"transport {label}",
-                "whole round trip / one MLP call",
-                tr.stats["shared memory, new tensor"].median / call_time * 100,
-                unit="%",
-            )
+        # against the work: the MLP on a batch of this many bytes (at least the 32-row batch)
+        rows = max(ROWS, nbytes // 4 // WIDTH)
+        bench.add_value(
+            f"transport {label}",
+            f"data overhead / MLP work on {rows} rows",
+            max(over, 0.0) / (call_time * rows / ROWS) * 100,
+            unit="%",
+        )
     for p in (pinned, unpinned, single, epool):
         p.close()
     ppe.shutdown()
