@@ -32,6 +32,7 @@ from fastinfer import (
     WorkerStartupError,
     WorkerTimeout,
 )
+from fastinfer._topology import Core
 
 pytestmark = pytest.mark.timeout(120)  # a hang fails fast
 
@@ -399,3 +400,21 @@ def test_a_failed_process_start_is_a_startup_error() -> None:
         pytest.raises(WorkerStartupError, match=r"cannot start worker 0: .*Cannot allocate memory"),
     ):
         PinnedPool(h.init_model, h.predict, workers=1, load_warning_threshold=None)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_numa_binding_runs_in_each_worker_before_torch() -> None:
+    # A plan claiming two NUMA nodes on this machine's CPUs 0 and 1: worker 0 binds to node 0
+    # (exists everywhere), worker 1 to node 1, which a one-node machine refuses (a note, no crash).
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    plan = CorePlan((Core((cpus[0],), 0, 0, 0), Core((cpus[1],), 1, 0, 1)))
+    with PinnedPool(
+        h.init_model, h.predict, plan=plan, workers=2, numa="preferred", load_warning_threshold=None
+    ) as p:
+        notes = p.statistics().notes
+        assert not any(n.startswith("worker 0:") for n in notes), notes
+        has_node1 = 1 in CorePlan.detect().nodes
+        assert has_node1 or any(
+            n.startswith("worker 1: set_mempolicy(node 1) failed") for n in notes
+        )
+        assert p.submit(("echo", 1)).result(timeout=60) == 1
