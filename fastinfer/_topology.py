@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fastinfer.errors import ConfigError
 
 __all__ = [
@@ -577,6 +575,8 @@ def configure_threads(threads: int | None = None, *, interop: int | None = None)
 
         >>> configure_threads(4, interop=1)   # at the top of the service
     """
+    import torch  # here, not at module level: importing fastinfer must not import torch
+
     if threads is None:
         threads = CorePlan.detect().core_budget
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
