@@ -418,3 +418,31 @@ def test_numa_binding_runs_in_each_worker_before_torch() -> None:
             n.startswith("worker 1: set_mempolicy(node 1) failed") for n in notes
         )
         assert p.submit(("echo", 1)).result(timeout=60) == 1
+
+
+WATCHDOG = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("w", {path!r})
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+parent = os.getpid()  # read before fork: the parent may be gone before the child runs
+pid = os.fork()
+if pid == 0:  # no PR_SET_PDEATHSIG here: only the watchdog can notice the parent's exit
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1); os.dup2(null, 2)  # let the test's pipes close
+    m._watch_parent(parent)
+    os._exit(3)
+print(pid, flush=True)
+os._exit(0)
+"""
+
+
+def test_watchdog_exits_a_worker_whose_parent_is_gone() -> None:
+    code = WATCHDOG.format(path=str(ROOT / "fastinfer" / "_pool_worker.py"))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    child = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the orphan's watchdog did not exit it"
