@@ -141,7 +141,10 @@ def main(argv: list[str]) -> None:
         os._exit(0)
     notes: list[str] = []
     if cfg.get("cpus") is not None:
-        os.sched_setaffinity(0, cfg["cpus"])
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cfg["cpus"])
+        else:
+            notes.append(f"CPU pinning is not supported on {sys.platform}; threads were still set")
     if cfg.get("numa_node") is not None:
         why = set_mempolicy(int(cfg["numa_node"]), bind=cfg.get("numa_mode") == "bind")
         if why:
@@ -186,7 +189,9 @@ def main(argv: list[str]) -> None:
                 "ready",
                 {
                     "pid": os.getpid(),
-                    "affinity": sorted(os.sched_getaffinity(0)),
+                    "affinity": sorted(os.sched_getaffinity(0))
+                    if hasattr(os, "sched_getaffinity")
+                    else cfg.get("cpus"),
                     "threads": torch.get_num_threads(),
                     "interop": torch.get_num_interop_threads(),
                     "notes": notes,

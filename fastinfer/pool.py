@@ -493,7 +493,7 @@ class PinnedPool(concurrent.futures.Executor):
                         pid=w.pid,
                         alive=w.state == "ready",
                         state=w.state,
-                        cpus=tuple(w.info.get("affinity", w.cores.cpus)),
+                        cpus=tuple(w.info.get("affinity") or w.cores.cpus),
                         threads=int(w.info.get("threads", self._threads or w.cores.threads)),
                         in_flight=len(w.calls),
                         calls_ok=w.ok,
