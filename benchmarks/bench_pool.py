@@ -202,7 +202,7 @@ def main() -> None:
         if quick and nbytes > (1 << 20):
             continue
         t = torch.randn(nbytes // 4)
-        reps = 5 if nbytes > (1 << 20) else 20
+        reps = 5 if nbytes > (1 << 20) or quick else 20
         # one never-sent tensor per timed call, made outside the clock
         fresh = iter([torch.randn(nbytes // 4) for _ in range(reps + 2)])
         tr = compare(
