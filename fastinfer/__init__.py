@@ -44,6 +44,11 @@ from fastinfer.metrics import (
     MetricsRecorder,
     MetricsSnapshot,
 )
+from fastinfer.pool import (
+    CorePlan,
+    PinnedPool,
+    configure_threads,
+)
 from fastinfer.profiling import (
     profile,
 )
@@ -61,6 +66,7 @@ __all__ = [
     "CompileError",
     "CompiledModel",
     "ConfigError",
+    "CorePlan",
     "DeadlineExceeded",
     "FastInferError",
     "InductorCache",
@@ -70,6 +76,7 @@ __all__ = [
     "MetricsRecorder",
     "MetricsSnapshot",
     "MissingDependencyError",
+    "PinnedPool",
     "QueueFull",
     "RecompileError",
     "StateDictMismatch",
@@ -81,6 +88,7 @@ __all__ = [
     "WorkerTimeout",
     "__version__",
     "compile_model",
+    "configure_threads",
     "export_aot",
     "load_aot",
     "profile",

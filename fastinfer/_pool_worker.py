@@ -1,0 +1,258 @@
+"""Entry point of a :class:`fastinfer.PinnedPool` worker process (private).
+
+The pool starts this file *by path* in a fresh interpreter (``python _pool_worker.py FD CONFIG``),
+not through ``multiprocessing``'s spawn, because spawn imports the parent's ``__main__`` and the
+target's package (``fastinfer`` -> ``torch``) before any of our code runs, and torch sizes its
+thread pools from the affinity mask when it is imported. So this module imports only the standard
+library at top level, and the order below matters:
+
+1. ask the kernel to kill us when the parent dies (``prctl(PR_SET_PDEATHSIG)``), check the parent;
+2. pin to the worker's CPUs (``sched_setaffinity``) and optionally bind memory to its NUMA node;
+   OMP_NUM_THREADS / MKL_NUM_THREADS and the user's ``env=`` are already in the environment;
+3. only now ``import torch`` and set its intra/inter-op thread counts;
+4. apply the parent's preparation data (sys.path, cwd, ``__main__``, authkey), unpickle
+   ``init``/``fn`` and call ``init()`` once; report ready (or the traceback of the failure);
+5. serve calls until the connection closes, while a watchdog thread exits if the parent goes away.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pickle
+import platform
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+MPOL_PREFERRED = 1
+MPOL_BIND = 2
+# set_mempolicy syscall numbers; other architectures skip NUMA binding with a note.
+_SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237}
+
+
+def set_pdeathsig(sig: int = 9) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent thread exits. False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def set_mempolicy(node: int, *, bind: bool) -> str | None:
+    """Bind (or prefer) this process's memory allocations to NUMA ``node``; None or a reason it could not."""
+    nr = _SYS_SET_MEMPOLICY.get(platform.machine())
+    if nr is None:
+        return f"NUMA binding not supported on {platform.machine()}"
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as exc:
+        return f"NUMA binding unavailable: {exc}"
+    mask = ctypes.c_ulong(1 << node)
+    mode = MPOL_BIND if bind else MPOL_PREFERRED
+    rc = libc.syscall(nr, mode, ctypes.byref(mask), ctypes.sizeof(mask) * 8 + 1)
+    if rc != 0:
+        return f"set_mempolicy(node {node}) failed: {os.strerror(ctypes.get_errno())}"
+    return None
+
+
+# Tensors up to this size travel as bytes inside the message: below it, copying is cheaper than
+# passing a shared-memory file descriptor (a connection and handshake per tensor).
+SMALL_TENSOR_BYTES = 256 * 1024
+
+
+def rebuild_small_tensor(data: bytes, dtype: str, shape: tuple[int, ...], grad: bool) -> Any:
+    import torch
+
+    dt = getattr(torch, dtype)
+    if not data:
+        t = torch.empty(shape, dtype=dt)
+    else:
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
+    return t.requires_grad_(grad) if grad else t
+
+
+def make_dumps() -> Any:
+    """A ``dumps(obj) -> bytes`` that sends tensors through shared memory (torch's reductions),
+    small CPU tensors inline. Imports torch: call it only after pinning."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch
+    import torch.multiprocessing  # registers the shared-memory tensor reductions
+
+    shared = ForkingPickler._extra_reducers[torch.Tensor]  # type: ignore[attr-defined]
+
+    def reduce(t: Any) -> Any:
+        if (
+            t.device.type == "cpu"
+            and t.layout == torch.strided
+            and not t.is_quantized
+            and t.numel() * t.element_size() <= SMALL_TENSOR_BYTES
+            and (t.is_leaf or not t.requires_grad)
+        ):
+            try:
+                c = t.detach().contiguous()
+                raw = c.reshape(-1).view(torch.uint8).numpy().tobytes()
+                name = str(c.dtype).removeprefix("torch.")
+                return rebuild_small_tensor, (raw, name, tuple(c.shape), t.requires_grad)
+            except (RuntimeError, TypeError):
+                pass  # a dtype numpy or view() cannot take: share it instead
+        return shared(t)
+
+    class _Pickler(ForkingPickler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.dispatch_table[torch.Tensor] = reduce
+
+    def dumps(obj: Any) -> bytes:
+        buf = io.BytesIO()
+        _Pickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+        return buf.getvalue()
+
+    return dumps
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # Backstop for PR_SET_PDEATHSIG (which fires when the parent *thread* exits and is Linux only):
+    # poll the parent pid; when we are re-parented the parent is gone.
+    while True:
+        time.sleep(0.25)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def main(argv: list[str]) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0] or ".") == here:
+        sys.path.pop(0)  # the script's folder (fastinfer/) must not shadow stdlib modules
+    fd = int(argv[1])
+    cfg: dict[str, Any] = json.loads(argv[2])
+    parent_pid = int(cfg["parent_pid"])
+    set_pdeathsig()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+    notes: list[str] = []
+    if cfg.get("cpus") is not None:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cfg["cpus"])
+        else:
+            notes.append(f"CPU pinning is not supported on {sys.platform}; threads were still set")
+    if cfg.get("numa_node") is not None:
+        why = set_mempolicy(int(cfg["numa_node"]), bind=cfg.get("numa_mode") == "bind")
+        if why:
+            notes.append(why)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        import torch  # only now: torch sizes its thread pools from the mask and env set above
+
+        torch.set_num_threads(int(cfg["threads"]))
+        if cfg.get("interop") is not None:
+            torch.set_num_interop_threads(int(cfg["interop"]))
+        import multiprocessing.spawn
+        from multiprocessing.reduction import ForkingPickler
+
+        import torch.multiprocessing  # registers the shared-memory tensor reductions
+
+        setup = pickle.loads(conn.recv_bytes())
+        multiprocessing.spawn.prepare(setup["prep"])
+        init = pickle.loads(setup["init"])
+        fn = pickle.loads(setup["fn"])
+        report = pickle.loads(setup["report"]) if setup["report"] is not None else None
+        report_interval = float(setup["report_interval"])
+        state = init()
+        import fastinfer.pool
+        from fastinfer._pool_worker import make_dumps  # as a module, so pickles name it
+
+        fastinfer.pool._worker_state = state
+        dumps = make_dumps()
+    except BaseException:
+        try:
+            conn.send_bytes(pickle.dumps(("init_error", traceback.format_exc())))
+        finally:
+            os._exit(1)
+
+    conn.send_bytes(
+        pickle.dumps(
+            (
+                "ready",
+                {
+                    "pid": os.getpid(),
+                    "affinity": sorted(os.sched_getaffinity(0))
+                    if hasattr(os, "sched_getaffinity")
+                    else cfg.get("cpus"),
+                    "threads": torch.get_num_threads(),
+                    "interop": torch.get_num_interop_threads(),
+                    "notes": notes,
+                },
+            )
+        )
+    )
+    last_report = 0.0
+    while True:
+        try:
+            msg = ForkingPickler.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            os._exit(0)  # the parent closed the pool or died
+        if msg[0] == "close":
+            break
+        _, call_id, kind, payload = msg
+        t0 = time.perf_counter()
+        try:
+            if kind == "fn":
+                result = fn(state, payload)
+            else:
+                func, args, kwargs = payload
+                result = func(*args, **kwargs)
+            reply: tuple[Any, ...] = ("ok", call_id, result)
+        except BaseException as exc:
+            reply = ("err", call_id, exc, traceback.format_exc())
+        exec_s = time.perf_counter() - t0
+        payload_report: Any = None
+        has_report = False
+        if report is not None and time.monotonic() - last_report >= report_interval:
+            last_report = time.monotonic()
+            try:
+                payload_report, has_report = report(state), True
+            except Exception:
+                traceback.print_exc()
+        tail = (exec_s, has_report, payload_report)
+        try:
+            data = dumps((*reply, *tail))
+        except Exception:
+            if reply[0] == "ok":
+                reply = (
+                    "err",
+                    call_id,
+                    None,
+                    "the result cannot be pickled:\n" + traceback.format_exc(),
+                )
+            else:  # the exception itself does not pickle: send its traceback only
+                reply = ("err", call_id, None, reply[3])
+            try:
+                data = dumps((*reply, *tail))
+            except Exception:
+                data = dumps((*reply, exec_s, False, None))
+        try:
+            conn.send_bytes(data)
+        except OSError:
+            os._exit(0)
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
