@@ -30,7 +30,7 @@ def run(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:  # in the 
 
 async def main() -> None:
     with fastinfer.PinnedPool(init, run, workers=2) as pool:
-        print(pool.plan)
+        print(pool.split)  # which cores each worker owns, and its threads
         batcher = fastinfer.DynamicBatcher(
             pool.run, max_batch_size=32, max_wait_ms=2, collate="stack",
             max_concurrent_batches=pool.workers,
