@@ -4,6 +4,12 @@ Importing this package is cheap and has no side effects: it imports no optional 
 changes no torch setting and configures no logging.
 """
 
+from fastinfer.attention import (
+    AttentionReport,
+    register_attention_swap,
+    swap_attention_,
+    undo_attention_swap_,
+)
 from fastinfer.errors import (
     AttentionSwapError,
     BatchError,
@@ -32,6 +38,7 @@ from fastinfer.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionReport",
     "AttentionSwapError",
     "BatchError",
     "CacheMismatchError",
@@ -55,4 +62,7 @@ __all__ = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "register_attention_swap",
+    "swap_attention_",
+    "undo_attention_swap_",
 ]

@@ -3,6 +3,7 @@
 import fastinfer
 
 EXPECTED = [
+    "AttentionReport",
     "AttentionSwapError",
     "BatchError",
     "CacheMismatchError",
@@ -26,6 +27,9 @@ EXPECTED = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "register_attention_swap",
+    "swap_attention_",
+    "undo_attention_swap_",
 ]
 
 
