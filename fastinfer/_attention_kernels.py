@@ -349,6 +349,7 @@ class FastHFEncoder(nn.Module):
             or (torch.is_grad_enabled() and hidden_states.requires_grad)
             or not isinstance(hidden_states, torch.Tensor)
             or hidden_states.dim() != 3
+            # transformers records hidden states/attentions with hooks on its own layers: run them
             or _capturing_outputs()
         ):
             return self._fallback(hidden_states, attention_mask, *args, **kwargs)

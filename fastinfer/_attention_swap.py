@@ -167,6 +167,22 @@ def _zero_padded_hook(
     return out
 
 
+def _install_capture_hooks(model: nn.Module) -> None:
+    """Install transformers' output-capture hooks on the original layers before they are swapped.
+
+    transformers installs them lazily, once, on the modules it finds; installing them now means
+    ``output_hidden_states=True`` keeps working (the swapped encoder then runs the original layers)
+    during the swap and after undo.
+    """
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # pragma: no cover - other transformers versions
+        return
+    for m in model.modules():
+        if getattr(m, "_can_record_outputs", None) and hasattr(m, "config"):
+            maybe_install_capturing_hooks(m)
+
+
 def _flash_unavailable(model: nn.Module) -> str:
     try:
         p = next(model.parameters())
@@ -306,6 +322,7 @@ def _candidates(model: Any) -> tuple[str, list[_Candidate], list[str]]:
             for mode in ("packed", "fused"):
 
                 def apply_enc(undo: _Undo, mode: str = mode) -> None:
+                    _install_capture_hooks(model)
                     _set_attn(model, "sdpa", undo)  # masks arrive as bool (or None when unpadded)
                     undo.freeze(model)
                     for _, enc in encoders:
@@ -686,7 +703,16 @@ def swap(
     fast_before = _diagnose(model, example_inputs)
     if example_inputs is not None:
         chosen, results = _measure(
-            model, example_inputs, usable, results, verify, repeat, warmup, tolerance, clock
+            model,
+            example_inputs,
+            usable,
+            results,
+            verify,
+            repeat,
+            warmup,
+            tolerance,
+            clock,
+            must_beat_original=not wanted,
         )
         measured = True
     else:
@@ -773,6 +799,8 @@ def _measure(
     warmup: int,
     tolerance: tuple[float, float] | None,
     clock: Callable[[], float],
+    *,
+    must_beat_original: bool = True,
 ) -> tuple[str, dict[str, PathResult]]:
     valid = _valid_mask(model, inputs)
     ref = [t.detach().clone() for t in _tensors(_call(model, inputs))]
@@ -835,8 +863,8 @@ def _measure(
         return ORIGINAL, out
     best = min(eligible, key=lambda n: out[n].latency_s or float("inf"))
     base = out[ORIGINAL].latency_s or float("inf")
-    # Keep the original when nothing beats it: a swap that is not faster is not worth keeping.
-    if (out[best].latency_s or float("inf")) >= base:
+    # Keep the original when nothing beats it (unless the caller asked for a path with prefer=).
+    if must_beat_original and (out[best].latency_s or float("inf")) >= base:
         return ORIGINAL, out
     return best, out
 
