@@ -180,7 +180,7 @@ def _install_capture_hooks(model: nn.Module) -> None:
         return
     for m in model.modules():
         if getattr(m, "_can_record_outputs", None) and hasattr(m, "config"):
-            maybe_install_capturing_hooks(m)
+            maybe_install_capturing_hooks(m)  # type: ignore[arg-type]
 
 
 def _flash_unavailable(model: nn.Module) -> str:
@@ -718,6 +718,8 @@ def swap(
     else:
         chosen = _rule_choice(kind, usable)
         measured = False
+        for c in usable:
+            results[c.name] = PathResult(c.name, True, compile_useful=c.compile_useful)
         if verify and chosen != ORIGINAL:
             notes.append("not verified: pass example_inputs (or padding_profile) to verify")
 

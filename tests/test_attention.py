@@ -203,6 +203,7 @@ def test_hf_decoder_model_uses_attn_implementation_only() -> None:
     assert report.kind == "hf"
     assert not any(p.name in ("hf:packed", "hf:fused") for p in report.paths)
     assert report.chosen == "hf:sdpa" and report.verified is None
+    assert report.path("hf:sdpa").available and "not verified" in str(report)
     assert "flash attention needs a CUDA GPU" in report.path("hf:flash_attention_2").reason
     assert report.compile_useful
     fastinfer.undo_attention_swap_(model)
