@@ -183,6 +183,19 @@ def _install_capture_hooks(model: nn.Module) -> None:
             maybe_install_capturing_hooks(m)  # type: ignore[arg-type]
 
 
+def _flex_unavailable(model: nn.Module) -> str:
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return "this torch has no flex_attention"
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cuda":
+        return (
+            "flex_attention outside torch.compile runs unfused on CPU (it materialises the score "
+            "matrix, slower than sdpa); compile the model with attn_implementation='flex_attention'"
+            " if you want it"
+        )
+    return ""
+
+
 def _flash_unavailable(model: nn.Module) -> str:
     try:
         p = next(model.parameters())
@@ -296,11 +309,7 @@ def _candidates(model: Any) -> tuple[str, list[_Candidate], list[str]]:
             if not why and impl == "flash_attention_2":
                 why = _flash_unavailable(model)
             if not why and impl == "flex_attention":
-                why = (
-                    ""
-                    if importlib.util.find_spec("torch.nn.attention.flex_attention")
-                    else ("this torch has no flex_attention")
-                )
+                why = _flex_unavailable(model)
 
             def apply_impl(undo: _Undo, impl: str = impl) -> None:
                 _set_attn(model, impl, undo)
