@@ -111,6 +111,29 @@ def test_hf_swap_with_example_inputs_measures_verifies_and_undo_is_bit_exact(tmp
 
 @pytest.mark.transformers
 @pytest.mark.parametrize("path", ["hf:packed", "hf:fused"])
+def test_hf_swapped_model_keeps_state_dict_and_save_pretrained(path: str, tmp_path: Any) -> None:
+    model = _small_bert()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = _hf_inputs()
+    ref = _hidden(model, inputs)
+    fastinfer.swap_attention_(model, prefer=path)
+    swapped_sd = model.state_dict()
+    assert list(swapped_sd) == list(sd)
+    assert all(torch.equal(swapped_sd[k], sd[k]) for k in sd)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    _assert_valid_equal(_hidden(loaded, inputs), ref, inputs["attention_mask"].bool())
+    # loading new weights into the swapped model is picked up (fused QKV cache invalidated)
+    other = _small_bert(seed=1)
+    model.load_state_dict(other.state_dict())
+    _assert_valid_equal(
+        _hidden(model, inputs), _hidden(other, inputs), inputs["attention_mask"].bool()
+    )
+    fastinfer.undo_attention_swap_(model)
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("path", ["hf:packed", "hf:fused"])
 def test_hf_left_padding(path: str) -> None:
     model = _small_bert()
     inputs = _hf_inputs(padding=0.5)
