@@ -562,6 +562,8 @@ def _diagnose(model: nn.Module, inputs: Any) -> tuple[tuple[str, str], ...]:
         handles.append(mod.register_forward_pre_hook(make_hook(name, mod), with_kwargs=True))
     try:
         _call(model, inputs)
+    except Exception:
+        return ()  # _measure reports the bad inputs with a clear message
     finally:
         for h in handles:
             h.remove()
@@ -814,7 +816,14 @@ def _measure(
     must_beat_original: bool = True,
 ) -> tuple[str, dict[str, PathResult]]:
     valid = _valid_mask(model, inputs)
-    ref = [t.detach().clone() for t in _tensors(_call(model, inputs))]
+    try:
+        ref = [t.detach().clone() for t in _tensors(_call(model, inputs))]
+    except Exception as exc:
+        raise ConfigError(
+            f"calling {type(model).__name__} with example_inputs failed ({type(exc).__name__}: "
+            f"{exc}); pass what the model takes: a dict of keyword arguments, a tuple of "
+            "positional arguments, or one tensor"
+        ) from exc
     runners: dict[str, _Candidate | None] = {ORIGINAL: None}
     errors: dict[str, tuple[float, str]] = {ORIGINAL: (0.0, "")}
     failed: dict[str, str] = {}

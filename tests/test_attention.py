@@ -887,6 +887,8 @@ def test_errors_are_clear() -> None:
         fastinfer.swap_attention_(model, padding_profile=(2, 8, 0.5))
     with pytest.raises(ConfigError, match=r"nn\.Module subclass"):
         fastinfer.register_attention_swap(int, lambda m: m)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="with example_inputs failed"):
+        fastinfer.swap_attention_(model, example_inputs={"wrong": torch.zeros(2, 4)})
     with pytest.raises(AttentionSwapError, match="cannot run here"):
         fastinfer.swap_attention_(_my_with_odd_encoder(), prefer="torch:fastpath-nested")
 
