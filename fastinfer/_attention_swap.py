@@ -843,8 +843,10 @@ def _measure(
     for _ in range(warmup):
         _call(model, inputs)
     samples: dict[str, list[float]] = {n: [] for n in runners}
-    for _ in range(repeat):
-        for name, runner in runners.items():
+
+    def timed_round(names: list[str]) -> None:
+        for name in names:
+            runner = runners[name]
             undo = _Undo()
             try:
                 if runner is not None:
@@ -856,6 +858,17 @@ def _measure(
                 samples[name].append(clock() - t0)
             finally:
                 undo()
+
+    for _ in range(repeat):
+        timed_round(list(runners))
+    # Second look at the contenders only: the two fastest correct paths and the original get
+    # `repeat` more interleaved samples, so a noisy machine does not decide between close paths.
+    correct = [n for n in runners if not (verify and errors[n][1])]
+    contenders = sorted(correct, key=lambda n: _stats.median(samples[n]))[:2]
+    second = list(dict.fromkeys([ORIGINAL, *contenders]))
+    if len(second) > 1 and len(runners) > 2:
+        for _ in range(repeat):
+            timed_round(second)
     out: dict[str, PathResult] = dict(results)
     for name, ts in samples.items():
         med = _stats.median(ts)
