@@ -4,6 +4,12 @@ Importing this package is cheap and has no side effects: it imports no optional 
 changes no torch setting and configures no logging.
 """
 
+from fastinfer.attention import (
+    AttentionReport,
+    register_attention_swap,
+    swap_attention_,
+    undo_attention_swap_,
+)
 from fastinfer.compiling import (
     BackendReport,
     CompiledModel,
@@ -56,6 +62,7 @@ from fastinfer.profiling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionReport",
     "AttentionSwapError",
     "BackendReport",
     "BatchError",
@@ -92,5 +99,8 @@ __all__ = [
     "export_aot",
     "load_aot",
     "profile",
+    "register_attention_swap",
     "select_backend",
+    "swap_attention_",
+    "undo_attention_swap_",
 ]

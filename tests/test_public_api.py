@@ -3,6 +3,7 @@
 import fastinfer
 
 EXPECTED = [
+    "AttentionReport",
     "AttentionSwapError",
     "BackendReport",
     "BatchError",
@@ -39,7 +40,10 @@ EXPECTED = [
     "export_aot",
     "load_aot",
     "profile",
+    "register_attention_swap",
     "select_backend",
+    "swap_attention_",
+    "undo_attention_swap_",
 ]
 
 
