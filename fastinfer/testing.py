@@ -222,9 +222,11 @@ def hf_bert(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with seeded(seed):
-        return transformers.BertModel(config, **kwargs).eval()
+        model = transformers.BertModel(config).eval()
+    if attn_implementation:  # transformers 5 takes it here, not as a constructor argument
+        model.set_attn_implementation(attn_implementation)
+    return model
 
 
 def hf_llama(
@@ -252,9 +254,11 @@ def hf_llama(
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
     )
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with seeded(seed):
-        return transformers.LlamaForCausalLM(config, **kwargs).eval()
+        model = transformers.LlamaForCausalLM(config).eval()
+    if attn_implementation:  # transformers 5 takes it here, not as a constructor argument
+        model.set_attn_implementation(attn_implementation)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
