@@ -4,6 +4,7 @@ Importing this package is cheap and has no side effects: it imports no optional 
 changes no torch setting and configures no logging.
 """
 
+from fastinfer.batching import DynamicBatcher, batch
 from fastinfer.errors import (
     AttentionSwapError,
     BatchError,
@@ -41,6 +42,7 @@ __all__ = [
     "CompileError",
     "ConfigError",
     "DeadlineExceeded",
+    "DynamicBatcher",
     "FastInferError",
     "LoadError",
     "MetricNameError",
@@ -55,4 +57,5 @@ __all__ = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "batch",
 ]

@@ -12,6 +12,7 @@ EXPECTED = [
     "CompileError",
     "ConfigError",
     "DeadlineExceeded",
+    "DynamicBatcher",
     "FastInferError",
     "LoadError",
     "MetricNameError",
@@ -26,6 +27,7 @@ EXPECTED = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "batch",
 ]
 
 
