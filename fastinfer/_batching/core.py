@@ -583,8 +583,8 @@ class DynamicBatcher(Generic[T, R]):
         last = position - (batches - 1) * cap
         return (
             self._slot_free_in(now)
-            + (rounds - 1) * self._cost.predict(cap)
-            + self._cost.predict(last if rounds == 1 else cap)
+            + (rounds - 1) * self._cost.upper(cap)
+            + self._cost.upper(last if rounds == 1 else cap)
         )
 
     # ---------------------------------------------------------------- resolution paths
@@ -734,7 +734,7 @@ class DynamicBatcher(Generic[T, R]):
             return "wait_expired", None
         ready = self._cost.ready
         if self._target is not None and ready:
-            latest = oldest.arrival + self._target - self._cost.predict(self._depth)
+            latest = oldest.arrival + self._target - self._cost.upper(self._depth)
             if now >= latest:
                 return ("adaptive" if self._policy == "adaptive" else "wait_expired"), None
             wake = min(wake, latest)
@@ -790,7 +790,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def _shed_hopeless(self, cands: list[_Request], now: float) -> list[_Request]:
         """Expire items that cannot finish before their deadline: running them is wasted work."""
-        done_at = now + self._cost.predict(len(cands))
+        done_at = now + self._cost.upper(len(cands))
         keep = [r for r in cands if r.deadline is None or r.deadline >= done_at]
         for r in cands:
             if r.deadline is not None and r.deadline < done_at:

@@ -20,12 +20,16 @@ class CostModel:
         self.observations = 0
         self.a = 0.0
         self.b = 0.0
+        self.error = 0.0  # EWMA of |observed - predicted|, for safety margins
 
     @property
     def ready(self) -> bool:
         return self.observations > 0
 
     def observe(self, n: int, seconds: float) -> None:
+        if self.observations:
+            miss = abs(seconds - self.predict(n))
+            self.error += 0.1 * (miss - self.error)
         d = self.decay
         self._w = self._w * d + 1.0
         self._sn = self._sn * d + n
@@ -48,6 +52,10 @@ class CostModel:
 
     def predict(self, n: int) -> float:
         return self.a * n + self.b
+
+    def upper(self, n: int) -> float:
+        """A pessimistic estimate (prediction plus twice the typical miss), for deadlines."""
+        return self.predict(n) + 2.0 * self.error
 
 
 class ArrivalRate:
