@@ -783,6 +783,44 @@ def test_a_batcher_survives_its_loop_closing() -> None:
     b.close()
 
 
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition another thread makes true (polled; fails loudly on timeout)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+def test_own_loop_bridges_async_callers_and_their_cancellation() -> None:
+    started, release = threading.Event(), threading.Event()
+    seen: list[list[int]] = []
+
+    def fn(items: list[int]) -> list[int]:
+        seen.append(items)
+        started.set()
+        release.wait(10)
+        return [x + 1 for x in items]
+
+    b = DynamicBatcher(fn, max_batch_size=4, max_wait_ms=0, own_loop=True)
+
+    async def main() -> None:
+        first = asyncio.create_task(b.submit(1))
+        await until(started.is_set)
+        queued = asyncio.create_task(b.submit(2))
+        await until(lambda: b.statistics().queue_depth == 1)
+        queued.cancel()
+        await until(lambda: b.statistics().requests_cancelled == 1)
+        release.set()
+        assert await first == 2
+        assert b.statistics().queue_depth == 0
+
+    run(main())
+    b.close()
+    assert seen == [[1]]  # the cancelled item never ran
+    assert not any(t.name.startswith("fastinfer-DynamicBatcher") for t in threading.enumerate())
+
+
 # ------------------------------------------------------------------------------- reconfigure, stats
 
 
@@ -934,3 +972,30 @@ def test_batch_decorator_in_a_fastapi_endpoint() -> None:
     with TestClient(app) as client:
         assert client.get("/double/21").json() == {"y": 42}
     double.batcher.close()
+
+
+# ------------------------------------------------------------------------------- docs
+
+
+def _doc_blocks() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "batching.md").read_text()
+    return [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+
+
+def test_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    exec(compile(_doc_blocks()[0], "docs/batching.md", "exec"), {})
+    assert "[0, 1, 2]" in capsys.readouterr().out
+
+
+@pytest.mark.serve
+def test_docs_fastapi_snippet_serves_and_maps_errors() -> None:
+    from fastapi.testclient import TestClient
+
+    ns: dict[str, Any] = {}
+    exec(compile(_doc_blocks()[1], "docs/batching.md", "exec"), ns)
+    with TestClient(ns["app"]) as client:
+        r = client.post("/classify", params={"text": "a small test"})
+        assert r.status_code == 200 and r.json()["label"] in (0, 1)
+    ns["classify"].batcher.close()

@@ -1063,7 +1063,8 @@ class DynamicBatcher(Generic[T, R]):
     def _finish_close(self) -> None:
         self._state = _CLOSED
         if self._executor is not None:
-            self._executor.shutdown(wait=False)
+            # Drained: every call has returned, so the idle workers exit at once.
+            self._executor.shutdown(wait=True)
             self._executor = None
         if self._thread is not None:
             thread, self._thread = self._thread, None
