@@ -990,6 +990,7 @@ def test_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.serve
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_docs_fastapi_snippet_serves_and_maps_errors() -> None:
     from fastapi.testclient import TestClient
 

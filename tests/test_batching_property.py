@@ -146,7 +146,7 @@ async def scenario(cfg: dict[str, Any], ops: list[tuple[Any, ...]], cancel_pendi
 
 
 @settings(
-    max_examples=150,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     derandomize=True,
