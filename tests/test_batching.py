@@ -479,6 +479,52 @@ def test_pad_collate_on_tokenizer_dicts_matches_one_by_one() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_collators_directly() -> None:
+    from fastinfer.batching import StackCollate
+
+    stack = StackCollate()
+    batch, ctx = stack.collate([{"x": torch.ones(2), "y": 1}, {"x": torch.zeros(2), "y": 2}])
+    assert batch["x"].shape == (2, 2) and batch["y"].tolist() == [1, 2]
+    out = stack.split((torch.arange(2), {"z": torch.arange(4).view(2, 2)}), ctx, 2)
+    assert int(out[1][0]) == 1 and out[1][1]["z"].tolist() == [2, 3]
+    with pytest.raises(BatchError, match=r"different shapes: item 0 is \(2,\), but \{1: \(3,\)\}"):
+        stack.collate([torch.ones(2), torch.ones(3)])
+    with pytest.raises(BatchError, match="first dimension must be the batch"):
+        stack.split(torch.ones(3, 2), ctx, 2)
+
+    pad = PadCollate(pad_value={"input_ids": 7}, return_lengths=True, pad_to_multiple_of=4)
+    tok = HashTokenizer()
+    batch, ctx = pad.collate([tok("one two"), tok("one two three four five")])
+    assert batch["input_ids"].shape == (2, 8)  # 6 tokens rounded up to a multiple of 4
+    assert batch["input_ids"][0, 3:].tolist() == [7] * 5
+    assert batch["attention_mask"].sum(1).tolist() == [3, 6]
+    assert batch["lengths"].tolist() == [3, 6]
+    with pytest.raises(ConfigError, match="side must be 'right' or 'left'"):
+        PadCollate(side="middle")  # type: ignore[arg-type]
+
+
+def test_an_item_over_the_cost_budget_runs_alone() -> None:
+    async def main() -> None:
+        clock, model = ManualClock(), Model()
+        b = DynamicBatcher(
+            model,
+            max_batch_size=8,
+            max_wait_ms=5,
+            cost_fn=lambda x: x,
+            max_batch_cost=4,
+            clock=clock,
+        )
+        tasks = [asyncio.create_task(b.submit(x)) for x in (9, 1, 1)]
+        await settle()
+        assert model.batches == [[9]]  # over budget on its own: dispatched at once, alone
+        clock.advance(0.005)
+        assert await asyncio.gather(*tasks) == [90, 10, 10]
+        assert model.batches == [[9], [1, 1]]
+        await b.aclose()
+
+    run(main())
+
+
 def test_collate_errors_are_isolated_to_the_odd_item() -> None:
     async def main() -> None:
         clock = ManualClock()
