@@ -744,6 +744,11 @@ class DynamicBatcher(Generic[T, R]):
             rate = self._arrivals.rate(now)
             if self._depth >= wait_threshold(rate, self._cost.a, self._cost.b):
                 return "adaptive", None
+            # Re-decide when the next arrival is overdue: the rate estimate will have dropped
+            # (a closed-loop caller never sends more while it waits for us).
+            overdue = self._arrivals.overdue_at()
+            if overdue is not None and overdue > now:
+                wake = min(wake, overdue)
         return None, wake
 
     def _take(self, now: float) -> list[_Request]:

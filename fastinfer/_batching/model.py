@@ -76,6 +76,12 @@ class ArrivalRate:
             self._gap = gap if self._gap is None else self._gap + self.alpha * (gap - self._gap)
         self._last = now
 
+    def overdue_at(self) -> float | None:
+        """When the next arrival is clearly late (two mean gaps after the last one)."""
+        if self._gap is None or self._last is None:
+            return None
+        return self._last + 2.0 * self._gap
+
     def rate(self, now: float) -> float:
         if self._gap is None or self._last is None:
             return 0.0
