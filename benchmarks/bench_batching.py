@@ -191,8 +191,8 @@ async def open_loop(b: Any, rate: float, seconds: float, seed: int = 0) -> dict[
 
 async def run_open(variant: str, rate: float, seconds: float, **extra: Any) -> dict[str, Any]:
     b = make(variant, synthetic_batch_fn(10, 1), **extra)
-    # warm-up: the thread pool, and the adaptive cost model
-    await asyncio.gather(*(b.submit(i) for i in range(64)))
+    # warm-up: the thread pool, and the adaptive cost model (a latency target may shed some)
+    await asyncio.gather(*(b.submit(i) for i in range(64)), return_exceptions=True)
     if isinstance(b, DynamicBatcher):
         warm = b.statistics()
     res = await open_loop(b, rate, seconds)
