@@ -63,6 +63,7 @@ config = st.fixed_dictionaries(
         "on_error": st.sampled_from(["isolate", "fail_batch"]),
         "policy": st.sampled_from(["fixed", "adaptive"]),
         "bucket_window": st.sampled_from([None, 4]),
+        "latency_target_ms": st.sampled_from([None, None, 8]),
     }
 )
 
