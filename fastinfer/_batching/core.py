@@ -681,7 +681,7 @@ class DynamicBatcher(Generic[T, R]):
                 oldest = q[0]
         return oldest
 
-    def _schedule(self) -> None:
+    def _schedule(self, notify: bool = True) -> None:
         """Dispatch while a slot is free and the policy says go; else arm the one timer."""
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -707,6 +707,10 @@ class DynamicBatcher(Generic[T, R]):
             self._timer = self._clock.call_at(
                 wake, functools.partial(self._on_loop, self._on_timer)
             )
+        if notify:
+            self._notify_drained()
+
+    def _notify_drained(self) -> None:
         if self._state != _OPEN and self._idle():
             for w in self._drain_waiters:
                 if not w.done():
@@ -866,14 +870,17 @@ class DynamicBatcher(Generic[T, R]):
                     for _ in reqs
                 ]
             end = self._clock.time()
+            self._in_flight -= 1
+            self._running_ends.pop(bid, None)
+            # Seal and start the next batch before waking this batch's callers: their wake-ups
+            # queue behind the new batch's first step, so the executor never idles for them.
+            self._schedule(notify=False)
             failed = 0
             for r, o in zip(reqs, outcomes):
                 if o is _DISCARD:
                     o = BatchError(f"{self._name}: request was not run")  # pragma: no cover
                 failed += isinstance(o, BaseException)
                 self._resolve(r, o, len(reqs))
-            self._in_flight -= 1
-            self._running_ends.pop(bid, None)
             self._batches_run += 1
             self._sizes[len(reqs)] = self._sizes.get(len(reqs), 0) + 1
             self._padded_items += padded - len(reqs)
@@ -884,7 +891,7 @@ class DynamicBatcher(Generic[T, R]):
                     self._on_batch,
                     BatchRecord(len(reqs), padded, reason, waits, end - started, failed),
                 )
-            self._schedule()
+            self._notify_drained()  # after the callers are resolved: aclose() returns last
 
     def _padded_size(self, n: int) -> int:
         if not self._pad:
