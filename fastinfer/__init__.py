@@ -10,6 +10,10 @@ from fastinfer.attention import (
     swap_attention_,
     undo_attention_swap_,
 )
+from fastinfer.batching import (
+    DynamicBatcher,
+    batch,
+)
 from fastinfer.compiling import (
     BackendReport,
     CompiledModel,
@@ -75,6 +79,7 @@ __all__ = [
     "ConfigError",
     "CorePlan",
     "DeadlineExceeded",
+    "DynamicBatcher",
     "FastInferError",
     "InductorCache",
     "InvalidInput",
@@ -94,6 +99,7 @@ __all__ = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "batch",
     "compile_model",
     "configure_threads",
     "export_aot",

@@ -12,6 +12,7 @@ Hugging Face models (:func:`hf_bert`, :func:`hf_llama`) need the ``transformers`
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ from fastinfer.errors import ConfigError
 __all__ = [
     "BertLikeClassifier",
     "HashTokenizer",
+    "ManualClock",
     "RotaryMLP",
     "TinyMLP",
     "bert_like_classifier",
@@ -426,3 +428,65 @@ def save_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _atomic_write(path / index_name, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Time
+# --------------------------------------------------------------------------------------------
+
+
+class ManualClock:
+    """A clock that moves only when told to, for deterministic concurrency tests.
+
+    It has the two methods ``DynamicBatcher(clock=...)`` uses: ``time()`` and
+    ``call_at(when, callback)`` (returns a handle with ``cancel()``). ``advance(seconds)`` moves
+    time forward and runs the callbacks that fall due, in time order, each with ``time()`` set to
+    its due time. Call it from the thread that runs the code under test (the event loop's).
+
+        >>> clock = ManualClock()
+        >>> fired = []
+        >>> _ = clock.call_at(0.005, lambda: fired.append(clock.time()))
+        >>> clock.advance(0.010); fired
+        [0.005]
+    """
+
+    class Handle:
+        __slots__ = ("callback", "cancelled", "when")
+
+        def __init__(self, when: float, callback: Callable[[], Any]) -> None:
+            self.when, self.callback, self.cancelled = when, callback, False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+        self._timers: list[tuple[float, int, ManualClock.Handle]] = []
+        self._seq = itertools.count()
+
+    def time(self) -> float:
+        return self._now
+
+    __call__ = time
+
+    def call_at(self, when: float, callback: Callable[[], Any]) -> ManualClock.Handle:
+        handle = ManualClock.Handle(when, callback)
+        heapq.heappush(self._timers, (when, next(self._seq), handle))
+        return handle
+
+    def pending(self) -> list[float]:
+        """Due times of the armed (not cancelled) timers, soonest first."""
+        return sorted(h.when for _, _, h in self._timers if not h.cancelled)
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, firing every timer that falls due on the way."""
+        if seconds < 0:
+            raise ConfigError(f"a ManualClock only moves forward; got advance({seconds!r})")
+        target = self._now + seconds
+        while self._timers and self._timers[0][0] <= target:
+            when, _, handle = heapq.heappop(self._timers)
+            if handle.cancelled:
+                continue
+            self._now = max(self._now, when)
+            handle.callback()
+        self._now = target

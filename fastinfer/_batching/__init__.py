@@ -1,0 +1,1 @@
+"""Private parts of :mod:`fastinfer.batching` (collation and the adaptive cost model)."""

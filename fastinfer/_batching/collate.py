@@ -1,0 +1,328 @@
+"""Collation: many items -> one model input, and one model output -> many results.
+
+A collator has two methods: ``collate(items) -> (batch, ctx)`` builds the model input and
+``split(output, ctx, n) -> list`` cuts the output back into ``n`` per-item results. The batcher calls
+``fn(batch)`` between the two. :class:`StackCollate` stacks equal shapes; :class:`PadCollate` pads
+variable-length sequences (bare tensors, lists of token ids, or tokenizer dicts).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+from fastinfer.errors import BatchError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and numpy are imported only when a batch is collated (``import fastinfer`` stays light;
+# ``import torch`` alone pulls in torch.hub and tqdm). Type checks look them up in sys.modules:
+# an object cannot be a tensor unless torch was imported.
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _is_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_array(x: Any) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(x, np.ndarray)
+
+
+__all__ = [
+    "Collator",
+    "PadCollate",
+    "PaddedBatch",
+    "StackCollate",
+    "default_length",
+    "split_output",
+]
+
+
+@runtime_checkable
+class Collator(Protocol):
+    """What ``DynamicBatcher(collate=...)`` accepts besides ``"stack"`` and ``"pad"``."""
+
+    def collate(self, items: Sequence[Any]) -> tuple[Any, Any]: ...
+
+    def split(self, output: Any, ctx: Any, n: int) -> list[Any]: ...
+
+
+class PaddedBatch(NamedTuple):
+    """What ``fn`` receives from :class:`PadCollate` when the items are bare tensors or id lists.
+
+    ``data`` is ``(B, T, ...)``; ``attention_mask`` is ``(B, T)`` long (1 = real, 0 = padding) and
+    ``lengths`` is ``(B,)`` long, each ``None`` unless asked for.
+    """
+
+    data: torch.Tensor
+    attention_mask: torch.Tensor | None
+    lengths: torch.Tensor | None
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    return tuple(x.shape) if _is_tensor(x) or _is_array(x) else None
+
+
+def _split_tensor(out: Any, n: int, unpad: _Unpad | None, where: str) -> list[Any]:
+    if out.ndim == 0 or out.shape[0] != n:
+        raise BatchError(
+            f"fn returned {where}with shape {tuple(out.shape)} for a batch of {n} items; "
+            f"its first dimension must be the batch ({n})"
+        )
+    if unpad is None or out.ndim < 2 or out.shape[1] != unpad.width:
+        return list(out)  # views (tensor) or rows (ndarray), no copies
+    if unpad.side == "right":
+        return [out[i, :length] for i, length in enumerate(unpad.lengths)]
+    return [out[i, unpad.width - length :] for i, length in enumerate(unpad.lengths)]
+
+
+@dataclass(frozen=True)
+class _Unpad:
+    lengths: Sequence[int]
+    width: int
+    side: str
+
+
+def split_output(output: Any, n: int, *, unpad: _Unpad | None = None, where: str = "") -> list[Any]:
+    """Split a batched output into ``n`` per-item results.
+
+    A ``list`` is taken as one result per item; a tensor or array is split along dim 0; a mapping
+    (a dict, a Hugging Face ``ModelOutput``) or a tuple is split element-wise, giving each item a
+    dict or tuple of its own slices. With ``unpad``, per-token outputs ``(B, T, ...)`` are cut
+    back to each item's own length.
+    """
+    if isinstance(output, list):
+        if len(output) != n:
+            raise BatchError(
+                f"fn returned {len(output)} results {where}for a batch of {n} items; "
+                "it must return exactly one result per item, in order"
+            )
+        return output
+    if _is_tensor(output) or _is_array(output):
+        return _split_tensor(output, n, unpad, where)
+    if isinstance(output, Mapping):
+        parts = {
+            k: split_output(v, n, unpad=unpad, where=f"{where}[{k!r}] ") for k, v in output.items()
+        }
+        return [{k: parts[k][i] for k in parts} for i in range(n)]
+    if isinstance(output, tuple):
+        cols = [
+            split_output(v, n, unpad=unpad, where=f"{where}[{j}] ") for j, v in enumerate(output)
+        ]
+        return [tuple(c[i] for c in cols) for i in range(n)]
+    raise BatchError(
+        f"cannot split fn's output of type {type(output).__name__} {where}into {n} results; "
+        "return a list with one result per item, a tensor/array with the batch on dim 0, "
+        "or a dict/tuple of those"
+    )
+
+
+def _as_tensor(item: Any, index: int) -> torch.Tensor:
+    if _is_tensor(item):
+        return item
+    torch = _torch()
+    if _is_array(item):
+        return torch.from_numpy(item)
+    if isinstance(item, list | tuple) and all(isinstance(v, int | float) for v in item):
+        return torch.tensor(item)
+    raise BatchError(
+        f"item {index} is a {type(item).__name__}; the built-in collators take tensors, arrays, "
+        "lists of numbers, or dicts of those (pass collate=None to receive the raw list)"
+    )
+
+
+class StackCollate:
+    """Stack equal-shape items along a new dim 0 (tensors, arrays, numbers, or dicts of them).
+
+    Outputs are split along dim 0 (see :func:`split_output`).
+    """
+
+    def collate(self, items: Sequence[Any]) -> tuple[Any, None]:
+        return self._stack(items, ""), None
+
+    def _stack(self, items: Sequence[Any], key: str) -> Any:
+        first = items[0]
+        if isinstance(first, Mapping):
+            keys = list(first)
+            for i, it in enumerate(items):
+                if not isinstance(it, Mapping) or list(it) != keys:
+                    got = list(it) if isinstance(it, Mapping) else type(it).__name__
+                    raise BatchError(
+                        f"item {i} has keys {got}, item 0 has {keys}; dict items must share keys"
+                    )
+            return {k: self._stack([it[k] for it in items], f"[{k!r}]") for k in keys}
+        if isinstance(first, int | float) and not isinstance(first, bool):
+            return _torch().tensor(list(items))
+        tensors = [_as_tensor(it, i) for i, it in enumerate(items)]
+        shapes = {i: tuple(t.shape) for i, t in enumerate(tensors)}
+        if len(set(shapes.values())) > 1:
+            odd = {i: s for i, s in shapes.items() if s != shapes[0]}
+            raise BatchError(
+                f"cannot stack items{key} of different shapes: item 0 is {shapes[0]}, "
+                f"but {dict(list(odd.items())[:5])}; use collate='pad' for variable-length inputs"
+            )
+        return _torch().stack(tensors)
+
+    def split(self, output: Any, ctx: Any, n: int) -> list[Any]:
+        return split_output(output, n)
+
+
+def _seq(x: Any, index: int, key: str | None) -> torch.Tensor:
+    t = _as_tensor(x, index)
+    # A tokenizer called on one text returns (1, T): drop that leading batch dim.
+    if key is not None and t.ndim == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim == 0:
+        raise BatchError(
+            f"item {index}{'' if key is None else f'[{key!r}]'} is a scalar; PadCollate pads sequences"
+        )
+    return t
+
+
+@dataclass(frozen=True)
+class PadCollate:
+    """Pad variable-length sequences to the longest in the batch.
+
+    Items are tensors ``(T, ...)``, lists of numbers (token ids) or dicts of those (a tokenizer's
+    output for one text; a leading ``(1, T)`` batch dim is dropped). Bare items give ``fn`` a
+    :class:`PaddedBatch`; dict items give a dict of ``(B, T)`` tensors with ``attention_mask``
+    added when missing (and ``lengths`` when ``return_lengths``), ready for ``model(**batch)``.
+
+    Args:
+        pad_value: the fill value, or a dict per key (``attention_mask`` is always padded with 0).
+        side: ``"right"`` (BERT) or ``"left"`` (decoder-only generation).
+        return_mask: give an attention mask (1 = real token).
+        return_lengths: give each item's length.
+        unpad_outputs: cut per-token outputs ``(B, T, ...)`` back to each item's length when
+            splitting (outputs whose dim 1 is not the padded length are split as they are).
+        pad_to_multiple_of: round the padded length up (fewer distinct shapes for compiled models).
+    """
+
+    pad_value: float | Mapping[str, float] = 0
+    side: Literal["right", "left"] = "right"
+    return_mask: bool = True
+    return_lengths: bool = False
+    unpad_outputs: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.side not in ("right", "left"):
+            raise ConfigError(f"PadCollate side must be 'right' or 'left', got {self.side!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ConfigError(
+                f"pad_to_multiple_of must be a positive int, got {self.pad_to_multiple_of!r}"
+            )
+
+    def _pad_value(self, key: str | None) -> float:
+        if key == "attention_mask":
+            return 0
+        if isinstance(self.pad_value, Mapping):
+            return self.pad_value.get(key or "", 0) if key is not None else 0
+        return self.pad_value
+
+    def _pad(self, seqs: list[torch.Tensor], width: int, key: str | None) -> torch.Tensor:
+        torch = _torch()
+        first = seqs[0]
+        for i, s in enumerate(seqs):
+            if s.shape[1:] != first.shape[1:]:
+                where = "" if key is None else f"[{key!r}]"
+                raise BatchError(
+                    f"item {i}{where} has shape {tuple(s.shape)} but item 0 has {tuple(first.shape)}; "
+                    "only the first (sequence) dimension may differ"
+                )
+        out = torch.full(
+            (len(seqs), width, *first.shape[1:]), self._pad_value(key), dtype=first.dtype
+        )  # (B, T, ...)
+        for i, s in enumerate(seqs):
+            if self.side == "right":
+                out[i, : s.shape[0]] = s
+            else:
+                out[i, width - s.shape[0] :] = s
+        return out
+
+    def _mask(self, lengths: list[int], width: int) -> torch.Tensor:
+        torch = _torch()
+        pos = torch.arange(width)[None, :]
+        lens = torch.tensor(lengths)[:, None]
+        mask = pos < lens if self.side == "right" else pos >= width - lens
+        return mask.long()  # (B, T)
+
+    def _width(self, lengths: list[int]) -> int:
+        width = max(lengths)
+        m = self.pad_to_multiple_of
+        return width if m is None else -(-width // m) * m
+
+    def collate(self, items: Sequence[Any]) -> tuple[Any, _Unpad]:
+        if isinstance(items[0], Mapping):
+            keys = list(items[0])
+            per_key = {k: [_seq(it[k], i, k) for i, it in enumerate(items)] for k in keys}
+            lead = "input_ids" if "input_ids" in per_key else keys[0]
+            lengths = [int(s.shape[0]) for s in per_key[lead]]
+            width = self._width(lengths)
+            batch: dict[str, torch.Tensor] = {k: self._pad(v, width, k) for k, v in per_key.items()}
+            if self.return_mask and "attention_mask" not in batch:
+                batch["attention_mask"] = self._mask(lengths, width)
+            if self.return_lengths:
+                batch["lengths"] = _torch().tensor(lengths)
+            return batch, _Unpad(lengths, width, self.side)
+        seqs = [_seq(it, i, None) for i, it in enumerate(items)]
+        lengths = [int(s.shape[0]) for s in seqs]
+        width = self._width(lengths)
+        padded = PaddedBatch(
+            self._pad(seqs, width, None),
+            self._mask(lengths, width) if self.return_mask else None,
+            _torch().tensor(lengths) if self.return_lengths else None,
+        )
+        return padded, _Unpad(lengths, width, self.side)
+
+    def split(self, output: Any, ctx: _Unpad, n: int) -> list[Any]:
+        return split_output(output, n, unpad=ctx if self.unpad_outputs else None)
+
+
+def default_length(item: Any) -> int:
+    """An item's sequence length, for length bucketing: dim 0 of a tensor, ``len()`` of a list,
+    ``input_ids`` of a tokenizer dict (a leading ``(1, T)`` dim is skipped), words of a string."""
+    if isinstance(item, Mapping):
+        if not item:
+            return 0
+        value = item["input_ids"] if "input_ids" in item else next(iter(item.values()))
+        shape = _shape(value)
+        if shape is not None and len(shape) == 2 and shape[0] == 1:
+            return shape[1]
+        return default_length(value)
+    shape = _shape(item)
+    if shape is not None:
+        return shape[0] if shape else 1
+    if isinstance(item, str):
+        return len(item.split())
+    if isinstance(item, Sequence):
+        return len(item)
+    raise ConfigError(
+        f"cannot tell the length of a {type(item).__name__} item for bucketing; pass length_fn="
+    )
+
+
+def make_collator(collate: Any) -> Collator | None:
+    if collate is None:
+        return None
+    if collate == "stack":
+        return StackCollate()
+    if collate == "pad":
+        return PadCollate()
+    if isinstance(collate, Collator):
+        return collate
+    raise ConfigError(
+        f"collate must be None, 'stack', 'pad' or an object with collate(items) and "
+        f"split(output, ctx, n) methods (e.g. PadCollate(...)), got {collate!r}"
+    )
