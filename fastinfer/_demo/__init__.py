@@ -178,7 +178,7 @@ def _contributions(quick: bool, compile: bool) -> list[dict[str, Any]]:
             variants["compiled"] = lambda: compiled(ids, mask)
         for fn in variants.values():
             fn()  # warm-up
-        t = {name: [] for name in variants}
+        t: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(repeat):
             for name, fn in variants.items():
                 t[name].append(_median_time(fn, 1))

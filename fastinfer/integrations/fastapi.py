@@ -48,7 +48,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from fastinfer._optional import require
 from fastinfer.errors import (
@@ -79,6 +79,13 @@ class NotReady(FastInferError, RuntimeError):
 
 class ClientDisconnected(FastInferError, ConnectionError):
     """The HTTP client left before its result was ready; its queued work was cancelled."""
+
+
+class BatcherHooks(TypedDict):
+    """Keyword arguments for ``DynamicBatcher(..., **svc.batcher_hooks())``."""
+
+    on_batch: Callable[[Any], None]
+    on_request: Callable[[Any], None]
 
 
 class _State(SimpleNamespace):
@@ -184,7 +191,7 @@ class FastInferService:
             self.recorder.track(obj, prefix=f"fastinfer_{name}")
         return obj
 
-    def batcher_hooks(self) -> dict[str, Callable[[Any], None]]:
+    def batcher_hooks(self) -> BatcherHooks:
         """``on_batch``/``on_request`` callbacks for a :class:`fastinfer.DynamicBatcher` that record
         the standard distributions (request latency, queue wait, batch size, batch execution time):
         pass them as ``DynamicBatcher(..., **svc.batcher_hooks())``. Counts and gauges (requests
@@ -200,7 +207,7 @@ class FastInferService:
             if rec.outcome == "ok":
                 m.request_latency.observe(rec.latency_seconds)
 
-        return {"on_batch": on_batch, "on_request": on_request}
+        return BatcherHooks(on_batch=on_batch, on_request=on_request)
 
     @property
     def ready(self) -> bool:
