@@ -82,3 +82,16 @@ def init_fails() -> None:
 
 def init_exits() -> None:
     os._exit(7)
+
+
+def init_spans() -> dict[str, Any]:
+    return {}
+
+
+def timed_double(
+    state: dict[str, Any], items: list[int]
+) -> tuple[list[int], tuple[int, float, float]]:
+    """Double each item; also return (pid, start, end) so the test can see workers overlap."""
+    start = time.monotonic()
+    time.sleep(0.05)  # a batch's work: long enough that two batches must overlap to finish early
+    return [2 * i for i in items], (os.getpid(), start, time.monotonic())
