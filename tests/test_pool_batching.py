@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import fastinfer
 from _pool_helpers import init_spans, timed_double
+
+import fastinfer
 
 
 def test_batcher_with_one_slot_per_worker_keeps_both_workers_busy() -> None:
