@@ -28,6 +28,14 @@ from fastinfer.errors import (
     WorkerStartupError,
     WorkerTimeout,
 )
+from fastinfer.loading import (
+    LoadReport,
+    empty_init,
+    load_model,
+    load_pretrained,
+    load_weights_,
+    save_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -43,6 +51,7 @@ __all__ = [
     "DeadlineExceeded",
     "FastInferError",
     "LoadError",
+    "LoadReport",
     "MetricNameError",
     "MissingDependencyError",
     "QueueFull",
@@ -55,4 +64,9 @@ __all__ = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "empty_init",
+    "load_model",
+    "load_pretrained",
+    "load_weights_",
+    "save_weights",
 ]

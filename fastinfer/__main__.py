@@ -1,6 +1,6 @@
 """``fastinfer`` / ``python -m fastinfer``: the command line.
 
-    fastinfer demo [--quick]    the showcase: runs each primitive and prints what it did
+fastinfer demo [--quick]    the showcase: runs each primitive and prints what it did
 """
 
 from __future__ import annotations

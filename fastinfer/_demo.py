@@ -16,6 +16,8 @@ def run_demo(*, quick: bool = False) -> int:
     ids, mask = testing.text_batch(batch_size=8, seq_len=64, padding=0.3)
     with torch.inference_mode():
         logits = model(ids, mask)
-    print(f"- built a BERT-like classifier locally and ran a batch of 8: logits {tuple(logits.shape)}"
-          f" in {time.perf_counter() - t0:.2f}s")
+    print(
+        f"- built a BERT-like classifier locally and ran a batch of 8: logits {tuple(logits.shape)}"
+        f" in {time.perf_counter() - t0:.2f}s"
+    )
     return 0

@@ -14,6 +14,7 @@ EXPECTED = [
     "DeadlineExceeded",
     "FastInferError",
     "LoadError",
+    "LoadReport",
     "MetricNameError",
     "MissingDependencyError",
     "QueueFull",
@@ -26,6 +27,11 @@ EXPECTED = [
     "WorkerStartupError",
     "WorkerTimeout",
     "__version__",
+    "empty_init",
+    "load_model",
+    "load_pretrained",
+    "load_weights_",
+    "save_weights",
 ]
 
 
