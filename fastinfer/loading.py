@@ -155,7 +155,10 @@ def _to_meta(param: nn.Parameter) -> nn.Parameter:
     meta = torch.empty_like(param, device="meta")  # a C++ factory: no meta-kernel import cost
     cls: Any = type(param)
     if cls is nn.Parameter:
-        return nn.Parameter(meta, requires_grad=param.requires_grad)
+        new = nn.Parameter(meta, requires_grad=param.requires_grad)
+        # transformers' init helpers skip tensors marked initialised: no meta ops run at all.
+        new._is_hf_initialized = True  # type: ignore[attr-defined]
+        return new
     try:  # a Parameter subclass: keep its type and attributes
         new = cls(meta, requires_grad=param.requires_grad)
         new.__dict__.update(param.__dict__)
