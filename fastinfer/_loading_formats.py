@@ -205,6 +205,11 @@ def read_torch(path: Path, *, mmap: bool, trust_pickle: bool) -> Mapped:
         except Exception as exc2:
             raise _corrupt(path, exc2) from None
     except Exception as exc:
+        if "TorchScript" in str(exc):
+            raise CheckpointError(
+                f"{str(path)!r} is a TorchScript archive, not a state dict: load it with "
+                "torch.jit.load, or save model.state_dict() instead"
+            ) from None
         raise _corrupt(path, exc) from None
     sd = _unwrap(obj, path, out)
     out.tensors = sd

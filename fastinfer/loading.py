@@ -268,7 +268,7 @@ def _slots(model: nn.Module) -> dict[str, _Slot]:
     return out
 
 
-def _tie_groups(model: nn.Module, slots: dict[str, _Slot]) -> list[list[str]]:
+def _tie_groups(model: nn.Module, slots: dict[str, _Slot]) -> tuple[list[list[str]], set[str]]:
     """Names that share one tensor: same object in the module, or tied by the HF convention."""
     parent: dict[str, str] = {k: k for k in slots}
 
@@ -286,17 +286,19 @@ def _tie_groups(model: nn.Module, slots: dict[str, _Slot]) -> list[list[str]]:
     for key, slot in slots.items():
         first = by_id.setdefault(id(slot.tensor), key)
         union(key, first)
-    hf_map = getattr(model, "get_expanded_tied_weights_keys", None)
-    if callable(hf_map) and getattr(getattr(model, "config", None), "tie_word_embeddings", True):
+    hf_map = getattr(model, "get_expanded_tied_weights_keys", None)  # honours the HF config
+    hf_keys: set[str] = set()
+    if callable(hf_map):
         try:
             for target, source in dict(hf_map(all_submodels=True)).items():
                 union(str(target), str(source))
+                hf_keys |= {str(target), str(source)}
         except Exception as exc:  # an HF version with another signature: identity ties suffice
             logger.debug("tied-weights mapping unavailable: %s", exc)
     groups: dict[str, list[str]] = {}
     for key in slots:
         groups.setdefault(find(key), []).append(key)
-    return list(groups.values())
+    return list(groups.values()), hf_keys
 
 
 def _strip(keys: Sequence[str], prefixes: Sequence[str]) -> dict[str, str]:
@@ -446,6 +448,8 @@ def _load_weights(
     construct_s: float = 0.0,
     memory_before: int | None = None,
     extra_prefixes: Sequence[str] = (),
+    cast_unsaved_buffers: bool = True,
+    keep_fp32: Sequence[str] = (),
 ) -> LoadReport:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -468,13 +472,28 @@ def _load_weights(
     by_model_key: dict[str, str] = {}  # model key -> checkpoint key
     for ck, mk in renamed.items():
         by_model_key.setdefault(mk, ck)
-    groups = _tie_groups(model, slots)
+    groups, hf_tied = _tie_groups(model, slots)
+    untied: list[str] = []
     missing: list[str] = []
     missing_real: list[str] = []
+    notes = list(mapped.notes)
     plan: list[tuple[list[str], str]] = []  # (slot keys of one tie group, checkpoint key)
     for group in groups:
         wanted = [k for k in group if slots[k].persistent]
         present = [k for k in wanted if k in by_model_key]
+        if len(present) > 1 and hf_tied.issuperset(present):
+            # Tied by the transformers convention: if the checkpoint holds different values
+            # under each name, do as from_pretrained does and leave them untied.
+            first = mapped.tensors[by_model_key[present[0]]]
+            if any(not _same(first, mapped.tensors[by_model_key[k]]) for k in present[1:]):
+                notes.append(
+                    f"{', '.join(present)} are tied by the model's config but differ in the "
+                    "checkpoint: left untied (set tie_word_embeddings=False to silence this)"
+                )
+                logger.warning("%s", notes[-1])
+                plan.extend(([k], by_model_key[k]) for k in present)
+                untied.extend(present)
+                continue
         if present:
             plan.append((group, by_model_key[present[0]]))
         elif wanted:
@@ -520,10 +539,16 @@ def _load_weights(
     bytes_mapped = bytes_copied = 0
     loaded: list[torch.Tensor] = []
     keys_tied = 0
+
+    def dtype_for(key: str) -> torch.dtype | None:
+        if dtype is not None and keep_fp32 and set(key.split(".")) & set(keep_fp32):
+            return torch.float32  # transformers' _keep_in_fp32_modules convention
+        return dtype
+
     with torch.no_grad():
         for group, ck in plan:
             src = mapped.tensors[ck]
-            t, copied = _convert(src, dtype, dev)
+            t, copied = _convert(src, dtype_for(group[0]), dev)
             nbytes = t.numel() * t.element_size()
             if copied or ck not in mapped.zero_copy:
                 bytes_copied += nbytes
@@ -541,15 +566,16 @@ def _load_weights(
                     slot.module._buffers[slot.name] = new
         # Tensors the checkpoint does not hold (non-persistent buffers, strict=False leftovers).
         seen: set[int] = set()
-        planned = {id(g) for g, _ in plan}
+        planned = {k for g, _ in plan for k in g}
         for group in groups:
-            if id(group) in planned:
+            if planned.intersection(group):
                 continue
             slot = slots[group[0]]
             if slot.tensor.is_meta or id(slot.tensor) in seen:
                 continue
             seen.add(id(slot.tensor))
-            t, copied = _convert(slot.tensor, dtype, dev)
+            unsaved_dtype = dtype_for(group[0]) if cast_unsaved_buffers else None
+            t, copied = _convert(slot.tensor, unsaved_dtype, dev)
             if copied:
                 bytes_copied += t.numel() * t.element_size()
                 new = _make_param(t, slot.tensor) if slot.kind == "parameter" else t
@@ -559,7 +585,12 @@ def _load_weights(
                     store[s.name] = new  # type: ignore[assignment]
 
     tie = getattr(model, "tie_weights", None)
-    if callable(tie) and hasattr(model, "get_expanded_tied_weights_keys"):
+    if untied:
+        tied_map = getattr(model, "all_tied_weights_keys", None)
+        if isinstance(tied_map, dict):  # transformers' own record, so it does not re-tie later
+            for key in untied:
+                tied_map.pop(key, None)
+    elif callable(tie) and hasattr(model, "get_expanded_tied_weights_keys"):
         tie()  # the Hugging Face convention (the groups above already share objects)
     _check_no_meta(model)
     t2 = time.perf_counter()
@@ -570,7 +601,6 @@ def _load_weights(
     t3 = time.perf_counter()
 
     mem = fmt.memory()
-    notes = list(mapped.notes)
     if not mmap:
         notes.append("mmap=False: the checkpoint was read into private memory")
     return LoadReport(
@@ -595,6 +625,14 @@ def _load_weights(
         unexpected_keys=tuple(unexpected) if not strict else (),
         notes=tuple(notes),
     )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True  # one storage saved under two names (torch.save of a tied model)
+    return bool(torch.equal(a, b))
 
 
 def _check_no_meta(model: nn.Module) -> None:
@@ -723,6 +761,9 @@ def load_pretrained(
     base = getattr(model, "base_model_prefix", "")
     if base and not hasattr(model, base):
         extra.append(f"{base}.")  # a base model loaded from a head model's checkpoint
+    keep: set[str] = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     report = _load_weights(
         model,
         folder,
@@ -737,6 +778,9 @@ def load_pretrained(
         construct_s=construct_s,
         memory_before=mem0,
         extra_prefixes=extra,
+        # As from_pretrained: buffers keep the dtype they were computed in (RoPE inv_freq stays fp32).
+        cast_unsaved_buffers=False,
+        keep_fp32=sorted(keep),
     )
     gen = folder / "generation_config.json"
     if gen.is_file() and getattr(model, "generation_config", None) is not None:

@@ -301,6 +301,24 @@ def test_load_pretrained_matches_from_pretrained(which: str, tmp_path: Path) -> 
 
 
 @pytest.mark.transformers
+def test_load_pretrained_in_bfloat16_matches_from_pretrained(tmp_path: Path) -> None:
+    import transformers
+
+    testing.hf_llama().save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    reports: list[LoadReport] = []
+    fast = fastinfer.load_pretrained(tmp_path, dtype=torch.bfloat16, on_report=reports.append)
+    for (name, a), (_, b) in zip(fast.state_dict().items(), ref.state_dict().items()):
+        assert a.dtype == b.dtype, name
+    for (name, a), (_, b) in zip(fast.named_buffers(), ref.named_buffers()):
+        assert a.dtype == b.dtype, name  # rotary inv_freq stays fp32, as in transformers
+    ids = torch.randint(1, 1000, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(fast(ids).logits, ref(ids).logits)
+    assert reports[0].bytes_mapped == 0 and reports[0].bytes_copied > 0  # fp32 file -> bf16
+
+
+@pytest.mark.transformers
 def test_hf_llama_from_a_torch_checkpoint_with_both_tied_keys(tmp_path: Path) -> None:
     ref = testing.hf_llama()
     path = testing.save_checkpoint(ref, tmp_path / "llama.pt")
@@ -309,6 +327,19 @@ def test_hf_llama_from_a_torch_checkpoint_with_both_tied_keys(tmp_path: Path) ->
     ids = torch.randint(1, 1000, (1, 9))
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.transformers
+def test_hf_tie_is_not_forced_when_the_checkpoint_holds_different_values(tmp_path: Path) -> None:
+    ref = testing.hf_llama()
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1.0  # a checkpoint trained untied
+    path = testing.save_checkpoint(sd, tmp_path / "untied.safetensors", format="safetensors")
+    reports: list[LoadReport] = []
+    model = load_model(type(ref), path, ref.config, on_report=reports.append)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, sd["lm_head.weight"])
+    assert any("left untied" in n for n in reports[0].notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +453,13 @@ def test_missing_file_and_bad_shard_index(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_model(testing.TinyMLP, tmp_path / "empty")
+
+
+def test_torchscript_archive_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(_eager(testing.TinyMLP)), str(path))
+    with pytest.raises(CheckpointError, match=r"TorchScript archive.*torch\.jit\.load"):
+        load_model(testing.TinyMLP, path)
 
 
 def test_legacy_torch_save_loads_without_mmap(tmp_path: Path) -> None:
