@@ -555,8 +555,8 @@ def _load_weights(
             else:
                 bytes_mapped += nbytes
                 loaded.append(t)
-            first = slots[group[0]]
-            new: torch.Tensor = _make_param(t, first.tensor) if first.kind == "parameter" else t
+            lead = slots[group[0]]
+            new: torch.Tensor = _make_param(t, lead.tensor) if lead.kind == "parameter" else t
             keys_tied += len(group) - 1
             for key in group:
                 slot = slots[key]
