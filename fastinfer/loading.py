@@ -221,7 +221,7 @@ def empty_init() -> Iterator[None]:
     """
     global _patch_users, _original_register_parameter
     with _patch_lock:
-        if _patch_users == 0:
+        if _patch_users == 0 and nn.Module.register_parameter is not _register_parameter:
             _original_register_parameter = nn.Module.register_parameter
             nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
         _patch_users += 1
@@ -234,10 +234,10 @@ def empty_init() -> Iterator[None]:
         _tls.depth -= 1
         with _patch_lock:
             _patch_users -= 1
-            if _patch_users == 0:
-                if nn.Module.register_parameter is _register_parameter:
-                    nn.Module.register_parameter = _original_register_parameter  # type: ignore[method-assign,assignment]
-                _original_register_parameter = None
+            # _original_register_parameter is kept after the restore: another thread may still be
+            # inside a call to the patched method it looked up just before.
+            if _patch_users == 0 and nn.Module.register_parameter is _register_parameter:
+                nn.Module.register_parameter = _original_register_parameter  # type: ignore[method-assign,assignment]
 
 
 # --------------------------------------------------------------------------------------------

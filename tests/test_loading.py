@@ -155,6 +155,31 @@ def test_overlapping_empty_init_blocks_in_two_threads() -> None:
     assert not nn.Linear(2, 2).weight.is_meta
 
 
+def test_entering_and_leaving_never_breaks_another_threads_construction() -> None:
+    start = threading.Barrier(2)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    built: list[bool] = []
+
+    def builder() -> None:
+        start.wait(10)
+        try:
+            while not stop.is_set():
+                built.append(nn.Linear(2, 2).weight.is_meta)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=builder)
+    t.start()
+    start.wait(10)
+    for _ in range(300):
+        with empty_init():
+            assert nn.Linear(2, 2).weight.is_meta
+    stop.set()
+    t.join(10)
+    assert errors == [] and built and not any(built)
+
+
 def test_construct_and_load_import_no_meta_kernels() -> None:
     # A first computation on meta tensors imports hundreds of modules (~0.5 s): empty_init avoids it.
     code = """
