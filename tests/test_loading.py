@@ -277,6 +277,18 @@ def test_zero_copy_weights_are_views_of_the_file(tmp_path: Path) -> None:
         assert "map" in str(r) and "first touch" in str(r)
 
 
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_mmap_false_reads_into_memory(fmt: str, tmp_path: Path) -> None:
+    eager = _eager(testing.RotaryMLP, 64, 2)
+    path = testing.save_checkpoint(eager, tmp_path / f"n.{fmt}", format=fmt)  # type: ignore[arg-type]
+    reports: list[LoadReport] = []
+    model = load_model(testing.RotaryMLP, path, 64, 2, mmap=False, on_report=reports.append)
+    x = torch.randn(2, 64)
+    assert torch.equal(_run(model, x), _run(eager, x))
+    assert reports[0].bytes_mapped == 0 and reports[0].bytes_copied > 0
+    assert any("mmap=False" in n for n in reports[0].notes)
+
+
 def test_dtype_is_applied_tensor_by_tensor(tmp_path: Path) -> None:
     eager = _eager(Parametrized)
     path = testing.save_checkpoint(eager, tmp_path / "d.safetensors", format="safetensors")
