@@ -336,8 +336,9 @@ def _prefix_hint(missing: list[str], unexpected: list[str], model: nn.Module) ->
             f"\n  hint: {best_hits} checkpoint keys start with {best!r}{why} and match missing "
             f"keys once it is removed: pass strip_prefix={best!r}"
         )
+    unexpected_set = set(unexpected)
     for p in candidates:
-        hits = sum(1 for k in missing if k.startswith(p) and k[len(p) :] in set(unexpected))
+        hits = sum(1 for k in missing if k.startswith(p) and k[len(p) :] in unexpected_set)
         if hits:
             return (
                 f"\n  hint: {hits} model keys start with {p!r} but the checkpoint's do not: load "

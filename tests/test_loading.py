@@ -407,6 +407,20 @@ def test_prefixed_keys_get_a_hint_and_strip_prefix_fixes_them(prefix: str, tmp_p
     assert torch.equal(_run(model, x), _run(_eager(testing.TinyMLP), x))
 
 
+class _Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = testing.TinyMLP()
+
+
+def test_a_checkpoint_of_a_submodule_gets_a_hint(tmp_path: Path) -> None:
+    path = _mlp_ckpt(tmp_path)
+    with pytest.raises(
+        StateDictMismatch, match=r"model keys start with 'model\.'.*load_weights_\(model\.model"
+    ):
+        load_model(_Wrapper, path)
+
+
 def test_missing_and_unexpected_keys(tmp_path: Path) -> None:
     def edit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sd = dict(sd)
