@@ -50,6 +50,14 @@ from fastinfer.errors import (
 from fastinfer.inductor_cache import (
     InductorCache,
 )
+from fastinfer.loading import (
+    LoadReport,
+    empty_init,
+    load_model,
+    load_pretrained,
+    load_weights_,
+    save_weights,
+)
 from fastinfer.metrics import (
     MetricsRecorder,
     MetricsSnapshot,
@@ -84,6 +92,7 @@ __all__ = [
     "InductorCache",
     "InvalidInput",
     "LoadError",
+    "LoadReport",
     "MetricNameError",
     "MetricsRecorder",
     "MetricsSnapshot",
@@ -102,10 +111,15 @@ __all__ = [
     "batch",
     "compile_model",
     "configure_threads",
+    "empty_init",
     "export_aot",
     "load_aot",
+    "load_model",
+    "load_pretrained",
+    "load_weights_",
     "profile",
     "register_attention_swap",
+    "save_weights",
     "select_backend",
     "swap_attention_",
     "undo_attention_swap_",
