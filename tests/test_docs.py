@@ -1,9 +1,12 @@
 """Code blocks in the README and the docs run, so the documentation never lies.
 
-Every ```python block of a page runs, in order, in one namespace per page. A block preceded by the
-line `<!-- no-run -->` is shown but not run (for snippets that need a server or a GPU).
+Every ```python block of a page runs, in order, in one namespace per page. A block that uses
+top-level ``await`` (a notebook cell) runs inside a running event loop, as Jupyter runs it. A block preceded by the line `<!-- no-run -->` is shown but not run (for
+snippets that need a server or a GPU).
 """
 
+import ast
+import asyncio
 import re
 from pathlib import Path
 
@@ -25,11 +28,17 @@ def test_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
         pytest.skip("no python blocks")
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
-    for i, block in enumerate(code):
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    compiled = [
+        compile(b, f"{page.name}[block {i}]", "exec", flags=flags) for i, b in enumerate(code)
+    ]
+    for i, c in enumerate(compiled):
         try:
-            exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)
+            result = eval(c, namespace)
+            if asyncio.iscoroutine(result):  # a notebook cell: run it inside a running loop
+                asyncio.run(result)
         except Exception as exc:
-            raise AssertionError(f"{page.name} block {i} failed: {exc!r}\n{block}") from exc
+            raise AssertionError(f"{page.name} block {i} failed: {exc!r}\n{code[i]}") from exc
 
 
 def test_docs_link_to_existing_pages() -> None:
