@@ -41,8 +41,6 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
-
 from fastinfer._topology import (
     THREAD_VARS,
     Core,
@@ -201,6 +199,8 @@ class _RemoteTraceback(Exception):
 
 def _sample_cpu_load(cpus: Sequence[int], interval: float = 0.25) -> dict[int, float]:
     """Per-CPU utilisation (percent) over ``interval`` seconds."""
+    import psutil  # lazily: importing psutil after torch costs ~80 ms (its namedtuples)
+
     per = psutil.cpu_percent(interval=interval, percpu=True)
     return {c: per[c] for c in cpus if c < len(per)}
 
