@@ -63,3 +63,10 @@ def test_docs_site_builds_strictly(tmp_path: Path) -> None:
         timeout=180,
     )
     assert (tmp_path / "site" / "index.html").exists()
+
+
+def test_every_environment_variable_is_documented() -> None:
+    from fastinfer import _env
+
+    page = (ROOT / "docs" / "environment-variables.md").read_text()
+    assert [v for v in _env.VARIABLES if f"`{v}`" not in page] == []
