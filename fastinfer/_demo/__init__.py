@@ -215,8 +215,8 @@ def _contributions(quick: bool, compile: bool) -> list[dict[str, Any]]:
     rows.append(
         {
             "primitive": "core plan",
-            "what": f"{plan.core_budget} physical core(s) usable: threads sized to them, "
-            "pinned workers in benchmarks/bench_pool.py",
+            "what": f"{plan.core_budget} physical core(s): the service runs {plan.core_budget} "
+            "batch slot(s) x 1 thread instead of 1 x all threads",
             "speedup": None,
         }
     )

@@ -14,10 +14,10 @@ VOCAB = 5000
 WORDS = [f"w{i}" for i in range(3000)]
 MODEL_KW: dict[str, Any] = {
     "vocab_size": VOCAB,
-    "d_model": 128,
+    "d_model": 256,  # BERT-mini's shape: 4 layers, hidden 256, 4 heads, FFN 1024
     "nhead": 4,
-    "num_layers": 2,
-    "dim_feedforward": 512,
+    "num_layers": 4,
+    "dim_feedforward": 1024,
     "num_classes": 3,
     "max_len": 128,
 }
