@@ -44,7 +44,7 @@ import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypedDict, TypeVar, cast
 
 from fastinfer._optional import require
 from fastinfer.errors import CardinalityError, ConfigError, MetricNameError
@@ -2005,6 +2005,31 @@ class StandardMetrics:
         self.batch_size.observe(size)
         if seconds is not None:
             self.batch_execution.observe(seconds)
+
+    def batcher_hooks(self) -> BatcherHooks:
+        """``on_batch``/``on_request`` callbacks for a ``fastinfer.DynamicBatcher`` that record the
+        standard distributions: batch size, batch execution time, queue wait (per item) and the
+        latency of successful requests. Pass them as ``DynamicBatcher(fn, ..., **hooks)``; counts
+        and gauges (requests by outcome, queue depth) come from ``rec.track(batcher)``.
+        The records are read by attribute, so this module does not import the batcher."""
+
+        def on_batch(rec: Any) -> None:
+            self.observe_batch(size=rec.size, seconds=rec.execution_seconds)
+            for wait in rec.queue_wait_seconds:
+                self.queue_wait.observe(wait)
+
+        def on_request(rec: Any) -> None:
+            if rec.outcome == "ok":
+                self.request_latency.observe(rec.latency_seconds)
+
+        return BatcherHooks(on_batch=on_batch, on_request=on_request)
+
+
+class BatcherHooks(TypedDict):
+    """Keyword arguments for ``DynamicBatcher(..., **standard_metrics(rec).batcher_hooks())``."""
+
+    on_batch: Callable[[Any], None]
+    on_request: Callable[[Any], None]
 
 
 def standard_metrics(

@@ -958,3 +958,27 @@ def test_docs_table_and_grafana_dashboard_use_only_standard_names() -> None:
 def test_public_names() -> None:
     assert fastinfer.MetricsRecorder is MetricsRecorder
     assert fastinfer.MetricsSnapshot is MetricsSnapshot
+
+
+def test_track_exports_sub_unit_fields_in_seconds() -> None:
+    # A statistics() field in milliseconds becomes a *_seconds gauge (units are explicit).
+    from dataclasses import dataclass
+
+    from fastinfer import MetricsRecorder
+
+    @dataclass(frozen=True)
+    class Stats:
+        max_wait_ms: float
+        queue_depth: int
+
+    class Thing:
+        def statistics(self) -> Stats:
+            return Stats(max_wait_ms=5.0, queue_depth=3)
+
+    thing = Thing()
+    rec = MetricsRecorder()
+    rec.track(thing, prefix="fastinfer_demo")
+    snap = rec.snapshot()
+    assert snap.value("fastinfer_demo_max_wait_seconds") == 0.005
+    assert "fastinfer_demo_max_wait_ms" not in snap
+    assert snap.value("fastinfer_queue_depth") == 3

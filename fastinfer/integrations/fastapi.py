@@ -48,7 +48,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from types import SimpleNamespace
-from typing import Any, TypedDict, TypeVar
+from typing import Any, TypeVar
 
 from fastinfer._optional import require
 from fastinfer.errors import (
@@ -60,7 +60,7 @@ from fastinfer.errors import (
     QueueFull,
     WorkerCrashed,
 )
-from fastinfer.metrics import MetricsRecorder, standard_metrics
+from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
 
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
 prometheus_client = require("prometheus_client", purpose="the /metrics endpoint")
@@ -79,13 +79,6 @@ class NotReady(FastInferError, RuntimeError):
 
 class ClientDisconnected(FastInferError, ConnectionError):
     """The HTTP client left before its result was ready; its queued work was cancelled."""
-
-
-class BatcherHooks(TypedDict):
-    """Keyword arguments for ``DynamicBatcher(..., **svc.batcher_hooks())``."""
-
-    on_batch: Callable[[Any], None]
-    on_request: Callable[[Any], None]
 
 
 class _State(SimpleNamespace):
@@ -196,18 +189,7 @@ class FastInferService:
         the standard distributions (request latency, queue wait, batch size, batch execution time):
         pass them as ``DynamicBatcher(..., **svc.batcher_hooks())``. Counts and gauges (requests
         by outcome, queue depth) come from the batcher's ``statistics()`` via :meth:`manage`."""
-        m = self.metrics
-
-        def on_batch(rec: Any) -> None:
-            m.observe_batch(size=rec.size, seconds=rec.execution_seconds)
-            for wait in rec.queue_wait_seconds:
-                m.queue_wait.observe(wait)
-
-        def on_request(rec: Any) -> None:
-            if rec.outcome == "ok":
-                m.request_latency.observe(rec.latency_seconds)
-
-        return BatcherHooks(on_batch=on_batch, on_request=on_request)
+        return self.metrics.batcher_hooks()
 
     @property
     def ready(self) -> bool:

@@ -418,21 +418,8 @@ class FastInferReplica:
                 "FastInferReplica.batcher() sets on_batch/on_request itself to record metrics; "
                 "build DynamicBatcher yourself to pass your own"
             )
-        m = self.metrics
-
-        def on_batch(rec: Any) -> None:
-            m.observe_batch(size=rec.size, seconds=rec.execution_seconds)
-            for wait in rec.queue_wait_seconds:
-                m.queue_wait.observe(wait)
-
-        def on_request(rec: Any) -> None:
-            if rec.outcome == "ok":
-                m.request_latency.observe(rec.latency_seconds)
-
         kwargs.setdefault("name", f"DynamicBatcher[{self.name}]")
-        b: DynamicBatcher[Any, Any] = DynamicBatcher(
-            fn, on_batch=on_batch, on_request=on_request, **kwargs
-        )
+        b: DynamicBatcher[Any, Any] = DynamicBatcher(fn, **self.metrics.batcher_hooks(), **kwargs)
         if not self._batchers:
             self.recorder.track(b, prefix="fastinfer_batcher")
         else:  # the standard series belong to the first batcher; later ones get their own names
