@@ -132,15 +132,6 @@ def _drive(url: str, mode: str, levels: tuple[int, ...], per_level: int) -> list
     return rows
 
 
-def _median_time(fn: Any, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def _contributions(quick: bool, compile: bool) -> list[dict[str, Any]]:
     """What each primitive buys on the model itself: same inputs, in this process, interleaved."""
     import copy
@@ -179,9 +170,11 @@ def _contributions(quick: bool, compile: bool) -> list[dict[str, Any]]:
         for fn in variants.values():
             fn()  # warm-up
         t: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(repeat):
+        for _ in range(repeat):  # interleaved trials: drift hits every variant alike
             for name, fn in variants.items():
-                t[name].append(_median_time(fn, 1))
+                t0 = time.perf_counter()
+                fn()
+                t[name].append(time.perf_counter() - t0)
         med = {name: sorted(v)[len(v) // 2] for name, v in t.items()}
 
     pad = 1 - mask.float().mean().item()
