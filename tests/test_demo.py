@@ -1,0 +1,25 @@
+"""`fastinfer demo` (the README's first command) runs end to end and reports both stacks."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_python
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+
+def test_demo_quick_compares_both_stacks_and_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    code = f"import sys; from fastinfer.__main__ import main; sys.exit(main(['demo', '--quick', '--out', {str(out)!r}]))"
+    printed = run_python(code, timeout=300).stdout
+    assert "plain req/s" in printed and "fastinfer req/s" in printed
+    assert "dynamic batching" in printed and "attention swap" in printed
+    report = json.loads((out / "report.json").read_text())
+    modes = {(r["mode"], r["concurrency"]): r for r in report["rows"]}
+    for level in report["levels"]:
+        for mode in ("plain", "fastinfer"):
+            row = modes[(mode, level)]
+            assert row["ok"] == row["sent"] > 0, row  # every request answered 200
+    assert modes[("fastinfer", max(report["levels"]))]["mean_batch"] > 1  # it batched
+    assert (out / "report.png").stat().st_size > 10_000
