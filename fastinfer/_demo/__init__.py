@@ -62,17 +62,26 @@ def _service(
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[str], mode: str, timeout: float = 300) -> None:
+    """Poll /readyz, showing the service's current setup phase (load, swap, compile...)."""
     httpx = require("httpx")
+    tqdm = require("tqdm.auto", purpose="the demo's progress bars").tqdm
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the {mode} service exited with {proc.returncode} during startup")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    with tqdm(
+        desc=f"starting {mode}", bar_format="{desc}: {postfix} [{elapsed}]", leave=False
+    ) as bar:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the {mode} service exited with {proc.returncode} during startup"
+                )
+            try:
+                resp = httpx.get(f"{url}/readyz", timeout=2)
+                if resp.status_code == 200:
+                    return
+                bar.set_postfix_str(str(resp.json().get("phase", "")))
+            except (httpx.HTTPError, ValueError):
+                bar.set_postfix_str("booting")
+            time.sleep(0.1)
     raise RuntimeError(f"the {mode} service was not ready after {timeout:.0f} s")
 
 
