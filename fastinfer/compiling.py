@@ -351,6 +351,29 @@ def _explain(exc: BaseException) -> str:
     return text[:1500]
 
 
+def _new_stats(backend: str, mode: str | None, **values: Any) -> dict[str, Any]:
+    """The mutable counters behind :meth:`CompiledModel.statistics`, all zero but ``values``."""
+    stats: dict[str, Any] = {
+        "backend": backend,
+        "mode": mode,
+        "graphs": 0,
+        "recompiles": 0,
+        "compile_seconds": 0.0,
+        "warmed_batch_sizes": (),
+        "max_error": 0.0,
+        "fallback": None,
+        "opaque_fused_ops": (),
+        "cache_hits": 0,
+        "cache_misses": 0,
+        "cache_bypasses": 0,
+        "calls": 0,
+        "unwarmed_calls": 0,
+        "recompiles_refused": 0,
+    }
+    stats.update(values)
+    return stats
+
+
 def compile_model(
     model: Callable[..., Any],
     example_inputs: Inputs,
@@ -395,23 +418,7 @@ def compile_model(
     cache = _resolve_cache(cache, backend)
 
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
-    stats: dict[str, Any] = {
-        "backend": backend_name,
-        "mode": mode,
-        "graphs": 0,
-        "recompiles": 0,
-        "compile_seconds": 0.0,
-        "warmed_batch_sizes": sizes,
-        "max_error": 0.0,
-        "fallback": None,
-        "opaque_fused_ops": (),
-        "cache_hits": 0,
-        "cache_misses": 0,
-        "cache_bypasses": 0,
-        "calls": 0,
-        "unwarmed_calls": 0,
-        "recompiles_refused": 0,
-    }
+    stats = _new_stats(backend_name, mode, warmed_batch_sizes=sizes)
     # Eager reference outputs, and a look for opaque fused ops (cheap: one eager pass each).
     batches = {b: inputs_for(example_inputs, b) for b in sizes}
     expected: dict[int, Any] = {}
@@ -683,23 +690,7 @@ def load_aot(path: str | os.PathLike[str], *, check_environment: bool = True) ->
         runner = _load_runner(str(p))
     except Exception as exc:
         raise CompileError(f"loading AOT package {p} failed: {_explain(exc)}") from exc
-    stats = {
-        "backend": "aot",
-        "mode": None,
-        "graphs": 0,
-        "recompiles": 0,
-        "compile_seconds": time.perf_counter() - t0,
-        "warmed_batch_sizes": (),
-        "max_error": 0.0,
-        "fallback": None,
-        "opaque_fused_ops": (),
-        "cache_hits": 0,
-        "cache_misses": 0,
-        "cache_bypasses": 0,
-        "calls": 0,
-        "unwarmed_calls": 0,
-        "recompiles_refused": 0,
-    }
+    stats = _new_stats("aot", None, compile_seconds=time.perf_counter() - t0)
     return CompiledModel(runner, runner, stats=stats, on_recompile="error", uses_dynamo=False)
 
 
