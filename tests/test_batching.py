@@ -687,6 +687,53 @@ def test_a_bad_item_fails_alone_with_its_own_exception() -> None:
     run(main())
 
 
+def test_a_sync_fn_starts_in_its_thread_when_the_batch_is_sealed() -> None:
+    """The worker thread gets the batch at once, not after the loop's next turn."""
+
+    async def main() -> None:
+        started, release = threading.Event(), threading.Event()
+
+        def fn(items: list[int]) -> list[int]:
+            started.set()
+            assert release.wait(10)
+            return [x + 1 for x in items]
+
+        b = DynamicBatcher(fn, max_batch_size=1, max_wait_ms=0)
+        task = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0)  # submit() runs up to its await: the batch is sealed
+        # The loop is blocked here, so only a call already handed to the thread can start.
+        assert started.wait(5)
+        release.set()
+        assert await task == 2
+        await b.aclose()
+
+    run(main())
+
+
+def test_a_sync_fn_in_its_thread_isolates_bad_items_and_collate_errors() -> None:
+    async def main() -> None:
+        clock = ManualClock()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            if (x < 0).any():
+                raise ValueError("negative input")
+            return x.sum(dim=1)
+
+        b = DynamicBatcher(fn, max_batch_size=8, max_wait_ms=5, collate="stack", clock=clock)
+        items: list[Any] = [torch.ones(3), -torch.ones(3), "not a tensor", 2 * torch.ones(3)]
+        tasks = [asyncio.create_task(b.submit(x)) for x in items]
+        await settle()
+        clock.advance(0.005)
+        ok1, neg, odd, ok2 = await asyncio.gather(*tasks, return_exceptions=True)
+        assert (float(ok1), float(ok2)) == (3.0, 6.0)
+        assert isinstance(neg, ValueError) and str(neg) == "negative input"
+        assert isinstance(odd, BatchError) and "item 0 is a str" in str(odd)
+        assert b.statistics().requests_failed == 2
+        await b.aclose()
+
+    run(main())
+
+
 def test_fail_batch_mode_fails_every_caller_with_batch_error() -> None:
     async def main() -> None:
         clock, model = ManualClock(), Model(bad=lambda x: x == 1)

@@ -247,3 +247,21 @@ def test_shutdown_drains_queued_requests_and_closes_the_batcher(gate: Gate) -> N
     client.close()
     assert answers == [200, 200, 200]
     assert batcher.statistics().closed and sorted(gate.seen) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_setup_freezes_the_gc_until_shutdown_when_asked(freeze: bool) -> None:
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    svc = FastInferService(freeze_gc=freeze)
+    svc.setup(lambda svc: None)
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+    with run_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        until(lambda: svc.ready, "setup")
+        phases = client.get("/readyz").json()["phases"]
+        # the startup objects (torch, the app, the model) sit outside full collections
+        assert (gc.get_freeze_count() > 10_000) is freeze
+        assert ("gc freeze" in phases) is freeze
+    assert gc.get_freeze_count() == 0

@@ -44,6 +44,7 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2  # request states
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2  # batcher states
 _WINDOW = 10_000  # samples kept for the distributions in statistics()
 _DISCARD = object()
+_HEADROOM = 0.95  # latency_target_ms: admission and dispatch plan for this share of the target
 
 
 class _ContractError(Exception):
@@ -75,6 +76,15 @@ class _Request:
         self.started: float | None = None
         self.state = _QUEUED
         self.timer: Handle | None = None
+
+
+class _Started:
+    """A first call of ``fn`` already running in the worker thread (see ``_start``)."""
+
+    __slots__ = ("ctx", "future", "size", "t0")
+
+    def __init__(self, future: asyncio.Future[Any], ctx: Any, size: int, t0: float) -> None:
+        self.future, self.ctx, self.size, self.t0 = future, ctx, size, t0
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -117,7 +127,8 @@ class DynamicBatcher(Generic[T, R]):
             the arrival rate).
         latency_target_ms: admit a request only when its predicted latency meets the target
             (``QueueFull`` otherwise); an admitted request gets ``DeadlineExceeded`` rather than
-            a late result.
+            a late result. Admission plans for 95% of the target: the rest absorbs what the
+            cost model cannot see (timer and thread wake-up jitter, the caller's own wake-up).
         preferred_batch_sizes: sizes ``fn`` is fast at (e.g. those a compiled model was warmed
             up for); batches are cut to the largest one that fits, or with ``pad_to_preferred``
             padded up to the next one by repeating the last item (its results are dropped).
@@ -520,13 +531,15 @@ class DynamicBatcher(Generic[T, R]):
             )
         if self._target is not None:
             predicted = self._predict_latency(now, self._depth + 1)
-            if predicted is not None and predicted > self._target:
-                retry = max(predicted - self._target, self._cost.predict(1))
+            plan = self._target * _HEADROOM
+            if predicted is not None and predicted > plan:
+                retry = max(predicted - plan, self._cost.predict(1))
                 self._reject(now, priority)
                 raise QueueFull(
                     f"{self._name} would miss latency_target_ms={self._target * 1000:g}: predicted "
-                    f"latency {predicted * 1000:.1f} ms with {self._depth} requests waiting; "
-                    f"retry after ~{retry * 1000:.0f} ms",
+                    f"latency {predicted * 1000:.1f} ms with {self._depth} requests waiting (over "
+                    f"the {plan * 1000:.3g} ms it plans for, 95% of the target); retry after "
+                    f"~{retry * 1000:.0f} ms",
                     retry_after=retry,
                 )
         assert self._loop is not None
@@ -738,7 +751,7 @@ class DynamicBatcher(Generic[T, R]):
             return "wait_expired", None
         ready = self._cost.ready
         if self._target is not None and ready:
-            latest = oldest.arrival + self._target - self._cost.upper(self._depth)
+            latest = oldest.arrival + self._target * _HEADROOM - self._cost.upper(self._depth)
             if now >= latest:
                 return ("adaptive" if self._policy == "adaptive" else "wait_expired"), None
             wake = min(wake, latest)
@@ -854,15 +867,20 @@ class DynamicBatcher(Generic[T, R]):
             self._running_ends[bid] = now
         for r in reqs:
             self._waits.append(now - r.arrival)
-        task = self._loop.create_task(self._run_batch(bid, reqs, reason, now))
+        # A sync fn starts in its worker thread now, not when the task first runs: the thread
+        # gets going while this loop turn wakes the previous batch's callers.
+        started = self._start(reqs)
+        task = self._loop.create_task(self._run_batch(bid, reqs, reason, now, started))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_batch(self, bid: int, reqs: list[_Request], reason: str, started: float) -> None:
+    async def _run_batch(
+        self, bid: int, reqs: list[_Request], reason: str, started: float, call: _Started | None
+    ) -> None:
         outcomes: list[Any] = []
         padded = self._padded_size(len(reqs))
         try:
-            outcomes = await self._execute(reqs)
+            outcomes = await self._execute(reqs, call)
         finally:
             if len(outcomes) != len(reqs):  # interrupted (loop shutting down): still resolve all
                 outcomes = [
@@ -899,9 +917,9 @@ class DynamicBatcher(Generic[T, R]):
         i = bisect.bisect_left(self._preferred, n)
         return self._preferred[i] if i < len(self._preferred) else n
 
-    async def _execute(self, reqs: list[_Request]) -> list[Any]:
+    async def _execute(self, reqs: list[_Request], call: _Started | None) -> list[Any]:
         try:
-            return await self._call(reqs)
+            return await self._call(reqs, call)
         except _ContractError as e:
             return [BatchError(str(e)) for _ in reqs]
         except Exception as e:
@@ -948,17 +966,42 @@ class DynamicBatcher(Generic[T, R]):
         for r, v in zip(group, values):
             results[id(r)] = v
 
-    async def _call(self, group: list[_Request]) -> list[Any]:
+    def _prepare(self, group: list[_Request]) -> tuple[Any, Any, int]:
+        """``fn``'s argument for ``group`` (padded to a preferred size, collated), its context."""
         items = [r.item for r in group]
-        n = len(items)
-        size = self._padded_size(n)
-        if size > n:
-            items.extend([items[-1]] * (size - n))
+        size = self._padded_size(len(items))
+        if size > len(items):
+            items.extend([items[-1]] * (size - len(items)))
+        if self._collator is None:
+            return items, None, size
+        batch, ctx = self._collator.collate(items)
+        return batch, ctx, size
+
+    def _start(self, group: list[_Request]) -> _Started | None:
+        """Hand a sync fn its batch in the worker thread at once (``None``: the task calls it)."""
+        if self._is_async or not self._run_in_thread:
+            return None
+        try:
+            arg, ctx, size = self._prepare(group)
+        except Exception:
+            return None  # the task prepares it again and handles the error like any other
+        assert self._loop is not None
         t0 = self._clock.time()
+        return _Started(self._loop.run_in_executor(self._pool(), self._fn, arg), ctx, size, t0)
+
+    async def _call(self, group: list[_Request], call: _Started | None = None) -> list[Any]:
+        n = len(group)
+        if call is None:
+            arg, ctx, size = self._prepare(group)
+            t0 = self._clock.time()
+            output = await self._invoke(arg)
+        else:
+            ctx, size, t0 = call.ctx, call.size, call.t0
+            output = await call.future
+            if inspect.isawaitable(output):
+                output = await output
         results: Sequence[Any]
         if self._collator is not None:
-            batch, ctx = self._collator.collate(items)
-            output = await self._invoke(batch)
             try:
                 results = self._collator.split(output, ctx, size)
             except BatchError as e:
@@ -969,7 +1012,6 @@ class DynamicBatcher(Generic[T, R]):
                     f"a batch of {size} items"
                 )
         else:
-            output = await self._invoke(items)
             results = self._split_plain(output, size)
         self._cost.observe(size, self._clock.time() - t0)
         return list(results[:n])
@@ -987,16 +1029,19 @@ class DynamicBatcher(Generic[T, R]):
         except BatchError as e:
             raise _ContractError(f"{self._name}: {e}") from None
 
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self._max_concurrent, thread_name_prefix=f"fastinfer-{self._name}"
+            )
+        return self._executor
+
     async def _invoke(self, arg: Any) -> Any:
         if self._is_async:
             result = await self._fn(arg)
         elif self._run_in_thread:
             assert self._loop is not None
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    self._max_concurrent, thread_name_prefix=f"fastinfer-{self._name}"
-                )
-            result = await self._loop.run_in_executor(self._executor, self._fn, arg)
+            result = await self._loop.run_in_executor(self._pool(), self._fn, arg)
         else:
             result = self._fn(arg)
         if inspect.isawaitable(result):

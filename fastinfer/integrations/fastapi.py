@@ -41,6 +41,7 @@ What :meth:`FastInferService.install` adds:
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import math
@@ -114,6 +115,11 @@ class FastInferService:
             pattern). ``False`` runs it inside the lifespan, before the server accepts requests.
         retry_after_s: the ``Retry-After`` sent with 503s when the error does not carry one.
         shutdown_timeout_s: how long shutdown waits for managed objects to drain.
+        freeze_gc: once setup has finished, collect garbage and ``gc.freeze()`` what is left
+            (the model, torch's and the app's modules) so that Python's full collections no
+            longer scan it. With torch imported a full collection takes about 70 ms on a server
+            core, and one lands every few seconds under load: a 70 ms stall in the p99. Shutdown
+            unfreezes. ``False`` leaves the garbage collector alone.
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class FastInferService:
         metrics_path: str = "/metrics",
         health_path: str = "/healthz",
         ready_path: str = "/readyz",
+        freeze_gc: bool = True,
     ) -> None:
         if retry_after_s <= 0 or shutdown_timeout_s <= 0:
             raise ConfigError("retry_after_s and shutdown_timeout_s must be > 0")
@@ -135,6 +142,8 @@ class FastInferService:
         self.background_setup = background_setup
         self.retry_after_s = retry_after_s
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.freeze_gc = freeze_gc
+        self._gc_frozen = False
         self.paths = {"metrics": metrics_path, "health": health_path, "ready": ready_path}
         self._setup_fn: Callable[[FastInferService], Any] | None = None
         self._managed: list[tuple[str, Any]] = []
@@ -217,6 +226,11 @@ class FastInferService:
                     await self._setup_fn(self)
                 else:  # a sync setup runs in a thread so /healthz keeps answering
                     await asyncio.to_thread(self._setup_fn, self)
+            if self.freeze_gc:
+                with self.phase("gc freeze"):
+                    gc.collect()
+                    gc.freeze()
+                self._gc_frozen = True
             self._ready, self._phase = True, "ready"
             logger.info("fastinfer service ready: %s", self._phases)
         except BaseException as exc:
@@ -240,6 +254,9 @@ class FastInferService:
             except Exception:
                 logger.exception("closing %s failed during shutdown", name)
         self._managed.clear()
+        if self._gc_frozen:
+            gc.unfreeze()
+            self._gc_frozen = False
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
