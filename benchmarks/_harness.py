@@ -31,7 +31,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["Bench", "Comparison", "Stats", "compare", "machine_info", "measure", "summarize"]
+__all__ = [
+    "Bench",
+    "Comparison",
+    "Row",
+    "Stats",
+    "compare",
+    "machine_info",
+    "measure",
+    "run_fresh",
+    "summarize",
+]
 
 Clock = Callable[[], float]
 

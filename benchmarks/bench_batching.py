@@ -7,12 +7,18 @@ slot is free. Model: ``fastinfer.testing.synthetic_batch_fn(10, 1)`` (10 ms + 1 
 32 items: about 760 items/s at full batches), and the BERT-like classifier for variable-length text.
 
     python benchmarks/bench_batching.py [--quick] [--json PATH]
+
+The garbage collector is frozen after start-up (``gc.freeze()``, as ``FastInferService`` does
+once its setup has finished) for every variant alike: with torch imported, a full collection
+stalls the process for about 70 ms (the first rows measure it), and one that lands during a run
+puts that stall into the p99.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import os
 import random
 import statistics
@@ -117,11 +123,19 @@ def poisson_arrivals(rate: float, seconds: float, seed: int = 0) -> list[float]:
         out.append(t)
 
 
-def simulate_greedy(arrivals: list[float], cost: Callable[[int], float]) -> list[float]:
-    """The ideal work-conserving batcher (zero overhead, 5 ms wait) on the same arrivals."""
+def simulate_greedy(
+    arrivals: list[float],
+    cost: Callable[[int], float],
+    wait_ms: float = WAIT_MS,
+    cap: int = MAX_BATCH,
+) -> list[float]:
+    """The ideal work-conserving batcher (zero overhead) on the same arrivals: when the executor
+    is free it takes up to ``cap`` queued items, waiting up to ``wait_ms`` from the oldest one's
+    arrival for the batch to fill."""
     lat: list[float] = []
     q: deque[float] = deque()
     i, free, n = 0, 0.0, len(arrivals)
+    wait = wait_ms / 1000
     while i < n or q:
         if not q:
             q.append(arrivals[i])
@@ -130,13 +144,13 @@ def simulate_greedy(arrivals: list[float], cost: Callable[[int], float]) -> list
         while i < n and arrivals[i] <= start:
             q.append(arrivals[i])
             i += 1
-        if len(q) < MAX_BATCH and start < q[0] + WAIT_MS / 1000:
-            limit = q[0] + WAIT_MS / 1000
-            while i < n and arrivals[i] <= limit and len(q) < MAX_BATCH:
+        if len(q) < cap and start < q[0] + wait:
+            limit = q[0] + wait
+            while i < n and arrivals[i] <= limit and len(q) < cap:
                 q.append(arrivals[i])
                 i += 1
-            start = limit if len(q) < MAX_BATCH else max(start, q[-1])
-        batch = [q.popleft() for _ in range(min(MAX_BATCH, len(q)))]
+            start = limit if len(q) < cap else max(start, q[-1])
+        batch = [q.popleft() for _ in range(min(cap, len(q)))]
         end = start + cost(len(batch))
         lat += [end - a for a in batch]
         free = end
@@ -159,21 +173,32 @@ async def closed_loop(b: Any, items: int, callers: int) -> float:
 
 
 async def open_loop(b: Any, rate: float, seconds: float, seed: int = 0) -> dict[str, Any]:
-    """Poisson arrivals at ``rate``/s; latency from the scheduled arrival (generator lag counts)."""
+    """Poisson arrivals at ``rate``/s.
+
+    Latency runs from the moment ``submit`` is called, as a server clocks a request from its
+    arrival. The generator's own lag (``asyncio.sleep`` wakes up to 1 ms late: epoll's timeout is
+    in whole milliseconds) is reported apart, and the ideal batcher is simulated on the actual
+    submit times, so both sides see the same arrivals.
+    """
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     lat_ok: list[float] = []
     lat_rej: list[float] = []
+    sent: list[float] = []
+    lag: list[float] = []
     other = 0
     tasks: list[asyncio.Task[None]] = []
 
     async def one(at: float) -> None:
         nonlocal other
+        t0 = loop.time()
+        sent.append(t0)
+        lag.append(t0 - at)
         try:
             await b.submit(0)
-            lat_ok.append(loop.time() - at)
+            lat_ok.append(loop.time() - t0)
         except QueueFull:
-            lat_rej.append(loop.time() - at)
+            lat_rej.append(loop.time() - t0)
         except Exception:
             other += 1
 
@@ -186,7 +211,14 @@ async def open_loop(b: Any, rate: float, seconds: float, seed: int = 0) -> dict[
             await asyncio.sleep(t - now)
         tasks.append(asyncio.create_task(one(t)))
     await asyncio.gather(*tasks)
-    return {"ok": lat_ok, "rejected": lat_rej, "other": other, "n": len(tasks)}
+    return {
+        "ok": lat_ok,
+        "rejected": lat_rej,
+        "other": other,
+        "n": len(tasks),
+        "sent": sorted(x - start for x in sent),
+        "lag": lag,
+    }
 
 
 async def run_open(variant: str, rate: float, seconds: float, **extra: Any) -> dict[str, Any]:
@@ -306,8 +338,17 @@ def main() -> None:
         "batching", description="dynamic batching vs a timer-sealed batcher (Ray Serve's logic)"
     )
     quick = bench.quick
-    secs = 1.5 if quick else 4.0
+    secs = 1.5 if quick else 10.0
     fn = synthetic_batch_fn(10, 1)
+    gc.collect()
+    for frozen in (False, True):
+        if frozen:
+            gc.freeze()
+        t0 = time.perf_counter()
+        gc.collect()
+        pause = (time.perf_counter() - t0) * 1e3
+        state = "after gc.freeze()" if frozen else "torch imported"
+        bench.add_value("garbage collector", f"full collection pause, {state}", pause, unit="ms")
 
     # offline upper bound: the same items back to back in full batches, no batcher
     n_sat = 640 if quick else 2560
@@ -333,45 +374,60 @@ def main() -> None:
     base_cost = 1 / offline * MAX_BATCH - MAX_BATCH * 0.001
     bench.note(f"synthetic model measured at {base_cost * 1e3:.2f} ms + 1 ms/item (nominal 10 + 1)")
     for rate in (200, 500, 700):
-        ideal = simulate_greedy(poisson_arrivals(rate, secs), lambda k: base_cost + 0.001 * k)
-        nominal = simulate_greedy(poisson_arrivals(rate, 60.0, seed=1), lambda k: 0.010 + 0.001 * k)
         case = f"poisson {rate}/s"
-        bench.add_value(
-            case,
-            "ideal greedy, nominal 10+1 ms, 60 s (simulated) p50",
-            pct(nominal, 0.5) * 1e3,
-            unit="ms",
-        )
-        bench.add_value(
-            case,
-            "ideal greedy, nominal 10+1 ms, 60 s (simulated) p99",
-            pct(nominal, 0.99) * 1e3,
-            unit="ms",
-        )
-        bench.add_value(
-            case,
-            "ideal greedy, measured cost, same arrivals (simulated) p50",
-            pct(ideal, 0.5) * 1e3,
-            unit="ms",
-        )
-        bench.add_value(
-            case,
-            "ideal greedy, measured cost, same arrivals (simulated) p99",
-            pct(ideal, 0.99) * 1e3,
-            unit="ms",
-        )
-        for variant in ("timer", "fastinfer", "fastinfer-adaptive"):
+        nominal = simulate_greedy(poisson_arrivals(rate, 60.0, seed=1), lambda k: 0.010 + 0.001 * k)
+        for p in (0.5, 0.99):
+            bench.add_value(
+                case,
+                f"ideal greedy, nominal 10+1 ms, 60 s (simulated) p{p * 100:g}",
+                pct(nominal, p) * 1e3,
+                unit="ms",
+            )
+        if rate == 500:
+            # Is any one-executor policy below 30 / 50 ms here? Try waits and batch caps.
+            arrivals = poisson_arrivals(rate, 60.0, seed=1)
+            grid = [
+                simulate_greedy(arrivals, lambda k: 0.010 + 0.001 * k, wait, cap)
+                for wait in (0.0, 1.0, 2.0, 5.0)
+                for cap in (12, 16, 24, 32)
+            ]
+            for p in (0.5, 0.99):
+                bench.add_value(
+                    case,
+                    f"best of 16 one-slot policies (wait 0-5 ms, cap 12-32), 60 s p{p * 100:g}",
+                    min(pct(lat, p) for lat in grid) * 1e3,
+                    unit="ms",
+                )
+        i50 = i99 = float("nan")  # the ideal on fastinfer's own submit times, set below
+        for variant in ("fastinfer", "fastinfer-adaptive", "timer"):
             r = asyncio.run(run_open(variant, rate, secs))
             p50, p99 = pct(r["ok"], 0.5) * 1e3, pct(r["ok"], 0.99) * 1e3
-            case = f"poisson {rate}/s"
+            if variant == "fastinfer":
+                ideal = simulate_greedy(r["sent"], lambda k: base_cost + 0.001 * k)
+                i50, i99 = pct(ideal, 0.5) * 1e3, pct(ideal, 0.99) * 1e3
+                bench.add_value(
+                    case, "ideal greedy, measured cost, same arrivals p50", i50, unit="ms"
+                )
+                bench.add_value(
+                    case, "ideal greedy, measured cost, same arrivals p99", i99, unit="ms"
+                )
             check = variant == "fastinfer" and rate == 500
-            bench.add_value(
-                case, f"{variant} p50", p50, unit="ms", target=("<=", 30) if check else None
-            )
-            bench.add_value(
-                case, f"{variant} p99", p99, unit="ms", target=("<=", 50) if check else None
-            )
+            for name, value, ideal_value, bound in (("p50", p50, i50, 30), ("p99", p99, i99, 50)):
+                bench.add_value(
+                    case,
+                    f"{variant} {name}",
+                    value,
+                    unit="ms",
+                    target=("<=", bound) if check else None,
+                )
+                if variant.startswith("fastinfer"):
+                    bench.add_value(
+                        case, f"{variant} {name} over the ideal's", value / ideal_value, unit="x"
+                    )
             bench.add_value(case, f"{variant} mean batch", r["mean_batch"], unit="items")
+            if variant == "fastinfer":
+                lag = pct(r["lag"], 0.5) * 1e3, pct(r["lag"], 0.99) * 1e3
+                bench.note(f"{case}: load generator lag p50 {lag[0]:.2f} ms, p99 {lag[1]:.2f} ms")
 
     # overload: 1000 req/s is above capacity (~760/s)
     over = {
@@ -452,6 +508,10 @@ def main() -> None:
         ratio=bucketed["throughput"] / plain["throughput"],
     )
     bench.note("timer = Ray Serve's @serve.batch sealing logic re-implemented here (no Ray needed)")
+    bench.note(
+        "poisson rows: latency from submit(); 'over the ideal's' is fastinfer's latency over the "
+        "ideal greedy batcher's on the same submit times (1.00 x = no overhead)"
+    )
     bench.note(f"machine shared with other work; torch threads={torch.get_num_threads()}")
     bench.finish()
 

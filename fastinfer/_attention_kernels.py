@@ -6,6 +6,9 @@ Two ways to skip padding, both on the model's own weights (state-dict keys do no
   projection, output projection, feed-forward, layer norms) on the ``N`` valid rows only, and give
   attention each sequence's structure back by scattering Q/K/V into a zeroed ``(B, T_max, 3D)``
   buffer for one masked SDPA call. Scatter the result back (padded rows = exact zeros) at the end.
+  On CPU in float32 the dense ops run through oneDNN on weights reordered once into its blocked
+  layout (the activation fused into the first feed-forward matmul): about 1.2x the matmul rate of
+  ``F.linear`` on this machine's cores, for a second copy of the dense weights in memory.
 * **fused**: what optimum's BetterTransformer did: every layer runs
   ``torch._transformer_encoder_layer_fwd`` (the op behind ``nn.TransformerEncoderLayer``'s
   fastpath), on a nested tensor when the batch is padded.
@@ -87,17 +90,79 @@ class Packing:
         return o.index_select(0, self.index_trim)  # (N, D)
 
 
-def _cached_cat(owner: Any, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat(parts), cached until any part is changed in place (load_state_dict, .to())."""
+def _cached(owner: Any, name: str, parts: list[torch.Tensor], build: Callable[[], Any]) -> Any:
+    """``build()``, cached on ``owner`` until any of ``parts`` changes (load_state_dict, .to())."""
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
-    cache = owner.__dict__.setdefault("_fastinfer_cat_cache", {})
+    cache = owner.__dict__.setdefault("_fastinfer_cache", {})
     hit = cache.get(name)
     if hit is not None and hit[0] == key:
-        return hit[1]  # type: ignore[no-any-return]
+        return hit[1]
     with torch.no_grad():
-        value = torch.cat([p.detach() for p in parts])
+        value = build()
     cache[name] = (key, value)
     return value
+
+
+def _cached_cat(owner: Any, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts), cached until any part is changed in place."""
+    return _cached(owner, name, parts, lambda: torch.cat([p.detach() for p in parts]))  # type: ignore[no-any-return]
+
+
+_onednn: bool | None = None  # can this torch run the prepacked oneDNN linear? (checked once)
+
+
+def _onednn_available() -> bool:
+    global _onednn
+    if _onednn is None:
+        ops = torch.ops.mkldnn
+        _onednn = bool(
+            torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")
+        )
+    return _onednn
+
+
+def dense(
+    owner: Any,
+    name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str = "",
+    sources: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))`` for ``(N, D)`` rows, ``act`` "", "relu" or "gelu" (exact).
+
+    On CPU in float32 it runs oneDNN's matmul on a copy of ``weight`` reordered once (cached on
+    ``owner`` under ``name`` until ``weight``, or the ``sources`` it was built from, change) with
+    the activation fused in; anywhere else, plain ``F.linear``.
+    """
+    global _onednn
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and bias is not None
+        and x.dim() == 2
+        and _onednn_available()
+    ):
+        packed = _cached(
+            owner,
+            name,
+            sources or [weight],
+            lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None),
+        )
+        try:
+            return torch.ops.mkldnn._linear_pointwise(  # type: ignore[no-any-return]
+                x, packed, bias.detach(), act or "none", [], "none" if act == "gelu" else ""
+            )
+        except RuntimeError:  # a torch whose private op changed: plain matmuls from now on
+            _onednn = False
+    y = F.linear(x, weight, bias)
+    if act == "gelu":
+        return F.gelu(y)
+    return F.relu(y) if act == "relu" else y
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,9 +305,14 @@ class FastHFLayer(nn.Module):
         """``(N, D)`` valid tokens in, ``(N, D)`` out."""
         p = self.parts
         w, b = self._qkv()
-        a = packing.attention(F.linear(h, w, b), p.heads)  # (N, D)
-        a = p.norm1(p.out(a) + h)
-        return p.norm2(p.ffn_out(p.act(p.ffn_in(a))) + a)
+        qkv = dense(self, "qkv", h, w, b, sources=[p.q.weight, p.k.weight, p.v.weight])
+        a = packing.attention(qkv, p.heads)  # (N, D)
+        a = p.norm1(dense(self, "out", a, p.out.weight, p.out.bias) + h)
+        if p.act_name in ("gelu", "relu"):
+            f = dense(self, "ffn_in", a, p.ffn_in.weight, p.ffn_in.bias, p.act_name)
+        else:
+            f = p.act(dense(self, "ffn_in", a, p.ffn_in.weight, p.ffn_in.bias))
+        return p.norm2(dense(self, "ffn_out", f, p.ffn_out.weight, p.ffn_out.bias) + a)
 
     def fused(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Dense ``(B, T, D)`` or nested input through PyTorch's fused encoder-layer kernel."""
@@ -414,16 +484,21 @@ def torch_layer_unsupported(layer: nn.Module) -> str:
 
 
 def _torch_layer_packed(
-    layer: nn.TransformerEncoderLayer, h: torch.Tensor, packing: Packing
+    owner: nn.Module, i: int, layer: nn.TransformerEncoderLayer, h: torch.Tensor, packing: Packing
 ) -> torch.Tensor:
     a = layer.self_attn
+    act = {1: "relu", 2: "gelu"}.get(getattr(layer, "activation_relu_or_gelu", 0), "")
 
     def sa(x: torch.Tensor) -> torch.Tensor:
-        o = packing.attention(F.linear(x, a.in_proj_weight, a.in_proj_bias), a.num_heads)
-        return F.linear(o, a.out_proj.weight, a.out_proj.bias)
+        qkv = dense(owner, f"{i}.qkv", x, a.in_proj_weight, a.in_proj_bias)
+        o = packing.attention(qkv, a.num_heads)
+        return dense(owner, f"{i}.out", o, a.out_proj.weight, a.out_proj.bias)
 
     def ff(x: torch.Tensor) -> torch.Tensor:
-        return layer.linear2(layer.activation(layer.linear1(x)))
+        l1, l2 = layer.linear1, layer.linear2
+        f = dense(owner, f"{i}.ffn_in", x, l1.weight, l1.bias, act)
+        f = f if act else layer.activation(f)
+        return dense(owner, f"{i}.ffn_out", f, l2.weight, l2.bias)
 
     if layer.norm_first:
         h = h + sa(layer.norm1(h))
@@ -484,8 +559,8 @@ class PackedTorchEncoder(nn.Module):
             valid = src_key_padding_mask == 0
         packing = Packing.from_valid(valid)
         h = packing.pack(x)
-        for layer in self.layers:
-            h = _torch_layer_packed(layer, h, packing)
+        for i, layer in enumerate(self.layers):
+            h = _torch_layer_packed(self, i, layer, h, packing)
         if self.norm is not None:
             h = self.norm(h)
         out = packing.unpack(h)

@@ -337,6 +337,24 @@ def test_torch_encoder_swap_makes_fastpath_apply_and_undo_restores() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_without_padding_the_nested_path_is_not_timed() -> None:
+    model = testing.bert_like_classifier()
+    ids, mask = testing.text_batch(4, 16, padding=0.0)
+    assert bool(mask.all())
+    report = fastinfer.swap_attention_(model, example_inputs=(ids, mask), repeat=1)
+    paths = {p.name: p for p in report.paths}
+    nested = paths["torch:fastpath-nested"]
+    assert nested.latency_s is None and "no padding" in nested.reason
+    assert report.chosen != "torch:fastpath-nested"
+    assert paths["torch:fastpath"].latency_s is not None
+    fastinfer.undo_attention_swap_(model)
+    # asked for by name, it still runs
+    report = fastinfer.swap_attention_(
+        model, example_inputs=(ids, mask), prefer="torch:fastpath-nested", repeat=1
+    )
+    assert report.chosen == "torch:fastpath-nested"
+
+
 @pytest.mark.parametrize("path", ["torch:fastpath", "torch:fastpath-nested", "torch:packed"])
 def test_torch_encoder_each_path(path: str) -> None:
     model = testing.bert_like_classifier(enable_nested_tensor=False)
@@ -348,6 +366,34 @@ def test_torch_encoder_each_path(path: str) -> None:
     fastinfer.undo_attention_swap_(model)
     assert model.encoder.use_nested_tensor is False
     assert torch.equal(model(ids, mask), ref)
+
+
+@pytest.mark.parametrize("kind", ["torch", "hf"])
+def test_packed_dense_weights_follow_a_new_state_dict(kind: str) -> None:
+    """The packed path's reordered weights are a cache: loading new weights invalidates it."""
+    if kind == "hf":
+        pytest.importorskip("transformers")
+        model, other = _small_bert(), _small_bert(seed=1)
+        inputs = _hf_inputs(padding=0.5)
+        valid = inputs["attention_mask"].bool()
+        run: Any = lambda m: _hidden(m, inputs)[valid]  # noqa: E731
+        path = "hf:packed"
+    else:
+        model = testing.bert_like_classifier(enable_nested_tensor=False)
+        other = testing.bert_like_classifier(enable_nested_tensor=False, seed=1)
+        ids, mask = testing.text_batch(4, 16, padding=0.5)
+        run = lambda m: m(ids, mask).detach()  # noqa: E731
+        path = "torch:packed"
+    want = run(other)
+    fastinfer.swap_attention_(model, prefer=path)
+    assert not torch.allclose(run(model), want, atol=1e-3)  # the cache is warm, old weights
+    if fastinfer._attention_kernels._onednn_available():
+        caches = [m.__dict__.get("_fastinfer_cache", {}) for m in model.modules()]
+        assert any(k.endswith("qkv") for c in caches for k in c)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(run(model), want, atol=1e-4, rtol=1e-3)
+    fastinfer.undo_attention_swap_(model)
+    assert all("_fastinfer_cache" not in m.__dict__ for m in model.modules())
 
 
 class _Wrap(nn.Module):
