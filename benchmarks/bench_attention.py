@@ -285,9 +285,7 @@ def main() -> None:
         "skips its fastpath because parameters require grad; the swap freezes them."
     )
     bench.note("hf baseline = BertModel as loaded (sdpa) under torch.inference_mode().")
-    bench.note(
-        "other engineers' jobs shared this 2-core machine: only ratios within a row mean anything"
-    )
+    bench.note("only ratios within a case mean anything: absolute times drift between runs")
     bench.finish()
 
 

@@ -512,7 +512,7 @@ def main() -> None:
         "poisson rows: latency from submit(); 'over the ideal's' is fastinfer's latency over the "
         "ideal greedy batcher's on the same submit times (1.00 x = no overhead)"
     )
-    bench.note(f"machine shared with other work; torch threads={torch.get_num_threads()}")
+    bench.note(f"torch threads={torch.get_num_threads()}")
     bench.finish()
 
 

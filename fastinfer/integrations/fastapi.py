@@ -117,8 +117,8 @@ class FastInferService:
         shutdown_timeout_s: how long shutdown waits for managed objects to drain.
         freeze_gc: once setup has finished, collect garbage and ``gc.freeze()`` what is left
             (the model, torch's and the app's modules) so that Python's full collections no
-            longer scan it. With torch imported a full collection takes about 70 ms on a server
-            core, and one lands every few seconds under load: a 70 ms stall in the p99. Shutdown
+            longer scan it. With torch imported a full collection takes 55-70 ms on a 2-core VM,
+            and each one that lands while requests wait is a stall in their latency. Shutdown
             unfreezes. ``False`` leaves the garbage collector alone.
     """
 
