@@ -91,16 +91,34 @@ class Packing:
 
 
 def _cached(owner: Any, name: str, parts: list[torch.Tensor], build: Callable[[], Any]) -> Any:
-    """``build()``, cached on ``owner`` until any of ``parts`` changes (load_state_dict, .to())."""
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
+    """``build()``, cached on ``owner`` until any of ``parts`` changes.
+
+    A change is a new tensor (``load_state_dict(assign=True)``, ``.to()``, ``p.data = ...``) or an
+    in-place write through the parameter itself (``load_state_dict``, ``p.copy_()`` under
+    ``no_grad``). The entry holds the parts' storages, so a new tensor can never reuse the old
+    one's address and pass for it. Writes through ``p.data`` bypass the version counter and are
+    not seen: ``undo_attention_swap_`` and swap again after them.
+    """
+    key = tuple(
+        (p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype, p.device) for p in parts
+    )
     cache = owner.__dict__.setdefault("_fastinfer_cache", {})
     hit = cache.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
+    cache.pop(name, None)  # free the stale value before building the new one
     with torch.no_grad():
         value = build()
-    cache[name] = (key, value)
+    cache[name] = (key, value, [p.untyped_storage() for p in parts])
     return value
+
+
+def _drop_cache(owner: Any) -> dict[str, Any]:
+    """``owner``'s state without its caches: oneDNN's reordered weights cannot be copied or
+    pickled (``copy.deepcopy``, ``torch.save``), and a copy rebuilds them on its first call."""
+    state = dict(owner.__dict__)
+    state.pop("_fastinfer_cache", None)
+    return state
 
 
 def _cached_cat(owner: Any, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -157,8 +175,11 @@ def dense(
             return torch.ops.mkldnn._linear_pointwise(  # type: ignore[no-any-return]
                 x, packed, bias.detach(), act or "none", [], "none" if act == "gelu" else ""
             )
-        except RuntimeError:  # a torch whose private op changed: plain matmuls from now on
-            _onednn = False
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower():
+                _onednn = False  # a torch whose private op changed: plain matmuls from now on
+    else:
+        owner.__dict__.get("_fastinfer_cache", {}).pop(name, None)  # moved off CPU fp32: free it
     y = F.linear(x, weight, bias)
     if act == "gelu":
         return F.gelu(y)
@@ -294,6 +315,9 @@ class FastHFLayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.__dict__["_original"](*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _drop_cache(self)
 
     def _qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.parts
@@ -487,7 +511,8 @@ def _torch_layer_packed(
     owner: nn.Module, i: int, layer: nn.TransformerEncoderLayer, h: torch.Tensor, packing: Packing
 ) -> torch.Tensor:
     a = layer.self_attn
-    act = {1: "relu", 2: "gelu"}.get(getattr(layer, "activation_relu_or_gelu", 0), "")
+    act = _act_name(layer.activation)
+    act = act if act in ("gelu", "relu") else ""
 
     def sa(x: torch.Tensor) -> torch.Tensor:
         qkv = dense(owner, f"{i}.qkv", x, a.in_proj_weight, a.in_proj_bias)
@@ -529,6 +554,9 @@ class PackedTorchEncoder(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_original"], name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _drop_cache(self)
 
     def forward(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import types
@@ -394,6 +395,70 @@ def test_packed_dense_weights_follow_a_new_state_dict(kind: str) -> None:
     torch.testing.assert_close(run(model), want, atol=1e-4, rtol=1e-3)
     fastinfer.undo_attention_swap_(model)
     assert all("_fastinfer_cache" not in m.__dict__ for m in model.modules())
+
+
+def test_packed_cache_sees_weights_replaced_twice_between_calls() -> None:
+    """A replaced weight cannot land at the old one's address and pass for it."""
+    model = testing.bert_like_classifier(enable_nested_tensor=False)
+    other = testing.bert_like_classifier(enable_nested_tensor=False, seed=1)
+    ids, mask = testing.text_batch(4, 16, padding=0.5)
+    want = other(ids, mask).detach()
+    fastinfer.swap_attention_(model, prefer="torch:packed")
+    model(ids, mask)  # the reordered weights are cached
+    theirs = dict(other.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.data = torch.randn_like(p)  # a first replacement, freed by the second
+            p.data = theirs[name].detach().clone()
+    torch.testing.assert_close(model(ids, mask), want, atol=1e-4, rtol=1e-3)
+
+
+def test_a_swapped_model_can_be_copied_and_saved_after_it_ran() -> None:
+    import io
+
+    model = testing.bert_like_classifier(enable_nested_tensor=False)
+    ids, mask = testing.text_batch(4, 16, padding=0.5)
+    fastinfer.swap_attention_(model, prefer="torch:packed")
+    out = model(ids, mask)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(ids, mask), out)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(ids, mask), out)
+
+
+def test_packed_path_on_weights_made_under_inference_mode() -> None:
+    with torch.inference_mode():
+        model = testing.bert_like_classifier(enable_nested_tensor=False)
+        ids, mask = testing.text_batch(4, 16, padding=0.5)
+        ref = model(ids, mask)
+        report = fastinfer.swap_attention_(model, example_inputs=(ids, mask), repeat=1)
+        assert report.path("torch:packed").verified is True
+        fastinfer.undo_attention_swap_(model)
+        fastinfer.swap_attention_(model, prefer="torch:packed")
+        torch.testing.assert_close(model(ids, mask), ref, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "activation", [nn.GELU(approximate="tanh"), torch.tanh], ids=["gelu-tanh", "tanh"]
+)
+def test_packed_path_applies_the_layers_own_activation(activation: Any) -> None:
+    with testing.seeded(0):
+        enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+            2,
+            enable_nested_tensor=False,
+        )
+    for layer in enc.layers:
+        layer.activation = activation  # set after construction, as some code does
+    model = _Wrap(enc).eval()
+    src = torch.randn(4, 10, 32)
+    pad = testing.text_batch(4, 10, padding=0.5)[1] == 0
+    ref = model(src, pad).detach()
+    fastinfer.swap_attention_(model, prefer="torch:packed")
+    valid = ~pad
+    torch.testing.assert_close(model(src, pad)[valid], ref[valid], atol=1e-5, rtol=1e-4)
 
 
 class _Wrap(nn.Module):

@@ -710,6 +710,36 @@ def test_a_sync_fn_starts_in_its_thread_when_the_batch_is_sealed() -> None:
     run(main())
 
 
+def test_a_batch_cancelled_before_its_first_step_still_resolves_its_callers() -> None:
+    """A loop that shuts down can cancel a batch task before it ever runs: no caller is lost."""
+
+    async def main() -> None:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+
+        def fn(items: list[int]) -> list[int]:
+            raise ValueError("the model failed")
+
+        b = DynamicBatcher(fn, max_batch_size=1, max_wait_ms=0)
+        caller = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0)  # sealed and launched; the batch task has not run yet
+        (task,) = b._tasks
+        task.cancel()
+        with pytest.raises(BatchError, match="cancelled before it ran"):
+            await caller
+        await settle()
+        st = b.statistics()
+        assert (st.batches_in_flight, st.requests_failed) == (0, 1)
+        await b.aclose()
+        import gc
+
+        gc.collect()  # an unretrieved future exception is logged when the future is collected
+        await settle()
+        assert errors == []
+
+    run(main())
+
+
 def test_a_sync_fn_in_its_thread_isolates_bad_items_and_collate_errors() -> None:
     async def main() -> None:
         clock = ManualClock()

@@ -872,7 +872,20 @@ class DynamicBatcher(Generic[T, R]):
         started = self._start(reqs)
         task = self._loop.create_task(self._run_batch(bid, reqs, reason, now, started))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._batch_task_done, bid, reqs))
+
+    def _batch_task_done(self, bid: int, reqs: list[_Request], task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if bid not in self._running_ends:
+            return  # _run_batch's finally ran: every request is resolved
+        # Cancelled before its first step (the loop shut down): its finally never ran.
+        self._running_ends.pop(bid)
+        self._in_flight -= 1
+        for r in reqs:
+            self._resolve(
+                r, BatchError(f"{self._name}: the batch was cancelled before it ran"), len(reqs)
+            )
+        self._notify_drained()
 
     async def _run_batch(
         self, bid: int, reqs: list[_Request], reason: str, started: float, call: _Started | None
@@ -981,13 +994,17 @@ class DynamicBatcher(Generic[T, R]):
         """Hand a sync fn its batch in the worker thread at once (``None``: the task calls it)."""
         if self._is_async or not self._run_in_thread:
             return None
+        assert self._loop is not None
         try:
             arg, ctx, size = self._prepare(group)
+            t0 = self._clock.time()
+            future = self._loop.run_in_executor(self._pool(), self._fn, arg)
         except Exception:
-            return None  # the task prepares it again and handles the error like any other
-        assert self._loop is not None
-        t0 = self._clock.time()
-        return _Started(self._loop.run_in_executor(self._pool(), self._fn, arg), ctx, size, t0)
+            return None  # the task tries again and hands the error to the callers like any other
+        # If the batch task never runs (its loop shuts down first), nobody awaits this future:
+        # read its outcome here so that asyncio does not log an unretrieved exception.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return _Started(future, ctx, size, t0)
 
     async def _call(self, group: list[_Request], call: _Started | None = None) -> list[Any]:
         n = len(group)

@@ -119,7 +119,9 @@ class FastInferService:
             (the model, torch's and the app's modules) so that Python's full collections no
             longer scan it. With torch imported a full collection takes 55-70 ms on a 2-core VM,
             and each one that lands while requests wait is a stall in their latency. Shutdown
-            unfreezes. ``False`` leaves the garbage collector alone.
+            unfreezes. Both are process-wide: pass ``False`` when the application manages the
+            collector itself (a pre-fork server that freezes before forking, several services
+            in one process), and the collector is left alone.
     """
 
     def __init__(
