@@ -7,8 +7,8 @@ Two ways to skip padding, both on the model's own weights (state-dict keys do no
   attention each sequence's structure back by scattering Q/K/V into a zeroed ``(B, T_max, 3D)``
   buffer for one masked SDPA call. Scatter the result back (padded rows = exact zeros) at the end.
   On CPU in float32 the dense ops run through oneDNN on weights reordered once into its blocked
-  layout (the activation fused into the first feed-forward matmul): about 1.2x the matmul rate of
-  ``F.linear`` on this machine's cores, for a second copy of the dense weights in memory.
+  layout (the activation fused into the first feed-forward matmul): 1.10-1.28x ``F.linear`` on
+  BERT's shapes (``benchmarks/bench_dense.py``), for a second copy of the dense weights in memory.
 * **fused**: what optimum's BetterTransformer did: every layer runs
   ``torch._transformer_encoder_layer_fwd`` (the op behind ``nn.TransformerEncoderLayer``'s
   fastpath), on a nested tensor when the batch is padded.

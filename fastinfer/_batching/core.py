@@ -538,7 +538,7 @@ class DynamicBatcher(Generic[T, R]):
                 raise QueueFull(
                     f"{self._name} would miss latency_target_ms={self._target * 1000:g}: predicted "
                     f"latency {predicted * 1000:.1f} ms with {self._depth} requests waiting (over "
-                    f"the {plan * 1000:.3g} ms it plans for, 95% of the target); retry after "
+                    f"the {plan * 1000:.3g} ms it plans for, {_HEADROOM:.0%} of the target); retry after "
                     f"~{retry * 1000:.0f} ms",
                     retry_after=retry,
                 )
@@ -885,7 +885,7 @@ class DynamicBatcher(Generic[T, R]):
             self._resolve(
                 r, BatchError(f"{self._name}: the batch was cancelled before it ran"), len(reqs)
             )
-        self._notify_drained()
+        self._schedule()  # the slot is free again, as at the end of _run_batch
 
     async def _run_batch(
         self, bid: int, reqs: list[_Request], reason: str, started: float, call: _Started | None

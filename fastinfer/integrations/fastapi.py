@@ -117,7 +117,7 @@ class FastInferService:
         shutdown_timeout_s: how long shutdown waits for managed objects to drain.
         freeze_gc: once setup has finished, collect garbage and ``gc.freeze()`` what is left
             (the model, torch's and the app's modules) so that Python's full collections no
-            longer scan it. With torch imported a full collection takes 55-70 ms on a 2-core VM,
+            longer scan it. With torch imported a full collection takes 56-72 ms on a 2-core VM,
             and each one that lands while requests wait is a stall in their latency. Shutdown
             unfreezes. Both are process-wide: pass ``False`` when the application manages the
             collector itself (a pre-fork server that freezes before forking, several services
