@@ -1,1 +1,0 @@
-"""Private parts of :mod:`fastinfer.batching` (collation and the adaptive cost model)."""
