@@ -70,7 +70,7 @@ if cfg["mode"] == "aot":
     result["first_output_s"] = time.perf_counter() - t0
     with torch.inference_mode():
         ref = model(*inputs)
-    torch.testing.assert_close(fastinfer.compiling._leaves(out), fastinfer.compiling._leaves(ref), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fastinfer.compiling._verify.leaves(out), fastinfer.compiling._verify.leaves(ref), rtol=1e-4, atol=1e-4)
 else:
     if cfg["mode"] == "bundle":
         cache = fastinfer.InductorCache.import_(cfg["bundle"], cfg["cache"])

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from _harness import Bench
 
-from fastinfer._demo import _service
-from fastinfer._demo import model as demo_model
-from fastinfer._loadgen import LoadResult, closed_loop, open_loop
+from fastinfer._cli.demo import _service
+from fastinfer._cli.demo import model as demo_model
+from fastinfer._cli.loadgen import LoadResult, closed_loop, open_loop
 
 
 def offline_ceiling(
@@ -97,7 +97,7 @@ def main() -> None:
                 bench.add_value(f"closed c={conc}", f"{mode} p99", res.p99, unit="s")
                 for rate in rates:
                     r = asyncio.run(
-                        open_loop(target, payload, rate=rate, duration_s=open_s, label=mode)
+                        open_loop(target, payload, rate=rate, duration_seconds=open_s, label=mode)
                     )
                     case = f"open {rate:g}/s"
                     bench.add_value(case, f"{mode} achieved", r.throughput, unit="req/s")

@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 import fastinfer
-from fastinfer._warm import load_factory, parse_input
+from fastinfer._cli.warm import load_factory, parse_input
 from fastinfer.errors import InvalidInput
 from fastinfer.integrations.fastapi import FastInferService
 

@@ -11,12 +11,17 @@ from fastinfer.attention import (
     undo_attention_swap_,
 )
 from fastinfer.batching import (
+    BatcherConfig,
+    BatcherStatistics,
     DynamicBatcher,
     batch,
 )
 from fastinfer.compiling import (
     BackendReport,
+    CacheStatistics,
     CompiledModel,
+    CompileStatistics,
+    InductorCache,
     compile_model,
     export_aot,
     load_aot,
@@ -25,9 +30,11 @@ from fastinfer.compiling import (
 from fastinfer.errors import (
     AttentionSwapError,
     BatchError,
+    CacheLockTimeout,
     CacheMismatchError,
     CardinalityError,
     CheckpointError,
+    ClientDisconnected,
     ClosedError,
     CompileError,
     ConfigError,
@@ -37,6 +44,7 @@ from fastinfer.errors import (
     LoadError,
     MetricNameError,
     MissingDependencyError,
+    NotReady,
     QueueFull,
     RecompileError,
     StateDictMismatch,
@@ -46,9 +54,7 @@ from fastinfer.errors import (
     WorkerError,
     WorkerStartupError,
     WorkerTimeout,
-)
-from fastinfer.inductor_cache import (
-    InductorCache,
+    WouldBlockError,
 )
 from fastinfer.loading import (
     LoadReport,
@@ -61,10 +67,12 @@ from fastinfer.loading import (
 from fastinfer.metrics import (
     MetricsRecorder,
     MetricsSnapshot,
+    RecorderStatistics,
 )
 from fastinfer.pool import (
     CorePlan,
     PinnedPool,
+    PoolStatistics,
     configure_threads,
 )
 from fastinfer.profiling import (
@@ -78,11 +86,17 @@ __all__ = [
     "AttentionSwapError",
     "BackendReport",
     "BatchError",
+    "BatcherConfig",
+    "BatcherStatistics",
+    "CacheLockTimeout",
     "CacheMismatchError",
+    "CacheStatistics",
     "CardinalityError",
     "CheckpointError",
+    "ClientDisconnected",
     "ClosedError",
     "CompileError",
+    "CompileStatistics",
     "CompiledModel",
     "ConfigError",
     "CorePlan",
@@ -97,9 +111,12 @@ __all__ = [
     "MetricsRecorder",
     "MetricsSnapshot",
     "MissingDependencyError",
+    "NotReady",
     "PinnedPool",
+    "PoolStatistics",
     "QueueFull",
     "RecompileError",
+    "RecorderStatistics",
     "StateDictMismatch",
     "UnsafeCheckpointError",
     "VerificationError",
@@ -107,6 +124,7 @@ __all__ = [
     "WorkerError",
     "WorkerStartupError",
     "WorkerTimeout",
+    "WouldBlockError",
     "__version__",
     "batch",
     "compile_model",

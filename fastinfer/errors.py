@@ -12,6 +12,9 @@ both work. Messages say what failed, name the offending items and say the fix.
     ├── InvalidInput (ValueError)                 a request's input is malformed (HTTP 422)
     ├── MissingDependencyError (ImportError)      an optional extra is not installed
     ├── ClosedError (RuntimeError)                the object was closed (or not started)
+    ├── NotReady (RuntimeError)                   a service has not finished its setup (HTTP 503)
+    ├── ClientDisconnected (ConnectionError)      the HTTP client left; its work was cancelled
+    ├── WouldBlockError (RuntimeError)            a blocking call on a loop thread would deadlock
     ├── QueueFull (RuntimeError)                  backpressure: a queue limit was hit
     ├── DeadlineExceeded (TimeoutError)           a request timed out before it got a result
     ├── BatchError (RuntimeError)                 a batch function broke its contract
@@ -23,6 +26,7 @@ both work. Messages say what failed, name the offending items and say the fix.
     ├── CompileError (RuntimeError)               compiling or warming up a model failed
     │   └── RecompileError                        a compile was attempted at serve time
     ├── CacheMismatchError (RuntimeError)         a compile cache was built for another machine
+    ├── CacheLockTimeout (TimeoutError)           waited too long for another process's compile
     ├── VerificationError (AssertionError)        outputs differ from eager beyond tolerance
     ├── AttentionSwapError (RuntimeError)         an attention path cannot be applied
     └── WorkerError (RuntimeError)                process-pool failures
@@ -38,9 +42,11 @@ from __future__ import annotations
 __all__ = [
     "AttentionSwapError",
     "BatchError",
+    "CacheLockTimeout",
     "CacheMismatchError",
     "CardinalityError",
     "CheckpointError",
+    "ClientDisconnected",
     "ClosedError",
     "CompileError",
     "ConfigError",
@@ -50,6 +56,7 @@ __all__ = [
     "LoadError",
     "MetricNameError",
     "MissingDependencyError",
+    "NotReady",
     "QueueFull",
     "RecompileError",
     "StateDictMismatch",
@@ -59,6 +66,7 @@ __all__ = [
     "WorkerError",
     "WorkerStartupError",
     "WorkerTimeout",
+    "WouldBlockError",
 ]
 
 
@@ -84,6 +92,18 @@ class MissingDependencyError(FastInferError, ImportError):
 
 class ClosedError(FastInferError, RuntimeError):
     """The object was used after ``close()`` (or before it was started)."""
+
+
+class NotReady(FastInferError, RuntimeError):
+    """A service has not finished its setup (load, compile, warm-up) yet: HTTP 503."""
+
+
+class ClientDisconnected(FastInferError, ConnectionError):
+    """The HTTP client left before its result was ready; its queued work was cancelled."""
+
+
+class WouldBlockError(FastInferError, RuntimeError):
+    """A blocking call was made on the thread that runs an event loop it would wait for (deadlock)."""
 
 
 class QueueFull(FastInferError, RuntimeError):
@@ -135,6 +155,10 @@ class RecompileError(CompileError):
 
 class CacheMismatchError(FastInferError, RuntimeError):
     """A compile cache or bundle was built for another environment (torch, ISA, threads, GPU...)."""
+
+
+class CacheLockTimeout(FastInferError, TimeoutError):
+    """Waiting for another process to finish compiling into a cache took longer than allowed."""
 
 
 class VerificationError(FastInferError, AssertionError):

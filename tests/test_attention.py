@@ -18,7 +18,8 @@ from torch import nn
 
 import fastinfer
 from fastinfer import _attention_swap, _attention_why, testing
-from fastinfer.attention import _unregister_attention_swap, optimum_status, swapped_path
+from fastinfer.attention import optimum_status
+from fastinfer.attention._types import REGISTRY, unregister_attention_swap
 from fastinfer.errors import AttentionSwapError, ConfigError
 
 # --------------------------------------------------------------------------------------------
@@ -48,10 +49,10 @@ def _assert_valid_equal(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -
 
 @pytest.fixture(autouse=True)
 def _no_leftover_registrations() -> Iterator[None]:
-    before = dict(fastinfer.attention._REGISTRY)
+    before = dict(REGISTRY)
     yield
-    fastinfer.attention._REGISTRY.clear()
-    fastinfer.attention._REGISTRY.update(before)
+    REGISTRY.clear()
+    REGISTRY.update(before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def test_hf_swap_with_example_inputs_measures_verifies_and_undo_is_bit_exact(tmp
     assert names[0] == "original" and {"hf:packed", "hf:fused", "hf:sdpa"} <= set(names)
     for p in report.paths:
         if p.available:
-            assert p.latency_s is not None and p.latency_s > 0
+            assert p.latency_seconds is not None and p.latency_seconds > 0
             assert p.verified is True and p.max_abs_error is not None
     assert report.path("hf:flash_attention_2").available is False
     assert report.measured and report.speedup is not None
@@ -239,9 +240,9 @@ def test_hf_compile_usefulness_is_reported_and_marked_on_model() -> None:
     report = fastinfer.swap_attention_(model, prefer="hf:fused")
     assert report.compile_useful is False and "opaque fused" in report.compile_reason
     assert model._fastinfer_attention["compile_useful"] is False
-    assert swapped_path(model) == "hf:fused"
+    assert model.__dict__["_fastinfer_attention"]["path"] == "hf:fused"
     fastinfer.undo_attention_swap_(model)
-    assert "_fastinfer_attention" not in model.__dict__ and swapped_path(model) is None
+    assert "_fastinfer_attention" not in model.__dict__
     report = fastinfer.swap_attention_(model, prefer="hf:sdpa")
     assert report.compile_useful is True
     fastinfer.undo_attention_swap_(model)
@@ -345,9 +346,9 @@ def test_without_padding_the_nested_path_is_not_timed() -> None:
     report = fastinfer.swap_attention_(model, example_inputs=(ids, mask), repeat=1)
     paths = {p.name: p for p in report.paths}
     nested = paths["torch:fastpath-nested"]
-    assert nested.latency_s is None and "no padding" in nested.reason
+    assert nested.latency_seconds is None and "no padding" in nested.reason
     assert report.chosen != "torch:fastpath-nested"
-    assert paths["torch:fastpath"].latency_s is not None
+    assert paths["torch:fastpath"].latency_seconds is not None
     fastinfer.undo_attention_swap_(model)
     # asked for by name, it still runs
     report = fastinfer.swap_attention_(
@@ -388,7 +389,7 @@ def test_packed_dense_weights_follow_a_new_state_dict(kind: str) -> None:
     want = run(other)
     fastinfer.swap_attention_(model, prefer=path)
     assert not torch.allclose(run(model), want, atol=1e-3)  # the cache is warm, old weights
-    if fastinfer._attention_kernels._onednn_available():
+    if fastinfer.attention._packing.onednn_available():
         caches = [m.__dict__.get("_fastinfer_cache", {}) for m in model.modules()]
         assert any(k.endswith("qkv") for c in caches for k in c)
     model.load_state_dict(other.state_dict())
@@ -933,7 +934,7 @@ def test_verification_catches_a_wrong_replacement_and_undoes_it() -> None:
     assert type(model.attn) is MyAttention and torch.equal(model(x), ref)
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     fastinfer.undo_attention_swap_(model)  # a no-op after a kept original
-    _unregister_attention_swap(MyAttention)
+    unregister_attention_swap(MyAttention)
 
 
 class _FakeClock:
@@ -970,8 +971,8 @@ def test_choice_by_measurement_keeps_the_fastest(replacement_cost: float, expect
     x = torch.randn(2, 6, 16)
     report = fastinfer.swap_attention_(model, example_inputs=(x,), repeat=3, clock=clock)
     assert report.chosen == expected
-    assert report.path("original").latency_s == 5.0
-    assert report.path("registered").latency_s == replacement_cost
+    assert report.path("original").latency_seconds == 5.0
+    assert report.path("registered").latency_seconds == replacement_cost
     if expected == "registered":
         assert report.speedup == pytest.approx(5.0 / replacement_cost)
         fastinfer.undo_attention_swap_(model)

@@ -19,7 +19,8 @@ from fastinfer import (
     DynamicBatcher,
     QueueFull,
 )
-from fastinfer.batching import BatchRecord, PadCollate, RequestRecord, WouldBlockError
+from fastinfer.batching import BatchRecord, PadCollate, RequestRecord
+from fastinfer.errors import WouldBlockError
 from fastinfer.testing import HashTokenizer, ManualClock, bert_like_classifier
 
 
@@ -254,7 +255,7 @@ def test_adaptive_still_batches_under_load() -> None:
     ids=["idle", "100/s", "500/s"],
 )
 def test_wait_threshold(rate: float, want: float) -> None:
-    from fastinfer._batching.model import wait_threshold
+    from fastinfer.batching._cost_model import wait_threshold
 
     assert wait_threshold(rate, 0.001, 0.010) == pytest.approx(want)
 

@@ -149,7 +149,7 @@ def test_cli_warm_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_cli_input_specs() -> None:
-    from fastinfer._warm import parse_input
+    from fastinfer._cli.warm import parse_input
 
     name, t = parse_input("float32[B,32]", 4)
     assert name is None and t.shape == (4, 32) and t.dtype == torch.float32

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from fastinfer import CacheMismatchError, ConfigError, InductorCache
-from fastinfer.inductor_cache import MANIFEST, CacheLockTimeout, environment_manifest
+from fastinfer.compiling import MANIFEST, environment_manifest
+from fastinfer.errors import CacheLockTimeout
 
 
 def test_env_and_config_are_set_inside_and_restored_after(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ class Gate:
 def make_app(
     fn: Callable[[list[int]], list[Any]], setup_gate: threading.Event | None = None, **kw: Any
 ) -> tuple[FastAPI, FastInferService]:
-    svc = FastInferService(retry_after_s=2.0)
+    svc = FastInferService(retry_after_seconds=2.0)
 
     @svc.setup
     def build(svc: FastInferService) -> None:

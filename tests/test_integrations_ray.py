@@ -19,8 +19,8 @@ import torch
 from conftest import ROOT, run_python
 
 from fastinfer import ConfigError
-from fastinfer._topology import Core, CorePlan
 from fastinfer.integrations.ray import FastInferReplica, replica_threads
+from fastinfer.pool import Core, CorePlan
 
 
 def _plan(cores: int, quota: float | None = None) -> CorePlan:
@@ -75,7 +75,7 @@ def test_replica_outside_ray_keeps_metrics_local() -> None:
     [
         ({"threads": "all"}, "threads must be"),
         ({"name": ""}, "name must be"),
-        ({"ship_interval_s": 0}, "ship_interval_s"),
+        ({"ship_interval_seconds": 0}, "ship_interval_seconds"),
     ],
     ids=["threads", "name", "interval"],
 )
@@ -160,7 +160,7 @@ def test_two_replicas_on_a_local_ray_cluster(tmp_path: Path) -> None:
                 from fastinfer import testing
                 from fastinfer.integrations.ray import FastInferReplica
 
-                self.fi = FastInferReplica(name="mlp", bundle=bundle, ship_interval_s=0.2)
+                self.fi = FastInferReplica(name="mlp", bundle=bundle, ship_interval_seconds=0.2)
                 compiled = self.fi.compile(
                     testing.tiny_mlp(), torch.randn(8, 32), batch_sizes=(1, 8)
                 )

@@ -16,7 +16,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable
-from dataclasses import FrozenInstanceError, dataclass, field
+from dataclasses import FrozenInstanceError, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 import fastinfer
 from fastinfer import CardinalityError, ConfigError, MetricNameError, MetricsRecorder
 from fastinfer import metrics as fm
+from fastinfer._common import export as ex
 from fastinfer.metrics import LogLinearBuckets, MetricsSnapshot, standard_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -409,7 +410,7 @@ class _FakeClock:
 
 def test_timer_context_manager_and_decorator(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _FakeClock()
-    monkeypatch.setattr(fm.time, "perf_counter", clock)
+    monkeypatch.setattr(fm._timer.time, "perf_counter", clock)
     rec = MetricsRecorder()
     with rec.timer("t_block_seconds") as t:
         clock.now += 0.25
@@ -797,15 +798,24 @@ def test_merge_from_spawned_worker_processes_is_exact_across_a_restart() -> None
 
 @dataclass(frozen=True)
 class _BatcherStats:
-    queue_depth: int
-    requests_ok: int
-    requests_rejected: int
-    batches_total: int
-    mean_batch_size: float
-    worker_busy_ratio: dict[str, float] = field(default_factory=dict)
-    name: str = "b"
-    queue_per_worker: dict[int, int] = field(default_factory=lambda: {0: 1, 1: 4})
-    compile_seconds: float = 2.5  # would collide with the standard histogram: skipped
+    """Declares its exports the way fastinfer's own statistics classes do."""
+
+    queue_depth: int = ex.gauge(standard="fastinfer_queue_depth")
+    requests_ok: int = ex.counter(standard="fastinfer_requests_total", labels={"outcome": "ok"})
+    requests_rejected: int = ex.counter(
+        standard="fastinfer_requests_total", labels={"outcome": "rejected"}
+    )
+    batches_total: int = ex.counter()
+    mean_batch_size: float = ex.gauge()
+    worker_busy_ratio: dict[str, float] = ex.gauge(
+        standard="fastinfer_worker_busy_ratio", key_label="worker", default_factory=dict
+    )
+    name: str = ex.not_exported("text", default="b")
+    queue_per_worker: dict[int, int] = ex.gauge(
+        key_label="worker", default_factory=lambda: {0: 1, 1: 4}
+    )
+    # would collide with the standard histogram: skipped
+    compile_seconds: float = ex.gauge(default=2.5)
 
 
 class _FakeBatcher:
@@ -963,22 +973,40 @@ def test_public_names() -> None:
 def test_track_exports_sub_unit_fields_in_seconds() -> None:
     # A statistics() field in milliseconds becomes a *_seconds gauge (units are explicit).
     from dataclasses import dataclass
+    from typing import Any
 
     from fastinfer import MetricsRecorder
 
     @dataclass(frozen=True)
     class Stats:
+        max_wait_ms: float = ex.gauge(unit="ms")
+        queue_depth: int = ex.gauge(standard="fastinfer_queue_depth")
+
+    @dataclass(frozen=True)
+    class Undeclared:  # a user's own statistics: exported by field names, nothing standard
         max_wait_ms: float
         queue_depth: int
+        done_total: int
 
     class Thing:
-        def statistics(self) -> Stats:
-            return Stats(max_wait_ms=5.0, queue_depth=3)
+        def __init__(self, stats: Any) -> None:
+            self.stats = stats
 
-    thing = Thing()
+        def statistics(self) -> Any:
+            return self.stats
+
+    thing = Thing(Stats(max_wait_ms=5.0, queue_depth=3))
     rec = MetricsRecorder()
     rec.track(thing, prefix="fastinfer_demo")
     snap = rec.snapshot()
     assert snap.value("fastinfer_demo_max_wait_seconds") == 0.005
     assert "fastinfer_demo_max_wait_ms" not in snap
     assert snap.value("fastinfer_queue_depth") == 3
+
+    other = Thing(Undeclared(max_wait_ms=2.0, queue_depth=4, done_total=7))
+    rec2 = MetricsRecorder()
+    rec2.track(other, prefix="app")
+    snap2 = rec2.snapshot()
+    assert snap2.value("app_max_wait_seconds") == 0.002
+    assert snap2.value("app_queue_depth") == 4 and "fastinfer_queue_depth" not in snap2
+    assert snap2["app_done_total"].kind == "counter"

@@ -32,7 +32,7 @@ from fastinfer import (
     WorkerStartupError,
     WorkerTimeout,
 )
-from fastinfer._topology import Core
+from fastinfer.pool import Core
 
 pytestmark = pytest.mark.timeout(120)  # a hang fails fast
 
@@ -133,18 +133,28 @@ def test_worker_exception_keeps_its_type_and_traceback(pool: PinnedPool) -> None
 def test_executor_protocol_and_asyncio(pool: PinnedPool) -> None:
     async def main() -> tuple[Any, ...]:
         loop = asyncio.get_running_loop()
-        a = await loop.run_in_executor(pool, os.getpid)
+        a = await loop.run_in_executor(pool.executor(), os.getpid)
         b = await pool.run(("echo", "hi"))
         c = await asyncio.gather(*(pool.run(("echo", i)) for i in range(6)))
-        d = await loop.run_in_executor(pool, h.state_calls)
-        return a, b, c, d
+        d = await loop.run_in_executor(pool.executor(), h.state_calls)
+        e = await pool.run_call(os.getpid)
+        return a, b, c, d, e
 
-    pid, echoed, many, calls = asyncio.run(main())
+    pid, echoed, many, calls, pid2 = asyncio.run(main())
     assert pid in {w.pid for w in pool.statistics().per_worker} and pid != os.getpid()
+    assert pid2 in {w.pid for w in pool.statistics().per_worker}
     assert echoed == "hi" and many == list(range(6)) and calls >= 1
-    assert list(pool.map(abs, [-1, -2, 3])) == [1, 2, 3]
-    with pytest.raises(ConfigError, match="pass a callable first"):
-        pool.submit("batch", 1)
+    assert list(pool.executor().map(abs, [-1, -2, 3])) == [1, 2, 3]
+    with pytest.raises(TypeError):
+        pool.submit("batch", 1)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="needs a callable"):
+        pool.submit_call("not a function")  # type: ignore[arg-type]
+
+
+def test_a_callable_item_is_an_item_not_a_function_to_run(pool: PinnedPool) -> None:
+    """submit(x) never looks at whether x is callable: x is data for fn(state, x)."""
+    assert pool.submit(("echo", abs)).result(timeout=60) is abs
+    assert pool.submit_call(abs, -3).result(timeout=60) == 3
 
 
 def test_submit_is_thread_safe_and_load_is_spread(pool: PinnedPool) -> None:
@@ -282,7 +292,7 @@ def test_close_drains_then_refuses_and_warns_about_busy_cores(
 ) -> None:
     with (
         caplog.at_level(logging.WARNING, logger="fastinfer.pool"),
-        mock.patch.object(pool_mod, "_sample_cpu_load", return_value={0: 97.0}),
+        mock.patch.object(pool_mod._pool, "_sample_cpu_load", return_value={0: 97.0}),
     ):
         p = PinnedPool(h.init_model, h.predict, workers=1, numa="bind")
     s = p.statistics()
@@ -396,7 +406,7 @@ def test_a_queued_call_can_be_cancelled(pool: PinnedPool, tmp_path: Path) -> Non
 def test_a_failed_process_start_is_a_startup_error() -> None:
     enomem = OSError(12, "Cannot allocate memory")
     with (
-        mock.patch.object(pool_mod.subprocess, "Popen", side_effect=enomem),
+        mock.patch.object(pool_mod._supervisor.subprocess, "Popen", side_effect=enomem),
         pytest.raises(WorkerStartupError, match=r"cannot start worker 0: .*Cannot allocate memory"),
     ):
         PinnedPool(h.init_model, h.predict, workers=1, load_warning_threshold=None)

@@ -11,7 +11,7 @@ import torch
 from conftest import run_python
 
 from fastinfer import ConfigError, CorePlan, configure_threads
-from fastinfer._topology import parse_cpulist
+from fastinfer.pool import parse_cpulist
 
 
 def fake_tree(

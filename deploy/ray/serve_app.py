@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from fastinfer._warm import load_factory, parse_input
+from fastinfer._cli.warm import load_factory, parse_input
 from fastinfer.errors import ConfigError, InvalidInput, QueueFull
 from fastinfer.integrations.ray import FastInferReplica, metrics_app
 

@@ -39,13 +39,13 @@ class LoadResult:
     sent: int
     ok: int
     statuses: dict[int, int]
-    duration_s: float
+    duration_seconds: float
     latencies: tuple[float, ...] = field(repr=False)
 
     @property
     def throughput(self) -> float:
         """Successful requests per second over the run."""
-        return self.ok / self.duration_s if self.duration_s else 0.0
+        return self.ok / self.duration_seconds if self.duration_seconds else 0.0
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -71,7 +71,7 @@ class LoadResult:
             "sent": self.sent,
             "ok": self.ok,
             "statuses": {str(k): v for k, v in self.statuses.items()},
-            "duration_s": self.duration_s,
+            "duration_seconds": self.duration_seconds,
             "throughput_rps": self.throughput,
             "p50_s": self.p50,
             "p99_s": self.p99,
@@ -140,13 +140,13 @@ async def open_loop(
     payload: Payload,
     *,
     rate: float,
-    duration_s: float,
+    duration_seconds: float,
     seed: int = 0,
     timeout: float = 30.0,
     max_in_flight: int = 2048,
     label: str = "",
 ) -> LoadResult:
-    """Poisson arrivals at ``rate``/s for ``duration_s``; waits for the stragglers, then returns."""
+    """Poisson arrivals at ``rate``/s for ``duration_seconds``; waits for the stragglers, then returns."""
     rng = random.Random(seed)
     lat: list[float] = []
     statuses: Counter[int] = Counter()
@@ -154,7 +154,7 @@ async def open_loop(
     async with _client(max_in_flight, timeout) as client:
         t0 = time.perf_counter()
         next_at, i = t0, 0
-        while next_at < t0 + duration_s:
+        while next_at < t0 + duration_seconds:
             delay = next_at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -15,10 +15,8 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,8 +75,7 @@ def load_factory(target: str) -> Any:
 
 
 def run_warm(args: Any) -> int:
-    from fastinfer.compiling import compile_model, export_aot
-    from fastinfer.inductor_cache import InductorCache
+    from fastinfer.compiling import InductorCache, compile_model, export_aot
 
     if bool(args.bundle) == bool(args.aot):
         raise ConfigError("give exactly one of --bundle PATH or --aot PATH")
@@ -147,13 +144,3 @@ def add_parser(sub: Any) -> None:
     warm.add_argument("--tag", help="tag recorded in the cache manifest")
     warm.add_argument("--backend", default="inductor")
     warm.add_argument("--mode", default=None)
-
-
-def main(argv: Sequence[str]) -> int:  # pragma: no cover - thin alias for python -m
-    from fastinfer.__main__ import main as cli
-
-    return cli(["warm", *argv])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))

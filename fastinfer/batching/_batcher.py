@@ -1,113 +1,56 @@
-"""The DynamicBatcher itself: queueing, batch formation, execution, error isolation, lifecycle."""
+"""The DynamicBatcher: queueing, admission, loop binding, statistics and lifecycle.
+
+Batch formation lives in ``_forming.py``, batch execution in ``_running.py``; the state they share
+is declared in ``_core.py``; the data options are a :class:`BatcherConfig` (``_config.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import concurrent.futures
 import functools
 import inspect
-import logging
 import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
-from fastinfer._batching.collate import Collator, default_length, make_collator, split_output
-from fastinfer._batching.loop import (
-    Clock,
-    Handle,
-    LoopClock,
-    LoopThread,
-    UnboundClock,
-    WouldBlockError,
-)
-from fastinfer._batching.model import ArrivalRate, CostModel, wait_threshold
-from fastinfer._batching.records import (
+from fastinfer._common.quantiles import summary
+from fastinfer.batching._collate import Collator, default_length, make_collator
+from fastinfer.batching._config import BatcherConfig, optional_positive
+from fastinfer.batching._core import CLOSED, CLOSING, HEADROOM, OPEN, WINDOW
+from fastinfer.batching._cost_model import ArrivalRate, CostModel
+from fastinfer.batching._forming import Forming
+from fastinfer.batching._loop import Clock, Handle, LoopClock, LoopThread, UnboundClock
+from fastinfer.batching._records import (
     DISPATCH_REASONS,
     BatcherStatistics,
     BatchRecord,
     RequestRecord,
-    summary,
 )
-from fastinfer.errors import BatchError, ClosedError, ConfigError, DeadlineExceeded, QueueFull
+from fastinfer.batching._request import DONE, QUEUED, Request
+from fastinfer.batching._running import Running
+from fastinfer.errors import ClosedError, ConfigError, QueueFull, WouldBlockError
 
 __all__ = ["DynamicBatcher"]
-
-logger = logging.getLogger("fastinfer.batching")
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-_QUEUED, _RUNNING, _DONE = 0, 1, 2  # request states
-_OPEN, _CLOSING, _CLOSED = 0, 1, 2  # batcher states
-_WINDOW = 10_000  # samples kept for the distributions in statistics()
-_DISCARD = object()
-_HEADROOM = 0.95  # latency_target_ms: admission and dispatch plan for this share of the target
+# Keyword defaults of DynamicBatcher: a keyword left at its default may go with config=.
+_DEFAULTS: dict[str, Any] = {
+    "max_concurrent_batches": 1,
+    "policy": "fixed",
+    "pad_to_preferred": False,
+    "on_error": "isolate",
+    "run_in_thread": True,
+    "own_loop": False,
+    "name": "DynamicBatcher",
+}
 
 
-class _ContractError(Exception):
-    """fn broke the result contract (wrong length, unsplittable output): fail, do not bisect."""
-
-
-class _Request:
-    __slots__ = (
-        "arrival",
-        "cost",
-        "deadline",
-        "future",
-        "item",
-        "length",
-        "priority",
-        "started",
-        "state",
-        "timer",
-    )
-
-    def __init__(self, item: Any, future: asyncio.Future[Any], arrival: float, priority: int):
-        self.item = item
-        self.future = future
-        self.arrival = arrival
-        self.priority = priority
-        self.deadline: float | None = None
-        self.cost = 1.0
-        self.length = 0
-        self.started: float | None = None
-        self.state = _QUEUED
-        self.timer: Handle | None = None
-
-
-class _Started:
-    """A first call of ``fn`` already running in the worker thread (see ``_start``)."""
-
-    __slots__ = ("ctx", "future", "size", "t0")
-
-    def __init__(self, future: asyncio.Future[Any], ctx: Any, size: int, t0: float) -> None:
-        self.future, self.ctx, self.size, self.t0 = future, ctx, size, t0
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _non_negative(name: str, value: Any, unit: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ConfigError(f"{name} must be a number >= 0{unit}, got {value!r}")
-    return float(value)
-
-
-def _optional_positive(name: str, value: Any, unit: str = "") -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"{name} must be None or a number > 0{unit}, got {value!r}")
-    return float(value)
-
-
-class DynamicBatcher(Generic[T, R]):
+class DynamicBatcher(Forming, Running, Generic[T, R]):
     """Batch concurrent single-item requests into calls of ``fn`` on lists (or collated batches).
 
     ``fn(items) -> results`` gets a list of items (or, with ``collate``, one collated batch) and
@@ -158,8 +101,8 @@ class DynamicBatcher(Generic[T, R]):
         self,
         fn: Callable[[Any], Any],
         *,
-        max_batch_size: int,
-        max_wait_ms: float,
+        max_batch_size: int | None = None,
+        max_wait_ms: float | None = None,
         max_concurrent_batches: int = 1,
         max_queue_size: int | None = None,
         timeout: float | None = None,
@@ -179,54 +122,53 @@ class DynamicBatcher(Generic[T, R]):
         on_batch: Callable[[BatchRecord], Any] | None = None,
         on_request: Callable[[RequestRecord], Any] | None = None,
         name: str = "DynamicBatcher",
+        config: BatcherConfig | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigError(f"fn must be callable (items -> results), got {fn!r}")
+        options: dict[str, Any] = {
+            "max_batch_size": max_batch_size,
+            "max_wait_ms": max_wait_ms,
+            "max_concurrent_batches": max_concurrent_batches,
+            "max_queue_size": max_queue_size,
+            "timeout": timeout,
+            "policy": policy,
+            "latency_target_ms": latency_target_ms,
+            "preferred_batch_sizes": None
+            if preferred_batch_sizes is None
+            else tuple(preferred_batch_sizes),
+            "pad_to_preferred": pad_to_preferred,
+            "max_batch_cost": max_batch_cost,
+            "bucket_window": bucket_window,
+            "on_error": on_error,
+            "run_in_thread": run_in_thread,
+            "own_loop": own_loop,
+            "name": name,
+        }
+        if config is not None:
+            if not isinstance(config, BatcherConfig):
+                raise ConfigError(f"config must be a BatcherConfig, got {type(config).__name__}")
+            given = {k for k, v in options.items() if v is not None and v != _DEFAULTS.get(k)}
+            if given:
+                raise ConfigError(
+                    f"pass options either in config= or as keywords, not both (got {sorted(given)} "
+                    "beside config=); use config.replace(...) to change a config"
+                )
+        else:
+            if max_batch_size is None or max_wait_ms is None:
+                raise ConfigError(
+                    "DynamicBatcher needs max_batch_size and max_wait_ms (or config=BatcherConfig(...))"
+                )
+            config = BatcherConfig(**options)  # validates every value
         self._fn = fn
         call = getattr(fn, "__call__", None)  # noqa: B004 - async callable objects count too
         self._is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
-        self._max_batch_size = _positive_int("max_batch_size", max_batch_size)
-        self._max_wait = _non_negative("max_wait_ms", max_wait_ms, " (milliseconds)") / 1000.0
-        self._max_concurrent = _positive_int("max_concurrent_batches", max_concurrent_batches)
-        self._max_queue_size = (
-            None if max_queue_size is None else _positive_int("max_queue_size", max_queue_size)
-        )
-        self._timeout = _optional_positive("timeout", timeout, " (seconds)")
-        if policy not in ("fixed", "adaptive"):
-            raise ConfigError(f"policy must be 'fixed' or 'adaptive', got {policy!r}")
-        self._policy = policy
-        target = _optional_positive("latency_target_ms", latency_target_ms, " (milliseconds)")
-        self._target = None if target is None else target / 1000.0
-        self._preferred: list[int] = []
-        if preferred_batch_sizes is not None:
-            sizes = sorted(
-                {_positive_int("preferred_batch_sizes[i]", s) for s in preferred_batch_sizes}
-            )
-            if not sizes:
-                raise ConfigError("preferred_batch_sizes must not be empty (or pass None)")
-            if sizes[-1] > max_batch_size:
-                raise ConfigError(
-                    f"preferred_batch_sizes {sizes} has sizes above max_batch_size={max_batch_size}; "
-                    "drop them or raise max_batch_size"
-                )
-            self._preferred = sizes
-        if pad_to_preferred and not self._preferred:
-            raise ConfigError("pad_to_preferred=True needs preferred_batch_sizes")
-        self._pad = bool(pad_to_preferred)
-        if (cost_fn is None) != (max_batch_cost is None):
+        self._apply_config(config)
+        if (cost_fn is None) != (config.max_batch_cost is None):
             raise ConfigError("cost_fn and max_batch_cost go together: pass both or neither")
         self._cost_fn = cost_fn
-        self._max_cost = _optional_positive("max_batch_cost", max_batch_cost)
         self._collator = make_collator(collate)
-        if bucket_window is not None and _positive_int("bucket_window", bucket_window) < 2:
-            raise ConfigError(f"bucket_window must be >= 2 items, got {bucket_window!r}")
-        self._bucket_window = bucket_window
         self._length_fn: Callable[[Any], int] = length_fn or default_length
-        if on_error not in ("isolate", "fail_batch"):
-            raise ConfigError(f"on_error must be 'isolate' or 'fail_batch', got {on_error!r}")
-        self._on_error = on_error
-        self._run_in_thread = bool(run_in_thread)
-        self._own_loop = bool(own_loop)
         if clock is not None and not (callable(clock) or hasattr(clock, "call_at")):
             raise ConfigError(
                 "clock must be a callable returning seconds or an object with time() and "
@@ -235,16 +177,15 @@ class DynamicBatcher(Generic[T, R]):
         self._clock_arg = clock
         self._on_batch = on_batch
         self._on_request = on_request
-        self._name = name
 
-        self._state = _OPEN
+        self._state = OPEN
         self._bind_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
         self._thread: LoopThread | None = None
         self._clock: Clock = UnboundClock()  # replaced when bound to a loop
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._queues: dict[int, deque[_Request]] = {}
+        self._queues: dict[int, deque[Request]] = {}
         self._priorities: list[int] = []  # descending
         self._depth = 0
         self._queued_cost = 0.0
@@ -265,9 +206,9 @@ class DynamicBatcher(Generic[T, R]):
         self._bisections = 0
         self._reasons = dict.fromkeys(DISPATCH_REASONS, 0)
         self._sizes: dict[int, int] = {}
-        self._waits: deque[float] = deque(maxlen=_WINDOW)
-        self._latencies: deque[float] = deque(maxlen=_WINDOW)
-        self._exec_times: deque[float] = deque(maxlen=_WINDOW)
+        self._waits: deque[float] = deque(maxlen=WINDOW)
+        self._latencies: deque[float] = deque(maxlen=WINDOW)
+        self._exec_times: deque[float] = deque(maxlen=WINDOW)
         self._callback_failed = False
 
     # ---------------------------------------------------------------- configuration & state
@@ -286,7 +227,7 @@ class DynamicBatcher(Generic[T, R]):
 
     @property
     def closed(self) -> bool:
-        return self._state != _OPEN
+        return self._state != OPEN
 
     def configure(
         self,
@@ -297,39 +238,65 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_size: int | None = None,
         latency_target_ms: float | None = None,
     ) -> None:
-        """Change limits at run time (thread-safe); queued requests see the new values at once."""
-        if max_batch_size is not None:
-            _positive_int("max_batch_size", max_batch_size)
-            if self._preferred and self._preferred[-1] > max_batch_size:
-                raise ConfigError(
-                    f"max_batch_size={max_batch_size} is below the largest preferred batch size "
-                    f"{self._preferred[-1]}; preferred sizes are fixed at construction"
-                )
-        wait = None if max_wait_ms is None else _non_negative("max_wait_ms", max_wait_ms) / 1000
-        if max_concurrent_batches is not None:
-            _positive_int("max_concurrent_batches", max_concurrent_batches)
-        if max_queue_size is not None:
-            _positive_int("max_queue_size", max_queue_size)
-        target = _optional_positive("latency_target_ms", latency_target_ms)
+        """Change limits at run time (thread-safe); queued requests see the new values at once.
+
+        Values are validated as in :class:`BatcherConfig`; preferred batch sizes stay fixed.
+        """
+        changes = {
+            k: v
+            for k, v in {
+                "max_batch_size": max_batch_size,
+                "max_wait_ms": max_wait_ms,
+                "max_concurrent_batches": max_concurrent_batches,
+                "max_queue_size": max_queue_size,
+                "latency_target_ms": latency_target_ms,
+            }.items()
+            if v is not None
+        }
+        if (
+            max_batch_size is not None
+            and self._preferred
+            and isinstance(max_batch_size, int)
+            and self._preferred[-1] > max_batch_size > 0
+        ):
+            raise ConfigError(
+                f"max_batch_size={max_batch_size} is below the largest preferred batch size "
+                f"{self._preferred[-1]}; preferred sizes are fixed at construction"
+            )
+        config = self._config.replace(**changes)  # validates
 
         def apply() -> None:
-            if max_batch_size is not None:
-                self._max_batch_size = max_batch_size
-            if wait is not None:
-                self._max_wait = wait
-            if max_concurrent_batches is not None:
-                if max_concurrent_batches > self._max_concurrent and self._executor is not None:
-                    old, self._executor = self._executor, None
-                    old.shutdown(wait=False)  # running calls finish; new ones use a larger pool
-                self._max_concurrent = max_concurrent_batches
-            if max_queue_size is not None:
-                self._max_queue_size = max_queue_size
-            if target is not None:
-                self._target = target / 1000
+            if config.max_concurrent_batches > self._max_concurrent and self._executor is not None:
+                old, self._executor = self._executor, None
+                old.shutdown(wait=False)  # running calls finish; new ones use a larger pool
+            self._apply_config(config)
             if self._loop is not None and not self._loop.is_closed():
                 self._schedule()
 
         self._run_on_loop(apply)
+
+    def _apply_config(self, config: BatcherConfig) -> None:
+        self._config = config
+        self._max_batch_size = config.max_batch_size
+        self._max_wait = config.max_wait_seconds
+        self._max_concurrent = config.max_concurrent_batches
+        self._max_queue_size = config.max_queue_size
+        self._timeout = config.timeout
+        self._policy = config.policy
+        self._target = config.latency_target_seconds
+        self._preferred = list(config.preferred_batch_sizes or ())
+        self._pad = config.pad_to_preferred
+        self._max_cost = config.max_batch_cost
+        self._bucket_window = config.bucket_window
+        self._on_error = config.on_error
+        self._run_in_thread = config.run_in_thread
+        self._own_loop = config.own_loop
+        self._name = config.name
+
+    @property
+    def config(self) -> BatcherConfig:
+        """The batcher's current options (``configure()`` replaces it)."""
+        return self._config
 
     def _run_on_loop(self, fn: Callable[[], None]) -> None:
         loop = self._loop
@@ -383,11 +350,11 @@ class DynamicBatcher(Generic[T, R]):
             max_batch_size=self._max_batch_size,
             max_wait_ms=self._max_wait * 1000.0,
             max_concurrent_batches=self._max_concurrent,
-            closed=self._state == _CLOSED,
+            closed=self._state == CLOSED,
         )
 
     def __repr__(self) -> str:
-        state = {_OPEN: "open", _CLOSING: "closing", _CLOSED: "closed"}[self._state]
+        state = {OPEN: "open", CLOSING: "closing", CLOSED: "closed"}[self._state]
         return (
             f"<{self._name} {state} max_batch_size={self._max_batch_size} "
             f"max_wait_ms={self._max_wait * 1000:g} policy={self._policy!r} "
@@ -406,8 +373,8 @@ class DynamicBatcher(Generic[T, R]):
         if self._depth or self._in_flight:  # stale work on a dead loop: its callers are gone
             for q in self._queues.values():
                 for r in q:
-                    if r.state == _QUEUED:
-                        r.state = _DONE
+                    if r.state == QUEUED:
+                        r.state = DONE
                         self._count("cancelled", r, None)
             self._queues.clear()
             self._priorities.clear()
@@ -463,7 +430,7 @@ class DynamicBatcher(Generic[T, R]):
     # ---------------------------------------------------------------- submitting
 
     def _closed_error(self) -> ClosedError:
-        if self._state == _CLOSING:
+        if self._state == CLOSING:
             return ClosedError(f"cannot submit to a {self._name} that is closing")
         return ClosedError(f"cannot submit to a closed {self._name}")
 
@@ -481,7 +448,7 @@ class DynamicBatcher(Generic[T, R]):
             ClosedError: the batcher is closed or closing.
             BatchError: ``fn`` broke its contract (e.g. returned the wrong number of results).
         """
-        if self._state != _OPEN:
+        if self._state != OPEN:
             raise self._closed_error()
         loop = asyncio.get_running_loop()
         if self._bind_async(loop):
@@ -498,7 +465,7 @@ class DynamicBatcher(Generic[T, R]):
         With no running home loop, the batcher starts its own loop thread. Raises
         ``WouldBlockError`` only when called on the thread of a home loop that holds requests.
         """
-        if self._state != _OPEN:
+        if self._state != OPEN:
             raise self._closed_error()
         loop = self._bind_sync()
         cf = asyncio.run_coroutine_threadsafe(self._submit_home(item, timeout, priority), loop)
@@ -512,10 +479,10 @@ class DynamicBatcher(Generic[T, R]):
         return await self._enqueue(item, timeout, priority)
 
     def _enqueue(self, item: Any, timeout: float | None, priority: int) -> asyncio.Future[Any]:
-        if self._state != _OPEN:
+        if self._state != OPEN:
             raise self._closed_error()
         if timeout is not None:
-            _optional_positive("timeout", timeout, " (seconds)")
+            optional_positive("timeout", timeout, " (seconds)")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigError(f"priority must be an int (higher runs first), got {priority!r}")
         now = self._clock.time()
@@ -531,14 +498,14 @@ class DynamicBatcher(Generic[T, R]):
             )
         if self._target is not None:
             predicted = self._predict_latency(now, self._depth + 1)
-            plan = self._target * _HEADROOM
+            plan = self._target * HEADROOM
             if predicted is not None and predicted > plan:
                 retry = max(predicted - plan, self._cost.predict(1))
                 self._reject(now, priority)
                 raise QueueFull(
                     f"{self._name} would miss latency_target_ms={self._target * 1000:g}: predicted "
                     f"latency {predicted * 1000:.1f} ms with {self._depth} requests waiting (over "
-                    f"the {plan * 1000:.3g} ms it plans for, {_HEADROOM:.0%} of the target); retry after "
+                    f"the {plan * 1000:.3g} ms it plans for, {HEADROOM:.0%} of the target); retry after "
                     f"~{retry * 1000:.0f} ms",
                     retry_after=retry,
                 )
@@ -550,7 +517,7 @@ class DynamicBatcher(Generic[T, R]):
             self._counts["failed"] += 1
             raise
         fut: asyncio.Future[Any] = self._loop.create_future()
-        req = _Request(item, fut, now, priority)
+        req = Request(item, fut, now, priority)
         req.cost, req.length = cost, length
         limit = timeout if timeout is not None else self._timeout
         deadline = None if limit is None else now + limit
@@ -600,471 +567,6 @@ class DynamicBatcher(Generic[T, R]):
             + self._cost.upper(last if rounds == 1 else cap)
         )
 
-    # ---------------------------------------------------------------- resolution paths
-
-    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
-        """Timer callbacks may come from a foreign-thread clock: always run them on the loop."""
-        if threading.get_ident() == self._loop_thread_id:
-            fn(*args)
-        elif self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _count(self, outcome: str, req: _Request, batch_size: int | None) -> None:
-        self._counts[outcome] += 1
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
-        if self._on_request is not None:
-            now = self._clock.time()
-            wait = None if req.started is None else req.started - req.arrival
-            self._emit_request(
-                RequestRecord(outcome, now - req.arrival, wait, batch_size, req.priority)
-            )
-
-    def _emit_request(self, record: RequestRecord) -> None:
-        if self._on_request is not None:
-            self._callback(self._on_request, record)
-
-    def _callback(self, cb: Callable[[Any], Any], record: Any) -> None:
-        try:
-            cb(record)
-        except Exception:
-            if not self._callback_failed:
-                self._callback_failed = True
-                logger.exception("%s callback %r raised (logged once; ignored)", self._name, cb)
-
-    def _unqueue(self, req: _Request) -> None:
-        req.state = _DONE
-        self._depth -= 1
-        self._queued_cost -= req.cost
-
-    def _future_done(self, req: _Request, fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled():
-            return
-        if req.state == _QUEUED:
-            self._unqueue(req)
-            self._count("cancelled", req, None)
-            self._schedule()
-        elif req.state == _RUNNING:
-            req.state = _DONE  # its result will be discarded
-            self._count("cancelled", req, None)
-
-    def _expire(self, req: _Request) -> None:
-        req.timer = None
-        if req.state == _DONE or req.future.done():
-            return
-        now = self._clock.time()
-        if req.state == _QUEUED:
-            self._unqueue(req)
-            msg = f"request waited {(now - req.arrival) * 1000:.1f} ms in the queue and passed its deadline"
-        else:
-            req.state = _DONE
-            msg = f"request passed its deadline after {(now - req.arrival) * 1000:.1f} ms while its batch was running; the result is discarded"
-        self._count("expired", req, None)
-        req.future.set_exception(DeadlineExceeded(msg))
-        self._schedule()
-
-    def _resolve(self, req: _Request, value: Any, batch_size: int) -> None:
-        if req.state != _RUNNING or req.future.done():
-            return  # cancelled or expired while running: discard
-        req.state = _DONE
-        now = self._clock.time()
-        self._latencies.append(now - req.arrival)
-        if isinstance(value, BaseException):
-            self._count("failed", req, batch_size)
-            req.future.set_exception(value)
-        else:
-            self._count("ok", req, batch_size)
-            req.future.set_result(value)
-
-    # ---------------------------------------------------------------- batch formation
-
-    def _effective_max(self) -> int:
-        if self._pad:
-            return min(self._max_batch_size, self._preferred[-1])
-        return self._max_batch_size
-
-    def _oldest(self) -> _Request | None:
-        oldest = None
-        for p in self._priorities:
-            q = self._queues[p]
-            while q and q[0].state != _QUEUED:
-                q.popleft()
-            if q and (oldest is None or q[0].arrival < oldest.arrival):
-                oldest = q[0]
-        return oldest
-
-    def _schedule(self, notify: bool = True) -> None:
-        """Dispatch while a slot is free and the policy says go; else arm the one timer."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        now = self._clock.time()
-        wake: float | None = None
-        while self._depth > 0 and self._in_flight < self._max_concurrent:
-            reason, wake = self._decide(now)
-            if reason is None:
-                break
-            reqs = self._take(now)
-            if reqs:
-                self._launch(reqs, reason, now)
-            wake = None
-        if wake is None or self._depth == 0:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer, self._timer_at = None, None
-        elif wake != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = wake
-            self._timer = self._clock.call_at(
-                wake, functools.partial(self._on_loop, self._on_timer)
-            )
-        if notify:
-            self._notify_drained()
-
-    def _notify_drained(self) -> None:
-        if self._state != _OPEN and self._idle():
-            for w in self._drain_waiters:
-                if not w.done():
-                    w.set_result(None)
-            self._drain_waiters.clear()
-
-    def _on_timer(self) -> None:
-        self._timer, self._timer_at = None, None
-        self._schedule()
-
-    def _decide(self, now: float) -> tuple[str | None, float | None]:
-        if self._state != _OPEN:
-            return "idle", None  # draining: nothing more can arrive
-        if self._depth >= self._effective_max():
-            return "full", None
-        if self._max_cost is not None and self._queued_cost >= self._max_cost:
-            return "full", None
-        if self._max_wait <= 0:
-            return "idle", None
-        oldest = self._oldest()
-        if oldest is None:
-            return None, None
-        wake = oldest.arrival + self._max_wait
-        if now >= wake:
-            return "wait_expired", None
-        ready = self._cost.ready
-        if self._target is not None and ready:
-            latest = oldest.arrival + self._target * _HEADROOM - self._cost.upper(self._depth)
-            if now >= latest:
-                return ("adaptive" if self._policy == "adaptive" else "wait_expired"), None
-            wake = min(wake, latest)
-        if self._policy == "adaptive":
-            if not ready:
-                return "adaptive", None  # cold start: run now and learn the cost
-            rate = self._arrivals.rate(now)
-            if self._depth >= wait_threshold(rate, self._cost.a, self._cost.b):
-                return "adaptive", None
-            # Re-decide when the next arrival is overdue: the rate estimate will have dropped
-            # (a closed-loop caller never sends more while it waits for us).
-            overdue = self._arrivals.overdue_at()
-            if overdue is not None and overdue > now:
-                wake = min(wake, overdue)
-        return None, wake
-
-    def _take(self, now: float) -> list[_Request]:
-        cap = self._effective_max()
-        window = max(cap, self._bucket_window or 0)
-        cands: list[_Request] = []
-        for p in self._priorities:
-            for r in self._queues[p]:
-                if r.state != _QUEUED:
-                    continue
-                if r.future.done():  # cancelled; its done-callback has not run yet
-                    self._unqueue(r)
-                    self._count("cancelled", r, None)
-                    continue
-                cands.append(r)
-                if len(cands) >= window:
-                    break
-            if len(cands) >= window:
-                break
-        if self._bucket_window is not None and len(cands) > cap:
-            cands = self._bucket(cands, cap)
-        else:
-            cands = cands[:cap]
-        if self._max_cost is not None:
-            total, kept = 0.0, list[_Request]()
-            for r in cands:
-                if kept and total + r.cost > self._max_cost:
-                    break  # it waits at the front: FIFO is kept
-                kept.append(r)
-                total += r.cost
-            cands = kept
-        if self._preferred and not self._pad and cands:
-            i = bisect.bisect_right(self._preferred, len(cands))
-            if i:
-                cands = cands[: self._preferred[i - 1]]
-        if cands and self._cost.ready:
-            cands = self._shed_hopeless(cands, now)
-        for r in cands:
-            self._unqueue(r)
-            r.state = _RUNNING
-            r.started = now
-        self._compact()
-        return cands
-
-    def _shed_hopeless(self, cands: list[_Request], now: float) -> list[_Request]:
-        """Expire items that cannot finish before their deadline: running them is wasted work."""
-        done_at = now + self._cost.upper(len(cands))
-        keep = [r for r in cands if r.deadline is None or r.deadline >= done_at]
-        for r in cands:
-            if r.deadline is not None and r.deadline < done_at:
-                self._unqueue(r)
-                self._count("expired", r, None)
-                r.future.set_exception(
-                    DeadlineExceeded(
-                        f"request dropped after {(now - r.arrival) * 1000:.1f} ms: its batch is "
-                        f"predicted to finish {(done_at - r.deadline) * 1000:.1f} ms past its deadline"
-                    )
-                )
-        return keep
-
-    def _bucket(self, cands: list[_Request], cap: int) -> list[_Request]:
-        """Pick ``cap`` of the windowed candidates with the least padding, always with the oldest."""
-        lengths = [r.length for r in cands]
-        order = sorted(range(len(cands)), key=lambda i: (lengths[i], i))
-        pos = order.index(0)
-        prefix = [0]
-        for i in order:
-            prefix.append(prefix[-1] + lengths[i])
-        best: tuple[float, int] | None = None
-        best_start = 0
-        for start in range(max(0, pos - cap + 1), min(pos, len(order) - cap) + 1):
-            end = start + cap
-            waste = lengths[order[end - 1]] * cap - (prefix[end] - prefix[start])
-            key = (waste, sum(order[start:end]))
-            if best is None or key < best:
-                best, best_start = key, start
-        chosen = sorted(order[best_start : best_start + cap])
-        return [cands[i] for i in chosen]
-
-    def _compact(self) -> None:
-        for p in list(self._priorities):
-            q = self._queues[p]
-            while q and q[0].state != _QUEUED:
-                q.popleft()
-            if len(q) > 64 and len(q) > 2 * self._depth:  # bucketing leaves holes
-                self._queues[p] = deque(r for r in q if r.state == _QUEUED)
-
-    # ---------------------------------------------------------------- running batches
-
-    def _launch(self, reqs: list[_Request], reason: str, now: float) -> None:
-        assert self._loop is not None
-        self._in_flight += 1
-        self._reasons[reason] += 1
-        self._batch_ids += 1
-        bid = self._batch_ids
-        if self._cost.ready:
-            self._running_ends[bid] = now + self._cost.predict(len(reqs))
-        else:
-            self._running_ends[bid] = now
-        for r in reqs:
-            self._waits.append(now - r.arrival)
-        # A sync fn starts in its worker thread now, not when the task first runs: the thread
-        # gets going while this loop turn wakes the previous batch's callers.
-        started = self._start(reqs)
-        task = self._loop.create_task(self._run_batch(bid, reqs, reason, now, started))
-        self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._batch_task_done, bid, reqs))
-
-    def _batch_task_done(self, bid: int, reqs: list[_Request], task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if bid not in self._running_ends:
-            return  # _run_batch's finally ran: every request is resolved
-        # Cancelled before its first step (the loop shut down): its finally never ran.
-        self._running_ends.pop(bid)
-        self._in_flight -= 1
-        for r in reqs:
-            self._resolve(
-                r, BatchError(f"{self._name}: the batch was cancelled before it ran"), len(reqs)
-            )
-        self._schedule()  # the slot is free again, as at the end of _run_batch
-
-    async def _run_batch(
-        self, bid: int, reqs: list[_Request], reason: str, started: float, call: _Started | None
-    ) -> None:
-        outcomes: list[Any] = []
-        padded = self._padded_size(len(reqs))
-        try:
-            outcomes = await self._execute(reqs, call)
-        finally:
-            if len(outcomes) != len(reqs):  # interrupted (loop shutting down): still resolve all
-                outcomes = [
-                    BatchError(f"{self._name}: the batch was interrupted before it finished")
-                    for _ in reqs
-                ]
-            end = self._clock.time()
-            self._in_flight -= 1
-            self._running_ends.pop(bid, None)
-            # Seal and start the next batch before waking this batch's callers: their wake-ups
-            # queue behind the new batch's first step, so the executor never idles for them.
-            self._schedule(notify=False)
-            failed = 0
-            for r, o in zip(reqs, outcomes):
-                if o is _DISCARD:
-                    o = BatchError(f"{self._name}: request was not run")  # pragma: no cover
-                failed += isinstance(o, BaseException)
-                self._resolve(r, o, len(reqs))
-            self._batches_run += 1
-            self._sizes[len(reqs)] = self._sizes.get(len(reqs), 0) + 1
-            self._padded_items += padded - len(reqs)
-            self._exec_times.append(end - started)
-            if self._on_batch is not None:
-                waits = tuple(started - r.arrival for r in reqs)
-                self._callback(
-                    self._on_batch,
-                    BatchRecord(len(reqs), padded, reason, waits, end - started, failed),
-                )
-            self._notify_drained()  # after the callers are resolved: aclose() returns last
-
-    def _padded_size(self, n: int) -> int:
-        if not self._pad:
-            return n
-        i = bisect.bisect_left(self._preferred, n)
-        return self._preferred[i] if i < len(self._preferred) else n
-
-    async def _execute(self, reqs: list[_Request], call: _Started | None) -> list[Any]:
-        try:
-            return await self._call(reqs, call)
-        except _ContractError as e:
-            return [BatchError(str(e)) for _ in reqs]
-        except Exception as e:
-            if len(reqs) == 1:
-                return [e]
-            if self._on_error == "fail_batch":
-                out = []
-                for _ in reqs:
-                    err = BatchError(
-                        f"{self._name}: fn raised {type(e).__name__}: {e} for a batch of "
-                        f"{len(reqs)} items (on_error='fail_batch'; on_error='isolate' fails only "
-                        "the items that cause it)"
-                    )
-                    err.__cause__ = e
-                    out.append(err)
-                return out
-            self._bisections += 1
-            results: dict[int, Any] = {}
-            live = [r for r in reqs if not r.future.done()]
-            mid = len(live) // 2
-            if mid == 0:
-                await self._isolate(live, results)
-            else:
-                await self._isolate(live[:mid], results)
-                await self._isolate(live[mid:], results)
-            return [results.get(id(r), _DISCARD) for r in reqs]
-
-    async def _isolate(self, group: list[_Request], results: dict[int, Any]) -> None:
-        group = [r for r in group if not r.future.done()]  # gone callers need no answer
-        if not group:
-            return
-        try:
-            values = await self._call(group)
-        except _ContractError as e:
-            values = [BatchError(str(e)) for _ in group]
-        except Exception as e:
-            if len(group) == 1:
-                values = [e]
-            else:
-                mid = len(group) // 2
-                await self._isolate(group[:mid], results)
-                await self._isolate(group[mid:], results)
-                return
-        for r, v in zip(group, values):
-            results[id(r)] = v
-
-    def _prepare(self, group: list[_Request]) -> tuple[Any, Any, int]:
-        """``fn``'s argument for ``group`` (padded to a preferred size, collated), its context."""
-        items = [r.item for r in group]
-        size = self._padded_size(len(items))
-        if size > len(items):
-            items.extend([items[-1]] * (size - len(items)))
-        if self._collator is None:
-            return items, None, size
-        batch, ctx = self._collator.collate(items)
-        return batch, ctx, size
-
-    def _start(self, group: list[_Request]) -> _Started | None:
-        """Hand a sync fn its batch in the worker thread at once (``None``: the task calls it)."""
-        if self._is_async or not self._run_in_thread:
-            return None
-        assert self._loop is not None
-        try:
-            arg, ctx, size = self._prepare(group)
-            t0 = self._clock.time()
-            future = self._loop.run_in_executor(self._pool(), self._fn, arg)
-        except Exception:
-            return None  # the task tries again and hands the error to the callers like any other
-        # If the batch task never runs (its loop shuts down first), nobody awaits this future:
-        # read its outcome here so that asyncio does not log an unretrieved exception.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return _Started(future, ctx, size, t0)
-
-    async def _call(self, group: list[_Request], call: _Started | None = None) -> list[Any]:
-        n = len(group)
-        if call is None:
-            arg, ctx, size = self._prepare(group)
-            t0 = self._clock.time()
-            output = await self._invoke(arg)
-        else:
-            ctx, size, t0 = call.ctx, call.size, call.t0
-            output = await call.future
-            if inspect.isawaitable(output):
-                output = await output
-        results: Sequence[Any]
-        if self._collator is not None:
-            try:
-                results = self._collator.split(output, ctx, size)
-            except BatchError as e:
-                raise _ContractError(f"{self._name}: {e}") from None
-            if len(results) != size:
-                raise _ContractError(
-                    f"{self._name}: the collator split fn's output into {len(results)} results for "
-                    f"a batch of {size} items"
-                )
-        else:
-            results = self._split_plain(output, size)
-        self._cost.observe(size, self._clock.time() - t0)
-        return list(results[:n])
-
-    def _split_plain(self, output: Any, size: int) -> Sequence[Any]:
-        if isinstance(output, list | tuple):
-            if len(output) != size:
-                raise _ContractError(
-                    f"{self._name}: fn returned {len(output)} results for a batch of {size} items; "
-                    "it must return exactly one result per item, in order"
-                )
-            return output
-        try:
-            return split_output(output, size)
-        except BatchError as e:
-            raise _ContractError(f"{self._name}: {e}") from None
-
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                self._max_concurrent, thread_name_prefix=f"fastinfer-{self._name}"
-            )
-        return self._executor
-
-    async def _invoke(self, arg: Any) -> Any:
-        if self._is_async:
-            result = await self._fn(arg)
-        elif self._run_in_thread:
-            assert self._loop is not None
-            result = await self._loop.run_in_executor(self._pool(), self._fn, arg)
-        else:
-            result = self._fn(arg)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-
     # ---------------------------------------------------------------- lifecycle
 
     async def aclose(self, *, cancel_pending: bool = False) -> None:
@@ -1102,19 +604,19 @@ class DynamicBatcher(Generic[T, R]):
                     f"{self._name} holds requests on an event loop that is not running; run "
                     "`await batcher.aclose()` on that loop"
                 )
-            self._state = _CLOSED
+            self._state = CLOSED
             self._finish_close()
             return
         asyncio.run_coroutine_threadsafe(self._aclose_home(cancel_pending), loop).result()
         self._finish_close()
 
     async def _aclose_home(self, cancel_pending: bool) -> None:
-        if self._state == _OPEN:
-            self._state = _CLOSING
+        if self._state == OPEN:
+            self._state = CLOSING
         if cancel_pending:
             for p in self._priorities:
                 for r in self._queues[p]:
-                    if r.state == _QUEUED and not r.future.done():
+                    if r.state == QUEUED and not r.future.done():
                         self._unqueue(r)
                         self._count("cancelled", r, None)
                         r.future.set_exception(
@@ -1129,13 +631,13 @@ class DynamicBatcher(Generic[T, R]):
             waiter: asyncio.Future[None] = self._loop.create_future()
             self._drain_waiters.append(waiter)
             await waiter
-        self._state = _CLOSED
+        self._state = CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
 
     def _finish_close(self) -> None:
-        self._state = _CLOSED
+        self._state = CLOSED
         if self._executor is not None:
             # Drained: every call has returned, so the idle workers exit at once.
             self._executor.shutdown(wait=True)

@@ -8,13 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from fastinfer.errors import FastInferError
-
-__all__ = ["Clock", "Handle", "LoopClock", "LoopThread", "UnboundClock", "WouldBlockError"]
-
-
-class WouldBlockError(FastInferError, RuntimeError):
-    """A blocking call was made on the thread that runs the batcher's event loop (it would deadlock)."""
+__all__ = ["Clock", "Handle", "LoopClock", "LoopThread", "UnboundClock"]
 
 
 class Handle(Protocol):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["DISPATCH_REASONS", "BatchRecord", "BatcherStatistics", "RequestRecord", "summary"]
+from fastinfer._common.export import counter, gauge
+
+__all__ = ["DISPATCH_REASONS", "BatchRecord", "BatcherStatistics", "RequestRecord"]
+
+QUEUE_DEPTH = "fastinfer_queue_depth"
+BATCHES_IN_FLIGHT = "fastinfer_batches_in_flight"
+REQUESTS = "fastinfer_requests_total"
 
 DISPATCH_REASONS = ("full", "wait_expired", "adaptive", "idle")
 
@@ -43,54 +49,37 @@ class RequestRecord:
 class BatcherStatistics:
     """A frozen snapshot of a :class:`DynamicBatcher` (see ``statistics()``).
 
-    Distributions (``*_seconds``) summarise the last 10,000 events as count, mean, p50, p90, p99
-    and max. Field names map to the standard metrics: ``queue_depth`` → ``fastinfer_queue_depth``,
-    ``batches_in_flight`` → ``fastinfer_batches_in_flight``, ``requests_<outcome>`` →
-    ``fastinfer_requests_total{outcome}``, ``batch_size_counts`` → ``fastinfer_batch_size``,
-    ``queue_wait_seconds`` → ``fastinfer_queue_wait_seconds``, ``request_latency_seconds`` →
-    ``fastinfer_request_latency_seconds``, ``batch_execution_seconds`` →
-    ``fastinfer_batch_execution_seconds``.
+    Distributions (``*_seconds``) summarise the last 10,000 events as count, mean, p50, p90, p99,
+    p999 and max (one percentile definition: :mod:`fastinfer._common.quantiles`). Each field
+    declares the metric it is exported as when a :class:`~fastinfer.MetricsRecorder` tracks the
+    batcher: ``queue_depth`` → ``fastinfer_queue_depth``, ``batches_in_flight`` →
+    ``fastinfer_batches_in_flight``, ``requests_<outcome>`` → ``fastinfer_requests_total{outcome}``;
+    the histograms ``fastinfer_batch_size``, ``fastinfer_queue_wait_seconds``,
+    ``fastinfer_request_latency_seconds`` and ``fastinfer_batch_execution_seconds`` are fed per
+    event by the ``on_batch`` / ``on_request`` callbacks (``StandardMetrics.batcher_hooks()``).
     """
 
-    queue_depth: int
-    batches_in_flight: int
-    batches_run: int
-    requests_submitted: int
-    requests_ok: int
-    requests_failed: int
-    requests_rejected: int
-    requests_expired: int
-    requests_cancelled: int
-    padded_items: int
-    bisections: int
-    dispatch_reasons: Mapping[str, int]
-    batch_size_counts: Mapping[int, int]
-    batch_size_mean: float
-    queue_wait_seconds: Mapping[str, float]
-    request_latency_seconds: Mapping[str, float]
-    batch_execution_seconds: Mapping[str, float]
-    cost_per_item_seconds: float
-    cost_per_batch_seconds: float
-    arrival_rate: float
-    max_batch_size: int
-    max_wait_ms: float
-    max_concurrent_batches: int
-    closed: bool
-
-
-def summary(samples: Sequence[float]) -> dict[str, float]:
-    xs = sorted(samples)
-    if not xs:
-        return {"count": 0, "mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
-
-    def q(p: float) -> float:
-        return xs[min(len(xs) - 1, int(p * len(xs)))]
-
-    return {
-        "count": len(xs),
-        "mean": sum(xs) / len(xs),
-        "p50": q(0.5),
-        "p90": q(0.9),
-        "p99": q(0.99),
-        "max": xs[-1],
-    }
+    queue_depth: int = gauge(standard=QUEUE_DEPTH)
+    batches_in_flight: int = gauge(standard=BATCHES_IN_FLIGHT)
+    batches_run: int = gauge()
+    requests_submitted: int = gauge()
+    requests_ok: int = counter(standard=REQUESTS, labels={"outcome": "ok"})
+    requests_failed: int = counter(standard=REQUESTS, labels={"outcome": "failed"})
+    requests_rejected: int = counter(standard=REQUESTS, labels={"outcome": "rejected"})
+    requests_expired: int = counter(standard=REQUESTS, labels={"outcome": "expired"})
+    requests_cancelled: int = counter(standard=REQUESTS, labels={"outcome": "cancelled"})
+    padded_items: int = gauge()
+    bisections: int = gauge()
+    dispatch_reasons: Mapping[str, int] = gauge(key_label="key")
+    batch_size_counts: Mapping[int, int] = gauge(key_label="key")
+    batch_size_mean: float = gauge()
+    queue_wait_seconds: Mapping[str, float] = gauge(key_label="key")
+    request_latency_seconds: Mapping[str, float] = gauge(key_label="key")
+    batch_execution_seconds: Mapping[str, float] = gauge(key_label="key")
+    cost_per_item_seconds: float = gauge()
+    cost_per_batch_seconds: float = gauge()
+    arrival_rate: float = gauge()
+    max_batch_size: int = gauge()
+    max_wait_ms: float = gauge(unit="ms")
+    max_concurrent_batches: int = gauge()
+    closed: bool = gauge()

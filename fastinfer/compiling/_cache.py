@@ -17,52 +17,43 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from fastinfer import _env
-from fastinfer.errors import CacheMismatchError, ConfigError, FastInferError
+from fastinfer import _env, _torch_compat
+from fastinfer._common.export import counter, gauge
+from fastinfer._common.files import atomic_path, atomic_write_json
+from fastinfer.compiling._manifest import (
+    cache_counters,
+    environment_manifest,
+    manifest_diff,
+    mismatch_message,
+)
+from fastinfer.errors import CacheLockTimeout, CacheMismatchError, ConfigError
 
 if TYPE_CHECKING:
     import tarfile
 
-__all__ = ["CacheLockTimeout", "CacheStatistics", "InductorCache", "environment_manifest"]
+__all__ = ["MANIFEST", "CacheStatistics", "InductorCache"]
 
-logger = logging.getLogger(__name__)
+COMPILE_CACHE = "fastinfer_compile_cache_total"
+
+logger = logging.getLogger("fastinfer.compiling")
 
 MANIFEST = "fastinfer-cache.json"
 _INDUCTOR_SUBDIR = "inductor"
 _LOCK_FILE = ".fastinfer.lock"
 _ISA_PROBE = "isa-probe.json"
 _FORMAT = 1
-
-# Inductor settings that change generated code (and so must match between build and use).
-_INDUCTOR_SETTINGS = (
-    "freezing",
-    "max_autotune",
-    "max_autotune_gemm",
-    "cpp_wrapper",
-    "fallback_random",
-    "cpp.simdlen",
-    "cpp.vec_isa_ok",
-    "cpp.enable_kernel_profile",
-)
 
 # Env and config this class changes inside ``with``; everything is restored on exit.
 _ENV_KEYS = (
@@ -78,134 +69,18 @@ _held: dict[str, tuple[int, int]] = {}
 _held_mutex = threading.Lock()
 
 
-class CacheLockTimeout(FastInferError, TimeoutError):
-    """Waiting for another process to finish compiling into a cache took longer than allowed."""
-
-
 @dataclass(frozen=True)
 class CacheStatistics:
     """Counts while this cache was active (maps to ``fastinfer_compile_cache_total{result}``)."""
 
-    cache_hits: int
-    cache_misses: int
-    cache_bypasses: int
-    aot_autograd_hits: int
-    aot_autograd_misses: int
-    lock_waits: int
-    lock_wait_seconds: float
-    active: bool
-
-
-def _cxx() -> str | None:
-    """The C++ compiler inductor would use (``CXX`` or g++/c++/clang++ on PATH), or None."""
-    for name in (_env.get("CXX"), "g++", "c++", "clang++"):
-        if name and (found := shutil.which(name)):
-            return found
-    return None
-
-
-@functools.lru_cache(maxsize=8)
-def _compiler_version(path: str) -> str:
-    try:
-        out = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return f"{path} (unusable)"
-    return out.splitlines()[0].strip() if out else path
-
-
-def _cpu_capability() -> str:
-    # ATEN_CPU_CAPABILITY overrides what ATen and inductor vectorise for, so it is what counts.
-    override = (_env.get("ATEN_CPU_CAPABILITY") or "").strip().lower()
-    return override or str(torch.backends.cpu.get_cpu_capability()).lower()
-
-
-def _inductor_settings() -> dict[str, Any]:
-    from torch._inductor import config as inductor_config
-
-    out: dict[str, Any] = {}
-    for name in _INDUCTOR_SETTINGS:
-        obj: Any = inductor_config
-        try:
-            for part in name.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        out[name] = obj if isinstance(obj, (bool, int, float, str, type(None))) else repr(obj)
-    return out
-
-
-def environment_manifest(*, tag: str | None = None) -> dict[str, Any]:
-    """What a compile cache depends on: a compiled artifact is only valid where all of it matches."""
-    cxx = _cxx()
-    gpu: dict[str, Any] = {"gpu": None, "cuda": torch.version.cuda, "triton": None}
-    if torch.cuda.is_available():
-        gpu["gpu"] = torch.cuda.get_device_name(0)
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
-
-            gpu["triton"] = version("triton")
-    return {
-        "format": _FORMAT,
-        "torch": torch.__version__,
-        "python": platform.python_version() + f" ({sys.implementation.name})",
-        "machine": platform.machine(),
-        "cpu_capability": _cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "compiler": _compiler_version(cxx) if cxx else None,
-        **gpu,
-        "inductor": _inductor_settings(),
-        "tag": tag,
-    }
-
-
-def manifest_diff(built: Mapping[str, Any], here: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Fields that differ: ``{field: (built_for, here)}``."""
-    keys = sorted(set(built) | set(here))
-    return {k: (built.get(k), here.get(k)) for k in keys if built.get(k) != here.get(k)}
-
-
-def _mismatch_message(what: str, diff: Mapping[str, tuple[Any, Any]]) -> str:
-    lines = "; ".join(f"{k}: built for {a!r}, here {b!r}" for k, a, b in _flat(diff))
-    return (
-        f"{what} was built for another environment and would give wrong results or miss: {lines}. "
-        "Fix: rebuild it here (fastinfer warm, or compile with a new cache path), use a cache built "
-        "on a matching machine, or pass on_mismatch='replace' to wipe it and rebuild"
-    )
-
-
-def _flat(diff: Mapping[str, tuple[Any, Any]]) -> Iterator[tuple[str, Any, Any]]:
-    for key, (a, b) in diff.items():
-        if isinstance(a, dict) and isinstance(b, dict):
-            for sub, (x, y) in manifest_diff(a, b).items():
-                yield f"{key}.{sub}", x, y
-        else:
-            yield key, a, b
-
-
-def _counters() -> tuple[int, int, int, int, int]:
-    from torch._dynamo.utils import counters
-
-    ind, aot = counters["inductor"], counters["aot_autograd"]
-    return (
-        ind["fxgraph_cache_hit"],
-        ind["fxgraph_cache_miss"],
-        ind["fxgraph_cache_bypass"],
-        aot["autograd_cache_hit"],
-        aot["autograd_cache_miss"],
-    )
-
-
-def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    cache_hits: int = counter(standard=COMPILE_CACHE, labels={"result": "hit"})
+    cache_misses: int = counter(standard=COMPILE_CACHE, labels={"result": "miss"})
+    cache_bypasses: int = counter(standard=COMPILE_CACHE, labels={"result": "bypass"})
+    aot_autograd_hits: int = gauge()
+    aot_autograd_misses: int = gauge()
+    lock_waits: int = gauge()
+    lock_wait_seconds: float = gauge()
+    active: bool = gauge()
 
 
 @contextlib.contextmanager
@@ -305,14 +180,14 @@ class InductorCache:
             built = self.manifest()
             if built is not None and (diff := manifest_diff(built, here)):
                 if self.on_mismatch == "error":
-                    raise CacheMismatchError(_mismatch_message(f"compile cache {self.path}", diff))
+                    raise CacheMismatchError(mismatch_message(f"compile cache {self.path}", diff))
                 logger.warning("replacing compile cache %s built for another environment", self)
                 shutil.rmtree(self.inductor_dir, ignore_errors=True)
                 shutil.rmtree(self.path / "triton", ignore_errors=True)
                 built = None
             if built is None:
                 self.inductor_dir.mkdir(parents=True, exist_ok=True)
-                _write_json_atomic(self.manifest_path, here)
+                atomic_write_json(self.manifest_path, here)
         return here
 
     # -- the context manager -------------------------------------------------------------------
@@ -322,9 +197,8 @@ class InductorCache:
             raise ConfigError(f"{self!r} is already active; it is not re-entrant")
         self.path.mkdir(parents=True, exist_ok=True)
         self.check()
-        from torch._functorch import config as functorch_config
-        from torch._inductor import config as inductor_config
-        from torch._inductor.utils import clear_caches
+        inductor_config = _torch_compat.inductor_config()
+        functorch_config = _torch_compat.functorch_config()
 
         self._saved = {
             "env": {k: os.environ.get(k) for k in _ENV_KEYS},
@@ -337,9 +211,9 @@ class InductorCache:
         os.environ["TRITON_CACHE_DIR"] = str(self.path / "triton")
         inductor_config.fx_graph_cache = True
         functorch_config.enable_autograd_cache = True
-        clear_caches()  # in-memory caches may point into the previous folder
+        _torch_compat.inductor_clear_caches()  # in-memory caches may point into the previous folder
         self._replay_isa_probe()
-        self._base = _counters()
+        self._base = cache_counters()
         return self
 
     def _replay_isa_probe(self) -> None:
@@ -351,9 +225,8 @@ class InductorCache:
         outcome is recorded in ``isa-probe.json`` and replayed when this folder (same manifest:
         CPU ISA, compiler, torch) is used again, so a warm start skips the child processes.
         """
-        try:
-            from torch._inductor import cpu_vec_isa as isa
-        except ImportError:  # pragma: no cover
+        isa = _torch_compat.inductor_cpu_vec_isa()
+        if isa is None:  # pragma: no cover
             return
         listing = getattr(isa, "valid_vec_isa_list", None)
         original = getattr(getattr(isa, "VecISA", None), "_probe_load", None)
@@ -387,7 +260,7 @@ class InductorCache:
             isa.VecISA._probe_load = original  # type: ignore[method-assign]
         if seen and {**known, **seen} != known:
             with contextlib.suppress(OSError):
-                _write_json_atomic(record, {**known, **seen})
+                atomic_write_json(record, {**known, **seen})
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -396,9 +269,8 @@ class InductorCache:
         """Restore the environment and config saved on entry (``__exit__`` calls it)."""
         if self._saved is None:
             return
-        from torch._functorch import config as functorch_config
-        from torch._inductor import config as inductor_config
-        from torch._inductor.utils import clear_caches
+        inductor_config = _torch_compat.inductor_config()
+        functorch_config = _torch_compat.functorch_config()
 
         self._accumulate()
         saved, self._saved = self._saved, None
@@ -409,7 +281,7 @@ class InductorCache:
                 os.environ[key] = value
         inductor_config.fx_graph_cache = saved["fx_graph_cache"]
         functorch_config.enable_autograd_cache = saved["autograd_cache"]
-        clear_caches()
+        _torch_compat.inductor_clear_caches()
 
     @property
     def active(self) -> bool:
@@ -418,7 +290,7 @@ class InductorCache:
     def _accumulate(self) -> None:
         if self._base is None:
             return
-        now = _counters()
+        now = cache_counters()
         for i, (a, b) in enumerate(zip(now, self._base)):
             self._totals[i] += a - b
         self._base = now if self._saved is not None else None
@@ -475,20 +347,12 @@ class InductorCache:
         import tarfile
 
         bundle = Path(bundle_path).expanduser().resolve()
-        bundle.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=bundle.parent, prefix=f".{bundle.name}.", suffix=".tmp")
-        os.close(fd)
         skip = {_LOCK_FILE, ".compile.lock"}
-        try:
-            with self.exclusive(), tarfile.open(tmp, "w") as tar:
-                for child in sorted(self.path.iterdir()):
-                    if child.name in skip:
-                        continue
-                    tar.add(child, arcname=child.name, filter=_no_locks)
-            os.replace(tmp, bundle)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(bundle) as tmp, self.exclusive(), tarfile.open(tmp, "w") as tar:
+            for child in sorted(self.path.iterdir()):
+                if child.name in skip:
+                    continue
+                tar.add(child, arcname=child.name, filter=_no_locks)
         return bundle
 
     @classmethod
@@ -527,7 +391,7 @@ class InductorCache:
             target.tag = built.get("tag")
         here = environment_manifest(tag=target.tag)
         if diff := manifest_diff(built, here):
-            raise CacheMismatchError(_mismatch_message(f"cache bundle {bundle}", diff))
+            raise CacheMismatchError(mismatch_message(f"cache bundle {bundle}", diff))
         path = target.path
         path.parent.mkdir(parents=True, exist_ok=True)
         with _flock(path.parent / f".{path.name}.import.lock", timeout=600, what=f"import {path}"):
@@ -568,11 +432,6 @@ class InductorCache:
                 lock_wait_seconds=self._lock_wait_s,
                 active=self._saved is not None,
             )
-
-    def fingerprint(self) -> str:
-        """A short hash of this environment's manifest (used to key decisions on disk)."""
-        doc = json.dumps(environment_manifest(tag=self.tag), sort_keys=True)
-        return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
 def _no_locks(info: tarfile.TarInfo) -> tarfile.TarInfo | None:

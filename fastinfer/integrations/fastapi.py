@@ -53,11 +53,13 @@ from typing import Any, TypeVar
 
 from fastinfer._optional import require
 from fastinfer.errors import (
+    ClientDisconnected,
     ClosedError,
     ConfigError,
     DeadlineExceeded,
     FastInferError,
     InvalidInput,
+    NotReady,
     QueueFull,
     WorkerCrashed,
 )
@@ -68,18 +70,10 @@ prometheus_client = require("prometheus_client", purpose="the /metrics endpoint"
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 
-__all__ = ["ClientDisconnected", "FastInferService", "NotReady", "run_server"]
+__all__ = ["FastInferService", "run_server"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class NotReady(FastInferError, RuntimeError):
-    """The service has not finished its setup (load, compile, warm-up) yet: HTTP 503."""
-
-
-class ClientDisconnected(FastInferError, ConnectionError):
-    """The HTTP client left before its result was ready; its queued work was cancelled."""
 
 
 class _State(SimpleNamespace):
@@ -113,8 +107,8 @@ class FastInferService:
         background_setup: run the setup function after the server starts (``/healthz`` answers at
             once, ``/readyz`` and model endpoints say 503 until it finishes: the Kubernetes
             pattern). ``False`` runs it inside the lifespan, before the server accepts requests.
-        retry_after_s: the ``Retry-After`` sent with 503s when the error does not carry one.
-        shutdown_timeout_s: how long shutdown waits for managed objects to drain.
+        retry_after_seconds: the ``Retry-After`` sent with 503s when the error does not carry one.
+        shutdown_timeout_seconds: how long shutdown waits for managed objects to drain.
         freeze_gc: once setup has finished, collect garbage and ``gc.freeze()`` what is left
             (the model, torch's and the app's modules) so that Python's full collections no
             longer scan it. With torch imported a full collection takes 56-72 ms on a 2-core VM,
@@ -129,21 +123,21 @@ class FastInferService:
         *,
         recorder: MetricsRecorder | None = None,
         background_setup: bool = True,
-        retry_after_s: float = 1.0,
-        shutdown_timeout_s: float = 30.0,
+        retry_after_seconds: float = 1.0,
+        shutdown_timeout_seconds: float = 30.0,
         metrics_path: str = "/metrics",
         health_path: str = "/healthz",
         ready_path: str = "/readyz",
         freeze_gc: bool = True,
     ) -> None:
-        if retry_after_s <= 0 or shutdown_timeout_s <= 0:
-            raise ConfigError("retry_after_s and shutdown_timeout_s must be > 0")
+        if retry_after_seconds <= 0 or shutdown_timeout_seconds <= 0:
+            raise ConfigError("retry_after_seconds and shutdown_timeout_seconds must be > 0")
         self.recorder = recorder if recorder is not None else MetricsRecorder()
         self.metrics = standard_metrics(self.recorder)
         self.state = _State(self)
         self.background_setup = background_setup
-        self.retry_after_s = retry_after_s
-        self.shutdown_timeout_s = shutdown_timeout_s
+        self.retry_after_seconds = retry_after_seconds
+        self.shutdown_timeout_seconds = shutdown_timeout_seconds
         self.freeze_gc = freeze_gc
         self._gc_frozen = False
         self.paths = {"metrics": metrics_path, "health": health_path, "ready": ready_path}
@@ -248,11 +242,11 @@ class FastInferService:
         for name, obj in reversed(self._managed):
             try:
                 if hasattr(obj, "aclose"):
-                    await asyncio.wait_for(obj.aclose(), self.shutdown_timeout_s)
+                    await asyncio.wait_for(obj.aclose(), self.shutdown_timeout_seconds)
                 else:
                     result = await asyncio.to_thread(obj.close)
                     if inspect.isawaitable(result):
-                        await asyncio.wait_for(result, self.shutdown_timeout_s)
+                        await asyncio.wait_for(result, self.shutdown_timeout_seconds)
             except Exception:
                 logger.exception("closing %s failed during shutdown", name)
         self._managed.clear()
@@ -341,7 +335,7 @@ class FastInferService:
             return Response(text, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
         def retry_after(exc: BaseException) -> dict[str, str]:
-            seconds = getattr(exc, "retry_after", None) or svc.retry_after_s
+            seconds = getattr(exc, "retry_after", None) or svc.retry_after_seconds
             return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
         handlers: dict[type[BaseException], Callable[[Any, Any], Any]] = {

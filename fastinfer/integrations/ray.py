@@ -13,7 +13,7 @@ happens inside one replica. :class:`FastInferReplica` is built in the deployment
    compiled graphs instead of compiling them;
 3. builds a :class:`fastinfer.DynamicBatcher` (work-conserving: a batch is sealed when the model
    is free, unlike ``@serve.batch`` which seals on its timer while the previous batch still runs);
-4. records the standard metrics and ships ``collect_delta()`` every ``ship_interval_s`` to one
+4. records the standard metrics and ships ``collect_delta()`` every ``ship_interval_seconds`` to one
    named Ray actor per cluster, whose merged recorder :func:`metrics_app` serves to Prometheus.
 
     from ray import serve
@@ -44,6 +44,7 @@ than 5 requests into a replica, so no batch can grow past 5. See docs/deploy.md.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -55,11 +56,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastinfer._common.export import gauge, not_exported
 from fastinfer._optional import require
 from fastinfer.batching import DynamicBatcher
-from fastinfer.compiling import CompiledModel, compile_model
+from fastinfer.compiling import CompiledModel, InductorCache, compile_model
 from fastinfer.errors import ConfigError
-from fastinfer.inductor_cache import InductorCache
 from fastinfer.metrics import MetricsRecorder, MetricsSnapshot, standard_metrics
 from fastinfer.pool import CorePlan, ThreadSettings, configure_threads
 
@@ -271,16 +272,16 @@ def metrics_app(
 class ReplicaStatistics:
     """A snapshot of a :class:`FastInferReplica`."""
 
-    replica: str
-    assigned_cpus: float | None
-    threads: int
-    bundle_imported: bool
-    cache_dir: str | None
-    import_seconds: float
-    deltas_shipped: int
-    deltas_pending: int
-    ship_errors: int
-    closed: bool
+    replica: str = not_exported("text: the replica's id")
+    assigned_cpus: float | None = gauge()
+    threads: int = gauge()
+    bundle_imported: bool = gauge()
+    cache_dir: str | None = not_exported("a path")
+    import_seconds: float = gauge()
+    deltas_shipped: int = gauge()
+    deltas_pending: int = gauge()
+    ship_errors: int = gauge()
+    closed: bool = gauge()
 
 
 def _replica_id() -> str:
@@ -313,7 +314,7 @@ class FastInferReplica:
             same count (``OMP_NUM_THREADS=N fastinfer warm ...``).
         aggregator: name of the metrics actor (:func:`metrics_aggregator`); ``None`` keeps metrics
             local (read them from :attr:`recorder`).
-        ship_interval_s: how often the replica ships its metric deltas.
+        ship_interval_seconds: how often the replica ships its metric deltas.
 
     Raises :class:`fastinfer.CacheMismatchError` when the bundle does not match this replica
     (a different thread count is the usual cause), and :class:`fastinfer.ConfigError` for bad
@@ -330,12 +331,14 @@ class FastInferReplica:
         threads: int | str | None = "ray",
         aggregator: str | None = AGGREGATOR_NAME,
         aggregator_namespace: str = AGGREGATOR_NAMESPACE,
-        ship_interval_s: float = 1.0,
+        ship_interval_seconds: float = 1.0,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name must be a non-empty string, got {name!r}")
-        if isinstance(ship_interval_s, bool) or not ship_interval_s > 0:
-            raise ConfigError(f"ship_interval_s must be > 0 seconds, got {ship_interval_s!r}")
+        if isinstance(ship_interval_seconds, bool) or not ship_interval_seconds > 0:
+            raise ConfigError(
+                f"ship_interval_seconds must be > 0 seconds, got {ship_interval_seconds!r}"
+            )
         self.name = name
         self.replica = _replica_id()
         self._cpus = assigned_cpus()
@@ -373,7 +376,7 @@ class FastInferReplica:
         self._thread: threading.Thread | None = None
         if aggregator is not None and _ray().is_initialized():
             self._agg = metrics_aggregator(aggregator, namespace=aggregator_namespace)
-            self._interval = float(ship_interval_s)
+            self._interval = float(ship_interval_seconds)
             self._thread = threading.Thread(
                 target=self._ship_loop, name=f"fastinfer-metrics-{name}", daemon=True
             )
@@ -498,6 +501,24 @@ class FastInferReplica:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+    async def aclose(self) -> None:
+        """:meth:`close` for async code: batchers on this loop drain here, the rest in a thread."""
+        for b in self._batchers:
+            await b.aclose()
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> FastInferReplica:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> FastInferReplica:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<FastInferReplica {self.name} {self.replica} threads={self.statistics().threads}>"

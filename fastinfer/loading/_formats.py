@@ -68,7 +68,7 @@ class Mapped:
         dup = self.tensors.keys() & other.tensors.keys()
         if dup:
             raise CheckpointError(
-                f"{len(dup)} keys appear in more than one shard ({_preview(sorted(dup))}): "
+                f"{len(dup)} keys appear in more than one shard ({preview(sorted(dup))}): "
                 "the shard index is inconsistent; re-save the checkpoint"
             )
         self.tensors.update(other.tensors)
@@ -77,7 +77,7 @@ class Mapped:
         self.notes.extend(n for n in other.notes if n not in self.notes)
 
 
-def _preview(keys: Sequence[str], limit: int = 10) -> str:
+def preview(keys: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -123,7 +123,7 @@ def _index_files(index: Path) -> list[Path]:
     if missing:
         raise CheckpointError(
             f"shard index {str(index)!r} names {len(missing)} shard files that do not exist: "
-            f"{_preview(missing)}"
+            f"{preview(missing)}"
         )
     return files
 
@@ -260,7 +260,7 @@ def _unwrap(obj: Any, path: Path, out: Mapped) -> dict[str, torch.Tensor]:
             return dict(obj)
         raise CheckpointError(
             f"checkpoint {str(path)!r} is not a state dict: {len(bad)} entries are not "
-            f"name -> tensor ({_preview([str(k) for k in bad])}); save model.state_dict()"
+            f"name -> tensor ({preview([str(k) for k in bad])}); save model.state_dict()"
         )
     if isinstance(obj, torch.nn.Module):
         out.notes.append(f"{path.name} held a whole pickled module; its state_dict() was used")

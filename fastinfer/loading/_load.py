@@ -1,4 +1,6 @@
-"""Fast, correct model loading: meta-device construction + memory-mapped checkpoints + assign.
+"""load_weights_: fill a model built on meta from a checkpoint, by memory map and assign.
+
+Fast, correct model loading: meta-device construction + memory-mapped checkpoints + assign.
 
     with fastinfer.empty_init():
         model = MyModel()                      # parameters on meta: no storage, no init
@@ -15,101 +17,24 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from fastinfer import _loading_formats as fmt
-from fastinfer._loading_init import empty_init
-from fastinfer._optional import require
-from fastinfer.errors import CheckpointError, ConfigError, LoadError, StateDictMismatch
+from fastinfer.errors import ConfigError, StateDictMismatch
+from fastinfer.loading import _formats as fmt
+from fastinfer.loading._report import LoadReport
 
-__all__ = [
-    "LoadReport",
-    "empty_init",
-    "load_model",
-    "load_pretrained",
-    "load_weights_",
-    "save_weights",
-]
+__all__ = ["load_weights", "load_weights_"]
 
-logger = logging.getLogger(__name__)
-
-M = TypeVar("M", bound=nn.Module)
+logger = logging.getLogger("fastinfer.loading")
 
 # Prefixes that wrappers add to every key: DDP/DataParallel, torch.compile, some trainers.
 _KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """What one load did: phase times (seconds), bytes mapped vs copied, memory, keys.
-
-    ``private_bytes`` is this process's private anonymous resident memory after the load (the
-    memory a second worker would not share); ``shared_bytes`` its file-backed resident memory
-    (page-cache pages, shared with every process that maps the same file); ``private_added_bytes``
-    how much private memory the load itself added.
-    """
-
-    checkpoint: str
-    format: str
-    files: tuple[str, ...]
-    keys_loaded: int
-    keys_tied: int
-    construct_s: float
-    map_s: float
-    assign_s: float
-    first_touch_s: float
-    bytes_mapped: int
-    bytes_copied: int
-    private_bytes: int
-    shared_bytes: int
-    pss_bytes: int
-    private_added_bytes: int
-    dtype: str | None
-    device: str
-    missing_keys: tuple[str, ...] = ()
-    unexpected_keys: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def total_s(self) -> float:
-        return self.construct_s + self.map_s + self.assign_s + self.first_touch_s
-
-    def __str__(self) -> str:
-        lines = [
-            f"LoadReport: {self.keys_loaded} tensors from {self.checkpoint} ({self.format}, "
-            f"{len(self.files)} file{'s' if len(self.files) != 1 else ''}) in {self.total_s:.3f}s",
-            f"  phases: construct {self.construct_s:.3f}s, map {self.map_s:.3f}s, "
-            f"assign {self.assign_s:.3f}s, first touch {self.first_touch_s:.3f}s",
-            f"  bytes: mapped {_mib(self.bytes_mapped)}, copied {_mib(self.bytes_copied)}"
-            f"{f' (dtype {self.dtype})' if self.dtype else ''} on {self.device}",
-            f"  memory: private {_mib(self.private_bytes)} (+{_mib(self.private_added_bytes)} "
-            f"by this load), shared {_mib(self.shared_bytes)}, PSS {_mib(self.pss_bytes)}",
-        ]
-        if self.keys_tied:
-            lines.append(f"  tied: {self.keys_tied} names share a loaded tensor")
-        if self.missing_keys:
-            lines.append(f"  missing (kept as built): {fmt._preview(list(self.missing_keys))}")
-        if self.unexpected_keys:
-            lines.append(f"  unexpected (ignored): {fmt._preview(list(self.unexpected_keys))}")
-        lines.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +217,7 @@ def load_weights_(
         UnsafeCheckpointError: the pickle needs a full unpickle and ``trust_pickle`` is False.
         StateDictMismatch: missing/unexpected keys, shape or dtype mismatches, tensors left on meta.
     """
-    return _load_weights(
+    return load_weights(
         model,
         checkpoint,
         strict=strict,
@@ -306,7 +231,7 @@ def load_weights_(
     )
 
 
-def _load_weights(
+def load_weights(
     model: nn.Module,
     checkpoint: str | os.PathLike[str],
     *,
@@ -318,7 +243,7 @@ def _load_weights(
     trust_pickle: bool,
     progress: bool | None,
     touch: bool,
-    construct_s: float = 0.0,
+    construct_seconds: float = 0.0,
     memory_before: int | None = None,
     extra_prefixes: Sequence[str] = (),
     cast_unsaved_buffers: bool = True,
@@ -482,10 +407,10 @@ def _load_weights(
         files=tuple(str(f) for f in mapped.files),
         keys_loaded=len(plan),
         keys_tied=keys_tied,
-        construct_s=construct_s,
-        map_s=t1 - t0,
-        assign_s=t2 - t1,
-        first_touch_s=t3 - t2,
+        construct_seconds=construct_seconds,
+        map_seconds=t1 - t0,
+        assign_seconds=t2 - t1,
+        first_touch_seconds=t3 - t2,
         bytes_mapped=bytes_mapped,
         bytes_copied=bytes_copied,
         private_bytes=mem["anonymous"],
@@ -527,216 +452,3 @@ def _check_no_meta(model: nn.Module) -> None:
             + "\n".join(left[:30])
             + (f"\n    ... and {len(left) - 30} more" if len(left) > 30 else "")
         )
-
-
-# --------------------------------------------------------------------------------------------
-# load_model / load_pretrained
-# --------------------------------------------------------------------------------------------
-
-
-def load_model(
-    factory_or_class: Callable[..., M],
-    checkpoint: str | os.PathLike[str],
-    *args: Any,
-    strict: bool = True,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    mmap: bool = True,
-    strip_prefix: str | Sequence[str] | None = None,
-    trust_pickle: bool = False,
-    progress: bool | None = None,
-    touch: bool = True,
-    on_report: Callable[[LoadReport], None] | None = None,
-    **kwargs: Any,
-) -> M:
-    """Build ``factory_or_class(*args, **kwargs)`` under :func:`empty_init`, load, return it in eval.
-
-    The :class:`LoadReport` goes to ``on_report`` when given (and is logged at DEBUG).
-
-        model = fastinfer.load_model(RotaryMLP, "ckpt.pt", width=4096, layers=24)
-    """
-    if not callable(factory_or_class):
-        raise ConfigError(f"factory_or_class must be callable, got {factory_or_class!r}")
-    mem0 = fmt.memory()["anonymous"]
-    t0 = time.perf_counter()
-    with empty_init():
-        model = factory_or_class(*args, **kwargs)
-    construct_s = time.perf_counter() - t0
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"factory_or_class returned a {type(model).__name__}, not an nn.Module")
-    report = _load_weights(
-        model,
-        checkpoint,
-        strict=strict,
-        dtype=dtype,
-        device=device,
-        mmap=mmap,
-        strip_prefix=strip_prefix,
-        trust_pickle=trust_pickle,
-        progress=progress,
-        touch=touch,
-        construct_s=construct_s,
-        memory_before=mem0,
-    )
-    logger.debug("%s", report)
-    if on_report is not None:
-        on_report(report)
-    return model.eval()
-
-
-def load_pretrained(
-    path: str | os.PathLike[str],
-    *,
-    model_class: Any = None,
-    strict: bool = True,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    mmap: bool = True,
-    trust_pickle: bool = False,
-    progress: bool | None = None,
-    touch: bool = True,
-    on_report: Callable[[LoadReport], None] | None = None,
-    **config_kwargs: Any,
-) -> Any:
-    """Load a Hugging Face ``transformers`` model saved with ``save_pretrained`` from a local folder.
-
-    The class comes from ``config.architectures`` unless ``model_class`` is given (a model class or
-    an ``Auto*`` class). It is built under :func:`empty_init` and loaded by the same zero-copy path
-    as :func:`load_weights_`; ``dtype=None`` uses the ``dtype`` recorded in ``config.json``.
-
-        model = fastinfer.load_pretrained("./my-bert")
-    """
-    transformers = require("transformers", purpose="fastinfer.load_pretrained")
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"{str(folder)!r} is not a save_pretrained folder (no config.json); "
-            "for a bare checkpoint use fastinfer.load_model"
-        )
-    mem0 = fmt.memory()["anonymous"]
-    t0 = time.perf_counter()
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, **config_kwargs)
-    cls = model_class
-    if cls is None:
-        archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is None:
-            cls = transformers.AutoModel
-    if dtype is None:
-        recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(recorded, str):
-            recorded = getattr(torch, recorded, None)
-        dtype = recorded if isinstance(recorded, torch.dtype) else None
-    with empty_init():  # Auto* classes build through from_config
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    construct_s = time.perf_counter() - t0
-    extra: list[str] = []
-    base = getattr(model, "base_model_prefix", "")
-    if base and not hasattr(model, base):
-        extra.append(f"{base}.")  # a base model loaded from a head model's checkpoint
-    keep: set[str] = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    if dtype == torch.float16:
-        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    report = _load_weights(
-        model,
-        folder,
-        strict=strict,
-        dtype=dtype,
-        device=device,
-        mmap=mmap,
-        strip_prefix=None,
-        trust_pickle=trust_pickle,
-        progress=progress,
-        touch=touch,
-        construct_s=construct_s,
-        memory_before=mem0,
-        extra_prefixes=extra,
-        # As from_pretrained: buffers keep the dtype they were computed in (RoPE inv_freq stays fp32).
-        cast_unsaved_buffers=False,
-        keep_fp32=sorted(keep),
-    )
-    gen = folder / "generation_config.json"
-    if gen.is_file() and getattr(model, "generation_config", None) is not None:
-        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
-    logger.debug("%s", report)
-    if on_report is not None:
-        on_report(report)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# save_weights
-# --------------------------------------------------------------------------------------------
-
-
-def save_weights(
-    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    *,
-    format: str | None = None,
-) -> Path:
-    """Write weights to a temporary file next to ``path``, fsync it, then rename it over ``path``.
-
-    Never rewrite a checkpoint in place: a process that has it memory-mapped (every fastinfer
-    load does) gets SIGBUS when the file shrinks under it. A rename leaves the old inode intact for
-    readers that still map it. ``format`` is ``"safetensors"`` or ``"torch"`` (default: from the
-    suffix, ``.safetensors`` or anything else). For safetensors, tied tensors are written once
-    (the loader re-ties them from the model's structure).
-    """
-    target = Path(path)
-    fmt_name = format or ("safetensors" if target.suffix == ".safetensors" else "torch")
-    if fmt_name not in ("safetensors", "torch"):
-        raise ConfigError(f"format must be 'safetensors' or 'torch', got {format!r}")
-    if isinstance(model_or_state_dict, nn.Module):
-        sd = dict(model_or_state_dict.state_dict())
-    elif isinstance(model_or_state_dict, Mapping):
-        sd = dict(model_or_state_dict)
-    else:
-        raise ConfigError(
-            f"save_weights takes an nn.Module or a state dict, got {type(model_or_state_dict).__name__}"
-        )
-    meta = [k for k, v in sd.items() if v.is_meta]
-    if meta:
-        raise LoadError(
-            f"cannot save {len(meta)} tensors on the meta device (no data): {fmt._preview(meta)}"
-        )
-    sd = {k: v.detach().cpu() for k, v in sd.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if fmt_name == "safetensors":
-            st = require("safetensors.torch", purpose="saving safetensors")
-            seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-            users: dict[int, int] = {}
-            for v in sd.values():
-                ptr = v.untyped_storage().data_ptr()
-                users[ptr] = users.get(ptr, 0) + 1
-            out: dict[str, torch.Tensor] = {}
-            for k, v in sd.items():
-                st_ = v.untyped_storage()
-                ident = (st_.data_ptr(), v.storage_offset(), tuple(v.shape))
-                if v.numel() and ident in seen:
-                    continue  # a tied alias
-                seen[ident] = k
-                whole = v.numel() * v.element_size() == st_.nbytes()
-                # safetensors refuses tensors that share memory: give views their own copy
-                out[k] = v.contiguous() if users[st_.data_ptr()] == 1 and whole else v.clone()
-            st.save_file(out, tmp, metadata={"format": "pt"})
-        else:
-            torch.save(sd, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        try:
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target

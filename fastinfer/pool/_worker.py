@@ -1,6 +1,6 @@
 """Entry point of a :class:`fastinfer.PinnedPool` worker process (private).
 
-The pool starts this file *by path* in a fresh interpreter (``python _pool_worker.py FD CONFIG``),
+The pool starts this file *by path* in a fresh interpreter (``python _worker.py FD CONFIG``),
 not through ``multiprocessing``'s spawn, because spawn imports the parent's ``__main__`` and the
 target's package (``fastinfer`` -> ``torch``) before any of our code runs, and torch sizes its
 thread pools from the affinity mask when it is imported. So this module imports only the standard
@@ -63,63 +63,6 @@ def set_mempolicy(node: int, *, bind: bool) -> str | None:
     return None
 
 
-# Tensors up to this size travel as bytes inside the message: below it, copying is cheaper than
-# passing a shared-memory file descriptor (a connection and handshake per tensor).
-SMALL_TENSOR_BYTES = 256 * 1024
-
-
-def rebuild_small_tensor(data: bytes, dtype: str, shape: tuple[int, ...], grad: bool) -> Any:
-    import torch
-
-    dt = getattr(torch, dtype)
-    if not data:
-        t = torch.empty(shape, dtype=dt)
-    else:
-        t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
-    return t.requires_grad_(grad) if grad else t
-
-
-def make_dumps() -> Any:
-    """A ``dumps(obj) -> bytes`` that sends tensors through shared memory (torch's reductions),
-    small CPU tensors inline. Imports torch: call it only after pinning."""
-    import io
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch
-    import torch.multiprocessing  # registers the shared-memory tensor reductions
-
-    shared = ForkingPickler._extra_reducers[torch.Tensor]  # type: ignore[attr-defined]
-
-    def reduce(t: Any) -> Any:
-        if (
-            t.device.type == "cpu"
-            and t.layout == torch.strided
-            and not t.is_quantized
-            and t.numel() * t.element_size() <= SMALL_TENSOR_BYTES
-            and (t.is_leaf or not t.requires_grad)
-        ):
-            try:
-                c = t.detach().contiguous()
-                raw = c.reshape(-1).view(torch.uint8).numpy().tobytes()
-                name = str(c.dtype).removeprefix("torch.")
-                return rebuild_small_tensor, (raw, name, tuple(c.shape), t.requires_grad)
-            except (RuntimeError, TypeError):
-                pass  # a dtype numpy or view() cannot take: share it instead
-        return shared(t)
-
-    class _Pickler(ForkingPickler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.dispatch_table[torch.Tensor] = reduce
-
-    def dumps(obj: Any) -> bytes:
-        buf = io.BytesIO()
-        _Pickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
-        return buf.getvalue()
-
-    return dumps
-
-
 def _watch_parent(parent_pid: int) -> None:
     # Backstop for PR_SET_PDEATHSIG (which fires when the parent *thread* exits and is Linux only):
     # poll the parent pid; when we are re-parented the parent is gone.
@@ -132,7 +75,7 @@ def _watch_parent(parent_pid: int) -> None:
 def main(argv: list[str]) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0] or ".") == here:
-        sys.path.pop(0)  # the script's folder (fastinfer/) must not shadow stdlib modules
+        sys.path.pop(0)  # the script's folder (fastinfer/pool/) must not shadow stdlib modules
     fd = int(argv[1])
     cfg: dict[str, Any] = json.loads(argv[2])
     parent_pid = int(cfg["parent_pid"])
@@ -172,11 +115,10 @@ def main(argv: list[str]) -> None:
         report = pickle.loads(setup["report"]) if setup["report"] is not None else None
         report_interval = float(setup["report_interval"])
         state = init()
-        import fastinfer.pool
-        from fastinfer._pool_worker import make_dumps  # as a module, so pickles name it
+        from fastinfer.pool import _wire  # as a module, so pickles name its functions
 
-        fastinfer.pool._worker_state = state
-        dumps = make_dumps()
+        _wire.set_worker_state(state)
+        dumps = _wire.make_dumps()
     except BaseException:
         try:
             conn.send_bytes(pickle.dumps(("init_error", traceback.format_exc())))

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fastinfer._demo import model as demo_model
+from fastinfer._cli.demo import model as demo_model
 from fastinfer._optional import require
 
 LEVELS = (1, 8, 32, 64)
@@ -40,7 +40,7 @@ def _progress(total: int, desc: str) -> Any:
 def _service(
     mode: str, checkpoint: Path, *, extra: tuple[str, ...] = (), port: int = 0
 ) -> Iterator[str]:
-    cmd = [sys.executable, "-m", "fastinfer._demo.server", "--mode", mode]
+    cmd = [sys.executable, "-m", "fastinfer._cli.demo.server", "--mode", mode]
     cmd += ["--checkpoint", str(checkpoint), "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
@@ -104,7 +104,7 @@ def _batch_totals(url: str) -> tuple[float, float]:
 
 
 def _drive(url: str, mode: str, levels: tuple[int, ...], per_level: int) -> list[dict[str, Any]]:
-    from fastinfer._loadgen import closed_loop
+    from fastinfer._cli.loadgen import closed_loop
 
     bodies = [{"text": t} for t in demo_model.texts(512, seed=7)]
     rows = []

@@ -5,7 +5,7 @@
 - ``fastinfer``: the same model and tokenizer through fastinfer: fast loader, attention swap,
   optional compile, a dynamic batcher, readiness, metrics and cancel-on-disconnect.
 
-    python -m fastinfer._demo.server --mode fastinfer --checkpoint CKPT [--port 8000]
+    python -m fastinfer._cli.demo.server --mode fastinfer --checkpoint CKPT [--port 8000]
 
 It prints ``FASTINFER_DEMO_PORT <port>`` once it listens (on 127.0.0.1 unless --host says more).
 """
@@ -20,7 +20,7 @@ import torch
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
-from fastinfer._demo import model as demo_model
+from fastinfer._cli.demo import model as demo_model
 from fastinfer._optional import require
 
 

@@ -1,0 +1,59 @@
+"""Atomic file writes: write beside the target, then rename over it; never leave a temp file.
+
+A reader (another worker, a replica mmapping a checkpoint) sees either the old file or the new one,
+never half of one: the new content goes to a temp file in the target's own folder (a rename is
+atomic only within one filesystem) and is renamed over the target when complete. If writing fails
+the temp file is removed and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+
+
+@contextlib.contextmanager
+def atomic_path(
+    target: str | os.PathLike[str], *, suffix: str = ".tmp", replace: bool = True
+) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on a clean exit it is renamed to ``target``.
+
+    ``suffix`` matters to writers that check the name (AOTInductor wants ``.pt2``). With
+    ``replace=False`` an existing ``target`` is kept (``FileExistsError``), for publish-once files.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if replace:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)  # fails if target exists: first writer wins
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(target, text.encode())
+
+
+def atomic_write_json(target: str | os.PathLike[str], doc: Mapping[str, Any] | Any) -> None:
+    atomic_write_text(target, json.dumps(doc, indent=2, sort_keys=True, default=str))

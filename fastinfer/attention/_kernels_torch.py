@@ -1,0 +1,113 @@
+"""``nn.TransformerEncoder`` run on packed valid tokens (the ``torch:packed`` path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastinfer.attention._kernels_hf import act_name
+from fastinfer.attention._packing import Packing, dense, drop_cache
+
+__all__ = ["PackedTorchEncoder", "torch_layer_unsupported"]
+
+
+def torch_layer_unsupported(layer: nn.Module) -> str:
+    """Why the packed path cannot run this ``nn.TransformerEncoderLayer`` ("" when it can)."""
+    if not isinstance(layer, nn.TransformerEncoderLayer):
+        return f"{type(layer).__name__} is not nn.TransformerEncoderLayer"
+    a = layer.self_attn
+    if not a._qkv_same_embed_dim:
+        return "self_attn has separate q/k/v projections (kdim/vdim)"
+    if a.bias_k is not None or a.bias_v is not None or a.add_zero_attn:
+        return "self_attn uses bias_k/bias_v/add_zero_attn"
+    return ""
+
+
+def _torch_layer_packed(
+    owner: nn.Module, i: int, layer: nn.TransformerEncoderLayer, h: torch.Tensor, packing: Packing
+) -> torch.Tensor:
+    a = layer.self_attn
+    act = act_name(layer.activation)
+    act = act if act in ("gelu", "relu") else ""
+
+    def sa(x: torch.Tensor) -> torch.Tensor:
+        qkv = dense(owner, f"{i}.qkv", x, a.in_proj_weight, a.in_proj_bias)
+        o = packing.attention(qkv, a.num_heads)
+        return dense(owner, f"{i}.out", o, a.out_proj.weight, a.out_proj.bias)
+
+    def ff(x: torch.Tensor) -> torch.Tensor:
+        l1, l2 = layer.linear1, layer.linear2
+        f = dense(owner, f"{i}.ffn_in", x, l1.weight, l1.bias, act)
+        f = f if act else layer.activation(f)
+        return dense(owner, f"{i}.ffn_out", f, l2.weight, l2.bias)
+
+    if layer.norm_first:
+        h = h + sa(layer.norm1(h))
+        return h + ff(layer.norm2(h))
+    h = layer.norm1(h + sa(h))
+    return layer.norm2(h + ff(h))
+
+
+class PackedTorchEncoder(nn.Module):
+    """Replaces an ``nn.TransformerEncoder``: same ``layers``/``norm`` children and state dict.
+
+    Runs the packed path for eval, no-autograd, key-padding-only calls; anything else (an attention
+    ``mask``, training, autograd) runs the original encoder.
+    """
+
+    def __init__(self, encoder: nn.TransformerEncoder):
+        super().__init__()
+        self.__dict__["_original"] = encoder
+        self.layers = encoder.layers
+        self.norm = encoder.norm
+        self.num_layers = encoder.num_layers
+        self.training = encoder.training
+        self.batch_first = encoder.layers[0].self_attn.batch_first
+        self.fallbacks = 0
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return drop_cache(self)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and (
+            src.requires_grad or any(p.requires_grad for p in self.layers.parameters())
+        )
+        if (
+            mask is not None
+            or is_causal
+            or self.training
+            or grad
+            or src.dim() != 3
+            or src.is_nested
+        ):
+            self.fallbacks += 1
+            return self._original(src, mask, src_key_padding_mask, is_causal)  # type: ignore[no-any-return]
+        x = src if self.batch_first else src.transpose(0, 1)  # (B, T, D)
+        if src_key_padding_mask is None:
+            valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        elif src_key_padding_mask.dtype == torch.bool:
+            valid = ~src_key_padding_mask
+        else:  # float mask: -inf (or any non-zero) = padded, as F._canonical_mask treats it
+            valid = src_key_padding_mask == 0
+        packing = Packing.from_valid(valid)
+        h = packing.pack(x)
+        for i, layer in enumerate(self.layers):
+            h = _torch_layer_packed(self, i, layer, h, packing)
+        if self.norm is not None:
+            h = self.norm(h)
+        out = packing.unpack(h)
+        return out if self.batch_first else out.transpose(0, 1)

@@ -1,0 +1,183 @@
+"""State shared by the parts of a DynamicBatcher, and how a request is resolved (private).
+
+:class:`DynamicBatcher` is assembled from this core, :class:`~._forming.Forming` (when to seal a
+batch and which items go in) and :class:`~._running.Running` (running ``fn`` on a batch, isolating
+failures). Every attribute is declared here, once, with its type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Literal
+
+from fastinfer.batching._collate import Collator
+from fastinfer.batching._config import BatcherConfig
+from fastinfer.batching._cost_model import ArrivalRate, CostModel
+from fastinfer.batching._loop import Clock, Handle, LoopThread
+from fastinfer.batching._records import BatchRecord, RequestRecord
+from fastinfer.batching._request import DONE, QUEUED, RUNNING, Request
+from fastinfer.errors import DeadlineExceeded
+
+__all__ = ["CLOSED", "CLOSING", "HEADROOM", "OPEN", "WINDOW", "BatcherCore"]
+
+logger = logging.getLogger("fastinfer.batching")
+
+OPEN, CLOSING, CLOSED = 0, 1, 2  # batcher states
+WINDOW = 10_000  # samples kept for the distributions in statistics()
+HEADROOM = 0.95  # latency_target_ms: admission and dispatch plan for this share of the target
+
+
+class BatcherCore:
+    """Declared state of a batcher and the request resolution paths."""
+
+    # configuration (see BatcherConfig; times in seconds here)
+    _config: BatcherConfig
+    _fn: Callable[[Any], Any]
+    _is_async: bool
+    _max_batch_size: int
+    _max_wait: float
+    _max_concurrent: int
+    _max_queue_size: int | None
+    _timeout: float | None
+    _policy: Literal["fixed", "adaptive"]
+    _target: float | None
+    _preferred: list[int]
+    _pad: bool
+    _cost_fn: Callable[[Any], float] | None
+    _max_cost: float | None
+    _collator: Collator | None
+    _bucket_window: int | None
+    _length_fn: Callable[[Any], int]
+    _on_error: str
+    _run_in_thread: bool
+    _own_loop: bool
+    _clock_arg: Any
+    _on_batch: Callable[[BatchRecord], Any] | None
+    _on_request: Callable[[RequestRecord], Any] | None
+    _name: str
+    # state
+    _state: int
+    _bind_lock: threading.Lock
+    _loop: asyncio.AbstractEventLoop | None
+    _loop_thread_id: int | None
+    _thread: LoopThread | None
+    _clock: Clock
+    _executor: concurrent.futures.ThreadPoolExecutor | None
+    _queues: dict[int, deque[Request]]
+    _priorities: list[int]
+    _depth: int
+    _queued_cost: float
+    _in_flight: int
+    _running_ends: dict[int, float]
+    _batch_ids: int
+    _timer: Handle | None
+    _timer_at: float | None
+    _drain_waiters: list[asyncio.Future[None]]
+    _tasks: set[asyncio.Task[None]]
+    _cost: CostModel
+    _arrivals: ArrivalRate
+    _counts: dict[str, int]
+    _batches_run: int
+    _padded_items: int
+    _bisections: int
+    _reasons: dict[str, int]
+    _sizes: dict[int, int]
+    _waits: deque[float]
+    _latencies: deque[float]
+    _exec_times: deque[float]
+    _callback_failed: bool
+
+    # implemented by the parts
+    def _schedule(self, notify: bool = True) -> None:
+        raise NotImplementedError
+
+    def _notify_drained(self) -> None:
+        raise NotImplementedError
+
+    def _launch(self, reqs: list[Request], reason: str, now: float) -> None:
+        raise NotImplementedError
+
+    def _idle(self) -> bool:
+        return self._depth == 0 and self._in_flight == 0
+
+    # ---------------------------------------------------------------- resolution paths
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Timer callbacks may come from a foreign-thread clock: always run them on the loop."""
+        if threading.get_ident() == self._loop_thread_id:
+            fn(*args)
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _count(self, outcome: str, req: Request, batch_size: int | None) -> None:
+        self._counts[outcome] += 1
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        if self._on_request is not None:
+            now = self._clock.time()
+            wait = None if req.started is None else req.started - req.arrival
+            self._emit_request(
+                RequestRecord(outcome, now - req.arrival, wait, batch_size, req.priority)
+            )
+
+    def _emit_request(self, record: RequestRecord) -> None:
+        if self._on_request is not None:
+            self._callback(self._on_request, record)
+
+    def _callback(self, cb: Callable[[Any], Any], record: Any) -> None:
+        try:
+            cb(record)
+        except Exception:
+            if not self._callback_failed:
+                self._callback_failed = True
+                logger.exception("%s callback %r raised (logged once; ignored)", self._name, cb)
+
+    def _unqueue(self, req: Request) -> None:
+        req.state = DONE
+        self._depth -= 1
+        self._queued_cost -= req.cost
+
+    def _future_done(self, req: Request, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled():
+            return
+        if req.state == QUEUED:
+            self._unqueue(req)
+            self._count("cancelled", req, None)
+            self._schedule()
+        elif req.state == RUNNING:
+            req.state = DONE  # its result will be discarded
+            self._count("cancelled", req, None)
+
+    def _expire(self, req: Request) -> None:
+        req.timer = None
+        if req.state == DONE or req.future.done():
+            return
+        now = self._clock.time()
+        if req.state == QUEUED:
+            self._unqueue(req)
+            msg = f"request waited {(now - req.arrival) * 1000:.1f} ms in the queue and passed its deadline"
+        else:
+            req.state = DONE
+            msg = f"request passed its deadline after {(now - req.arrival) * 1000:.1f} ms while its batch was running; the result is discarded"
+        self._count("expired", req, None)
+        req.future.set_exception(DeadlineExceeded(msg))
+        self._schedule()
+
+    def _resolve(self, req: Request, value: Any, batch_size: int) -> None:
+        if req.state != RUNNING or req.future.done():
+            return  # cancelled or expired while running: discard
+        req.state = DONE
+        now = self._clock.time()
+        self._latencies.append(now - req.arrival)
+        if isinstance(value, BaseException):
+            self._count("failed", req, batch_size)
+            req.future.set_exception(value)
+        else:
+            self._count("ok", req, batch_size)
+            req.future.set_result(value)

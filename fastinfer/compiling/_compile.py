@@ -1,0 +1,346 @@
+"""compile_model and CompiledModel: compile, warm up every batch size, then never compile again."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fastinfer import _env, _torch_compat
+from fastinfer._common.export import counter, gauge, not_exported
+from fastinfer.compiling._cache import InductorCache
+from fastinfer.compiling._inputs import (
+    Inputs,
+    batch_of,
+    check_batch_sizes,
+    cpu_inputs,
+    inputs_for,
+    tensors,
+)
+from fastinfer.compiling._manifest import cache_counters, compiler_path
+from fastinfer.compiling._verify import (
+    NO_COMPILER,
+    OPAQUE_FIX,
+    check_close,
+    explain,
+    log_once,
+    max_error,
+    opaque_ops,
+)
+from fastinfer.errors import CompileError, ConfigError, RecompileError, VerificationError
+
+__all__ = ["CompileStatistics", "CompiledModel", "compile_model", "new_stats", "resolve_cache"]
+
+logger = logging.getLogger("fastinfer.compiling")
+
+_warm_lock = threading.Lock()  # warm-up attributes dynamo's global counters to one model at a time
+COMPILE_CACHE = "fastinfer_compile_cache_total"
+
+
+@dataclass(frozen=True)
+class CompileStatistics:
+    """A snapshot of a :class:`CompiledModel` (maps to ``fastinfer_compile_seconds`` and
+    ``fastinfer_compile_cache_total{result}``)."""
+
+    backend: str = not_exported("text: the backend's name")
+    mode: str | None = not_exported("text: the compile mode")
+    graphs: int = gauge()
+    recompiles: int = gauge()
+    compile_seconds: float = gauge()
+    warmed_batch_sizes: tuple[int, ...] = not_exported("a list of sizes, fixed after warm-up")
+    max_error: float = gauge()
+    fallback: str | None = not_exported("text: why the eager fallback was taken")
+    opaque_fused_ops: tuple[str, ...] = not_exported("op names")
+    cache_hits: int = counter(standard=COMPILE_CACHE, labels={"result": "hit"})
+    cache_misses: int = counter(standard=COMPILE_CACHE, labels={"result": "miss"})
+    cache_bypasses: int = counter(standard=COMPILE_CACHE, labels={"result": "bypass"})
+    calls: int = gauge()
+    unwarmed_calls: int = gauge()
+    recompiles_refused: int = gauge()
+
+
+class CompiledModel:
+    """A compiled, warmed-up model that never compiles at serve time.
+
+    Calls run under ``torch.inference_mode()`` (the grad mode it was warmed up in) and, for a
+    compiled backend, under ``torch.compiler.set_stance("fail_on_recompile")`` (or
+    ``"eager_on_recompile"``) for the duration of the call. The stance is process-wide while a call
+    runs, so do not warm up another model in a second thread while this one serves.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        compiled: Callable[..., Any],
+        *,
+        stats: dict[str, Any],
+        on_recompile: str,
+        uses_dynamo: bool,
+    ) -> None:
+        self.model = model
+        self.compiled = compiled
+        self._stats = stats
+        self._uses_dynamo = uses_dynamo
+        self._lock = threading.Lock()
+        self.on_recompile = on_recompile
+
+    @property
+    def on_recompile(self) -> str:
+        return self._on_recompile
+
+    @on_recompile.setter
+    def on_recompile(self, value: str) -> None:
+        if value not in ("error", "eager"):
+            raise ConfigError(f"on_recompile must be 'error' or 'eager', got {value!r}")
+        self._on_recompile = value
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        batch = batch_of(args, kwargs)
+        with self._lock:
+            self._stats["calls"] += 1
+            if batch is not None and batch not in self._stats["warmed_batch_sizes"]:
+                self._stats["unwarmed_calls"] += 1
+        if not self._uses_dynamo:
+            with torch.inference_mode():
+                return self.compiled(*args, **kwargs)
+        stance = "fail_on_recompile" if self._on_recompile == "error" else "eager_on_recompile"
+        try:
+            with torch.inference_mode(), torch.compiler.set_stance(stance):
+                return self.compiled(*args, **kwargs)
+        except Exception as exc:
+            if "Detected recompile" not in str(exc):
+                raise
+            with self._lock:
+                self._stats["recompiles_refused"] += 1
+            shapes = [tuple(t.shape) for t in tensors(args, kwargs)]
+            raise RecompileError(
+                f"a call with input shapes {shapes} needs a new compilation, which is forbidden "
+                f"after warm-up (warmed batch sizes: {list(self._stats['warmed_batch_sizes'])}). "
+                "Fix: add the batch size to compile_model(batch_sizes=...), pad requests to a "
+                "warmed size, or pass on_recompile='eager' to run such calls eagerly.\n"
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+
+    forward = __call__
+
+    def statistics(self) -> CompileStatistics:
+        with self._lock:
+            s = dict(self._stats)
+        s["warmed_batch_sizes"] = tuple(s["warmed_batch_sizes"])
+        return CompileStatistics(**s)
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"CompiledModel(backend={s.backend!r}, mode={s.mode!r}, graphs={s.graphs}, "
+            f"batch_sizes={list(s.warmed_batch_sizes)}, fallback={s.fallback!r})"
+        )
+
+
+def resolve_cache(cache: InductorCache | None, backend: Any) -> InductorCache | None:
+    if cache is not None or not (isinstance(backend, str) and backend == "inductor"):
+        return cache
+    path = _env.get("FASTINFER_CACHE_DIR")
+    if not path:
+        log_once(
+            "no-cache",
+            logging.INFO,
+            "compiling into torch's default cache in the temporary directory (wiped on restart); "
+            "pass cache=fastinfer.InductorCache(path) or set FASTINFER_CACHE_DIR to start warm",
+        )
+    return InductorCache(path) if path else None
+
+
+def new_stats(backend: str, mode: str | None, **values: Any) -> dict[str, Any]:
+    """The mutable counters behind :meth:`CompiledModel.statistics`, all zero but ``values``."""
+    stats: dict[str, Any] = {
+        "backend": backend,
+        "mode": mode,
+        "graphs": 0,
+        "recompiles": 0,
+        "compile_seconds": 0.0,
+        "warmed_batch_sizes": (),
+        "max_error": 0.0,
+        "fallback": None,
+        "opaque_fused_ops": (),
+        "cache_hits": 0,
+        "cache_misses": 0,
+        "cache_bypasses": 0,
+        "calls": 0,
+        "unwarmed_calls": 0,
+        "recompiles_refused": 0,
+    }
+    stats.update(values)
+    return stats
+
+
+def compile_model(
+    model: Callable[..., Any],
+    example_inputs: Inputs,
+    *,
+    backend: str | Callable[..., Any] = "inductor",
+    mode: str | None = None,
+    batch_sizes: Sequence[int] = (1,),
+    dynamic: bool | None = None,
+    fallback: Literal["error", "eager"] = "error",
+    verify: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+    on_recompile: Literal["error", "eager"] = "error",
+    cache: InductorCache | None = None,
+    options: dict[str, Any] | None = None,
+) -> CompiledModel:
+    """Compile ``model`` and warm it up at every batch size, so serving never compiles.
+
+    ``example_inputs`` is one request batch (a tensor, a tuple of positional args or a dict of
+    keyword args); it is resized along dim 0 to each of ``batch_sizes`` (batch size 1 is always
+    added: it always gets its own graph). ``dynamic=None`` compiles one graph with a dynamic batch
+    dimension for sizes >= 2 (plus one for size 1); ``dynamic=False`` one graph per size, with a
+    per-model recompile limit that fits them all. ``cache`` (default ``$FASTINFER_CACHE_DIR``)
+    holds inductor's compile cache; one process compiles into it while others wait.
+
+    Raises :class:`CompileError` with the cause and the fix (``fallback="eager"`` instead returns
+    the eager model, recorded in ``statistics().fallback`` and logged once), and
+    :class:`VerificationError` when outputs differ from eager beyond the per-dtype tolerance.
+    """
+    if fallback not in ("error", "eager"):
+        raise ConfigError(f"fallback must be 'error' or 'eager', got {fallback!r}")
+    if on_recompile not in ("error", "eager"):
+        raise ConfigError(f"on_recompile must be 'error' or 'eager', got {on_recompile!r}")
+    if not callable(model):
+        raise ConfigError(f"model must be callable, got {type(model).__name__}")
+    if mode is not None and options is not None:
+        raise ConfigError("pass either mode or options, not both")
+    sizes = check_batch_sizes((1, *batch_sizes))
+    if isinstance(model, nn.Module) and model.training:
+        raise ConfigError("model is in training mode: call model.eval() before compile_model")
+    backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
+    cache = resolve_cache(cache, backend)
+
+    args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
+    stats = new_stats(backend_name, mode, warmed_batch_sizes=sizes)
+    # Eager reference outputs, and a look for opaque fused ops (cheap: one eager pass each).
+    batches = {b: inputs_for(example_inputs, b) for b in sizes}
+    expected: dict[int, Any] = {}
+    for b in sizes:
+        if b == sizes[-1]:
+            expected[b], opaque = opaque_ops(model, *batches[b])
+        else:
+            with torch.inference_mode():
+                expected[b] = model(*batches[b][0], **batches[b][1])
+    stats["opaque_fused_ops"] = opaque
+    if opaque:
+        log_once(
+            f"opaque:{type(model).__qualname__}",
+            logging.WARNING,
+            "%s",
+            OPAQUE_FIX.format(ops=list(opaque)),
+        )
+
+    def give_up(reason: str, exc: BaseException | None) -> CompiledModel:
+        if fallback == "error":
+            raise CompileError(f"compiling with backend {backend_name!r} failed: {reason}") from exc
+        stats["fallback"] = reason
+        log_once(
+            f"fallback:{backend_name}:{reason[:80]}",
+            logging.WARNING,
+            "compile_model: backend %r failed, running eager as fallback='eager' asked: %s",
+            backend_name,
+            reason,
+        )
+        return CompiledModel(
+            model, model, stats=stats, on_recompile=on_recompile, uses_dynamo=False
+        )
+
+    if backend_name in ("inductor",) and cpu_inputs(args0, kwargs0) and compiler_path() is None:
+        return give_up(NO_COMPILER, None)
+
+    from torch import _dynamo  # public enough (mark_dynamic), and only here: it is slow to import
+
+    limit = max(8, len(sizes) + 2)
+    torch_compile: Any = torch.compile
+    per_model: dict[str, Any] = {}
+    if "recompile_limit" in inspect.signature(torch_compile).parameters:  # torch >= 2.12
+        per_model = {"recompile_limit": limit, "isolate_recompiles": True}
+    try:
+        compiled = torch_compile(
+            model,
+            backend=backend,
+            mode=mode,
+            options=options,
+            dynamic=False if dynamic is False else (True if dynamic else None),
+            **per_model,
+        )
+    except Exception as exc:  # bad backend name, unsupported Python...
+        return give_up(explain(exc), exc)
+
+    # Largest size first, batch dim marked dynamic: one graph covers 2..max; size 1 gets its own.
+    order = sorted(sizes, reverse=True)
+    mark = dynamic is None and len([b for b in sizes if b >= 2]) > 1
+    ctx = contextlib.ExitStack()
+    with _warm_lock, ctx:
+        if cache is not None:
+            if not cache.active:
+                ctx.enter_context(cache)
+            ctx.enter_context(cache.exclusive())
+        g0, c0 = _torch_compat.dynamo_unique_graphs(), cache_counters()
+        t0 = time.perf_counter()
+        first_graphs = None
+        try:
+            for b in order:
+                args, kwargs = batches[b]
+                if mark and b >= 2:
+                    for t in tensors(args, kwargs):
+                        if t.dim() > 0:
+                            _dynamo.mark_dynamic(t, 0, min=2, max=max(sizes))
+                with torch.inference_mode():
+                    out = compiled(*args, **kwargs)
+                if first_graphs is None:
+                    first_graphs = _torch_compat.dynamo_unique_graphs() - g0
+                err = max_error(out, expected[b])
+                stats["max_error"] = max(stats["max_error"], err)
+                if verify:
+                    check_close(out, expected[b], rtol=rtol, atol=atol, where=f"batch size {b}")
+        except VerificationError:
+            raise
+        except Exception as exc:
+            return give_up(explain(exc), exc)
+        stats["compile_seconds"] = time.perf_counter() - t0
+        stats["graphs"] = _torch_compat.dynamo_unique_graphs() - g0
+        stats["recompiles"] = stats["graphs"] - (first_graphs or 0)
+        c1 = cache_counters()
+        stats["cache_hits"], stats["cache_misses"], stats["cache_bypasses"] = (
+            c1[0] - c0[0],
+            c1[1] - c0[1],
+            c1[2] - c0[2],
+        )
+    result = CompiledModel(model, compiled, stats=stats, on_recompile="error", uses_dynamo=True)
+    # Prove the warm-up stuck: every warmed size again, with compiling forbidden.
+    for b in sizes:
+        try:
+            result(*batches[b][0], **batches[b][1])
+        except RecompileError as exc:
+            raise CompileError(
+                f"warm-up did not cover batch size {b}: a second call still recompiles (unstable "
+                f"guards in the model). {exc}"
+            ) from exc
+    with result._lock:
+        stats["calls"] = 0
+    result.on_recompile = on_recompile
+    logger.info(
+        "compiled %s with %s: %d graph(s), %.2fs, batch sizes %s",
+        type(model).__name__,
+        backend_name,
+        stats["graphs"],
+        stats["compile_seconds"],
+        list(sizes),
+    )
+    return result

@@ -1,0 +1,128 @@
+"""Numerics and diagnosis shared by compile_model, export_aot and select_backend.
+
+Outputs are compared with eager through the shared per-dtype tolerance table
+(:mod:`fastinfer._common.tolerances`); opaque fused ops, a missing C++ compiler and dynamo's
+errors are turned into messages that say the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fastinfer import _torch_compat
+from fastinfer._common.tolerances import tolerance_for
+from fastinfer.errors import VerificationError
+
+__all__ = [
+    "NO_COMPILER",
+    "OPAQUE_FIX",
+    "OPAQUE_FUSED_OPS",
+    "check_close",
+    "explain",
+    "leaves",
+    "log_once",
+    "max_error",
+    "opaque_ops",
+]
+
+logger = logging.getLogger("fastinfer.compiling")
+
+# Fused ops that compiling cannot see into (nn.TransformerEncoder / MultiheadAttention fastpath).
+OPAQUE_FUSED_OPS = (
+    "_transformer_encoder_layer_fwd",
+    "_native_multi_head_attention",
+    "_transformer_decoder_only_layer_fwd",
+)
+NO_COMPILER = (
+    "no working C++ compiler found (looked for $CXX, g++, c++, clang++ on PATH): install g++ "
+    "(e.g. apt-get install g++), set CXX, or ship an AOTInductor package (fastinfer.export_aot) "
+    "that loads without one"
+)
+OPAQUE_FIX = (
+    "compiling gains nothing here: the model runs the opaque fused op(s) {ops} "
+    "(nn.TransformerEncoder/MultiheadAttention fastpath), which the compiler cannot see into. "
+    "Fix: call torch.backends.mha.set_fastpath_enabled(False) before compiling so the attention "
+    "and feed-forward ops are compiled, or keep the model eager"
+)
+_logged: set[str] = set()
+
+
+def leaves(out: Any) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        out = out.to_tuple()
+    return [x for x in _torch_compat.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def max_error(actual: Any, expected: Any) -> float:
+    """Largest absolute difference between two outputs' tensors (inf when the structure differs)."""
+    a, e = leaves(actual), leaves(expected)
+    if len(a) != len(e) or any(x.shape != y.shape for x, y in zip(a, e)):
+        return math.inf
+    err = 0.0
+    for x, y in zip(a, e):
+        if x.numel() and (x.is_floating_point() or y.is_floating_point()):
+            err = max(err, (x.double() - y.double()).abs().max().item())
+        elif x.numel() and not torch.equal(x, y):
+            return math.inf
+    return err
+
+
+def check_close(
+    actual: Any, expected: Any, *, rtol: float | None, atol: float | None, where: str
+) -> None:
+    a, e = leaves(actual), leaves(expected)
+    if len(a) != len(e):
+        raise VerificationError(f"{where}: {len(a)} output tensors, eager gives {len(e)}")
+    for i, (x, y) in enumerate(zip(a, e)):
+        rt, at = tolerance_for(y.dtype, rtol=rtol, atol=atol)
+        try:
+            torch.testing.assert_close(x, y, rtol=rt, atol=at, equal_nan=True)
+        except AssertionError as exc:
+            raise VerificationError(
+                f"{where}: output {i} ({y.dtype}, shape {tuple(y.shape)}) differs from eager "
+                f"beyond rtol={rt:g}, atol={at:g} (max error {max_error(x, y):.3g}). This is what "
+                "a cache built for another CPU ISA looks like; fix: use a matching cache or "
+                "backend, or loosen rtol/atol if the difference is expected.\n"
+                f"{str(exc)[:500]}"
+            ) from None
+
+
+def opaque_ops(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run eager once, recording aten ops; returns (output, opaque fused ops seen)."""
+    seen: set[str] = set()
+
+    class _Spy(_torch_compat.torch_dispatch_mode()):  # type: ignore[misc]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = str(func)
+            if any(op in name for op in OPAQUE_FUSED_OPS):
+                seen.add(name.split(".")[1] if name.startswith("aten.") else name)
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), _Spy():
+        out = model(*args, **kwargs)
+    return out, tuple(sorted(seen))
+
+
+def log_once(key: str, level: int, msg: str, *args: Any) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, msg, *args)
+
+
+def explain(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    markers = ("cppcompileerror", "invalidcxxcompiler", "no such file or dir")
+    if any(s in lowered for s in markers) and any(s in lowered for s in ("g++", "c++", "compiler")):
+        return f"{NO_COMPILER}. Cause: {text[:800]}"
+    if "constraintviolation" in lowered or "specialized" in lowered:
+        return (
+            f"{text[:1200]}\nFix: the model fixes the batch size in its code; pass dynamic=False "
+            "to compile one graph per batch size"
+        )
+    return text[:1500]

@@ -1,0 +1,156 @@
+"""load_model and load_pretrained: construct on meta, then load through the zero-copy path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from fastinfer._optional import require
+from fastinfer.errors import CheckpointError, ConfigError
+from fastinfer.loading import _formats as fmt
+from fastinfer.loading._empty_init import empty_init
+from fastinfer.loading._load import load_weights
+from fastinfer.loading._report import LoadReport
+
+__all__ = ["load_model", "load_pretrained"]
+
+logger = logging.getLogger("fastinfer.loading")
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def load_model(
+    factory_or_class: Callable[..., M],
+    checkpoint: str | os.PathLike[str],
+    *args: Any,
+    strict: bool = True,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    mmap: bool = True,
+    strip_prefix: str | Sequence[str] | None = None,
+    trust_pickle: bool = False,
+    progress: bool | None = None,
+    touch: bool = True,
+    on_report: Callable[[LoadReport], None] | None = None,
+    **kwargs: Any,
+) -> M:
+    """Build ``factory_or_class(*args, **kwargs)`` under :func:`empty_init`, load, return it in eval.
+
+    The :class:`LoadReport` goes to ``on_report`` when given (and is logged at DEBUG).
+
+        model = fastinfer.load_model(RotaryMLP, "ckpt.pt", width=4096, layers=24)
+    """
+    if not callable(factory_or_class):
+        raise ConfigError(f"factory_or_class must be callable, got {factory_or_class!r}")
+    mem0 = fmt.memory()["anonymous"]
+    t0 = time.perf_counter()
+    with empty_init():
+        model = factory_or_class(*args, **kwargs)
+    construct_seconds = time.perf_counter() - t0
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"factory_or_class returned a {type(model).__name__}, not an nn.Module")
+    report = load_weights(
+        model,
+        checkpoint,
+        strict=strict,
+        dtype=dtype,
+        device=device,
+        mmap=mmap,
+        strip_prefix=strip_prefix,
+        trust_pickle=trust_pickle,
+        progress=progress,
+        touch=touch,
+        construct_seconds=construct_seconds,
+        memory_before=mem0,
+    )
+    logger.debug("%s", report)
+    if on_report is not None:
+        on_report(report)
+    return model.eval()
+
+
+def load_pretrained(
+    path: str | os.PathLike[str],
+    *,
+    model_class: Any = None,
+    strict: bool = True,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    mmap: bool = True,
+    trust_pickle: bool = False,
+    progress: bool | None = None,
+    touch: bool = True,
+    on_report: Callable[[LoadReport], None] | None = None,
+    **config_kwargs: Any,
+) -> Any:
+    """Load a Hugging Face ``transformers`` model saved with ``save_pretrained`` from a local folder.
+
+    The class comes from ``config.architectures`` unless ``model_class`` is given (a model class or
+    an ``Auto*`` class). It is built under :func:`empty_init` and loaded by the same zero-copy path
+    as :func:`load_weights_`; ``dtype=None`` uses the ``dtype`` recorded in ``config.json``.
+
+        model = fastinfer.load_pretrained("./my-bert")
+    """
+    transformers = require("transformers", purpose="fastinfer.load_pretrained")
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"{str(folder)!r} is not a save_pretrained folder (no config.json); "
+            "for a bare checkpoint use fastinfer.load_model"
+        )
+    mem0 = fmt.memory()["anonymous"]
+    t0 = time.perf_counter()
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, **config_kwargs)
+    cls = model_class
+    if cls is None:
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            cls = transformers.AutoModel
+    if dtype is None:
+        recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(recorded, str):
+            recorded = getattr(torch, recorded, None)
+        dtype = recorded if isinstance(recorded, torch.dtype) else None
+    with empty_init():  # Auto* classes build through from_config
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    construct_seconds = time.perf_counter() - t0
+    extra: list[str] = []
+    base = getattr(model, "base_model_prefix", "")
+    if base and not hasattr(model, base):
+        extra.append(f"{base}.")  # a base model loaded from a head model's checkpoint
+    keep: set[str] = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    report = load_weights(
+        model,
+        folder,
+        strict=strict,
+        dtype=dtype,
+        device=device,
+        mmap=mmap,
+        strip_prefix=None,
+        trust_pickle=trust_pickle,
+        progress=progress,
+        touch=touch,
+        construct_seconds=construct_seconds,
+        memory_before=mem0,
+        extra_prefixes=extra,
+        # As from_pretrained: buffers keep the dtype they were computed in (RoPE inv_freq stays fp32).
+        cast_unsaved_buffers=False,
+        keep_fp32=sorted(keep),
+    )
+    gen = folder / "generation_config.json"
+    if gen.is_file() and getattr(model, "generation_config", None) is not None:
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    logger.debug("%s", report)
+    if on_report is not None:
+        on_report(report)
+    return model.eval()

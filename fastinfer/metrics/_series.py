@@ -1,0 +1,404 @@
+"""Series (one label set) and metric families: the hot path of every observation.
+
+A histogram observation is one ``bisect`` on a precomputed tuple of bucket bounds (C code) and a few
+additions into the calling thread's own shard of the series: no lock, so no contention between
+threads and no lost counts (each shard has one writer). Readers add the shards up; a finished
+thread's shard is folded into the series. Counters and gauges use a per-series lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+
+from fastinfer.errors import CardinalityError, ConfigError
+from fastinfer.metrics._names import GaugeMode, Kind
+
+if TYPE_CHECKING:
+    from fastinfer.metrics._timer import Timer
+
+__all__ = ["STAMPS", "Counter", "Gauge", "Histogram", "Metric"]
+
+_INF = float("inf")
+
+
+def _bad_value(metric: str, value: object) -> ConfigError:
+    return ConfigError(
+        f"metric {metric!r} got {value!r} ({type(value).__name__}); record a real Python number "
+        "(use tensor.item() for a tensor), not NaN"
+    )
+
+
+class _CounterSeries:
+    __slots__ = ("_lock", "_metric", "_value", "labels")
+
+    def __init__(self, metric: str, labels: tuple[str, ...]) -> None:
+        self._metric = metric
+        self.labels = labels
+        self._lock = threading.Lock()
+        self._value: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount`` (>= 0) to the counter."""
+        if not amount >= 0:  # also refuses NaN
+            raise ConfigError(
+                f"counter {self._metric!r} can only go up: inc({amount!r}) refused; "
+                "use a gauge for values that go down"
+            )
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._value += amount
+        finally:
+            lock.release()
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def _set_total(self, value: float) -> None:  # tracked sources report absolute totals
+        self._value = value
+
+
+class _GaugeSeries:
+    __slots__ = ("_lock", "_metric", "_stamp", "_value", "labels")
+
+    def __init__(self, metric: str, labels: tuple[str, ...]) -> None:
+        self._metric = metric
+        self.labels = labels
+        self._lock = threading.Lock()
+        self._value: float = 0.0
+        self._stamp = 0  # 0: never set (a merge ignores unset gauges)
+
+    def set(self, value: float) -> None:
+        """Set the gauge to ``value``."""
+        self._value = value
+        self._stamp = next(STAMPS)
+
+    def inc(self, amount: float = 1) -> None:
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._value += amount
+            self._stamp = next(STAMPS)
+        finally:
+            lock.release()
+
+    def dec(self, amount: float = 1) -> None:
+        self.inc(-amount)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+
+STAMPS = itertools.count(1)  # next() on itertools.count is atomic under the GIL
+
+
+class _Shard:
+    """One thread's part of a histogram series: written by that thread only, so no lock."""
+
+    __slots__ = ("counts", "max", "min", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.sum: float = 0.0
+        self.min: float = _INF
+        self.max: float = -_INF
+
+    def fold(self, other: _Shard) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
+
+class _ThreadToken:
+    """Lives in a thread's local storage; when the thread ends, its shard is folded into the base."""
+
+    __slots__ = ("__weakref__",)
+
+
+class _HistogramSeries:
+    """Per-thread shards: an observation touches only its own thread's shard (no lock, no
+    contention); readers add the shards up under the series lock. A finished thread's shard is
+    folded into ``_base`` so that thread churn does not grow the series."""
+
+    __slots__ = (
+        "__weakref__",
+        "_base",
+        "_bounds",
+        "_local",
+        "_lock",
+        "_metric",
+        "_shards",
+        "labels",
+    )
+
+    def __init__(self, metric: str, labels: tuple[str, ...], bounds: tuple[float, ...]) -> None:
+        self._metric = metric
+        self.labels = labels
+        self._bounds = bounds
+        self._base = _Shard(len(bounds) + 1)  # last slot: +Inf; merges and retired shards
+        self._shards: list[_Shard] = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        """Record one observation (seconds for latencies)."""
+        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus "le").
+        try:
+            i = bisect_left(self._bounds, value)
+        except TypeError:
+            raise _bad_value(self._metric, value) from None
+        if value != value:  # NaN would poison the sum forever
+            raise _bad_value(self._metric, value)
+        try:
+            shard = self._local.shard
+        except AttributeError:
+            shard = self._new_shard()
+        shard.counts[i] += 1
+        shard.sum += value
+        if value < shard.min:
+            shard.min = value
+        if value > shard.max:
+            shard.max = value
+
+    def _new_shard(self) -> _Shard:
+        shard = _Shard(len(self._bounds) + 1)
+        token = _ThreadToken()
+        with self._lock:
+            self._shards.append(shard)
+        # a weak reference: a series dropped while the thread lives on must not be kept alive
+        weakref.finalize(token, _retire_shard, weakref.ref(self), shard)
+        self._local.token = token  # dropped when the thread ends
+        self._local.shard = shard
+        return shard
+
+    def _retire(self, shard: _Shard) -> None:
+        with self._lock:
+            if shard in self._shards:
+                self._shards.remove(shard)
+                self._base.fold(shard)
+
+    def time(self, *, cuda_sync: bool | Literal["events"] = False) -> Timer:
+        """A :class:`Timer` observing into this series."""
+        from fastinfer.metrics._timer import Timer
+
+        return Timer(self, cuda_sync=cuda_sync)
+
+    def _read(self) -> tuple[list[int], float, float, float]:
+        with self._lock:
+            base = self._base
+            counts, total, lo, hi = list(base.counts), base.sum, base.min, base.max
+            for sh in self._shards:
+                # a shard's owner may be writing: each read is atomic; count and sum can be one
+                # observation apart for an instant, counts are never lost
+                counts = [a + b for a, b in zip(counts, list(sh.counts))]
+                total += sh.sum
+                lo = min(lo, sh.min)
+                hi = max(hi, sh.max)
+            return counts, total, lo, hi
+
+    def _add(
+        self,
+        bucket_deltas: Iterable[tuple[int, int]],
+        total: float,
+        lo: float | None,
+        hi: float | None,
+    ) -> None:
+        with self._lock:
+            base = self._base
+            counts = base.counts
+            for i, c in bucket_deltas:
+                counts[i] += c
+            base.sum += total
+            if lo is not None and lo < base.min:
+                base.min = lo
+            if hi is not None and hi > base.max:
+                base.max = hi
+
+
+def _retire_shard(series_ref: weakref.ref[_HistogramSeries], shard: _Shard) -> None:
+    series = series_ref()
+    if series is not None:
+        series._retire(shard)
+
+
+_Series = _CounterSeries | _GaugeSeries | _HistogramSeries
+_S = TypeVar("_S", _CounterSeries, _GaugeSeries, _HistogramSeries)
+
+
+class Metric:
+    """A metric family: a name, its label names and one series per label set."""
+
+    kind: Kind
+
+    def __init__(
+        self, name: str, help: str, unit: str, label_names: tuple[str, ...], max_series: int
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.unit = unit
+        self.label_names = label_names
+        self.max_series = max_series
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def _new(self, key: tuple[str, ...]) -> Any:
+        raise NotImplementedError
+
+    def _child(self, key: tuple[str, ...]) -> Any:
+        child = self._children.get(key)
+        if child is not None:
+            return child
+        with self._lock:
+            child = self._children.get(key)
+            if child is None:
+                if len(self._children) >= self.max_series:
+                    shown = dict(zip(self.label_names, key))
+                    raise CardinalityError(
+                        f"metric {self.name!r} already has {len(self._children)} label sets "
+                        f"(limit max_series={self.max_series}); refused new labels {shown}. "
+                        "Fix: do not put unbounded values (request ids, user ids, raw paths) in "
+                        "labels, or raise the limit with max_series=N when creating the metric "
+                        "or the MetricsRecorder."
+                    )
+                child = self._children[key] = self._new(key)
+            return child
+
+    def labels(self, *values: object, **kw: object) -> Any:
+        """The series for one set of label values, by position or by name."""
+        names = self.label_names
+        if not names:
+            raise ConfigError(f"metric {self.name!r} has no labels; call its methods directly")
+        if values and kw:
+            raise ConfigError(f"labels() of {self.name!r} takes values by position or by name")
+        if kw:
+            if set(kw) != set(names):
+                raise ConfigError(
+                    f"metric {self.name!r} has labels {list(names)}; got {sorted(kw)}"
+                )
+            values = tuple(kw[n] for n in names)
+        if len(values) != len(names):
+            raise ConfigError(
+                f"metric {self.name!r} has labels {list(names)}; got {len(values)} values {values}"
+            )
+        key = tuple(v if type(v) is str else str(v) for v in values)
+        return self._child(key)
+
+    def _unlabelled(self) -> Any:
+        if self.label_names:
+            raise ConfigError(
+                f"metric {self.name!r} has labels {list(self.label_names)}: "
+                f"use {self.name}.labels(...) first"
+            )
+        return self._child(())
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        self._unlabelled()
+
+    def _series_items(self) -> list[tuple[tuple[str, ...], Any]]:
+        with self._lock:
+            return list(self._children.items())
+
+    def _spec(self) -> tuple[Any, ...]:
+        return (self.kind, self.unit, self.label_names)
+
+
+class Counter(Metric):
+    """A value that only goes up (requests, errors). Use ``.inc()`` or ``.labels(...).inc()``."""
+
+    kind: Kind = "counter"
+    inc: Callable[..., None]
+
+    def __init__(
+        self, name: str, help: str, unit: str, label_names: tuple[str, ...], max_series: int
+    ) -> None:
+        super().__init__(name, help, unit, label_names, max_series)
+        self.inc = self._refuse if label_names else self._unlabelled().inc
+
+    def _new(self, key: tuple[str, ...]) -> _CounterSeries:
+        return _CounterSeries(self.name, key)
+
+    @property
+    def value(self) -> float:
+        return cast("float", self._unlabelled().value)
+
+
+class Gauge(Metric):
+    """A value that goes up and down (queue depth). ``merge`` says how worker values combine."""
+
+    kind: Kind = "gauge"
+    set: Callable[[float], None]
+    inc: Callable[..., None]
+    dec: Callable[..., None]
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        unit: str,
+        label_names: tuple[str, ...],
+        max_series: int,
+        merge: GaugeMode = "worker",
+    ) -> None:
+        super().__init__(name, help, unit, label_names, max_series)
+        self.merge_mode: GaugeMode = merge
+        # worker name -> label key -> (value, stamp): values merged from worker processes
+        self._workers: dict[str, dict[tuple[str, ...], tuple[float, int]]] = {}
+        if label_names:
+            self.set = self.inc = self.dec = self._refuse
+        else:
+            child = self._unlabelled()
+            self.set, self.inc, self.dec = child.set, child.inc, child.dec
+
+    def _new(self, key: tuple[str, ...]) -> _GaugeSeries:
+        return _GaugeSeries(self.name, key)
+
+    @property
+    def value(self) -> float:
+        return cast("float", self._unlabelled().value)
+
+    def _spec(self) -> tuple[Any, ...]:
+        return (*super()._spec(), self.merge_mode)
+
+
+class Histogram(Metric):
+    """A distribution (latencies, batch sizes). Use ``.observe(v)`` or ``.labels(...).observe(v)``."""
+
+    kind: Kind = "histogram"
+    observe: Callable[[float], None]
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        unit: str,
+        label_names: tuple[str, ...],
+        max_series: int,
+        bounds: tuple[float, ...],
+        export_bounds: tuple[float, ...] | None,
+        midpoint: bool,
+    ) -> None:
+        super().__init__(name, help, unit, label_names, max_series)
+        self.bounds = bounds
+        self.export_bounds = export_bounds
+        self.midpoint = midpoint
+        self.observe = self._refuse if label_names else self._unlabelled().observe
+
+    def _new(self, key: tuple[str, ...]) -> _HistogramSeries:
+        return _HistogramSeries(self.name, key, self.bounds)
+
+    def time(self, *, cuda_sync: bool | Literal["events"] = False) -> Timer:
+        """A :class:`Timer` (context manager and decorator) observing seconds into this histogram."""
+        from fastinfer.metrics._timer import Timer
+
+        return Timer(self._unlabelled(), cuda_sync=cuda_sync)
+
+    def _spec(self) -> tuple[Any, ...]:
+        return (*super()._spec(), self.bounds)

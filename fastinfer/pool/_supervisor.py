@@ -1,0 +1,503 @@
+"""The pool's own thread: starts, feeds, watches and restarts the worker processes (private).
+
+Everything here runs on one thread per pool (the children's ``PR_SET_PDEATHSIG`` is tied to it):
+it spawns workers by path, dispatches queued calls to the least loaded ready worker, reads their
+answers, enforces call timeouts and startup deadlines, and turns a worker's death into failed (or,
+with ``idempotent=True``, retried) calls and a restart.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Literal
+
+from fastinfer.errors import WorkerCrashed, WorkerError, WorkerStartupError, WorkerTimeout
+from fastinfer.pool._plan import CorePlan, Split, WorkerCores, cpus_str
+from fastinfer.pool._records import CallRecord
+from fastinfer.pool._threads import THREAD_VARS
+from fastinfer.pool._wire import remote_error
+
+__all__ = ["Call", "Supervisor", "Worker"]
+
+logger = logging.getLogger("fastinfer.pool")
+
+_WORKER_ENTRY = Path(__file__).with_name("_worker.py")
+
+
+class Call:
+    __slots__ = ("args", "data", "fut", "id", "kind", "queued", "retries", "started", "submitted")
+
+    def __init__(self, call_id: int, kind: str, args: Any, fut: concurrent.futures.Future[Any]):
+        self.id, self.kind, self.args, self.fut = call_id, kind, args, fut
+        self.data: bytes | None = None
+        self.retries = 0
+        self.submitted = self.queued = time.monotonic()
+        self.started = 0.0
+
+
+class Worker:
+    def __init__(self, index: int, cores: WorkerCores):
+        self.index, self.cores = index, cores
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn: Connection | None = None
+        self.state = "new"  # new -> starting -> ready -> dead/failed
+        self.calls: collections.deque[Call] = collections.deque()  # head is running
+        self.pid: int | None = None
+        self.info: dict[str, Any] = {}
+        self.deadline = 0.0  # startup deadline
+        self.first_ready = 0.0
+        self.idle_since = 0.0
+        self.busy = 0.0
+        self.ok = self.failed = self.restarts = self.start_failures = 0
+        self.lat: collections.deque[float] = collections.deque(maxlen=2048)
+
+
+class Supervisor:
+    """The pool thread's half of :class:`PinnedPool`; its state is declared here."""
+
+    plan: CorePlan
+    split: Split
+    timeout: float | None
+    idempotent: bool
+    prefetch: int
+    _pin: bool
+    _threads: int | None
+    _interop: int | None
+    _numa: str
+    _env: dict[str, str]
+    _on_report: Callable[[int, Any], None] | None
+    _on_call: Callable[[CallRecord], None] | None
+    _startup_timeout: float
+    _setup: bytes
+    _notes: list[str]
+    _lock: threading.Lock
+    _changed: threading.Condition
+    _pending: collections.deque[Call]
+    _workers: list[Worker]
+    _closing: bool
+    _closed: bool
+    _counts: collections.Counter[str]
+    _started: threading.Event
+    _startup_error: BaseException | None
+    _wake_r: socket.socket
+    _wake_w: socket.socket
+
+    def _dumps(self, call: Call) -> bytes:
+        raise NotImplementedError
+
+    def _note(self, text: str) -> None:
+        with self._lock:
+            if text not in self._notes:
+                self._notes.append(text)
+
+    def _spawn(self, w: Worker) -> None:
+        """Start (or restart) worker ``w`` on its cores. Runs on the pool thread only, so the
+        children's PR_SET_PDEATHSIG is tied to a thread that lives as long as the pool."""
+        threads = self._threads or w.cores.threads
+        numa_node = None
+        if self._numa != "off" and len(self.plan.nodes) > 1:
+            if len(w.cores.nodes) == 1:
+                numa_node = w.cores.nodes[0]
+            else:
+                self._note(f"worker {w.index} spans NUMA nodes {w.cores.nodes}: not bound")
+        cfg = {
+            "parent_pid": os.getpid(),
+            "worker": w.index,
+            "cpus": list(w.cores.cpus) if self._pin else None,
+            "threads": threads,
+            "interop": self._interop,
+            "numa_node": numa_node,
+            "numa_mode": self._numa,
+        }
+        env = {**os.environ, **self._env}
+        for name in THREAD_VARS:
+            env[name] = str(threads)
+        parent, child = socket.socketpair()
+        try:
+            w.proc = subprocess.Popen(
+                [sys.executable, str(_WORKER_ENTRY), str(child.fileno()), json.dumps(cfg)],
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:  # out of memory or pids: a start failure, not a pool failure
+            parent.close()
+            w.proc, w.conn, w.state = None, None, "starting"
+            self._start_failed(w, f"cannot start worker {w.index}: {exc}", reaped=True)
+            return
+        finally:
+            child.close()
+        w.conn = Connection(parent.detach())
+        w.pid = w.proc.pid
+        w.state = "starting"
+        w.info = {}
+        w.deadline = time.monotonic() + self._startup_timeout
+        try:
+            w.conn.send_bytes(self._setup)
+        except OSError:
+            pass  # it died at once; the EOF path reports it
+
+    def _run(self) -> None:
+        try:
+            for w in self._workers:
+                self._spawn(w)
+            self._loop()
+        except BaseException as exc:  # a bug here must not hang callers
+            logger.exception("PinnedPool thread failed")
+            self._fail_everything(WorkerError(f"the pool's thread failed: {exc!r}"))
+            if not self._started.is_set():
+                self._startup_error = WorkerError(f"the pool's thread failed: {exc!r}")
+                self._started.set()
+        finally:
+            self._shutdown_workers()
+            with self._changed:
+                self._closed = True
+                self._closing = True
+                self._changed.notify_all()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _loop(self) -> None:
+        while True:
+            # Housekeeping first, so every state change (including ones made while spawning)
+            # is acted on before the thread sleeps.
+            if not self._started.is_set():
+                states = {w.state for w in self._workers}
+                if self._startup_error is not None or states == {"ready"}:
+                    self._started.set()
+                if self._startup_error is not None:
+                    return
+            self._dispatch()
+            with self._lock:
+                idle = (
+                    self._closing and not self._pending and all(not w.calls for w in self._workers)
+                )
+                no_workers = all(w.state == "failed" for w in self._workers)
+            if no_workers:
+                self._fail_everything(
+                    WorkerCrashed("every PinnedPool worker failed to restart; see the log")
+                )
+                return
+            if idle and self._started.is_set():
+                return
+
+            with self._lock:
+                conns = {w.conn: w for w in self._workers if w.conn is not None}
+                deadline = self._next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = wait([*conns, self._wake_r], timeout)
+            if self._wake_r in ready:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            for conn in ready:
+                if conn is self._wake_r:
+                    continue
+                w = conns[conn]  # type: ignore[index]
+                try:
+                    raw = conn.recv_bytes()  # type: ignore[union-attr]
+                except (EOFError, OSError):
+                    self._on_exit(w)
+                    continue
+                self._on_message(w, raw)
+            self._check_deadlines()
+
+    def _next_deadline(self) -> float | None:
+        ds = [w.deadline for w in self._workers if w.state == "starting"]
+        if self.timeout is not None:
+            ds += [w.calls[0].started + self.timeout for w in self._workers if w.calls]
+        return min(ds) if ds else None
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for w in self._workers:
+            if w.state == "starting" and now >= w.deadline:
+                self._kill(w)
+                self._start_failed(
+                    w, f"worker {w.index} did not start within {self._startup_timeout:g}s"
+                )
+            elif self.timeout is not None and w.calls and now >= w.calls[0].started + self.timeout:
+                call = w.calls.popleft()
+                self._requeue(w)
+                self._counts["timeouts"] += 1
+                self._finish(
+                    w,
+                    call,
+                    "timeout",
+                    error=WorkerTimeout(
+                        f"call ran past its timeout of {self.timeout:g}s on worker {w.index} "
+                        f"(pid {w.pid}, cpus {cpus_str(w.cores.cpus)}); the worker was replaced"
+                    ),
+                )
+                self._kill(w)
+                self._restart(w)
+
+    def _on_message(self, w: Worker, raw: bytes) -> None:
+        from multiprocessing.reduction import ForkingPickler
+
+        try:
+            msg = ForkingPickler.loads(raw)
+        except Exception:
+            # A result whose shared-memory handles cannot be fetched (the worker died between
+            # sending and our fetching): treat as a crash of that call.
+            logger.warning(
+                "PinnedPool: cannot read a message from worker %d", w.index, exc_info=True
+            )
+            self._kill(w)
+            self._on_exit(w)
+            return
+        kind = msg[0]
+        if kind == "ready":
+            w.state, w.info = "ready", msg[1]
+            w.start_failures = 0
+            now = time.monotonic()
+            w.idle_since = now
+            if not w.first_ready:
+                w.first_ready = now
+            for note in w.info.get("notes", []):
+                self._note(f"worker {w.index}: {note}")
+            with self._changed:
+                self._changed.notify_all()
+        elif kind == "init_error":
+            self._kill(w)
+            self._start_failed(w, f"worker {w.index}'s init() raised:\n{msg[1]}")
+        elif kind in ("ok", "err"):
+            if not w.calls or w.calls[0].id != msg[1]:
+                logger.error("PinnedPool: worker %d answered an unknown call %r", w.index, msg[1])
+                return
+            call = w.calls.popleft()
+            if w.calls:  # the prefetched call starts now
+                w.calls[0].started = time.monotonic()
+            if kind == "ok":
+                _, _, result, exec_s, has_report, report = msg
+                self._finish(w, call, "ok", result=result, execution=exec_s)
+            else:
+                _, _, exc, tb, exec_s, has_report, report = msg
+                self._finish(w, call, "failed", error=remote_error(exc, tb), execution=exec_s)
+            if has_report and self._on_report is not None:
+                try:
+                    self._on_report(w.index, report)
+                except Exception:
+                    logger.exception("PinnedPool: on_worker_report raised")
+
+    def _finish(
+        self,
+        w: Worker,
+        call: Call,
+        outcome: Literal["ok", "failed", "crashed", "timeout"],
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+        execution: float | None = None,
+    ) -> None:
+        now = time.monotonic()
+        service = now - call.started
+        with self._lock:
+            w.busy += service
+            w.idle_since = now
+            w.lat.append(service)
+            if outcome == "ok":
+                w.ok += 1
+                self._counts["ok"] += 1
+            else:
+                w.failed += 1
+                self._counts["failed"] += 1
+        if error is None:
+            call.fut.set_result(result)
+        else:
+            call.fut.set_exception(error)
+        if self._on_call is not None:
+            rec = CallRecord(
+                w.index,
+                outcome,
+                call.started - call.queued,
+                service,
+                execution,
+                now - call.submitted,
+            )
+            try:
+                self._on_call(rec)
+            except Exception:
+                logger.exception("PinnedPool: on_call raised")
+
+    def _kill(self, w: Worker) -> None:
+        if w.proc is not None and w.proc.poll() is None:
+            try:
+                w.proc.kill()
+            except OSError:
+                pass
+
+    def _reap(self, w: Worker) -> str:
+        """Close the connection, wait for the process, and describe how it ended."""
+        if w.conn is not None:
+            w.conn.close()
+            w.conn = None
+        code = None
+        if w.proc is not None:
+            try:
+                code = w.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                code = w.proc.wait()
+        if code is None:
+            return "ended"
+        if code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def _on_exit(self, w: Worker) -> None:
+        """The worker's connection hit EOF: it died (or exited during startup)."""
+        how = self._reap(w)
+        if w.state == "starting":
+            self._start_failed(w, f"worker {w.index} {how} during startup", reaped=True)
+            return
+        call = w.calls.popleft() if w.calls else None
+        self._requeue(w)
+        self._counts["crashes"] += 1
+        where = f"worker {w.index} (pid {w.pid}, cpus {cpus_str(w.cores.cpus)}) {how}"
+        logger.warning("PinnedPool: %s; restarting it on the same cores", where)
+        if call is not None:
+            if self.idempotent and call.retries == 0 and not self._closed:
+                call.retries += 1
+                self._counts["retries"] += 1
+                try:
+                    call.data = self._dumps(call)  # handles are single-use: pickle again
+                    with self._lock:
+                        self._pending.appendleft(call)
+                except Exception as exc:
+                    self._finish(
+                        w, call, "crashed", error=WorkerCrashed(f"{where}; retry failed: {exc}")
+                    )
+            else:
+                again = " (it had been retried once already)" if call.retries else ""
+                self._finish(
+                    w, call, "crashed", error=WorkerCrashed(f"{where} while running a call{again}")
+                )
+        self._restart(w, reaped=True)
+
+    def _requeue(self, w: Worker) -> None:
+        """Put a dead worker's prefetched calls back at the front of the queue. They never
+        started (the worker runs calls in order and their predecessor never answered), and the
+        worker never read them, so their shared-memory handles are still unused."""
+        with self._lock:
+            while w.calls:
+                call = w.calls.pop()
+                call.started = 0.0
+                self._pending.appendleft(call)
+
+    def _restart(self, w: Worker, *, reaped: bool = False) -> None:
+        if not reaped:
+            self._reap(w)
+        w.state = "dead"
+        if self._closing and not self._pending:
+            return
+        with self._lock:
+            w.restarts += 1
+        self._spawn(w)
+
+    def _start_failed(self, w: Worker, message: str, *, reaped: bool = False) -> None:
+        if not reaped:
+            self._reap(w)
+        if not self._started.is_set():
+            if self._startup_error is None:
+                self._startup_error = WorkerStartupError(message)
+            w.state = "failed"
+            return
+        w.start_failures += 1
+        logger.error("PinnedPool: %s", message)
+        if w.start_failures >= 3:
+            logger.error("PinnedPool: worker %d failed to start 3 times; giving up on it", w.index)
+            w.state = "failed"
+            with self._changed:
+                self._changed.notify_all()
+            return
+        self._restart(w, reaped=True)
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._lock:
+                free = [
+                    w for w in self._workers if w.state == "ready" and len(w.calls) <= self.prefetch
+                ]
+                if not free or not self._pending:
+                    return
+                call = self._pending.popleft()
+                # least loaded: fewest calls held, then the longest idle (or longest running)
+                w = min(
+                    free,
+                    key=lambda w: (
+                        len(w.calls),
+                        w.calls[0].started if w.calls else w.idle_since,
+                        w.index,
+                    ),
+                )
+            # a retried call is already running; a fresh one may have been cancelled meanwhile
+            if not call.fut.running() and not call.fut.set_running_or_notify_cancel():
+                self._counts["cancelled"] += 1
+                continue
+            if not w.calls:
+                call.started = time.monotonic()
+            w.calls.append(call)
+            assert call.data is not None
+            try:
+                assert w.conn is not None
+                w.conn.send_bytes(call.data)
+            except OSError:
+                pass  # it died; EOF follows and the call fails (or is retried) with the crash
+
+    def _fail_everything(self, error: WorkerError) -> None:
+        with self._lock:
+            calls = list(self._pending)
+            self._pending.clear()
+            self._closing = True
+        for w in self._workers:
+            calls.extend(w.calls)
+            w.calls.clear()
+        for call in calls:
+            if not call.fut.done() and (
+                call.fut.running() or call.fut.set_running_or_notify_cancel()
+            ):
+                call.fut.set_exception(error)
+
+    def _shutdown_workers(self) -> None:
+        from multiprocessing.reduction import ForkingPickler
+
+        for w in self._workers:
+            if self._startup_error is not None:
+                self._kill(w)  # a failed start: do not wait for the others' init()
+            elif w.conn is not None and w.state in ("ready", "starting"):
+                try:
+                    w.conn.send_bytes(bytes(ForkingPickler.dumps(("close",))))
+                except OSError:
+                    pass
+        end = time.monotonic() + 5.0
+        for w in self._workers:
+            if w.proc is not None:
+                try:
+                    w.proc.wait(timeout=max(0.0, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    w.proc.kill()
+                    w.proc.wait()
+            if w.conn is not None:
+                w.conn.close()
+                w.conn = None
+            if w.state != "failed":
+                w.state = "stopped"

@@ -1,0 +1,113 @@
+"""What travels between a PinnedPool and its workers, and the state a worker holds (a leaf).
+
+Both sides import this module: the pool to encode calls, the worker process (after it has pinned
+itself and imported torch) to encode results and to publish the state its ``init()`` returned.
+Tensors above :data:`SMALL_TENSOR_BYTES` travel through shared memory (torch's own reduction),
+smaller CPU tensors inline as bytes. Imports only the standard library at module level.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+__all__ = [
+    "SMALL_TENSOR_BYTES",
+    "RemoteTraceback",
+    "make_dumps",
+    "rebuild_small_tensor",
+    "remote_error",
+    "set_worker_state",
+    "worker_state",
+]
+
+_worker_state: Any = None  # set inside a worker process after init()
+
+
+def worker_state() -> Any:
+    """Inside a :class:`PinnedPool` worker: the object its ``init()`` returned (None elsewhere).
+
+    Functions run with ``pool.submit_call(func, *args)`` use it to reach the model.
+    """
+    return _worker_state
+
+
+def set_worker_state(state: Any) -> None:
+    global _worker_state
+    _worker_state = state
+
+
+# Tensors up to this size travel as bytes inside the message: below it, copying is cheaper than
+# passing a shared-memory file descriptor (a connection and handshake per tensor).
+SMALL_TENSOR_BYTES = 256 * 1024
+
+
+def rebuild_small_tensor(data: bytes, dtype: str, shape: tuple[int, ...], grad: bool) -> Any:
+    import torch
+
+    dt = getattr(torch, dtype)
+    if not data:
+        t = torch.empty(shape, dtype=dt)
+    else:
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
+    return t.requires_grad_(grad) if grad else t
+
+
+def make_dumps() -> Any:
+    """A ``dumps(obj) -> bytes`` that sends tensors through shared memory (torch's reductions),
+    small CPU tensors inline. Imports torch: call it only after pinning."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch
+
+    from fastinfer import _torch_compat
+
+    shared = _torch_compat.shared_tensor_reducer()
+
+    def reduce(t: Any) -> Any:
+        if (
+            t.device.type == "cpu"
+            and t.layout == torch.strided
+            and not t.is_quantized
+            and t.numel() * t.element_size() <= SMALL_TENSOR_BYTES
+            and (t.is_leaf or not t.requires_grad)
+        ):
+            try:
+                c = t.detach().contiguous()
+                raw = c.reshape(-1).view(torch.uint8).numpy().tobytes()
+                name = str(c.dtype).removeprefix("torch.")
+                return rebuild_small_tensor, (raw, name, tuple(c.shape), t.requires_grad)
+            except (RuntimeError, TypeError):
+                pass  # a dtype numpy or view() cannot take: share it instead
+        return shared(t)
+
+    class _Pickler(ForkingPickler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.dispatch_table[torch.Tensor] = reduce
+
+    def dumps(obj: Any) -> bytes:
+        buf = io.BytesIO()
+        _Pickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+        return buf.getvalue()
+
+    return dumps
+
+
+def remote_error(exc: BaseException | None, tb: str) -> BaseException:
+    if exc is None:
+        from fastinfer.errors import WorkerError
+
+        return WorkerError(f"the call failed in the worker:\n{tb}")
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+class RemoteTraceback(Exception):
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
