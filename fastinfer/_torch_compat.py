@@ -35,6 +35,7 @@ __all__ = [
     "inductor_clear_caches",
     "inductor_config",
     "inductor_cpu_vec_isa",
+    "mark_dynamic",
     "mha_fastpath_enabled",
     "mkldnn_linear_pointwise",
     "mkldnn_reorder_linear_weight",
@@ -158,6 +159,27 @@ def _probe_counters() -> str:
     if sum(after[k] - before[k] for k in cache_keys) < 1:
         return f"compiling with the FX-graph cache on moved none of {cache_keys}"
     return ""
+
+
+def mark_dynamic(t: torch.Tensor, dim: int, *, min: int, max: int) -> None:
+    """``torch._dynamo.mark_dynamic``: compile one graph for a range of sizes of ``dim``."""
+    from torch._dynamo import mark_dynamic as mark
+
+    mark(t, dim, min=min, max=max)
+
+
+@_entry(
+    "mark_dynamic",
+    "torch._dynamo.mark_dynamic(tensor, dim, min=, max=)",
+    "compiling: one graph covers batch sizes 2..max",
+    "2.1 - 2.13",
+)
+def _probe_mark_dynamic() -> str:
+    from torch._dynamo import mark_dynamic as mark
+
+    params = _params(mark)
+    missing = [p for p in ("t", "index", "min", "max") if p not in params]
+    return f"mark_dynamic's parameters are {params}; missing {missing}" if missing else ""
 
 
 def inductor_config() -> Any:

@@ -17,7 +17,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fastinfer._common.files import atomic_path
 from fastinfer._optional import require
 from fastinfer.errors import ConfigError
 
@@ -363,14 +363,9 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # never rewrite a file in place: it may be mmapped (SIGBUS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # never rewrite a file in place: it may be mmapped (SIGBUS)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _write_one(sd: dict[str, torch.Tensor], path: Path, fmt: str) -> None:

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastinfer
-from fastinfer import _attention_swap, _attention_why, testing
+from fastinfer import testing
+from fastinfer.attention import _diagnose, _family_hf
+from fastinfer.attention import _why as _attention_why
 from fastinfer.attention import optimum_status
 from fastinfer.attention._types import REGISTRY, unregister_attention_swap
 from fastinfer.errors import AttentionSwapError, ConfigError
@@ -289,9 +291,9 @@ def test_optimum_legacy_path_is_used_when_it_is_installed(monkeypatch: pytest.Mo
     fake.BetterTransformer = FakeBT  # type: ignore[attr-defined]
     fake.BetterTransformerManager = types.SimpleNamespace(MODEL_MAPPING={"bert": {}})  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "optimum.bettertransformer", fake)
-    real_find_spec = _attention_swap.importlib.util.find_spec
+    real_find_spec = _family_hf.importlib.util.find_spec
     monkeypatch.setattr(
-        _attention_swap.importlib.util,
+        _family_hf.importlib.util,
         "find_spec",
         lambda name, *a: (
             object() if name == "optimum.bettertransformer" else real_find_spec(name, *a)
@@ -499,7 +501,7 @@ def test_torch_packed_handles_what_the_fastpath_cannot(kw: dict[str, Any]) -> No
         model, example_inputs=(src, pad), prefer="torch:packed", repeat=1
     )
     assert report.chosen == "torch:packed" and report.verified
-    static = _attention_swap._diagnose_static(_attention_swap._native_modules(enc))
+    static = _diagnose._diagnose_static(_diagnose.native_modules(enc))
     assert any(why for _, why in static)  # some native fastpath is blocked, and says why
     valid = (~pad) if opts["batch_first"] else (~pad).t()
     torch.testing.assert_close(model(src, pad)[valid], ref[valid], atol=1e-4, rtol=1e-3)

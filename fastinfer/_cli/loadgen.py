@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastinfer._common.quantiles import quantile
 from fastinfer._optional import require
 
 Payload = Callable[[int], Any]  # request number -> JSON body
@@ -47,19 +48,19 @@ class LoadResult:
         """Successful requests per second over the run."""
         return self.ok / self.duration_seconds if self.duration_seconds else 0.0
 
-    def percentile(self, q: float) -> float:
+    def latency_at(self, q: float) -> float:
+        """The ``q``-th percentile (0..100) of the latencies (the shared definition)."""
         if not self.latencies:
             return float("nan")
-        xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+        return quantile(sorted(self.latencies), q / 100)
 
     @property
     def p50(self) -> float:
-        return self.percentile(50)
+        return self.latency_at(50)
 
     @property
     def p99(self) -> float:
-        return self.percentile(99)
+        return self.latency_at(99)
 
     @property
     def mean(self) -> float:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastinfer import _torch_compat
+
 _FASTPATH_DEVICES = ("cpu", "cuda", "xpu")
 
 
@@ -117,7 +119,7 @@ def encoder_nested_reason(
         return "src_key_padding_mask was None"
     if do_mask_check and torch.compiler.is_compiling():
         return "mask_check enabled with torch.compile or torch.export"
-    if do_mask_check and not torch._nested_tensor_from_mask_left_aligned(
+    if do_mask_check and not _torch_compat.nested_mask_left_aligned(
         src, src_key_padding_mask.logical_not()
     ):
         return "mask_check enabled, and src and src_key_padding_mask was not left aligned"

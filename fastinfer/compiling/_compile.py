@@ -263,8 +263,6 @@ def compile_model(
     if backend_name in ("inductor",) and cpu_inputs(args0, kwargs0) and compiler_path() is None:
         return give_up(NO_COMPILER, None)
 
-    from torch import _dynamo  # public enough (mark_dynamic), and only here: it is slow to import
-
     limit = max(8, len(sizes) + 2)
     torch_compile: Any = torch.compile
     per_model: dict[str, Any] = {}
@@ -300,7 +298,7 @@ def compile_model(
                 if mark and b >= 2:
                     for t in tensors(args, kwargs):
                         if t.dim() > 0:
-                            _dynamo.mark_dynamic(t, 0, min=2, max=max(sizes))
+                            _torch_compat.mark_dynamic(t, 0, min=2, max=max(sizes))
                 with torch.inference_mode():
                     out = compiled(*args, **kwargs)
                 if first_graphs is None:

@@ -295,9 +295,7 @@ class _Dynamo(Builder):
         if ctx.opaque:
             return OPAQUE_FIX.format(ops=list(ctx.opaque))
         if not self.needs_cxx and not self.needs_module:  # any other dynamo backend name
-            from torch import _dynamo
-
-            known = _dynamo.list_backends(exclude_tags=())
+            known = torch.compiler.list_backends(exclude_tags=())
             if self.backend not in known:
                 return f"unknown backend {self.backend!r}; known: {sorted(known)}"
         return ""

@@ -169,13 +169,10 @@ def import_bundle(
                 f"got {type(bundle).__name__}"
             )
         bundle = ray.get(bundle)
-    fd, tmp = tempfile.mkstemp(prefix="fastinfer-bundle-", suffix=".tar")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(bytes(bundle))
-        return InductorCache.import_(tmp, dest, tag=tag)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fastinfer-bundle-") as tmp:
+        path = Path(tmp) / "bundle.tar"
+        path.write_bytes(bytes(bundle))
+        return InductorCache.import_(path, dest, tag=tag)
 
 
 # --------------------------------------------------------------------------------------------

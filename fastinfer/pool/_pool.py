@@ -7,9 +7,9 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import math
 import pickle
 import socket
-import statistics as _stats
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -358,7 +358,7 @@ class PinnedPool(Supervisor):
                 crashes=self._counts["crashes"],
                 timeouts=self._counts["timeouts"],
                 retries=self._counts["retries"],
-                busy_ratio=_stats.fmean(p.busy_ratio for p in per) if per else 0.0,
+                busy_ratio=math.fsum(p.busy_ratio for p in per) / len(per) if per else 0.0,
                 queue_per_worker={p.worker: p.in_flight for p in per},
                 busy_ratio_per_worker={p.worker: p.busy_ratio for p in per},
                 per_worker=tuple(per),

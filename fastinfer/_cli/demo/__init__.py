@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fastinfer._cli.demo import model as demo_model
+from fastinfer._common.tables import render_table
 from fastinfer._optional import require
 
 LEVELS = (1, 8, 32, 64)
@@ -247,10 +248,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 f"{f['mean_batch']:.1f}",
             ]
         )
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render_table(head, body, align="right")
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
