@@ -224,11 +224,7 @@ def hf_bert(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    with seeded(seed):
-        model = transformers.BertModel(config).eval()
-    if attn_implementation:  # transformers 5 takes it here, not as a constructor argument
-        model.set_attn_implementation(attn_implementation)
-    return model
+    return _build_hf(transformers.BertModel, config, seed, attn_implementation)
 
 
 def hf_llama(
@@ -256,8 +252,12 @@ def hf_llama(
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
     )
+    return _build_hf(transformers.LlamaForCausalLM, config, seed, attn_implementation)
+
+
+def _build_hf(cls: Any, config: Any, seed: int, attn_implementation: str | None) -> Any:
     with seeded(seed):
-        model = transformers.LlamaForCausalLM(config).eval()
+        model = cls(config).eval()
     if attn_implementation:  # transformers 5 takes it here, not as a constructor argument
         model.set_attn_implementation(attn_implementation)
     return model
@@ -280,19 +280,14 @@ def text_batch(
 
     ``padding`` is the mean fraction of padded positions (0 = none). Lengths vary per row around
     ``seq_len * (1 - padding)``; the longest row is always full length, as after dynamic padding.
-    Token ids are never all zero (timing on all-zero inputs lies).
+    Token ids are never all zero (timing on all-zero inputs lies). The same batches that
+    ``swap_attention_(padding_profile=...)`` synthesises.
     """
-    if not 0.0 <= padding < 1.0:
-        raise ConfigError(f"padding must be in [0, 1), got {padding!r}")
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=gen)
-    mean_len = seq_len * (1.0 - padding)
-    spread = min(mean_len - 1, seq_len - mean_len)
-    lengths = (mean_len + (torch.rand(batch_size, generator=gen) * 2 - 1) * spread).round()
-    lengths = lengths.clamp(1, seq_len).long()
-    lengths[0] = seq_len
-    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
-    return ids * mask, mask
+    from fastinfer.attention._profile import synthetic_text_batch
+
+    return synthetic_text_batch(
+        batch_size, seq_len, padding=padding, vocab_size=vocab_size, seed=seed
+    )
 
 
 class HashTokenizer:

@@ -18,9 +18,8 @@ from torch import nn
 
 import fastinfer
 from fastinfer import testing
-from fastinfer.attention import _diagnose, _family_hf
+from fastinfer.attention import _diagnose, _family_hf, optimum_status
 from fastinfer.attention import _why as _attention_why
-from fastinfer.attention import optimum_status
 from fastinfer.attention._types import REGISTRY, unregister_attention_swap
 from fastinfer.errors import AttentionSwapError, ConfigError
 

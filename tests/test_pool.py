@@ -194,7 +194,11 @@ def test_statistics_reports_and_call_records(pool: PinnedPool) -> None:
         s.workers = 3  # type: ignore[misc]
     assert REPORTS and {"calls", "pid"} <= set(REPORTS[-1][1])
     assert REPORTS[-1][0] in range(N)
-    assert CALLS and CALLS[-1].outcome == "ok" and CALLS[-1].latency_seconds >= CALLS[-1].service_seconds > 0
+    assert (
+        CALLS
+        and CALLS[-1].outcome == "ok"
+        and CALLS[-1].latency_seconds >= CALLS[-1].service_seconds > 0
+    )
 
 
 # --------------------------------------------------------------------------------------------

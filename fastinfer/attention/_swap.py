@@ -22,7 +22,7 @@ from fastinfer.attention._types import ORIGINAL, AttentionReport, PathResult
 from fastinfer.attention._undo import Undo
 from fastinfer.errors import AttentionSwapError, ConfigError
 
-__all__ = ["swap", "undo"]
+__all__ = ["swap_attention_", "undo_attention_swap_"]
 
 logger = logging.getLogger("fastinfer.attention")
 
@@ -31,7 +31,7 @@ _SWAPPED: weakref.WeakKeyDictionary[nn.Module, tuple[Undo, AttentionReport]] = (
 )
 
 
-def swap(
+def swap_attention_(
     model: nn.Module,
     *,
     example_inputs: Any = None,
@@ -44,7 +44,29 @@ def swap(
     atol: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> AttentionReport:
-    """See :func:`fastinfer.swap_attention_` (the public wrapper holds the docstring)."""
+    """Switch ``model`` in place to its fastest correct attention path; return what was done.
+
+    Args:
+        example_inputs: a batch the model is called with (a dict of keyword arguments, a tuple of
+            positional ones, or one tensor). With it every candidate path is verified on valid
+            positions and timed, and the fastest correct one is kept. The padding mask is found
+            by name (``attention_mask``: 1 = token; ``src_key_padding_mask`` /
+            ``key_padding_mask``: True = padding).
+        prefer: a path name (or names) to restrict the choice to, e.g. ``"hf:packed"``.
+        verify: compare with the original and undo the swap on mismatch (needs example inputs).
+        padding_profile: ``(batch_size, seq_len, padding_fraction)`` to synthesise example inputs
+            (Hugging Face models and bare ``nn.TransformerEncoder``).
+        repeat / warmup: timed and untimed calls per candidate (timing is interleaved; median).
+        rtol / atol: override the shared per-dtype tolerances
+            (:mod:`fastinfer._common.tolerances`), as in :func:`fastinfer.compile_model`.
+
+    Without inputs the path is chosen by rule (hf:packed for BERT-family encoders, hf:sdpa for
+    other HF models, torch:fastpath-nested for nn.TransformerEncoder, registered replacements).
+
+    Raises:
+        AttentionSwapError: the model is already swapped, or a preferred path is unavailable.
+        ConfigError: bad arguments.
+    """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"swap_attention_ needs an nn.Module, got {type(model).__name__}")
     if model in _SWAPPED and _SWAPPED[model][1].chosen != ORIGINAL:
@@ -292,7 +314,7 @@ def _measure(
     return best, out
 
 
-def undo(model: nn.Module) -> AttentionReport:
+def undo_attention_swap_(model: nn.Module) -> AttentionReport:
     """Restore the model exactly as it was before :func:`swap_attention_`; returns that report.
 
     Raises:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastinfer import _torch_compat
@@ -87,25 +86,13 @@ def encoder_nested_reason(
 
     Evaluated under the caller's current grad/autocast state, as ``forward`` would be.
     """
-    src_key_padding_mask = F._canonical_mask(
-        mask=src_key_padding_mask,
-        mask_name="src_key_padding_mask",
-        other_type=F._none_or_dtype(mask),
-        other_name="mask",
-        target_type=src.dtype,
-    )
-    mask = F._canonical_mask(
-        mask=mask,
-        mask_name="mask",
-        other_type=None,
-        other_name="",
-        target_type=src.dtype,
-        check_other=False,
+    src_key_padding_mask, mask = _torch_compat.canonical_masks(
+        src_key_padding_mask, "src_key_padding_mask", mask, "mask", src.dtype
     )
     first_layer = encoder.layers[0]
     str_first_layer = "self.layers[0]"
     do_mask_check = getattr(encoder, "mask_check", True)
-    if not torch.backends.mha.get_fastpath_enabled():
+    if not _torch_compat.mha_fastpath_enabled():
         return "torch.backends.mha.get_fastpath_enabled() was not True"
     if not hasattr(encoder, "use_nested_tensor"):
         return "use_nested_tensor attribute not present"
@@ -149,22 +136,10 @@ def layer_fastpath_reason(
     src_key_padding_mask: torch.Tensor | None = None,
 ) -> str:
     """Why ``TransformerEncoderLayer.forward`` will not call ``torch._transformer_encoder_layer_fwd``."""
-    src_key_padding_mask = F._canonical_mask(
-        mask=src_key_padding_mask,
-        mask_name="src_key_padding_mask",
-        other_type=F._none_or_dtype(src_mask),
-        other_name="src_mask",
-        target_type=src.dtype,
+    src_key_padding_mask, src_mask = _torch_compat.canonical_masks(
+        src_key_padding_mask, "src_key_padding_mask", src_mask, "src_mask", src.dtype
     )
-    src_mask = F._canonical_mask(
-        mask=src_mask,
-        mask_name="src_mask",
-        other_type=None,
-        other_name="",
-        target_type=src.dtype,
-        check_other=False,
-    )
-    if not torch.backends.mha.get_fastpath_enabled():
+    if not _torch_compat.mha_fastpath_enabled():
         return "torch.backends.mha.get_fastpath_enabled() was not True"
     if src.dim() != 3:
         return f"input not batched; expected src.dim() of 3 but got {src.dim()}"
@@ -216,23 +191,11 @@ def mha_fastpath_reason(
     ):
         reason = "floating-point masks are not supported for fast path."
     is_batched = query.dim() == 3
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask,
-        mask_name="key_padding_mask",
-        other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask",
-        target_type=query.dtype,
-    )
-    attn_mask = F._canonical_mask(
-        mask=attn_mask,
-        mask_name="attn_mask",
-        other_type=None,
-        other_name="",
-        target_type=query.dtype,
-        check_other=False,
+    key_padding_mask, attn_mask = _torch_compat.canonical_masks(
+        key_padding_mask, "key_padding_mask", attn_mask, "attn_mask", query.dtype
     )
     # PyTorch overwrites the float-mask reason with the first failing condition below, if any.
-    if not torch.backends.mha.get_fastpath_enabled():
+    if not _torch_compat.mha_fastpath_enabled():
         return "torch.backends.mha.get_fastpath_enabled() was not True"
     if not is_batched:
         return f"input not batched; expected query.dim() of 3 but got {query.dim()}"

@@ -30,10 +30,10 @@ from fastinfer.compiling._verify import (
     NO_COMPILER,
     OPAQUE_FIX,
     check_close,
+    eager_reference,
     explain,
     log_once,
     max_error,
-    opaque_ops,
 )
 from fastinfer.errors import CompileError, ConfigError, RecompileError, VerificationError
 
@@ -227,15 +227,7 @@ def compile_model(
 
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
     stats = new_stats(backend_name, mode, warmed_batch_sizes=sizes)
-    # Eager reference outputs, and a look for opaque fused ops (cheap: one eager pass each).
-    batches = {b: inputs_for(example_inputs, b) for b in sizes}
-    expected: dict[int, Any] = {}
-    for b in sizes:
-        if b == sizes[-1]:
-            expected[b], opaque = opaque_ops(model, *batches[b])
-        else:
-            with torch.inference_mode():
-                expected[b] = model(*batches[b][0], **batches[b][1])
+    batches, expected, opaque = eager_reference(model, example_inputs, sizes)
     stats["opaque_fused_ops"] = opaque
     if opaque:
         log_once(

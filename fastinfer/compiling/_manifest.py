@@ -131,12 +131,5 @@ def _flat(diff: Mapping[str, tuple[Any, Any]]) -> Iterator[tuple[str, Any, Any]]
 
 
 def cache_counters() -> tuple[int, int, int, int, int]:
-    counters = _torch_compat.dynamo_counters()
-    ind, aot = counters["inductor"], counters["aot_autograd"]
-    return (
-        ind["fxgraph_cache_hit"],
-        ind["fxgraph_cache_miss"],
-        ind["fxgraph_cache_bypass"],
-        aot["autograd_cache_hit"],
-        aot["autograd_cache_miss"],
-    )
+    """FX-graph hits/misses/bypasses and AOTAutograd hits/misses counted in this process so far."""
+    return _torch_compat.compile_cache_counts()

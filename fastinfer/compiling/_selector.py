@@ -39,9 +39,9 @@ from fastinfer.compiling._verify import (
     NO_COMPILER,
     OPAQUE_FIX,
     check_close,
+    eager_reference,
     explain,
     max_error,
-    opaque_ops,
 )
 from fastinfer.errors import CompileError, ConfigError, VerificationError
 
@@ -456,14 +456,7 @@ def select_backend(
 
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
     on_gpu = any(t.is_cuda for t in tensors(args0, kwargs0))
-    expected: dict[int, Any] = {}
-    batches = {b: inputs_for(example_inputs, b) for b in sizes}
-    for b in sizes:
-        if b == sizes[-1]:
-            expected[b], opaque = opaque_ops(model, *batches[b])
-        else:
-            with torch.inference_mode():
-                expected[b] = model(*batches[b][0], **batches[b][1])
+    batches, expected, opaque = eager_reference(model, example_inputs, sizes)
 
     deadline = time.monotonic() + budget_seconds
     built: dict[str, Callable[..., Any]] = {}

@@ -16,6 +16,7 @@ import torch
 
 from fastinfer import _torch_compat
 from fastinfer._common.tolerances import tolerance_for
+from fastinfer.compiling._inputs import inputs_for
 from fastinfer.errors import VerificationError
 
 __all__ = [
@@ -106,6 +107,23 @@ def opaque_ops(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     with torch.inference_mode(), _Spy():
         out = model(*args, **kwargs)
     return out, tuple(sorted(seen))
+
+
+def eager_reference(
+    model: Callable[..., Any], example_inputs: Any, sizes: tuple[int, ...]
+) -> tuple[dict[int, tuple[tuple[Any, ...], dict[str, Any]]], dict[int, Any], tuple[str, ...]]:
+    """Inputs resized to each batch size, eager outputs at each, and the opaque fused ops seen
+    (looked for once, at the largest size: one eager pass each)."""
+    batches = {b: inputs_for(example_inputs, b) for b in sizes}
+    expected: dict[int, Any] = {}
+    opaque: tuple[str, ...] = ()
+    for b in sizes:
+        if b == sizes[-1]:
+            expected[b], opaque = opaque_ops(model, *batches[b])
+        else:
+            with torch.inference_mode():
+                expected[b] = model(*batches[b][0], **batches[b][1])
+    return batches, expected, opaque
 
 
 def log_once(key: str, level: int, msg: str, *args: Any) -> None:

@@ -1,17 +1,5 @@
-"""load_weights_: fill a model built on meta from a checkpoint, by memory map and assign.
-
-Fast, correct model loading: meta-device construction + memory-mapped checkpoints + assign.
-
-    with fastinfer.empty_init():
-        model = MyModel()                      # parameters on meta: no storage, no init
-    report = fastinfer.load_weights_(model, "model.safetensors")
-    model = fastinfer.load_model(MyModel, "ckpt.pt", width=4096)   # the three steps in one
-
-Weights stay in the page cache, mapped into the process (zero copy), so several processes that load
-the same file share one copy. Buffers are built for real during construction (so computed,
-non-persistent buffers such as RoPE ``inv_freq`` are never left on meta), tied weights stay tied,
-and nothing is left on meta after a load (checked). See docs/loading.md.
-"""
+"""load_weights_: fill a model built on meta from a checkpoint by memory map and assign (see
+:mod:`fastinfer.loading`)."""
 
 from __future__ import annotations
 

@@ -30,14 +30,10 @@ class Core:
     node: int
 
 
-@dataclass(frozen=True)
-class WorkerCores:
-    """The share of one worker: the CPUs it is pinned to, its physical cores and thread count."""
+class _OnCores:
+    """Sockets and NUMA nodes of a set of cores (a worker's slot, or the whole plan)."""
 
-    index: int
-    cpus: tuple[int, ...]
     cores: tuple[Core, ...]
-    threads: int
 
     @property
     def sockets(self) -> tuple[int, ...]:
@@ -46,6 +42,16 @@ class WorkerCores:
     @property
     def nodes(self) -> tuple[int, ...]:
         return tuple(sorted({c.node for c in self.cores}))
+
+
+@dataclass(frozen=True)
+class WorkerCores(_OnCores):
+    """The share of one worker: the CPUs it is pinned to, its physical cores and thread count."""
+
+    index: int
+    cpus: tuple[int, ...]
+    cores: tuple[Core, ...]
+    threads: int
 
 
 def cpus_str(cpus: Sequence[int]) -> str:
@@ -84,7 +90,7 @@ class Split:
 
 
 @dataclass(frozen=True)
-class CorePlan:
+class CorePlan(_OnCores):
     """The CPUs this process may use, grouped into physical cores, sockets and NUMA nodes.
 
     Build it with :meth:`detect`; ``print(plan)`` shows the layout and ``plan.split(n)`` divides
@@ -138,14 +144,6 @@ class CorePlan:
     @property
     def physical_cores(self) -> int:
         return len(self.cores)
-
-    @property
-    def sockets(self) -> tuple[int, ...]:
-        return tuple(sorted({c.socket for c in self.cores}))
-
-    @property
-    def nodes(self) -> tuple[int, ...]:
-        return tuple(sorted({c.node for c in self.cores}))
 
     @property
     def core_budget(self) -> int:
