@@ -161,7 +161,9 @@ class InductorCache:
     @property
     def read_only(self) -> bool:
         """Whether this process cannot write ``path`` (used as a prebuilt cache, see the class)."""
-        return self._read_only if self.active else not writable(self.path)
+        if self.active:
+            return self._read_only
+        return self.path.exists() and not writable(self.path)
 
     def manifest(self) -> dict[str, Any] | None:
         """The manifest stored in ``path`` (None when the folder has none yet).
@@ -190,7 +192,7 @@ class InductorCache:
     def check(self) -> dict[str, Any]:
         """Validate (or create) the manifest for this environment; returns the manifest."""
         here = environment_manifest(tag=self.tag)
-        if not writable(self.path):
+        if self.path.exists() and not writable(self.path):
             self._check_prebuilt(here)
             return here
         with flock(self.path / LOCK_FILE, timeout=self.lock_timeout, what=str(self.path)):
@@ -276,8 +278,8 @@ class InductorCache:
             )
         else:
             fix = (
-                f"call InductorCache({str(self.path)!r}).clear(), delete {self.path}, or pass "
-                "on_mismatch='replace' when the manifest is damaged too"
+                f"call InductorCache({str(self.path)!r}).clear() or delete {self.path} (as a user "
+                "allowed to write it); the next compile rebuilds what it needs"
             )
         removal = f" (it could not be removed: {why})" if why else ""
         return (

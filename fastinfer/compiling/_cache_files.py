@@ -198,10 +198,13 @@ def call_repairing(
                 cache._record_repair()
                 logger.warning(
                     "compile cache %s: removed the cached file %s, which failed to load (%s: %s); "
-                    "compiling again",
+                    "compiling again%s",
                     cache.path,
                     name,
                     type(exc).__name__,
                     summary(exc),
+                    " (this read-only prebuilt cache still holds the corrupt file: rebuild it)"
+                    if cache.read_only
+                    else "",
                 )
             _torch_compat.inductor_clear_caches()
