@@ -15,8 +15,10 @@ persistent, environment-checked and shippable.
 
 Layout: ``_compile`` (compile_model, CompiledModel), ``_aot`` (AOTInductor packages),
 ``_selector`` (select_backend and its registry of candidate builders), ``_cache`` (InductorCache),
-``_manifest`` (the environment a compiled artifact depends on), ``_verify`` (numerics and
-diagnosis), ``_inputs`` (resizing example inputs to each batch size).
+``_cache_bundle`` (its tar bundles), ``_cache_files`` (its folder on disk: locks, the read-only
+overlay, repairing corrupt cached modules), ``_manifest`` (the environment a compiled artifact
+depends on, and whether a manifest is well formed), ``_verify`` (numerics and diagnosis),
+``_inputs`` (resizing example inputs to each batch size).
 """
 
 from fastinfer.compiling._aot import export_aot, load_aot

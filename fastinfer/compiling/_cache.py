@@ -8,6 +8,10 @@ settings, a tag) and refuses a folder built for another environment with
 a silent cache hit with wrong outputs. ``export``/``import_`` pack the whole folder (compiled C++
 libraries included) into a tar bundle, published atomically.
 
+Under faults: a damaged manifest is reported as corrupt and ``on_mismatch="replace"`` rebuilds the
+folder; a cached module that fails to load is removed and compiled again
+(:mod:`._cache_files`); a read-only folder is used as a prebuilt cache through a scratch overlay.
+
     >>> with InductorCache("/var/cache/fastinfer", tag="bert-v3") as cache:
     ...     compiled = fastinfer.compile_model(model, example_inputs, cache=cache)
     ...     cache.export("bert-v3.tar")
@@ -16,32 +20,38 @@ libraries included) into a tar bundle, published atomically.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastinfer import _env, _torch_compat
 from fastinfer._common.export import counter, gauge
-from fastinfer._common.files import atomic_path, atomic_write_json
+from fastinfer._common.files import atomic_write_json
+from fastinfer.compiling._cache_bundle import export_bundle, import_bundle
+from fastinfer.compiling._cache_files import (
+    COMPILE_LOCK_FILE,
+    LOCK_FILE,
+    MANIFEST,
+    build_overlay,
+    flock,
+    wipe,
+    writable,
+)
 from fastinfer.compiling._manifest import (
     cache_counters,
     environment_manifest,
     manifest_diff,
+    manifest_problem,
     mismatch_message,
 )
-from fastinfer.errors import CacheLockTimeout, CacheMismatchError, ConfigError
-
-if TYPE_CHECKING:
-    import tarfile
+from fastinfer.errors import CacheMismatchError, ConfigError
 
 __all__ = ["MANIFEST", "CacheStatistics", "InductorCache"]
 
@@ -49,9 +59,7 @@ COMPILE_CACHE = "fastinfer_compile_cache_total"
 
 logger = logging.getLogger("fastinfer.compiling")
 
-MANIFEST = "fastinfer-cache.json"
 _INDUCTOR_SUBDIR = "inductor"
-_LOCK_FILE = ".fastinfer.lock"
 _ISA_PROBE = "isa-probe.json"
 _FORMAT = 1
 
@@ -81,30 +89,8 @@ class CacheStatistics:
     lock_waits: int = gauge()
     lock_wait_seconds: float = gauge()
     active: bool = gauge()
-
-
-@contextlib.contextmanager
-def _flock(path: Path, *, timeout: float | None, what: str) -> Iterator[float]:
-    """An exclusive ``flock`` on ``path``; yields how long it waited."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    t0 = time.monotonic()
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - t0
-                if timeout is not None and waited >= timeout:
-                    raise CacheLockTimeout(
-                        f"waited {waited:.1f}s for another process to finish with {what} "
-                        f"(lock file {path}); raise the timeout or check for a stuck process"
-                    ) from None
-                time.sleep(0.05)
-        yield time.monotonic() - t0
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+    repairs: int = counter()  # cached files removed because they failed to load
+    read_only: bool = gauge()  # used as a read-only prebuilt cache (through a scratch overlay)
 
 
 class InductorCache:
@@ -116,8 +102,16 @@ class InductorCache:
     restored on exit. ``path`` defaults to ``$FASTINFER_CACHE_DIR``.
 
     Entering checks ``path``'s manifest against this environment and raises
-    :class:`~fastinfer.CacheMismatchError` naming the fields that differ (``on_mismatch="replace"``
-    wipes the folder instead). Not re-entrant; one ``with`` at a time per object.
+    :class:`~fastinfer.CacheMismatchError` naming the fields that differ, or saying the manifest is
+    corrupt (``on_mismatch="replace"`` wipes and rebuilds the folder instead). A cached module that
+    fails to load while ``compile_model`` compiles is removed and compiled again (counted in
+    ``statistics().repairs``); :meth:`clear` removes every compiled artifact.
+
+    A folder this process cannot write (a prebuilt cache baked into a read-only image) is used as
+    is: its manifest must exist and match, no lock is taken, and inductor runs on a scratch overlay
+    in the temporary directory that links every cached file, so hits load the prebuilt code and
+    anything compiled anew goes to the overlay and is dropped on exit (``statistics().read_only``).
+    Not re-entrant; one ``with`` at a time per object.
     """
 
     def __init__(
@@ -148,6 +142,9 @@ class InductorCache:
         self._totals = [0, 0, 0, 0, 0]
         self._lock_waits = 0
         self._lock_wait_s = 0.0
+        self._repairs = 0
+        self._read_only = False
+        self._overlay: Path | None = None
         self._mutex = threading.Lock()
 
     def __repr__(self) -> str:
@@ -161,42 +158,155 @@ class InductorCache:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
+    @property
+    def read_only(self) -> bool:
+        """Whether this process cannot write ``path`` (used as a prebuilt cache, see the class)."""
+        if self.active:
+            return self._read_only
+        return self.path.exists() and not writable(self.path)
+
     def manifest(self) -> dict[str, Any] | None:
-        """The manifest stored in ``path`` (None when the folder has none yet)."""
+        """The manifest stored in ``path`` (None when the folder has none yet).
+
+        Raises :class:`CacheMismatchError` when it is corrupt: empty, cut short, ``null``, not an
+        object, or missing fields.
+        """
         try:
-            return dict(json.loads(self.manifest_path.read_text()))
+            text = self.manifest_path.read_bytes()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise CacheMismatchError(
-                f"cache manifest {self.manifest_path} is unreadable ({exc}); delete the folder or "
-                "pass on_mismatch='replace'"
-            ) from exc
+                f"compile cache manifest {self.manifest_path} cannot be read ({exc}). Fix: make it "
+                f"readable, or delete {self.path} or pass on_mismatch='replace' to rebuild the cache"
+            ) from None
+        doc, problem = manifest_problem(text)
+        if problem is not None:
+            raise CacheMismatchError(
+                f"compile cache manifest {self.manifest_path} {problem}: the cache is corrupt (a "
+                "write cut short, a full disk, a hand edit). Fix: pass on_mismatch='replace' to "
+                f"rebuild it, or delete {self.path}"
+            )
+        return doc
 
     def check(self) -> dict[str, Any]:
         """Validate (or create) the manifest for this environment; returns the manifest."""
         here = environment_manifest(tag=self.tag)
-        with _flock(self.path / _LOCK_FILE, timeout=self.lock_timeout, what=str(self.path)):
-            built = self.manifest()
-            if built is not None and (diff := manifest_diff(built, here)):
+        if self.path.exists() and not writable(self.path):
+            self._check_prebuilt(here)
+            return here
+        with flock(self.path / LOCK_FILE, timeout=self.lock_timeout, what=str(self.path)):
+            try:
+                built = self.manifest()
+            except CacheMismatchError as exc:
+                if self.on_mismatch == "error":
+                    raise
+                logger.warning("replacing compile cache %s: %s", self, exc)
+                built, diff = None, {}
+                self._wipe()
+            else:
+                diff = manifest_diff(built, here) if built is not None else {}
+            if diff:
                 if self.on_mismatch == "error":
                     raise CacheMismatchError(mismatch_message(f"compile cache {self.path}", diff))
                 logger.warning("replacing compile cache %s built for another environment", self)
-                shutil.rmtree(self.inductor_dir, ignore_errors=True)
-                shutil.rmtree(self.path / "triton", ignore_errors=True)
+                self._wipe()
                 built = None
             if built is None:
                 self.inductor_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(self.manifest_path, here)
         return here
 
+    def _check_prebuilt(self, here: dict[str, Any]) -> None:
+        """A folder we cannot write: usable only as a complete, matching prebuilt cache."""
+        cannot = (
+            f"compile cache {self.path} is read-only here, so on_mismatch='replace' cannot "
+            "rebuild it. Fix: rebuild the prebuilt cache on a matching machine (fastinfer warm), "
+            "or pass a writable path"
+        )
+        try:
+            built = self.manifest()
+        except CacheMismatchError as exc:
+            raise CacheMismatchError(
+                f"{exc}. {cannot}" if self.on_mismatch == "replace" else str(exc)
+            ) from None
+        if built is None:
+            raise ConfigError(
+                f"compile cache {self.path} is read-only here and holds no fastinfer cache (no "
+                f"{MANIFEST}): a read-only folder can only be a prebuilt cache. Fix: build the cache "
+                "where it is writable before making it read-only (fastinfer warm, or "
+                "InductorCache.export then import_), or pass a writable path"
+            )
+        if diff := manifest_diff(built, here):
+            message = mismatch_message(f"compile cache {self.path}", diff)
+            raise CacheMismatchError(
+                f"{message}. {cannot}" if self.on_mismatch == "replace" else message
+            )
+
+    def _wipe(self) -> None:
+        wipe(self.path, (_ISA_PROBE,))
+
+    def clear(self) -> None:
+        """Remove every compiled artifact in the folder (the manifest stays), under its lock.
+
+        The repair for a cache whose entries keep failing to load; the next compile starts cold.
+        """
+        if not writable(self.path):
+            raise ConfigError(f"cannot clear compile cache {self.path}: it is read-only here")
+        with flock(self.path / LOCK_FILE, timeout=self.lock_timeout, what=str(self.path)):
+            self._wipe()
+            self.inductor_dir.mkdir(parents=True, exist_ok=True)
+        if self.active:
+            _torch_compat.inductor_clear_caches()
+
+    def effective_dirs(self) -> tuple[str, str]:
+        """The inductor and triton folders torch uses while this cache is active (the overlay's
+        for a read-only cache)."""
+        base = self._overlay if self._overlay is not None else self.path
+        return str(base / _INDUCTOR_SUBDIR), str(base / "triton")
+
+    def repair_advice(
+        self, name: str, exc: BaseException, *, tried: list[str], why: str | None = None
+    ) -> str:
+        """A CompileError message for a compile that fails on ``name``, a file of this cache."""
+        cause = f"{type(exc).__name__}: {str(exc).strip()[:600]}"
+        done = f" after removing {len(tried)} cached file(s) that failed to load" if tried else ""
+        if self._read_only:
+            fix = (
+                "the prebuilt cache is read-only here: rebuild it (fastinfer warm) or delete the "
+                "file from the image"
+            )
+        else:
+            fix = (
+                f"call InductorCache({str(self.path)!r}).clear() or delete {self.path} (as a user "
+                "allowed to write it); the next compile rebuilds what it needs"
+            )
+        removal = f" (it could not be removed: {why})" if why else ""
+        return (
+            f"compiling failed{done} on {name}{removal}, a file of the compile cache {self.path}: "
+            f"the cached module is corrupt. Fix: {fix}. Cause: {cause}"
+        )
+
+    def _record_repair(self) -> None:
+        with self._mutex:
+            self._repairs += 1
+
     # -- the context manager -------------------------------------------------------------------
 
     def __enter__(self) -> InductorCache:
         if self._saved is not None:
             raise ConfigError(f"{self!r} is already active; it is not re-entrant")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the compile cache folder {self.path} ({exc.strerror or exc}); pass "
+                "a writable path, or a folder that already holds a prebuilt cache"
+            ) from None
         self.check()
+        self._read_only = not writable(self.path)
+        if self._read_only:
+            self._overlay = self._make_overlay()
         inductor_config = _torch_compat.inductor_config()
         functorch_config = _torch_compat.functorch_config()
 
@@ -205,16 +315,39 @@ class InductorCache:
             "fx_graph_cache": inductor_config.fx_graph_cache,
             "autograd_cache": functorch_config.enable_autograd_cache,
         }
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.inductor_dir)
+        inductor_dir, triton_dir = self.effective_dirs()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
         os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
         os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
-        os.environ["TRITON_CACHE_DIR"] = str(self.path / "triton")
+        os.environ["TRITON_CACHE_DIR"] = triton_dir
         inductor_config.fx_graph_cache = True
         functorch_config.enable_autograd_cache = True
         _torch_compat.inductor_clear_caches()  # in-memory caches may point into the previous folder
         self._replay_isa_probe()
         self._base = cache_counters()
         return self
+
+    def _make_overlay(self) -> Path:
+        try:
+            overlay = Path(tempfile.mkdtemp(prefix="fastinfer-cache-overlay-"))
+        except OSError as exc:
+            raise ConfigError(
+                f"compile cache {self.path} is read-only here, and using it needs a writable "
+                f"scratch folder in the temporary directory ({exc}); set TMPDIR to a writable folder"
+            ) from None
+        try:
+            linked = build_overlay(self.path, overlay)
+        except BaseException:
+            shutil.rmtree(overlay, ignore_errors=True)
+            raise
+        logger.info(
+            "compile cache %s is read-only here: using its %d files as a prebuilt cache; anything "
+            "compiled anew goes to %s and is dropped on exit",
+            self.path,
+            linked,
+            overlay,
+        )
+        return overlay
 
     def _replay_isa_probe(self) -> None:
         """Run inductor's CPU ISA probe once per process, replaying a recorded outcome.
@@ -282,6 +415,9 @@ class InductorCache:
         inductor_config.fx_graph_cache = saved["fx_graph_cache"]
         functorch_config.enable_autograd_cache = saved["autograd_cache"]
         _torch_compat.inductor_clear_caches()
+        if self._overlay is not None:  # loaded modules and libraries stay loaded
+            shutil.rmtree(self._overlay, ignore_errors=True)
+            self._overlay = None
 
     @property
     def active(self) -> bool:
@@ -302,8 +438,12 @@ class InductorCache:
         """Hold the folder's compile lock: the first process compiles, the others wait then load.
 
         Re-entrant within a thread (``export`` inside ``exclusive`` does not deadlock). Raises
-        :class:`CacheLockTimeout` after ``timeout`` seconds (default: ``lock_timeout``).
+        :class:`CacheLockTimeout` after ``timeout`` seconds (default: ``lock_timeout``). A read-only
+        cache takes no lock: nothing is written to it.
         """
+        if self.read_only:
+            yield
+            return
         key, me = str(self.path), threading.get_ident()
         with _held_mutex:
             owner = _held.get(key)
@@ -320,8 +460,8 @@ class InductorCache:
                     _held[key] = (me, _held[key][1] - 1)
             return
         wait = self.lock_timeout if timeout is None else timeout
-        lock = self.path / ".compile.lock"
-        with _flock(lock, timeout=wait, what=f"compiling into {self.path}") as waited:
+        lock = self.path / COMPILE_LOCK_FILE
+        with flock(lock, timeout=wait, what=f"compiling into {self.path}") as waited:
             with self._mutex:
                 if waited > 0.01:
                     self._lock_waits += 1
@@ -342,18 +482,7 @@ class InductorCache:
         Written to a temporary name next to ``bundle_path`` and renamed, so readers never see a
         partial bundle.
         """
-        if self.manifest() is None:
-            raise ConfigError(f"{self.path} holds no fastinfer cache yet: compile into it first")
-        import tarfile
-
-        bundle = Path(bundle_path).expanduser().resolve()
-        skip = {_LOCK_FILE, ".compile.lock"}
-        with atomic_path(bundle) as tmp, self.exclusive(), tarfile.open(tmp, "w") as tar:
-            for child in sorted(self.path.iterdir()):
-                if child.name in skip:
-                    continue
-                tar.add(child, arcname=child.name, filter=_no_locks)
-        return bundle
+        return export_bundle(self, bundle_path)
 
     @classmethod
     def import_(
@@ -368,53 +497,10 @@ class InductorCache:
         The bundle's manifest is checked against this environment first
         (:class:`~fastinfer.CacheMismatchError`). The folder is unpacked next to ``dest`` and
         renamed into place, under a lock, so concurrent importers are safe; an already imported,
-        matching ``dest`` is reused.
+        matching ``dest`` is reused. A damaged bundle or a read-only ``dest`` is a
+        :class:`~fastinfer.ConfigError`.
         """
-        import tarfile
-
-        bundle = Path(bundle_path).expanduser()
-        if not bundle.is_file():
-            raise ConfigError(f"cache bundle {bundle} does not exist")
-        target = cls(dest, tag=tag)  # resolves the default path and validates arguments
-        try:
-            with tarfile.open(bundle) as tar:
-                member = tar.extractfile(MANIFEST)
-                built = json.loads(member.read()) if member else None
-        except (tarfile.TarError, KeyError, ValueError) as exc:
-            raise ConfigError(
-                f"{bundle} is not a fastinfer cache bundle ({exc}); make one with "
-                "InductorCache.export or `fastinfer warm --bundle`"
-            ) from exc
-        if built is None:
-            raise ConfigError(f"{bundle} has no {MANIFEST}: not a fastinfer cache bundle")
-        if tag is None:
-            target.tag = built.get("tag")
-        here = environment_manifest(tag=target.tag)
-        if diff := manifest_diff(built, here):
-            raise CacheMismatchError(mismatch_message(f"cache bundle {bundle}", diff))
-        path = target.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _flock(path.parent / f".{path.name}.import.lock", timeout=600, what=f"import {path}"):
-            if path.exists() and any(path.iterdir()):
-                existing = target.manifest()
-                if existing is None or manifest_diff(existing, here):
-                    raise CacheMismatchError(
-                        f"cannot import {bundle} into {path}: the folder holds another cache; "
-                        "import into an empty folder"
-                    )
-                _merge_bundle(bundle, path)
-                return target
-            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.import."))
-            try:
-                with tarfile.open(bundle) as tar:
-                    _extract(tar, tmp)
-                if path.exists():
-                    path.rmdir()  # empty (checked above)
-                os.rename(tmp, path)  # atomic publish
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        return target
+        return import_bundle(cls(dest, tag=tag), bundle_path, tag=tag)
 
     def statistics(self) -> CacheStatistics:
         """FX-graph hits/misses/bypasses and AOTAutograd hits/misses counted while active."""
@@ -431,41 +517,6 @@ class InductorCache:
                 lock_waits=self._lock_waits,
                 lock_wait_seconds=self._lock_wait_s,
                 active=self._saved is not None,
+                repairs=self._repairs,
+                read_only=self.read_only,
             )
-
-
-def _no_locks(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    name = os.path.basename(info.name)
-    return None if name.endswith(".lock") or name == "locks" else info
-
-
-def _extract(tar: tarfile.TarFile, dest: Path) -> None:
-    import tarfile
-
-    if hasattr(tarfile, "data_filter"):
-        tar.extractall(dest, filter="data")
-    else:  # pragma: no cover - Python without PEP 706
-        for m in tar.getmembers():
-            if m.name.startswith("/") or ".." in Path(m.name).parts:
-                raise ConfigError(f"unsafe path {m.name!r} in cache bundle")
-        tar.extractall(dest)
-
-
-def _merge_bundle(bundle: Path, path: Path) -> None:
-    """Copy a bundle's entries into an existing matching cache (each file renamed into place)."""
-    import tarfile
-
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.merge."))
-    try:
-        with tarfile.open(bundle) as tar:
-            _extract(tar, tmp)
-        for src in sorted(tmp.rglob("*")):
-            rel = src.relative_to(tmp)
-            dst = path / rel
-            if src.is_dir():
-                dst.mkdir(parents=True, exist_ok=True)
-            elif not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

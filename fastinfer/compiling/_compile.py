@@ -17,6 +17,7 @@ from torch import nn
 from fastinfer import _env, _torch_compat
 from fastinfer._common.export import counter, gauge, not_exported
 from fastinfer.compiling._cache import InductorCache
+from fastinfer.compiling._cache_files import call_repairing
 from fastinfer.compiling._inputs import (
     Inputs,
     batch_of,
@@ -292,7 +293,7 @@ def compile_model(
                         if t.dim() > 0:
                             _torch_compat.mark_dynamic(t, 0, min=2, max=max(sizes))
                 with torch.inference_mode():
-                    out = compiled(*args, **kwargs)
+                    out = call_repairing(cache, compiled, *args, **kwargs)
                 if first_graphs is None:
                     first_graphs = _torch_compat.dynamo_unique_graphs() - g0
                 err = max_error(out, expected[b])

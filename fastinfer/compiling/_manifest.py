@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import platform
 import shutil
 import subprocess
@@ -22,14 +23,31 @@ import torch
 from fastinfer import _env, _torch_compat
 
 __all__ = [
+    "FIELDS",
     "cache_counters",
     "compiler_path",
     "environment_manifest",
     "manifest_diff",
+    "manifest_problem",
     "mismatch_message",
 ]
 
 FORMAT = 1
+# Every field of a format-1 manifest (environment_manifest returns exactly these; a test checks).
+FIELDS = (
+    "format",
+    "torch",
+    "python",
+    "machine",
+    "cpu_capability",
+    "threads",
+    "compiler",
+    "gpu",
+    "cuda",
+    "triton",
+    "inductor",
+    "tag",
+)
 
 # Inductor settings that change generated code (and so must match between build and use).
 _INDUCTOR_SETTINGS = (
@@ -104,6 +122,33 @@ def environment_manifest(*, tag: str | None = None) -> dict[str, Any]:
         "inductor": _inductor_settings(),
         "tag": tag,
     }
+
+
+def manifest_problem(text: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, None)`` for a well-formed manifest, else ``(None, what is wrong with it)``.
+
+    A manifest is written atomically, so an empty, cut-short, ``null`` or wrongly shaped one was
+    damaged from outside (a full disk, a copy cut short, a hand edit): the cache is corrupt.
+    """
+    if not text.strip():
+        return None, "is empty"
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, f"is not valid JSON, probably cut short ({type(exc).__name__}: {exc})"
+    if not isinstance(doc, dict):
+        kind = "null" if doc is None else f"a JSON {type(doc).__name__}"
+        return None, f"holds {kind}, not an object"
+    fmt = doc.get("format")
+    if type(fmt) is not int:
+        return None, f"has no integer 'format' field (got {fmt!r})"
+    if fmt == FORMAT:
+        missing = [k for k in FIELDS if k not in doc]
+        if missing:
+            return None, f"lacks the field(s) {', '.join(missing)}"
+        if not isinstance(doc["inductor"], dict):
+            return None, f"has an 'inductor' field that is not an object ({doc['inductor']!r})"
+    return doc, None
 
 
 def manifest_diff(built: Mapping[str, Any], here: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

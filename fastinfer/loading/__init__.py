@@ -11,7 +11,8 @@ non-persistent buffers such as RoPE ``inv_freq`` are never left on meta), tied w
 and nothing is left on meta after a load (checked). See docs/loading.md.
 
 Layout: ``_empty_init`` (construction on meta), ``_formats`` (finding, sniffing and mapping
-checkpoint files), ``_load`` (:func:`load_weights_`), ``_models`` (:func:`load_model`,
+checkpoint files), ``_pages`` (is a mapped file still whole; faulting its pages in without SIGBUS),
+``_load`` (:func:`load_weights_`), ``_models`` (:func:`load_model`,
 :func:`load_pretrained`), ``_save`` (:func:`save_weights`), ``_report`` (:class:`LoadReport`).
 """
 

@@ -3,17 +3,20 @@
 Every reader returns CPU tensors and says which of them are views of a file mapping (no bytes
 copied) and which were materialised in fresh memory. Errors from the zip, pickle and safetensors
 layers are turned into :class:`~fastinfer.CheckpointError` / :class:`~fastinfer.UnsafeCheckpointError`
-messages that name the file.
+messages that name the file. Every file is recorded as it was read (:mod:`._pages`), so a file that
+changes while it loads is reported instead of touched; a safetensors header is validated as strictly
+as the safetensors library does (types, shapes, offsets in bounds, no overlapping tensors).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
-import mmap as _mmap
 import os
 import pickle
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +28,9 @@ import torch
 
 from fastinfer import _env
 from fastinfer.errors import CheckpointError, UnsafeCheckpointError
+from fastinfer.loading._pages import Source, check_unchanged, memory, populate, snapshot
+
+__all__ = ["Mapped", "memory", "populate", "preview", "read", "resolve", "sniff"]
 
 logger = logging.getLogger("fastinfer.loading")
 
@@ -63,6 +69,7 @@ class Mapped:
     format: str = ""
     zero_copy: set[str] = field(default_factory=set)  # keys whose data is a view of a file map
     notes: list[str] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)  # each mapped file as it was when mapped
 
     def merge(self, other: Mapped) -> None:
         dup = self.tensors.keys() & other.tensors.keys()
@@ -74,6 +81,7 @@ class Mapped:
         self.tensors.update(other.tensors)
         self.files.extend(other.files)
         self.zero_copy |= other.zero_copy
+        self.sources.extend(other.sources)
         self.notes.extend(n for n in other.notes if n not in self.notes)
 
 
@@ -86,13 +94,72 @@ def preview(keys: Sequence[str], limit: int = 10) -> str:
 # Detection
 # --------------------------------------------------------------------------------------------
 
+# The safetensors library refuses headers larger than this (HeaderTooLarge); so do we.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _stat(path: Path, what: str = "checkpoint") -> os.stat_result:
+    """``os.stat(path)`` with a :class:`CheckpointError` that says what is wrong with the path."""
+    try:
+        return os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            why = "is a symlink loop (a symbolic link that leads back to itself); fix the link"
+        elif exc.errno == errno.ENOENT and os.path.islink(path):
+            why = f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+        elif exc.errno == errno.ENOENT:
+            why = "does not exist"
+        else:
+            why = f"cannot be read ({exc.strerror or exc})"
+        raise CheckpointError(f"{what} {str(path)!r} {why}") from None
+
+
+def _refuse_special(path: Path, st: os.stat_result, what: str = "checkpoint") -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = (
+        "a named pipe (FIFO): reading it would block until a writer appears"
+        if stat.S_ISFIFO(st.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(st.st_mode)
+        else "a device"
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        else "not a regular file"
+    )
+    raise CheckpointError(
+        f"{what} {str(path)!r} is {kind}; a checkpoint must be a regular file or a folder"
+    )
+
+
+def _open_regular(path: Path) -> tuple[Any, os.stat_result]:
+    """Open ``path`` for reading without blocking on a FIFO; refuse anything but a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} disappeared while the checkpoint was being loaded "
+            "(it existed when the checkpoint was found); load it again once it is in place"
+        ) from None
+    except OSError as exc:
+        _stat(path)  # the precise reason where the path itself is the problem (a symlink loop...)
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} cannot be read ({exc.strerror or exc})"
+        ) from None
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    try:
+        _refuse_special(path, st)
+    except CheckpointError:
+        f.close()
+        raise
+    return f, st
+
 
 def resolve(checkpoint: str | os.PathLike[str]) -> tuple[str, list[Path], Path | None]:
     """``(kind, files, index)`` for a checkpoint file or folder; kind is 'safetensors' or 'torch'."""
     path = Path(checkpoint)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
+    st = _stat(path)
+    if stat.S_ISDIR(st.st_mode):
         for index_name, kind in ((SAFETENSORS_INDEX, "safetensors"), (TORCH_INDEX, "torch")):
             index = path / index_name
             if index.is_file():
@@ -104,6 +171,7 @@ def resolve(checkpoint: str | os.PathLike[str]) -> tuple[str, list[Path], Path |
             f"folder {str(path)!r} holds no checkpoint: expected {SAFETENSORS_INDEX}, {TORCH_INDEX} "
             f"or one of {', '.join(SINGLE_FILES)}"
         )
+    _refuse_special(path, st)
     return sniff(path), [path], None
 
 
@@ -113,25 +181,35 @@ def _index_files(index: Path) -> list[Path]:
         weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else f"{exc}"
         raise CheckpointError(
-            f"shard index {str(index)!r} is unreadable ({type(exc).__name__}: {exc}); "
+            f"shard index {str(index)!r} is unreadable ({type(exc).__name__}: {why}); "
             "it must be JSON with a 'weight_map' object mapping keys to shard files"
         ) from None
+    bad_names = [v for v in weight_map.values() if not isinstance(v, str) or not v]
+    if bad_names:
+        raise CheckpointError(
+            f"shard index {str(index)!r} maps keys to {len(bad_names)} values that are not file "
+            f"names ({preview([repr(v) for v in bad_names])}); re-save the checkpoint"
+        )
     files = list(dict.fromkeys(index.parent / str(name) for name in weight_map.values()))
-    missing = [str(f.name) for f in files if not f.is_file()]
+    missing = [str(f.name) for f in files if not f.exists() and not f.is_symlink()]
     if missing:
         raise CheckpointError(
             f"shard index {str(index)!r} names {len(missing)} shard files that do not exist: "
             f"{preview(missing)}"
         )
+    for f in files:
+        _refuse_special(f, _stat(f, "shard"), "shard")
     return files
 
 
 def sniff(path: Path) -> str:
     """'safetensors' or 'torch' from a file's first bytes (not its name)."""
+    f, _st = _open_regular(path)
     try:
-        with open(path, "rb") as f:
+        with f:
             head = f.read(16)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
@@ -178,9 +256,12 @@ def read(
 
 
 def read_torch(path: Path, *, mmap: bool, trust_pickle: bool) -> Mapped:
-    with open(path, "rb") as f:
+    f, st = _open_regular(path)
+    with f:
         is_zip = f.read(4) == b"PK\x03\x04"  # what torch.load itself checks
     out = Mapped(files=[path], format="torch")
+    # torch.load maps the file at its size when it opens it: that is what the tensors may view.
+    source = snapshot(path, st)
     if not is_zip:
         out.notes.append(
             f"{path.name} is a legacy (non-zip) torch.save file: it cannot be memory-mapped and was "
@@ -188,33 +269,41 @@ def read_torch(path: Path, *, mmap: bool, trust_pickle: bool) -> Mapped:
         )
     use_mmap = mmap and is_zip
     try:
-        obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not _is_unsafe(str(exc)):
-            raise _corrupt(path, exc) from None
-        if not trust_pickle:
-            raise UnsafeCheckpointError(
-                f"checkpoint {str(path)!r} holds Python objects that only a full unpickle can "
-                f"rebuild ({_first_line(exc)}); a full unpickle runs arbitrary code from the file. "
-                "Pass trust_pickle=True only if you trust its source, or re-save the weights as a "
-                "plain state dict (fastinfer.save_weights)"
-            ) from None
-        out.notes.append(f"{path.name} was fully unpickled (trust_pickle=True)")
         try:
-            obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=False)
-        except Exception as exc2:
-            raise _corrupt(path, exc2) from None
-    except Exception as exc:
-        if "TorchScript" in str(exc):
-            raise CheckpointError(
-                f"{str(path)!r} is a TorchScript archive, not a state dict: load it with "
-                "torch.jit.load, or save model.state_dict() instead"
-            ) from None
-        raise _corrupt(path, exc) from None
+            obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if not _is_unsafe(str(exc)):
+                raise _corrupt(path, exc) from None
+            if not trust_pickle:
+                raise UnsafeCheckpointError(
+                    f"checkpoint {str(path)!r} holds Python objects that only a full unpickle can "
+                    f"rebuild ({_first_line(exc)}); a full unpickle runs arbitrary code from the "
+                    "file. Pass trust_pickle=True only if you trust its source, or re-save the "
+                    "weights as a plain state dict (fastinfer.save_weights)"
+                ) from None
+            out.notes.append(f"{path.name} was fully unpickled (trust_pickle=True)")
+            try:
+                obj = torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=False)
+            except Exception as exc2:
+                raise _corrupt(path, exc2) from None
+        except (CheckpointError, UnsafeCheckpointError):
+            raise
+        except Exception as exc:
+            if "TorchScript" in str(exc):
+                raise CheckpointError(
+                    f"{str(path)!r} is a TorchScript archive, not a state dict: load it with "
+                    "torch.jit.load, or save model.state_dict() instead"
+                ) from None
+            raise _corrupt(path, exc) from None
+    except (CheckpointError, UnsafeCheckpointError):
+        check_unchanged([source])  # a file rewritten while torch read it: say so instead
+        raise
+    check_unchanged([source])
     sd = _unwrap(obj, path, out)
     out.tensors = sd
     if use_mmap:
         out.zero_copy = set(sd)
+        out.sources.append(source)  # mapped: checked again before any page is touched
     return out
 
 
@@ -272,74 +361,142 @@ def _unwrap(obj: Any, path: Path, out: Mapped) -> dict[str, torch.Tensor]:
 
 def read_safetensors(path: Path, *, mmap: bool) -> Mapped:
     """Parse the safetensors header ourselves and view each tensor in one private file mapping."""
-    size = path.stat().st_size
+    f, st = _open_regular(path)
+    size = st.st_size
     try:
-        with open(path, "rb") as f:
+        with f:
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError(f"file is {len(head)} bytes long")
             n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(
+                    f"header claims {n} bytes, more than the format's limit of {MAX_HEADER_BYTES}"
+                )
             if n <= 0 or 8 + n > size:
                 raise ValueError(f"header claims {n} bytes but the file has {size}")
-            header = json.loads(f.read(n))
+            raw_header = f.read(n)
+            if len(raw_header) < n:
+                raise ValueError(f"the file ended {n - len(raw_header)} bytes into the header")
+            try:
+                header = json.loads(raw_header)
+            except RecursionError:
+                raise ValueError("the header JSON is nested too deeply") from None
             if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(
             f"safetensors file {str(path)!r} is truncated or corrupt: bad header ({exc}); "
             "re-save or re-download it"
         ) from None
     header.pop("__metadata__", None)
     data_start = 8 + n
-    specs: list[tuple[str, torch.dtype, list[int], int, int]] = []
-    end_max = 0
-    for key, info in header.items():
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"safetensors file {str(path)!r} is corrupt: bad entry for {key!r} ({exc!r})"
-            ) from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise CheckpointError(
-                f"safetensors file {str(path)!r} is corrupt: {key!r} has {end - begin} bytes for "
-                f"shape {tuple(shape)} of {dtype}"
-            )
-        specs.append((key, dtype, shape, begin, end))
-        end_max = max(end_max, end)
+    specs = [_entry(path, key, info) for key, info in header.items()]
+    _refuse_overlaps(path, specs)
+    end_max = max((end for *_, end in specs), default=0)
     if data_start + end_max > size:
         raise CheckpointError(
             f"safetensors file {str(path)!r} is truncated: its header needs {data_start + end_max} "
             f"bytes but the file has {size}; re-save or re-download it"
         )
     out = Mapped(files=[path], format="safetensors")
+    source = snapshot(path, st, needed=data_start + end_max)
     storage: Any
     if mmap:
         storage = torch.UntypedStorage.from_file(str(path), False, size)
+        check_unchanged([source])  # mapped the file we parsed, still whole: no page touched yet
+        out.sources.append(source)  # checked again before any page is touched
     else:
         storage = torch.UntypedStorage(size)
-        with open(path, "rb") as f:
+        f, _ = _open_regular(path)
+        with f:
             view = memoryview(
                 (ctypes.c_char * size).from_address(storage.data_ptr())  # type: ignore[operator]
             )
-            f.readinto(view)
-    for key, dtype, shape, begin, _end in specs:
+            got = f.readinto(view)
+        check_unchanged([source])  # changed while it was read: the bytes may be a mix
+        if got is None or got < data_start + end_max:
+            raise CheckpointError(
+                f"safetensors file {str(path)!r} ended after {got} bytes while it was being read "
+                f"(its header needs {data_start + end_max}); re-save or re-download it"
+            )
+    unaligned = []
+    for key, dtype, shape, begin, end in specs:
         offset = data_start + begin
         stride = _contiguous_stride(shape)
         if offset % dtype.itemsize == 0:
             t = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape, stride)
             if mmap:
                 out.zero_copy.add(key)
-        else:  # unaligned data: one copy of this tensor only
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, [_end - begin], [1])
-            t = raw.clone().view(dtype).reshape(shape)
-        out.tensors[key] = t
+            out.tensors[key] = t
+        else:
+            unaligned.append((key, dtype, shape, offset, end - begin))
+    for key, dtype, shape, offset, nbytes in unaligned:  # one copy of each of these only
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, [nbytes], [1])
+        if mmap:
+            populate([raw], sources=out.sources, whole_storage=False)  # EFAULT, not SIGBUS
+        out.tensors[key] = raw.clone().view(dtype).reshape(shape)
     return out
+
+
+_Spec = tuple[str, torch.dtype, list[int], int, int]
+
+
+def _entry(path: Path, key: str, info: Any) -> _Spec:
+    """One header entry, validated: a known dtype, a shape of non-negative ints, offsets that fit."""
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"safetensors file {str(path)!r} is corrupt: tensor {key!r} {problem}; "
+            "re-save or re-download it"
+        )
+
+    if not isinstance(info, dict):
+        raise bad(f"has a header entry of type {type(info).__name__}, not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise bad(f"has no {', '.join(repr(m) for m in missing)} in its header entry")
+    name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(name, str) or name not in _ST_DTYPES:
+        raise bad(f"has an unknown dtype {name!r} (known: {', '.join(_ST_DTYPES)})")
+    dtype = _ST_DTYPES[name]
+    if not isinstance(shape, list):
+        raise bad(f"has a shape of type {type(shape).__name__}, not a list: {shape!r}")
+    for dim in shape:
+        if type(dim) is not int:  # a float (2.5 or 2.0), a bool, a string: never truncated
+            raise bad(f"has a non-integer dimension {dim!r} in its shape {shape!r}")
+        if dim < 0:
+            raise bad(f"has a negative dimension {dim} in its shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or any(type(x) is not int or x < 0 for x in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise bad(
+            f"has invalid data_offsets {offsets!r} (expected [begin, end], 0 <= begin <= end)"
+        )
+    begin, end = offsets
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if end - begin != numel * dtype.itemsize:
+        raise bad(f"has {end - begin} bytes for shape {tuple(shape)} of {dtype}")
+    return key, dtype, list(shape), begin, end
+
+
+def _refuse_overlaps(path: Path, specs: list[_Spec]) -> None:
+    """Two tensors sharing bytes would alias each other; the safetensors library refuses it too."""
+    prev: _Spec | None = None
+    for spec in sorted((s for s in specs if s[4] > s[3]), key=lambda s: (s[3], s[4])):
+        if prev is not None and spec[3] < prev[4]:
+            raise CheckpointError(
+                f"safetensors file {str(path)!r} is corrupt: tensors {prev[0]!r} (bytes "
+                f"{prev[3]}-{prev[4]}) and {spec[0]!r} (bytes {spec[3]}-{spec[4]}) overlap, so "
+                "they would alias each other; re-save the checkpoint (fastinfer.save_weights or "
+                "safetensors.torch.save_file)"
+            )
+        prev = spec
 
 
 def _contiguous_stride(shape: list[int]) -> list[int]:
@@ -351,7 +508,7 @@ def _contiguous_stride(shape: list[int]) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Progress, page population, memory
+# Progress
 # --------------------------------------------------------------------------------------------
 
 
@@ -380,72 +537,3 @@ def _progress_bar(total: int, *, enabled: bool) -> Iterator[Any]:
         yield lambda: bar.update(1)
     finally:
         bar.close()
-
-
-_MADV_WILLNEED = 3
-_MADV_POPULATE_READ = 22  # Linux 5.14+
-_libc: Any = None
-
-
-def _madvise(addr: int, length: int, advice: int) -> bool:
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return False
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return bool(_libc.madvise(addr, length, advice) == 0)
-
-
-def populate(tensors: Sequence[torch.Tensor]) -> None:
-    """Fault in the pages behind ``tensors`` (file mappings) in bulk, so the first forward does not.
-
-    One ``madvise(MADV_POPULATE_READ)`` per mapped range (Linux 5.14+) builds the page tables without a
-    fault per page; elsewhere one byte per page is read. Reading file pages adds no private memory.
-    """
-    page = _mmap.PAGESIZE
-    ranges: dict[int, int] = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        start, nbytes = st.data_ptr(), st.nbytes()
-        if nbytes:
-            ranges[start] = max(ranges.get(start, 0), nbytes)
-    merged: list[list[int]] = []
-    for start, nbytes in sorted(ranges.items()):
-        lo, hi = start - start % page, start + nbytes
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    for lo, hi in merged:
-        _madvise(lo, hi - lo, _MADV_WILLNEED)
-    for lo, hi in merged:
-        if not _madvise(lo, hi - lo, _MADV_POPULATE_READ):
-            buf = (ctypes.c_char * (hi - lo)).from_address(lo)  # type: ignore[operator]
-            flat = torch.frombuffer(memoryview(buf), dtype=torch.uint8)
-            flat[::page].max()
-
-
-def memory() -> dict[str, int]:
-    """This process's resident memory split into private anonymous, file-backed and PSS bytes."""
-    fields: dict[str, int] = {}
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[-1] == "kB":
-                    fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    except OSError:
-        import psutil
-
-        info = psutil.Process().memory_full_info()
-        rss, uss = int(info.rss), int(getattr(info, "uss", 0))
-        return {
-            "rss": rss,
-            "anonymous": uss,
-            "file": rss - uss,
-            "pss": int(getattr(info, "pss", rss)),
-        }
-    rss = fields.get("Rss", 0)
-    anon = fields.get("Anonymous", 0)
-    return {"rss": rss, "anonymous": anon, "file": rss - anon, "pss": fields.get("Pss", rss)}

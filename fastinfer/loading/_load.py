@@ -15,6 +15,7 @@ from torch import nn
 
 from fastinfer.errors import ConfigError, StateDictMismatch
 from fastinfer.loading import _formats as fmt
+from fastinfer.loading import _pages as pages
 from fastinfer.loading._report import LoadReport
 
 __all__ = ["load_weights", "load_weights_"]
@@ -165,6 +166,17 @@ def _convert(
     return t, copied
 
 
+def _will_copy(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> bool:
+    return (dtype is not None and t.is_floating_point() and t.dtype != dtype) or t.device != device
+
+
+def _prefault(mapped: fmt.Mapped, tensors: list[torch.Tensor]) -> None:
+    """Fault in the mapped pages of ``tensors`` before reading them: a page gone since the map
+    (the file shrank) is a CheckpointError from ``madvise``'s EFAULT, not SIGBUS on the read."""
+    if mapped.zero_copy:
+        pages.populate(tensors, sources=mapped.sources, whole_storage=False)
+
+
 def _make_param(t: torch.Tensor, old: torch.Tensor) -> nn.Parameter:
     rg = bool(old.requires_grad) and (t.is_floating_point() or t.is_complex())
     cls: Any = type(old)
@@ -251,6 +263,9 @@ def load_weights(
         kind, files, mmap=mmap, trust_pickle=trust_pickle, progress=fmt.progress_enabled(progress)
     )
     t1 = time.perf_counter()
+    # Nothing has touched a mapped page yet: a file that changed (truncated by a deploy writing it
+    # in place) is reported here rather than found by SIGBUS.
+    pages.check_unchanged(mapped.sources)
 
     # -- assign
     slots = _slots(model)
@@ -271,7 +286,9 @@ def load_weights(
             # Tied by the transformers convention: if the checkpoint holds different values
             # under each name, do as from_pretrained does and leave them untied.
             first = mapped.tensors[by_model_key[present[0]]]
-            if any(not _same(first, mapped.tensors[by_model_key[k]]) for k in present[1:]):
+            others = [mapped.tensors[by_model_key[k]] for k in present[1:]]
+            _prefault(mapped, [first, *others])  # compared below: pages read
+            if any(not _same(first, other) for other in others):
                 notes.append(
                     f"{', '.join(present)} are tied by the model's config but differ in the "
                     "checkpoint: left untied (set tie_word_embeddings=False to silence this)"
@@ -334,6 +351,8 @@ def load_weights(
     with torch.no_grad():
         for group, ck in plan:
             src = mapped.tensors[ck]
+            if ck in mapped.zero_copy and _will_copy(src, dtype_for(group[0]), dev):
+                _prefault(mapped, [src])  # the cast / move reads every page of it
             t, copied = _convert(src, dtype_for(group[0]), dev)
             nbytes = t.numel() * t.element_size()
             if copied or ck not in mapped.zero_copy:
@@ -383,7 +402,8 @@ def load_weights(
 
     # -- first touch
     if touch and loaded and dev.type == "cpu":
-        fmt.populate(loaded)
+        pages.check_unchanged(mapped.sources)
+        pages.populate(loaded, sources=mapped.sources)
     t3 = time.perf_counter()
 
     mem = fmt.memory()

@@ -252,14 +252,31 @@ class Supervisor:
 
         try:
             msg = ForkingPickler.loads(raw)
-        except Exception:
-            # A result whose shared-memory handles cannot be fetched (the worker died between
-            # sending and our fetching): treat as a crash of that call.
-            logger.warning(
-                "PinnedPool: cannot read a message from worker %d", w.index, exc_info=True
+        except Exception as exc:
+            gone = isinstance(exc, (OSError, EOFError)) and (
+                w.proc is None or w.proc.poll() is not None
             )
-            self._kill(w)
-            self._on_exit(w)
+            if w.state != "ready" or not w.calls or gone:
+                # A result whose shared-memory handles cannot be fetched because the worker died
+                # between sending and our fetching, or a garbled start: a crash of that call.
+                logger.warning(
+                    "PinnedPool: cannot read a message from worker %d", w.index, exc_info=True
+                )
+                self._kill(w)
+                self._on_exit(w)
+                return
+            # A healthy worker's answer that this process cannot rebuild (a class it cannot
+            # import, a reduce it cannot call): that call fails; the worker is fine and keeps its
+            # place, and the call, which did run, is never retried.
+            call = w.calls.popleft()
+            if w.calls:
+                w.calls[0].started = time.monotonic()
+            error = WorkerError(
+                f"the answer of worker {w.index} (pid {w.pid}) to this call cannot be rebuilt in "
+                f"this process ({type(exc).__name__}: {exc}); return types that import the same "
+                "way in the parent (module-level classes, plain data, tensors)"
+            )
+            self._finish(w, call, "failed", error=error)
             return
         kind = msg[0]
         if kind == "ready":
@@ -287,8 +304,10 @@ class Supervisor:
                 _, _, result, exec_s, has_report, report = msg
                 self._finish(w, call, "ok", result=result, execution=exec_s)
             else:
-                _, _, exc, tb, exec_s, has_report, report = msg
-                self._finish(w, call, "failed", error=remote_error(exc, tb), execution=exec_s)
+                _, _, blob, tb, described, exec_s, has_report, report = msg
+                where = f"worker {w.index} (pid {w.pid})"
+                failure = remote_error(blob, tb, described, where)
+                self._finish(w, call, "failed", error=failure, execution=exec_s)
             if has_report and self._on_report is not None:
                 try:
                     self._on_report(w.index, report)

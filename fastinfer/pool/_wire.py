@@ -95,13 +95,44 @@ def make_dumps() -> Any:
     return dumps
 
 
-def remote_error(exc: BaseException | None, tb: str) -> BaseException:
-    if exc is None:
-        from fastinfer.errors import WorkerError
+def remote_error(blob: bytes | None, tb: str, described: str, where: str) -> BaseException:
+    """The exception a call raised in a worker, as the caller should see it.
 
-        return WorkerError(f"the call failed in the worker:\n{tb}")
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
+    ``blob`` is the pickled exception (None when it did not pickle), ``tb`` the worker's traceback
+    text, ``described`` its ``Type('message')``, ``where`` names the worker. An ordinary exception
+    keeps its type, with the worker's traceback as ``__cause__``. One that cannot be rebuilt here,
+    and a ``BaseException`` that is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``,
+    which would tear down the caller's thread or event loop), become a :class:`WorkerError`
+    carrying the traceback text (and the original, if any, as ``__cause__``).
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    from fastinfer.errors import WorkerError
+
+    if blob is None and not described:  # the call's result could not be sent
+        return WorkerError(f"the call failed in {where}: {tb}")
+    exc: Any = None
+    why = "it cannot be pickled"
+    if blob is not None:
+        try:
+            exc = ForkingPickler.loads(blob)
+        except Exception as err:
+            why = f"it cannot be rebuilt in this process: {type(err).__name__}: {err}"
+    if isinstance(exc, Exception):
+        exc.__cause__ = RemoteTraceback(tb)
+        return exc
+    if isinstance(exc, BaseException):
+        exc.__cause__ = RemoteTraceback(tb)
+        error = WorkerError(
+            f"the call raised {described} in {where}; it is not an Exception, so it is not "
+            "re-raised here (it would stop the caller's thread or event loop): the worker caught "
+            f"it and keeps serving. The worker's traceback:\n{tb}"
+        )
+        error.__cause__ = exc
+        return error
+    return WorkerError(
+        f"the call raised {described} in {where}, and {why}. The worker's traceback:\n{tb}"
+    )
 
 
 class RemoteTraceback(Exception):

@@ -13,6 +13,13 @@ library at top level, and the order below matters:
 4. apply the parent's preparation data (sys.path, cwd, ``__main__``, authkey), unpickle
    ``init``/``fn`` and call ``init()`` once; report ready (or the traceback of the failure);
 5. serve calls until the connection closes, while a watchdog thread exits if the parent goes away.
+
+Whatever ``fn`` raises, ``SystemExit`` and ``KeyboardInterrupt`` included, is caught, sent back and
+the worker keeps serving: the process state is what any other exception leaves, and a restart would
+reload the model. A worker that must be replaced exits with ``os._exit`` (a crash: it is restarted).
+The exception travels pickled on its own, so the parent can fail just that call with the traceback
+text when it cannot rebuild the exception (a class it cannot import, an ``__init__`` that pickle
+cannot call again).
 """
 
 from __future__ import annotations
@@ -158,8 +165,13 @@ def main(argv: list[str]) -> None:
                 func, args, kwargs = payload
                 result = func(*args, **kwargs)
             reply: tuple[Any, ...] = ("ok", call_id, result)
-        except BaseException as exc:
-            reply = ("err", call_id, exc, traceback.format_exc())
+        except BaseException as exc:  # SystemExit / KeyboardInterrupt too: this call only
+            tb = traceback.format_exc()
+            try:
+                blob: bytes | None = dumps(exc)
+            except BaseException:
+                blob = None  # the exception does not pickle: the traceback text still goes
+            reply = ("err", call_id, blob, tb, _describe(exc))
         exec_s = time.perf_counter() - t0
         payload_report: Any = None
         has_report = False
@@ -179,9 +191,8 @@ def main(argv: list[str]) -> None:
                     call_id,
                     None,
                     "the result cannot be pickled:\n" + traceback.format_exc(),
+                    "",  # not an exception of fn's: the text says it all
                 )
-            else:  # the exception itself does not pickle: send its traceback only
-                reply = ("err", call_id, None, reply[3])
             try:
                 data = dumps((*reply, *tail))
             except Exception:
@@ -194,6 +205,16 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _describe(exc: BaseException) -> str:
+    """``module.Type('message')`` for the parent's message (text survives any pickling)."""
+    module = type(exc).__module__
+    try:
+        text = repr(exc)[:300]
+    except Exception:
+        text = type(exc).__qualname__
+    return text if module == "builtins" else f"{module}.{text}"
 
 
 if __name__ == "__main__":
