@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from fastinfer.batching._loop import Handle
-from fastinfer.batching._threads import Call
+from fastinfer.batching._threads import Aborted, Call
 
 __all__ = [
     "DISCARD",
@@ -26,16 +26,6 @@ DISCARD = object()
 
 class ContractError(Exception):
     """fn broke the result contract (wrong length, unsplittable output): fail, do not bisect."""
-
-
-class Aborted(Exception):
-    """fn raised a BaseException that is not a cancellation (``SystemExit``, ``KeyboardInterrupt``,
-    ``GeneratorExit``...): contained to its batch (every caller gets a ``BatchError``), not
-    bisected, never re-raised into the event loop."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(cause)
-        self.cause = cause
 
 
 class Request:

@@ -20,15 +20,8 @@ from typing import Any
 from fastinfer.batching._collate import split_output
 from fastinfer.batching._core import IN_FN, BatcherCore
 from fastinfer.batching._records import BatchRecord
-from fastinfer.batching._request import (
-    DISCARD,
-    Aborted,
-    BatchRun,
-    ContractError,
-    Request,
-    Started,
-)
-from fastinfer.batching._threads import SlotPool
+from fastinfer.batching._request import DISCARD, BatchRun, ContractError, Request, Started
+from fastinfer.batching._threads import Aborted, SlotPool
 from fastinfer.errors import BatchError, DeadlineExceeded
 
 __all__ = ["Running"]

@@ -19,9 +19,20 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Call", "SlotPool"]
+__all__ = ["Aborted", "Call", "SlotPool"]
 
 logger = logging.getLogger("fastinfer.batching")
+
+
+class Aborted(Exception):
+    """fn raised a BaseException that is not a cancellation (``SystemExit``, ``KeyboardInterrupt``,
+    ``GeneratorExit``...): contained to its batch (every caller gets a ``BatchError``), not
+    bisected, never re-raised into the event loop. A worker thread hands it over wrapped: a
+    ``GeneratorExit`` raised out of an awaited future would break the coroutine awaiting it."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 class _Worker:
@@ -137,8 +148,10 @@ class SlotPool:
                 continue
             try:
                 result = call.fn(call.arg)
-            except BaseException as e:  # SystemExit & co. go to the batch, not to this thread
+            except Exception as e:
                 call.future.set_exception(e)
+            except BaseException as e:  # SystemExit & co. go to the batch, not to this thread
+                call.future.set_exception(Aborted(e))
             else:
                 call.future.set_result(result)
                 result = None
