@@ -413,3 +413,51 @@ def test_distinct_priorities_do_not_keep_a_queue_each() -> None:
         await b.aclose()
 
     run(main())
+
+
+def test_the_cost_fit_caps_one_slow_batch_and_follows_a_lasting_change() -> None:
+    from fastinfer.batching._cost_model import CostModel
+
+    cost = CostModel()
+    for _ in range(20):
+        cost.observe(4, 0.010)
+    cost.observe(4, 1.5)  # one GC pause or recompile: capped at 4x the prediction
+    assert cost.predict(4) < 0.012
+    cost.observe(4, 0.010)
+    for _ in range(3):  # three in a row: the model really got slower
+        cost.observe(4, 0.5)
+    assert cost.predict(4) > 0.15
+    cost.observe(4, 0.010)  # faster again: the stale history is mostly forgotten at once
+    assert cost.predict(4) < 0.1
+    cost.observe(4, 0.010)
+    assert cost.predict(4) < 0.02
+
+
+def test_abandoned_threads_are_bounded_and_replaced_when_one_returns() -> None:
+    from fastinfer.batching._threads import SlotPool
+
+    pool = SlotPool(1, "test", max_abandoned=1)
+    gates = [threading.Event() for _ in range(3)]
+    started = [threading.Event() for _ in range(3)]
+
+    def hang(i: int) -> int:
+        started[i].set()
+        gates[i].wait(30)
+        return i
+
+    calls = [pool.submit(hang, 0)]
+    assert started[0].wait(10)
+    pool.abandon(calls[0])  # 1 abandoned: a new thread takes its place
+    calls.append(pool.submit(hang, 1))
+    assert started[1].wait(10)
+    pool.abandon(calls[1])  # 2 abandoned, over the bound: no replacement
+    assert pool.abandoned == 2
+    calls.append(pool.submit(hang, 2))
+    assert not started[2].wait(0.05)  # nobody to run it
+    gates[0].set()  # one abandoned call returns: its thread leaves, a new one starts
+    assert started[2].wait(10)
+    gates[2].set()
+    assert calls[2].future.result(10) == 2
+    gates[1].set()
+    pool.shutdown(wait=True)
+    assert calls[0].future.result(10) == 0  # abandoned results are dropped by the batcher
