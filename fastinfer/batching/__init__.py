@@ -10,12 +10,15 @@ The wait (``max_wait_ms``) runs from the oldest queued request's arrival. ``poli
 learns the batch cost ``t ≈ a·n + b`` and the arrival rate online and dispatches as soon as waiting
 no longer lowers expected latency. Deadlines, backpressure (``QueueFull``), cancellation,
 per-item error isolation (bisecting a failed batch) and collation (stack / pad / tokenizer dicts,
-optional length bucketing) are built in. See docs/batching.md.
+optional length bucketing) are built in, and faults stay in the batch that met them
+(``batch_timeout``, contained ``BaseException``, ``close(timeout=)``). See docs/batching.md.
 
-Layout: ``_batcher`` (the public object: admission, binding, lifecycle), ``_forming`` (when a batch
-is sealed, which items go in), ``_running`` (running ``fn``, isolating failures), ``_core`` (the
-state they share), ``_config`` (:class:`BatcherConfig`), ``_collate``, ``_cost_model``
-(the adaptive policy's online fits), ``_records`` (statistics and per-event records), ``_loop``
+Layout: ``_batcher`` (the public object: binding, statistics, configuration), ``_admission``
+(what ``submit`` does: backpressure, the latency target, queueing), ``_forming`` (when a batch is
+sealed, which items go in), ``_running`` (running ``fn``, isolating failures, giving up on a hung
+call), ``_threads`` (worker threads a hung call can be abandoned by), ``_lifecycle`` (closing),
+``_core`` (the state they share), ``_config`` (:class:`BatcherConfig`), ``_collate``,
+``_cost_model`` (the online fits), ``_records`` (statistics and per-event records), ``_loop``
 (clocks and the private loop thread), ``_decorator`` (:func:`batch`).
 """
 

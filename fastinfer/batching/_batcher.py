@@ -1,25 +1,25 @@
-"""The DynamicBatcher: queueing, admission, loop binding, statistics and lifecycle.
+"""The DynamicBatcher: the public object, loop binding, statistics and configuration.
 
-Batch formation lives in ``_forming.py``, batch execution in ``_running.py``; the state they share
-is declared in ``_core.py``; the data options are a :class:`BatcherConfig` (``_config.py``).
+Admission lives in ``_admission.py``, batch formation in ``_forming.py``, batch execution in
+``_running.py``, closing in ``_lifecycle.py``; the state they share is declared in ``_core.py``;
+the data options are a :class:`BatcherConfig` (``_config.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import inspect
-import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 from fastinfer._common.quantiles import summary
+from fastinfer.batching._admission import Admission
 from fastinfer.batching._collate import Collator, default_length, make_collator
-from fastinfer.batching._config import BatcherConfig, optional_positive
-from fastinfer.batching._core import CLOSED, CLOSING, HEADROOM, OPEN, WINDOW
+from fastinfer.batching._config import BatcherConfig
+from fastinfer.batching._core import CLOSED, CLOSING, IN_FN, OPEN, WINDOW
 from fastinfer.batching._cost_model import ArrivalRate, CostModel
 from fastinfer.batching._forming import Forming
 from fastinfer.batching._lifecycle import Lifecycle
@@ -30,9 +30,10 @@ from fastinfer.batching._records import (
     BatchRecord,
     RequestRecord,
 )
-from fastinfer.batching._request import DONE, QUEUED, Request
+from fastinfer.batching._request import DONE, QUEUED, BatchRun, Request
 from fastinfer.batching._running import Running
-from fastinfer.errors import ClosedError, ConfigError, QueueFull, WouldBlockError
+from fastinfer.batching._threads import SlotPool
+from fastinfer.errors import ConfigError, WouldBlockError
 
 __all__ = ["DynamicBatcher"]
 
@@ -51,7 +52,7 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
+class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
     """Batch concurrent single-item requests into calls of ``fn`` on lists (or collated batches).
 
     ``fn(items) -> results`` gets a list of items (or, with ``collate``, one collated batch) and
@@ -66,6 +67,10 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
         max_queue_size: queued requests beyond which ``submit`` raises ``QueueFull`` at once
             (default unbounded).
         timeout: default per-request deadline in seconds (``submit(timeout=)`` overrides it).
+        batch_timeout: longest one call of ``fn`` may take, in seconds (default None: no
+            limit). A call past it is given up: an async ``fn`` is cancelled, a sync one's thread
+            is abandoned and replaced; its callers get ``DeadlineExceeded`` and the slot serves
+            the next batch. Set it above the slowest legitimate batch, a cold first call included.
         policy: ``"fixed"`` (wait up to ``max_wait_ms``) or ``"adaptive"`` (dispatch as soon as
             waiting no longer lowers expected latency, from an online fit of the batch cost and
             the arrival rate).
@@ -107,6 +112,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
         max_concurrent_batches: int = 1,
         max_queue_size: int | None = None,
         timeout: float | None = None,
+        batch_timeout: float | None = None,
         policy: Literal["fixed", "adaptive"] = "fixed",
         latency_target_ms: float | None = None,
         preferred_batch_sizes: Sequence[int] | None = None,
@@ -133,6 +139,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
             "max_concurrent_batches": max_concurrent_batches,
             "max_queue_size": max_queue_size,
             "timeout": timeout,
+            "batch_timeout": batch_timeout,
             "policy": policy,
             "latency_target_ms": latency_target_ms,
             "preferred_batch_sizes": None
@@ -165,6 +172,11 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
         call = getattr(fn, "__call__", None)  # noqa: B004 - async callable objects count too
         self._is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
         self._apply_config(config)
+        if config.batch_timeout is not None and not self._is_async and not config.run_in_thread:
+            raise ConfigError(
+                "batch_timeout cannot interrupt a sync fn that runs inline on the event loop "
+                "(run_in_thread=False); use run_in_thread=True (the default) or drop batch_timeout"
+            )
         if (cost_fn is None) != (config.max_batch_cost is None):
             raise ConfigError("cost_fn and max_batch_cost go together: pass both or neither")
         self._cost_fn = cost_fn
@@ -185,13 +197,13 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
         self._loop_thread_id: int | None = None
         self._thread: LoopThread | None = None
         self._clock: Clock = UnboundClock()  # replaced when bound to a loop
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: SlotPool | None = None
         self._queues: dict[int, deque[Request]] = {}
         self._priorities: list[int] = []  # descending
         self._depth = 0
         self._queued_cost = 0.0
         self._in_flight = 0
-        self._running_ends: dict[int, float] = {}
+        self._runs: dict[int, BatchRun] = {}
         self._batch_ids = 0
         self._timer: Handle | None = None
         self._timer_at: float | None = None
@@ -205,6 +217,11 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
         self._batches_run = 0
         self._padded_items = 0
         self._bisections = 0
+        self._timed_out = 0
+        self._aborted_batches = 0
+        self._probes = 0
+        self._probe_at = float("-inf")
+        self._probe_backoff = 0.0
         self._reasons = dict.fromkeys(DISPATCH_REASONS, 0)
         self._sizes: dict[int, int] = {}
         self._waits: deque[float] = deque(maxlen=WINDOW)
@@ -267,9 +284,8 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
         config = self._config.replace(**changes)  # validates
 
         def apply() -> None:
-            if config.max_concurrent_batches > self._max_concurrent and self._executor is not None:
-                old, self._executor = self._executor, None
-                old.shutdown(wait=False)  # running calls finish; new ones use a larger pool
+            if self._executor is not None:
+                self._executor.resize(config.max_concurrent_batches)
             self._apply_config(config)
             if self._loop is not None and not self._loop.is_closed():
                 self._schedule()
@@ -283,6 +299,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
         self._max_concurrent = config.max_concurrent_batches
         self._max_queue_size = config.max_queue_size
         self._timeout = config.timeout
+        self._batch_timeout = config.batch_timeout
         self._policy = config.policy
         self._target = config.latency_target_seconds
         self._preferred = list(config.preferred_batch_sizes or ())
@@ -337,6 +354,10 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
             requests_cancelled=self._counts["cancelled"],
             padded_items=self._padded_items,
             bisections=self._bisections,
+            batches_timed_out=self._timed_out,
+            batches_aborted=self._aborted_batches,
+            abandoned_threads=0 if self._executor is None else self._executor.abandoned,
+            cost_probes=self._probes,
             dispatch_reasons=dict(self._reasons),
             batch_size_counts=dict(sorted(sizes.items())),
             batch_size_mean=(sum(k * v for k, v in sizes.items()) / n_batches)
@@ -380,7 +401,9 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
             self._queues.clear()
             self._priorities.clear()
             self._depth, self._queued_cost, self._in_flight = 0, 0.0, 0
-            self._running_ends.clear()
+            for run in self._runs.values():
+                run.finished = True
+            self._runs.clear()
         self._loop = loop
         self._loop_thread_id = thread_id
         clock = self._clock_arg
@@ -430,11 +453,6 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
 
     # ---------------------------------------------------------------- submitting
 
-    def _closed_error(self) -> ClosedError:
-        if self._state == CLOSING:
-            return ClosedError(f"cannot submit to a {self._name} that is closing")
-        return ClosedError(f"cannot submit to a closed {self._name}")
-
     async def submit(self, item: T, *, timeout: float | None = None, priority: int = 0) -> R:
         """Queue ``item`` and wait for its result.
 
@@ -448,9 +466,11 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
             DeadlineExceeded: the deadline passed first.
             ClosedError: the batcher is closed or closing.
             BatchError: ``fn`` broke its contract (e.g. returned the wrong number of results).
+            WouldBlockError: called from inside this batcher's own ``fn``.
         """
         if self._state != OPEN:
             raise self._closed_error()
+        self._refuse_reentry("submit()")
         loop = asyncio.get_running_loop()
         if self._bind_async(loop):
             return await self._enqueue(item, timeout, priority)
@@ -464,10 +484,12 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
         """Blocking twin of :meth:`submit`, safe from any thread (a Jupyter cell included).
 
         With no running home loop, the batcher starts its own loop thread. Raises
-        ``WouldBlockError`` only when called on the thread of a home loop that holds requests.
+        ``WouldBlockError`` when called on the thread of a home loop that holds requests, or
+        from inside this batcher's own ``fn``.
         """
         if self._state != OPEN:
             raise self._closed_error()
+        self._refuse_reentry("submit_sync()")
         loop = self._bind_sync()
         cf = asyncio.run_coroutine_threadsafe(self._submit_home(item, timeout, priority), loop)
         try:
@@ -476,94 +498,16 @@ class DynamicBatcher(Lifecycle, Forming, Running, Generic[T, R]):
             cf.cancel()  # KeyboardInterrupt etc.: the queued item is withdrawn
             raise
 
+    def _refuse_reentry(self, what: str) -> None:
+        inside = IN_FN.get() is self or (
+            self._executor is not None and self._executor.owns_current_thread()
+        )
+        if inside:
+            raise WouldBlockError(
+                f"{what} was called from inside this {self._name}'s own fn: the item would wait "
+                "for a batch slot that this very call holds, a deadlock until its timeout. Fix: "
+                "call the model directly inside fn, or submit to another DynamicBatcher"
+            )
+
     async def _submit_home(self, item: T, timeout: float | None, priority: int) -> R:
         return await self._enqueue(item, timeout, priority)
-
-    def _enqueue(self, item: Any, timeout: float | None, priority: int) -> asyncio.Future[Any]:
-        if self._state != OPEN:
-            raise self._closed_error()
-        if timeout is not None:
-            optional_positive("timeout", timeout, " (seconds)")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ConfigError(f"priority must be an int (higher runs first), got {priority!r}")
-        now = self._clock.time()
-        self._arrivals.observe(now)
-        self._counts["submitted"] += 1
-        if self._max_queue_size is not None and self._depth >= self._max_queue_size:
-            retry = self._retry_after(now)
-            self._reject(now, priority)
-            raise QueueFull(
-                f"{self._name} queue is full ({self._depth} requests waiting, "
-                f"max_queue_size={self._max_queue_size}); retry after ~{retry * 1000:.0f} ms",
-                retry_after=retry,
-            )
-        if self._target is not None:
-            predicted = self._predict_latency(now, self._depth + 1)
-            plan = self._target * HEADROOM
-            if predicted is not None and predicted > plan:
-                retry = max(predicted - plan, self._cost.predict(1))
-                self._reject(now, priority)
-                raise QueueFull(
-                    f"{self._name} would miss latency_target_ms={self._target * 1000:g}: predicted "
-                    f"latency {predicted * 1000:.1f} ms with {self._depth} requests waiting (over "
-                    f"the {plan * 1000:.3g} ms it plans for, {HEADROOM:.0%} of the target); retry after "
-                    f"~{retry * 1000:.0f} ms",
-                    retry_after=retry,
-                )
-        assert self._loop is not None
-        try:
-            cost = float(self._cost_fn(item)) if self._cost_fn is not None else 1.0
-            length = self._length_fn(item) if self._bucket_window is not None else 0
-        except BaseException:
-            self._counts["failed"] += 1
-            raise
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        req = Request(item, fut, now, priority)
-        req.cost, req.length = cost, length
-        limit = timeout if timeout is not None else self._timeout
-        deadline = None if limit is None else now + limit
-        if self._target is not None:
-            deadline = now + self._target if deadline is None else min(deadline, now + self._target)
-        if deadline is not None:
-            req.deadline = deadline
-            req.timer = self._clock.call_at(
-                deadline, functools.partial(self._on_loop, self._expire, req)
-            )
-        fut.add_done_callback(functools.partial(self._future_done, req))
-        q = self._queues.get(priority)
-        if q is None:
-            q = self._queues[priority] = deque()
-            self._priorities = sorted(self._queues, reverse=True)
-        q.append(req)
-        self._depth += 1
-        self._queued_cost += cost
-        self._schedule()
-        return fut
-
-    def _reject(self, now: float, priority: int) -> None:
-        self._counts["rejected"] += 1
-        self._emit_request(RequestRecord("rejected", 0.0, None, None, priority))
-
-    def _retry_after(self, now: float) -> float:
-        if self._cost.ready:
-            free = self._slot_free_in(now)
-            return free + self._cost.predict(self._effective_max())
-        return max(self._max_wait, 0.001)
-
-    def _slot_free_in(self, now: float) -> float:
-        if self._in_flight < self._max_concurrent or not self._running_ends:
-            return 0.0
-        return max(0.0, min(self._running_ends.values()) - now)
-
-    def _predict_latency(self, now: float, position: int) -> float | None:
-        if not self._cost.ready:
-            return None
-        cap = self._effective_max()
-        batches = math.ceil(position / cap)
-        rounds = math.ceil(batches / self._max_concurrent)
-        last = position - (batches - 1) * cap
-        return (
-            self._slot_free_in(now)
-            + (rounds - 1) * self._cost.upper(cap)
-            + self._cost.upper(last if rounds == 1 else cap)
-        )

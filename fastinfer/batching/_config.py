@@ -64,6 +64,7 @@ class BatcherConfig:
     max_concurrent_batches: int = 1
     max_queue_size: int | None = None
     timeout: float | None = None
+    batch_timeout: float | None = None
     policy: Literal["fixed", "adaptive"] = "fixed"
     latency_target_ms: float | None = None
     preferred_batch_sizes: tuple[int, ...] | None = None
@@ -82,6 +83,7 @@ class BatcherConfig:
         if self.max_queue_size is not None:
             _positive_int("max_queue_size", self.max_queue_size)
         optional_positive("timeout", self.timeout, " (seconds)")
+        optional_positive("batch_timeout", self.batch_timeout, " (seconds)")
         if self.policy not in ("fixed", "adaptive"):
             raise ConfigError(f"policy must be 'fixed' or 'adaptive', got {self.policy!r}")
         optional_positive("latency_target_ms", self.latency_target_ms, " (milliseconds)")

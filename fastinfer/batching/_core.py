@@ -8,7 +8,7 @@ failures). Every attribute is declared here, once, with its type.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextvars
 import logging
 import threading
 from collections import deque
@@ -20,16 +20,21 @@ from fastinfer.batching._config import BatcherConfig
 from fastinfer.batching._cost_model import ArrivalRate, CostModel
 from fastinfer.batching._loop import Clock, Handle, LoopThread
 from fastinfer.batching._records import BatchRecord, RequestRecord
-from fastinfer.batching._request import DONE, QUEUED, RUNNING, Request
-from fastinfer.errors import DeadlineExceeded
+from fastinfer.batching._request import DONE, QUEUED, RUNNING, BatchRun, Request
+from fastinfer.batching._threads import SlotPool
+from fastinfer.errors import ClosedError, DeadlineExceeded
 
-__all__ = ["CLOSED", "CLOSING", "HEADROOM", "OPEN", "WINDOW", "BatcherCore"]
+__all__ = ["CLOSED", "CLOSING", "HEADROOM", "IN_FN", "OPEN", "WINDOW", "BatcherCore"]
 
 logger = logging.getLogger("fastinfer.batching")
 
 OPEN, CLOSING, CLOSED = 0, 1, 2  # batcher states
 WINDOW = 10_000  # samples kept for the distributions in statistics()
 HEADROOM = 0.95  # latency_target_ms: admission and dispatch plan for this share of the target
+
+#: The batcher whose async ``fn`` this task is running: ``submit()`` to it from there would wait
+#: for a slot that the caller itself holds (a sync ``fn`` is recognised by its worker thread).
+IN_FN: contextvars.ContextVar[object] = contextvars.ContextVar("fastinfer_in_fn", default=None)
 
 
 class BatcherCore:
@@ -44,6 +49,7 @@ class BatcherCore:
     _max_concurrent: int
     _max_queue_size: int | None
     _timeout: float | None
+    _batch_timeout: float | None
     _policy: Literal["fixed", "adaptive"]
     _target: float | None
     _preferred: list[int]
@@ -67,13 +73,13 @@ class BatcherCore:
     _loop_thread_id: int | None
     _thread: LoopThread | None
     _clock: Clock
-    _executor: concurrent.futures.ThreadPoolExecutor | None
+    _executor: SlotPool | None
     _queues: dict[int, deque[Request]]
     _priorities: list[int]
     _depth: int
     _queued_cost: float
     _in_flight: int
-    _running_ends: dict[int, float]
+    _runs: dict[int, BatchRun]  # batches holding a slot
     _batch_ids: int
     _timer: Handle | None
     _timer_at: float | None
@@ -85,6 +91,11 @@ class BatcherCore:
     _batches_run: int
     _padded_items: int
     _bisections: int
+    _timed_out: int  # batches given up after batch_timeout
+    _aborted_batches: int  # calls of fn that raised a BaseException (contained)
+    _probes: int  # requests run although the cost model said they could not make it
+    _probe_at: float  # no new probe before this time (backs off while probes confirm the cost)
+    _probe_backoff: float
     _reasons: dict[str, int]
     _sizes: dict[int, int]
     _waits: deque[float]
@@ -102,8 +113,24 @@ class BatcherCore:
     def _launch(self, reqs: list[Request], reason: str, now: float) -> None:
         raise NotImplementedError
 
+    def _effective_max(self) -> int:
+        raise NotImplementedError
+
+    def _give_up(self, run: BatchRun, error: Callable[[], BaseException], outcome: str) -> None:
+        raise NotImplementedError
+
     def _idle(self) -> bool:
         return self._depth == 0 and self._in_flight == 0
+
+    def _may_probe(self, now: float) -> bool:
+        """A request the cost model calls hopeless may run as a probe: none is running, and the
+        backoff (while probes keep confirming the estimate) has passed."""
+        return now >= self._probe_at and not any(run.probe for run in self._runs.values())
+
+    def _closed_error(self) -> ClosedError:
+        if self._state == CLOSING:
+            return ClosedError(f"cannot submit to a {self._name} that is closing")
+        return ClosedError(f"cannot submit to a closed {self._name}")
 
     # ---------------------------------------------------------------- resolution paths
 
@@ -168,6 +195,14 @@ class BatcherCore:
         self._count("expired", req, None)
         req.future.set_exception(DeadlineExceeded(msg))
         self._schedule()
+
+    def _fail(self, req: Request, error: BaseException, outcome: str, batch_size: int) -> None:
+        """Fail a running request whose batch is given up (timed out, or closing timed out)."""
+        if req.state != RUNNING or req.future.done():
+            return
+        req.state = DONE
+        self._count(outcome, req, batch_size)
+        req.future.set_exception(error)
 
     def _resolve(self, req: Request, value: Any, batch_size: int) -> None:
         if req.state != RUNNING or req.future.done():

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ArrivalRate", "CostModel", "wait_threshold"]
+__all__ = ["FORGET", "OUTLIER", "ArrivalRate", "CostModel", "wait_threshold"]
+
+#: An observation more than this factor above the prediction is capped at it, unless three come
+#: in a row (the model really got slower); one more than this factor below it says the history is
+#: stale (a cold first call, a machine that was loaded) and the history is mostly forgotten.
+OUTLIER = 4.0
+FORGET = 0.1  # weight left to the history when it is found stale
 
 
 class CostModel:
@@ -12,6 +18,11 @@ class CostModel:
 
     ``decay`` < 1 forgets old batches so the fit follows a model that warms up or a machine whose
     load changes. With a single distinct size seen so far, the slope is 0 and ``b`` is the mean.
+
+    The fit recovers from outliers (:data:`OUTLIER`): one slow batch (a cold first call, a GC
+    pause, a recompile) moves it a bounded step, and the first batch that runs at normal speed
+    after an inflated estimate brings it down at once, so an estimate can never hold the batcher
+    in shedding everything (the batcher also lets a probe request through; see ``_forming``).
     """
 
     def __init__(self, decay: float = 0.98) -> None:
@@ -21,16 +32,28 @@ class CostModel:
         self.a = 0.0
         self.b = 0.0
         self.error = 0.0  # EWMA of |observed - predicted|, for safety margins
+        self._high = 0  # consecutive observations above OUTLIER x the prediction
 
     @property
     def ready(self) -> bool:
         return self.observations > 0
 
     def observe(self, n: int, seconds: float) -> None:
-        if self.observations:
-            miss = abs(seconds - self.predict(n))
-            self.error += 0.1 * (miss - self.error)
         d = self.decay
+        predicted = self.predict(n) if self.observations else 0.0
+        if predicted > 0 and seconds > OUTLIER * predicted:
+            self._high += 1
+            if self._high < 3:
+                seconds = OUTLIER * predicted  # capped: one slow batch moves the fit a step
+            else:
+                d = FORGET  # slower three times in a row: the model did get slower
+        else:
+            self._high = 0
+        if predicted > 0 and seconds * OUTLIER < predicted:
+            d = FORGET  # far faster than predicted: the history over-estimates, forget it
+            self.error *= FORGET
+        elif self.observations:
+            self.error += 0.1 * (abs(seconds - predicted) - self.error)
         self._w = self._w * d + 1.0
         self._sn = self._sn * d + n
         self._snn = self._snn * d + n * n

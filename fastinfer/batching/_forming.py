@@ -39,6 +39,8 @@ class Forming(BatcherCore):
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        if len(self._queues) > 2 * self._depth + 8:
+            self._compact()  # levels emptied by expiries and cancellations while slots were busy
         now = self._clock.time()
         wake: float | None = None
         while self._depth > 0 and self._in_flight < self._max_concurrent:
@@ -151,19 +153,34 @@ class Forming(BatcherCore):
         return cands
 
     def _shed_hopeless(self, cands: list[Request], now: float) -> list[Request]:
-        """Expire items that cannot finish before their deadline: running them is wasted work."""
+        """Expire items that cannot finish before their deadline: running them is wasted work.
+
+        When *every* candidate would be shed, nothing would run and an estimate that is too high
+        (one slow cold call) would never be corrected: the one with the most time left runs
+        alone instead, as a probe, and the others stay queued until it reports the real cost.
+        Probes back off while they keep confirming the estimate (see ``_running``).
+        """
         done_at = now + self._cost.upper(len(cands))
-        keep = [r for r in cands if r.deadline is None or r.deadline >= done_at]
-        for r in cands:
-            if r.deadline is not None and r.deadline < done_at:
-                self._unqueue(r)
-                self._count("expired", r, None)
-                r.future.set_exception(
-                    DeadlineExceeded(
-                        f"request dropped after {(now - r.arrival) * 1000:.1f} ms: its batch is "
-                        f"predicted to finish {(done_at - r.deadline) * 1000:.1f} ms past its deadline"
-                    )
+        hopeless = [
+            r for r in cands if not r.probe and r.deadline is not None and r.deadline < done_at
+        ]
+        if not hopeless:
+            return cands
+        if len(hopeless) == len(cands) and self._may_probe(now):
+            probe = max(cands, key=lambda r: r.deadline or 0.0)
+            probe.probe = True
+            return [probe]
+        keep = [r for r in cands if r.probe or r.deadline is None or r.deadline >= done_at]
+        for r in hopeless:
+            assert r.deadline is not None
+            self._unqueue(r)
+            self._count("expired", r, None)
+            r.future.set_exception(
+                DeadlineExceeded(
+                    f"request dropped after {(now - r.arrival) * 1000:.1f} ms: its batch is "
+                    f"predicted to finish {(done_at - r.deadline) * 1000:.1f} ms past its deadline"
                 )
+            )
         return keep
 
     def _bucket(self, cands: list[Request], cap: int) -> list[Request]:
@@ -186,9 +203,19 @@ class Forming(BatcherCore):
         return [cands[i] for i in chosen]
 
     def _compact(self) -> None:
+        """Drop what left the queues; a priority level left empty is dropped too, so a stream of
+        distinct priority values cannot grow the structure (or slow every dispatch) for good."""
+        emptied = False
         for p in list(self._priorities):
-            q = self._queues[p]
+            q = self._queues.get(p)
+            if q is None:
+                continue
             while q and q[0].state != QUEUED:
                 q.popleft()
-            if len(q) > 64 and len(q) > 2 * self._depth:  # bucketing leaves holes
+            if not q:
+                del self._queues[p]
+                emptied = True
+            elif len(q) > 64 and len(q) > 2 * self._depth:  # bucketing leaves holes
                 self._queues[p] = deque(r for r in q if r.state == QUEUED)
+        if emptied:
+            self._priorities = [p for p in self._priorities if p in self._queues]

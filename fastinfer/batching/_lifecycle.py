@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 from typing import TYPE_CHECKING
 
 from fastinfer.batching._core import CLOSED, CLOSING, OPEN, BatcherCore
 from fastinfer.batching._request import QUEUED
-from fastinfer.errors import ClosedError, WouldBlockError
+from fastinfer.errors import ClosedError, ConfigError, WouldBlockError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -15,25 +17,44 @@ if TYPE_CHECKING:
 __all__ = ["Lifecycle"]
 
 
+def _check_timeout(timeout: object) -> None:
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 <= timeout < math.inf
+    ):
+        raise ConfigError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+
+
 class Lifecycle(BatcherCore):
     """``aclose()`` / ``close()`` and the context managers."""
 
-    async def aclose(self, *, cancel_pending: bool = False) -> None:
+    async def aclose(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop accepting requests, then finish queued and running work (or, with
-        ``cancel_pending=True``, fail queued requests with ``ClosedError``). Idempotent."""
+        ``cancel_pending=True``, fail queued requests with ``ClosedError``). Idempotent.
+
+        ``timeout`` (seconds, on the batcher's clock; default None: wait for everything) bounds
+        the wait: what is left then fails with ``ClosedError``: queued requests, and running
+        batches, which are given up as after ``batch_timeout`` (an async ``fn`` is cancelled, a
+        sync one's thread abandoned), so a hung ``fn`` cannot hold the close up for good.
+        """
+        _check_timeout(timeout)
         if self._loop is None or self._loop.is_closed():
             self._finish_close()
             return
         if self._loop is asyncio.get_running_loop():
-            await self._aclose_home(cancel_pending)
+            await self._aclose_home(cancel_pending, timeout)
         else:
-            cf = asyncio.run_coroutine_threadsafe(self._aclose_home(cancel_pending), self._loop)
+            cf = asyncio.run_coroutine_threadsafe(
+                self._aclose_home(cancel_pending, timeout), self._loop
+            )
             await asyncio.wrap_future(cf)
         self._finish_close()
 
-    def close(self, *, cancel_pending: bool = False) -> None:
-        """Blocking :meth:`aclose`, for sync code. On the batcher's own running loop use
-        ``await aclose()`` instead (``WouldBlockError``)."""
+    def close(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
+        """Blocking :meth:`aclose` (same ``cancel_pending`` and ``timeout``), for sync code. On
+        the batcher's own running loop use ``await aclose()`` instead (``WouldBlockError``)."""
+        _check_timeout(timeout)
         loop = self._loop
         if loop is None or loop.is_closed():
             self._finish_close()
@@ -56,39 +77,62 @@ class Lifecycle(BatcherCore):
             self._state = CLOSED
             self._finish_close()
             return
-        asyncio.run_coroutine_threadsafe(self._aclose_home(cancel_pending), loop).result()
+        asyncio.run_coroutine_threadsafe(self._aclose_home(cancel_pending, timeout), loop).result()
         self._finish_close()
 
-    async def _aclose_home(self, cancel_pending: bool) -> None:
+    async def _aclose_home(self, cancel_pending: bool, timeout: float | None) -> None:
         if self._state == OPEN:
             self._state = CLOSING
         if cancel_pending:
-            for p in self._priorities:
-                for r in self._queues[p]:
-                    if r.state == QUEUED and not r.future.done():
-                        self._unqueue(r)
-                        self._count("cancelled", r, None)
-                        r.future.set_exception(
-                            ClosedError(
-                                f"the {self._name} was closed with cancel_pending=True before "
-                                "this request ran"
-                            )
-                        )
+            self._fail_queued(f"the {self._name} was closed with cancel_pending=True")
         self._schedule()
-        while not self._idle():
-            assert self._loop is not None
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
+        timer = None
+        if timeout is not None and not self._idle():
+            if timeout == 0:
+                self._close_expired(timeout)
+            else:
+                timer = self._clock.call_at(
+                    self._clock.time() + timeout,
+                    functools.partial(self._on_loop, self._close_expired, timeout),
+                )
+        try:
+            while not self._idle():
+                assert self._loop is not None
+                waiter: asyncio.Future[None] = self._loop.create_future()
+                self._drain_waiters.append(waiter)
+                await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
         self._state = CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
 
+    def _fail_queued(self, why: str) -> None:
+        for p in list(self._priorities):
+            for r in list(self._queues.get(p, ())):
+                if r.state == QUEUED and not r.future.done():
+                    self._unqueue(r)
+                    self._count("cancelled", r, None)
+                    r.future.set_exception(ClosedError(f"{why} before this request ran"))
+
+    def _close_expired(self, timeout: float) -> None:
+        """The close timeout passed: fail what is queued, give up the running batches."""
+        why = f"the {self._name} was closed with timeout={timeout:g} s"
+        self._fail_queued(why)
+        for run in list(self._runs.values()):
+            self._give_up(
+                run,
+                lambda: ClosedError(f"{why} before this request's batch finished"),
+                "cancelled",
+            )
+        self._schedule()
+
     def _finish_close(self) -> None:
         self._state = CLOSED
         if self._executor is not None:
-            # Drained: every call has returned, so the idle workers exit at once.
+            # Drained: every call has returned (or was abandoned), so the workers exit at once.
             self._executor.shutdown(wait=True)
             self._executor = None
         if self._thread is not None:

@@ -53,7 +53,9 @@ class BatcherStatistics:
     p999 and max (one percentile definition: :mod:`fastinfer._common.quantiles`). Each field
     declares the metric it is exported as when a :class:`~fastinfer.MetricsRecorder` tracks the
     batcher: ``queue_depth`` → ``fastinfer_queue_depth``, ``batches_in_flight`` →
-    ``fastinfer_batches_in_flight``, ``requests_<outcome>`` → ``fastinfer_requests_total{outcome}``;
+    ``fastinfer_batches_in_flight``, ``requests_<outcome>`` → ``fastinfer_requests_total{outcome}``
+    (a batch given up after ``batch_timeout`` counts its callers as expired, and is counted in
+    ``batches_run`` and ``batches_timed_out``);
     the histograms ``fastinfer_batch_size``, ``fastinfer_queue_wait_seconds``,
     ``fastinfer_request_latency_seconds`` and ``fastinfer_batch_execution_seconds`` are fed per
     event by the ``on_batch`` / ``on_request`` callbacks (``StandardMetrics.batcher_hooks()``).
@@ -70,6 +72,10 @@ class BatcherStatistics:
     requests_cancelled: int = counter(standard=REQUESTS, labels={"outcome": "cancelled"})
     padded_items: int = gauge()
     bisections: int = gauge()
+    batches_timed_out: int = gauge()  # given up after batch_timeout (callers: DeadlineExceeded)
+    batches_aborted: int = gauge()  # fn raised a BaseException, contained (callers: BatchError)
+    abandoned_threads: int = gauge()  # sync calls given up on that still run in their thread
+    cost_probes: int = gauge()  # batches run although the cost model said they were hopeless
     dispatch_reasons: Mapping[str, int] = gauge(key_label="key")
     batch_size_counts: Mapping[int, int] = gauge(key_label="key")
     batch_size_mean: float = gauge()

@@ -1,22 +1,34 @@
-"""Running fn on a sealed batch: hand-off, splitting, error isolation (private part)."""
+"""Running fn on a sealed batch: hand-off, splitting, error isolation, giving up (private part).
+
+Faults stay inside the batch that met them: an ``Exception`` is bisected to the items that cause
+it; a ``BaseException`` that is not a cancellation (``SystemExit``, ``KeyboardInterrupt``...)
+fails that batch's callers with a ``BatchError`` and never reaches the event loop; a call that
+outlives ``batch_timeout`` is given up: an async ``fn`` is cancelled, a sync one's thread is
+abandoned and replaced, its callers get ``DeadlineExceeded`` and its slot is free at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import concurrent.futures
 import functools
 import inspect
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastinfer.batching._collate import split_output
-from fastinfer.batching._core import BatcherCore
+from fastinfer.batching._core import IN_FN, BatcherCore
 from fastinfer.batching._records import BatchRecord
-from fastinfer.batching._request import DISCARD, ContractError, Request, Started
-from fastinfer.errors import BatchError
+from fastinfer.batching._request import DISCARD, BatchRun, ContractError, Request, Started
+from fastinfer.batching._threads import Aborted, SlotPool
+from fastinfer.errors import BatchError, DeadlineExceeded
 
 __all__ = ["Running"]
+
+logger = logging.getLogger("fastinfer.batching")
+
+PROBE_BACKOFF_MAX = 30.0  # seconds between cost probes that keep confirming a high estimate
 
 
 class Running(BatcherCore):
@@ -29,69 +41,122 @@ class Running(BatcherCore):
         self._in_flight += 1
         self._reasons[reason] += 1
         self._batch_ids += 1
-        bid = self._batch_ids
-        if self._cost.ready:
-            self._running_ends[bid] = now + self._cost.predict(len(reqs))
-        else:
-            self._running_ends[bid] = now
+        end = now + self._cost.predict(len(reqs)) if self._cost.ready else now
+        run = BatchRun(self._batch_ids, reqs, reason, end)
+        self._runs[run.bid] = run
+        self._probes += run.probe
         for r in reqs:
             self._waits.append(now - r.arrival)
         # A sync fn starts in its worker thread now, not when the task first runs: the thread
         # gets going while this loop turn wakes the previous batch's callers.
-        started = self._start(reqs)
-        task = self._loop.create_task(self._run_batch(bid, reqs, reason, now, started))
-        self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._batch_task_done, bid, reqs))
+        started = self._start(run)
+        run.task = self._loop.create_task(self._run_batch(run, now, started))
+        self._tasks.add(run.task)
+        run.task.add_done_callback(functools.partial(self._batch_task_done, run))
 
-    def _batch_task_done(self, bid: int, reqs: list[Request], task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if bid not in self._running_ends:
-            return  # _run_batch's finally ran: every request is resolved
-        # Cancelled before its first step (the loop shut down): its finally never ran.
-        self._running_ends.pop(bid)
+    def _release(self, run: BatchRun) -> None:
+        """Free the batch's slot (once: by its task, or when it is given up)."""
+        run.finished = True
+        self._runs.pop(run.bid, None)
         self._in_flight -= 1
-        for r in reqs:
+
+    def _batch_task_done(self, run: BatchRun, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if run.finished:
+            return  # resolved by _run_batch's finally, or given up
+        # Cancelled before its first step (the loop shut down): its finally never ran.
+        self._release(run)
+        for r in run.reqs:
             self._resolve(
-                r, BatchError(f"{self._name}: the batch was cancelled before it ran"), len(reqs)
+                r, BatchError(f"{self._name}: the batch was cancelled before it ran"), len(run.reqs)
             )
         self._schedule()  # the slot is free again, as at the end of _run_batch
 
-    async def _run_batch(
-        self, bid: int, reqs: list[Request], reason: str, started: float, call: Started | None
-    ) -> None:
+    async def _run_batch(self, run: BatchRun, started: float, call: Started | None) -> None:
         outcomes: list[Any] = []
-        padded = self._padded_size(len(reqs))
         try:
-            outcomes = await self._execute(reqs, call)
+            outcomes = await self._execute(run, call)
         finally:
-            if len(outcomes) != len(reqs):  # interrupted (loop shutting down): still resolve all
-                outcomes = [
-                    BatchError(f"{self._name}: the batch was interrupted before it finished")
-                    for _ in reqs
-                ]
-            end = self._clock.time()
-            self._in_flight -= 1
-            self._running_ends.pop(bid, None)
-            # Seal and start the next batch before waking this batch's callers: their wake-ups
-            # queue behind the new batch's first step, so the executor never idles for them.
-            self._schedule(notify=False)
-            failed = 0
-            for r, o in zip(reqs, outcomes):
-                if o is DISCARD:
-                    o = BatchError(f"{self._name}: request was not run")  # pragma: no cover
-                failed += isinstance(o, BaseException)
-                self._resolve(r, o, len(reqs))
-            self._batches_run += 1
-            self._sizes[len(reqs)] = self._sizes.get(len(reqs), 0) + 1
-            self._padded_items += padded - len(reqs)
-            self._exec_times.append(end - started)
-            if self._on_batch is not None:
-                waits = tuple(started - r.arrival for r in reqs)
-                self._callback(
-                    self._on_batch,
-                    BatchRecord(len(reqs), padded, reason, waits, end - started, failed),
-                )
-            self._notify_drained()  # after the callers are resolved: aclose() returns last
+            if not run.finished:  # else given up (batch_timeout, close): callers are resolved
+                reqs = run.reqs
+                if len(outcomes) != len(reqs):  # interrupted (loop shutting down): resolve all
+                    outcomes = [
+                        BatchError(f"{self._name}: the batch was interrupted before it finished")
+                        for _ in reqs
+                    ]
+                end = self._clock.time()
+                self._release(run)
+                # Seal and start the next batch before waking this batch's callers: their
+                # wake-ups queue behind the new batch's first step, so the executor never idles.
+                self._schedule(notify=False)
+                failed = 0
+                for r, o in zip(reqs, outcomes):
+                    if o is DISCARD:
+                        o = BatchError(f"{self._name}: request was not run")  # pragma: no cover
+                    failed += isinstance(o, BaseException)
+                    self._resolve(r, o, len(reqs))
+                self._account(run, started, end, failed)
+                self._notify_drained()  # after the callers are resolved: aclose() returns last
+
+    def _account(self, run: BatchRun, started: float, end: float, failed: int) -> None:
+        n = len(run.reqs)
+        padded = self._padded_size(n)
+        self._batches_run += 1
+        self._sizes[n] = self._sizes.get(n, 0) + 1
+        self._padded_items += padded - n
+        self._exec_times.append(end - started)
+        if run.probe:
+            self._probe_done(run, started, end)
+        if self._on_batch is not None:
+            waits = tuple(started - r.arrival for r in run.reqs)
+            self._callback(
+                self._on_batch,
+                BatchRecord(n, padded, run.reason, waits, end - started, failed),
+            )
+
+    def _probe_done(self, run: BatchRun, started: float, end: float) -> None:
+        """A probe that missed its deadline confirmed the estimate: back off before the next."""
+        missed = any(r.probe and r.deadline is not None and end > r.deadline for r in run.reqs)
+        if missed:
+            self._probe_backoff = min(
+                PROBE_BACKOFF_MAX, max(2 * self._probe_backoff, end - started, 1e-3)
+            )
+            self._probe_at = end + self._probe_backoff
+        else:
+            self._probe_backoff, self._probe_at = 0.0, float("-inf")
+
+    def _give_up(self, run: BatchRun, error: Callable[[], BaseException], outcome: str) -> None:
+        """Stop waiting for ``run``: free its slot, stop ``fn``, fail its remaining callers."""
+        if run.finished:
+            return
+        now = self._clock.time()
+        self._release(run)
+        if run.call is not None and self._executor is not None:
+            self._executor.abandon(run.call)  # a hung thread is replaced, not waited for
+        if run.task is not None and not run.task.done():
+            run.task.cancel()  # an async fn is cancelled at its current await
+        n = len(run.reqs)
+        for r in run.reqs:
+            self._fail(r, error(), outcome, n)
+        started = min((r.started for r in run.reqs if r.started is not None), default=now)
+        self._account(run, started, now, n)
+        self._schedule()
+
+    def _call_timed_out(self, run: BatchRun, seq: int) -> None:
+        if run.finished or run.calls != seq or not run.active:
+            return  # that call returned meanwhile
+        self._timed_out += 1
+        limit = self._batch_timeout
+        how = "its task was cancelled" if self._is_async else "its worker thread was abandoned"
+        msg = (
+            f"{self._name}: fn did not return within batch_timeout={limit:g} s, so its batch of "
+            f"{len(run.reqs)} items was given up ({how}; the slot serves the next batch). Fix: "
+            "find why fn hangs, or set batch_timeout above the slowest legitimate batch (a cold "
+            "first call included)"
+        )
+        if self._timed_out == 1:
+            logger.error("%s (logged once; counted in statistics().batches_timed_out)", msg)
+        self._give_up(run, lambda: DeadlineExceeded(msg), "expired")
 
     def _padded_size(self, n: int) -> int:
         if not self._pad:
@@ -99,11 +164,36 @@ class Running(BatcherCore):
         i = bisect.bisect_left(self._preferred, n)
         return self._preferred[i] if i < len(self._preferred) else n
 
-    async def _execute(self, reqs: list[Request], call: Started | None) -> list[Any]:
+    def _aborted(self, e: Aborted, n: int) -> list[Any]:
+        cause = e.cause
+        self._aborted_batches += 1
+        logger.error(
+            "%s: fn raised %s (a BaseException) for a batch of %d items; contained: those callers "
+            "get a BatchError",
+            self._name,
+            type(cause).__name__,
+            n,
+            exc_info=cause,
+        )
+        out = []
+        for _ in range(n):
+            err = BatchError(
+                f"{self._name}: fn raised {type(cause).__name__}({cause}) for a batch of {n} "
+                "items; a BaseException from fn fails only that batch's callers. Fix: raise an "
+                "Exception subclass for a bad input, and do not exit the process from fn"
+            )
+            err.__cause__ = cause
+            out.append(err)
+        return out
+
+    async def _execute(self, run: BatchRun, call: Started | None) -> list[Any]:
+        reqs = run.reqs
         try:
-            return await self._call(reqs, call)
+            return await self._call(run, reqs, call)
         except ContractError as e:
             return [BatchError(str(e)) for _ in reqs]
+        except Aborted as e:
+            return self._aborted(e, len(reqs))
         except Exception as e:
             if len(reqs) == 1:
                 return [e]
@@ -123,27 +213,29 @@ class Running(BatcherCore):
             live = [r for r in reqs if not r.future.done()]
             mid = len(live) // 2
             if mid == 0:
-                await self._isolate(live, results)
+                await self._isolate(run, live, results)
             else:
-                await self._isolate(live[:mid], results)
-                await self._isolate(live[mid:], results)
+                await self._isolate(run, live[:mid], results)
+                await self._isolate(run, live[mid:], results)
             return [results.get(id(r), DISCARD) for r in reqs]
 
-    async def _isolate(self, group: list[Request], results: dict[int, Any]) -> None:
+    async def _isolate(self, run: BatchRun, group: list[Request], results: dict[int, Any]) -> None:
         group = [r for r in group if not r.future.done()]  # gone callers need no answer
         if not group:
             return
         try:
-            values = await self._call(group)
+            values = await self._call(run, group)
         except ContractError as e:
             values = [BatchError(str(e)) for _ in group]
+        except Aborted as e:
+            values = self._aborted(e, len(group))
         except Exception as e:
             if len(group) == 1:
                 values = [e]
             else:
                 mid = len(group) // 2
-                await self._isolate(group[:mid], results)
-                await self._isolate(group[mid:], results)
+                await self._isolate(run, group[:mid], results)
+                await self._isolate(run, group[mid:], results)
                 return
         for r, v in zip(group, values):
             results[id(r)] = v
@@ -159,33 +251,59 @@ class Running(BatcherCore):
         batch, ctx = self._collator.collate(items)
         return batch, ctx, size
 
-    def _start(self, group: list[Request]) -> Started | None:
+    def _start(self, run: BatchRun) -> Started | None:
         """Hand a sync fn its batch in the worker thread at once (``None``: the task calls it)."""
         if self._is_async or not self._run_in_thread:
             return None
         assert self._loop is not None
         try:
-            arg, ctx, size = self._prepare(group)
+            arg, ctx, size = self._prepare(run.reqs)
             t0 = self._clock.time()
-            future = self._loop.run_in_executor(self._pool(), self._fn, arg)
-        except Exception:
-            return None  # the task tries again and hands the error to the callers like any other
+            call = run.call = self._pool().submit(self._fn, arg)
+        except BaseException:  # the task tries again and contains it
+            return None
+        future = asyncio.wrap_future(call.future, loop=self._loop)
         # If the batch task never runs (its loop shuts down first), nobody awaits this future:
         # read its outcome here so that asyncio does not log an unretrieved exception.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return Started(future, ctx, size, t0)
+        return Started(future, call, ctx, size, t0)
 
-    async def _call(self, group: list[Request], call: Started | None = None) -> list[Any]:
+    async def _call(
+        self, run: BatchRun, group: list[Request], call: Started | None = None
+    ) -> list[Any]:
         n = len(group)
-        if call is None:
-            arg, ctx, size = self._prepare(group)
-            t0 = self._clock.time()
-            output = await self._invoke(arg)
-        else:
-            ctx, size, t0 = call.ctx, call.size, call.t0
-            output = await call.future
+        run.calls += 1
+        seq = run.calls
+        timer = None
+        token = IN_FN.set(self)  # submit() to this batcher from inside fn would deadlock
+        try:
+            if call is None:
+                arg, ctx, size = self._prepare(group)
+                t0 = self._clock.time()
+                output: Any = self._invoke(run, arg)
+            else:
+                ctx, size, t0 = call.ctx, call.size, call.t0
+                run.call = call.call
+                output = call.future
+            if self._batch_timeout is not None:
+                run.active = True
+                timer = self._clock.call_at(
+                    t0 + self._batch_timeout,
+                    functools.partial(self._on_loop, self._call_timed_out, run, seq),
+                )
+            output = await output
             if inspect.isawaitable(output):
                 output = await output
+        except (Exception, asyncio.CancelledError):
+            raise  # a cancellation keeps its meaning; an Exception is isolated by the caller
+        except BaseException as e:  # SystemExit, KeyboardInterrupt...: contained to this batch
+            raise Aborted(e) from e
+        finally:
+            IN_FN.reset(token)
+            run.active = False
+            run.call = None
+            if timer is not None:
+                timer.cancel()
         results: Sequence[Any]
         if self._collator is not None:
             try:
@@ -199,7 +317,8 @@ class Running(BatcherCore):
                 )
         else:
             results = self._split_plain(output, size)
-        self._cost.observe(size, self._clock.time() - t0)
+        if not run.finished:  # a call that outlived batch_timeout is no measure of the cost
+            self._cost.observe(size, self._clock.time() - t0)
         return list(results[:n])
 
     def _split_plain(self, output: Any, size: int) -> Sequence[Any]:
@@ -215,19 +334,22 @@ class Running(BatcherCore):
         except BatchError as e:
             raise ContractError(f"{self._name}: {e}") from None
 
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _pool(self) -> SlotPool:
         if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                self._max_concurrent, thread_name_prefix=f"fastinfer-{self._name}"
+            self._executor = SlotPool(
+                self._max_concurrent,
+                self._name,
+                max_abandoned=max(8, 4 * self._max_concurrent),
             )
         return self._executor
 
-    async def _invoke(self, arg: Any) -> Any:
+    async def _invoke(self, run: BatchRun, arg: Any) -> Any:
         if self._is_async:
             result = await self._fn(arg)
         elif self._run_in_thread:
             assert self._loop is not None
-            result = await self._loop.run_in_executor(self._pool(), self._fn, arg)
+            call = run.call = self._pool().submit(self._fn, arg)
+            result = await asyncio.wrap_future(call.future, loop=self._loop)
         else:
             result = self._fn(arg)
         if inspect.isawaitable(result):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any, cast
 
-from fastinfer.errors import CardinalityError, ConfigError
-from fastinfer.metrics._names import check_unit
-from fastinfer.metrics._registry import MetricRegistry
+from fastinfer.errors import CardinalityError, ConfigError, MetricNameError
+from fastinfer.metrics._names import GAUGE_MODES, check_unit
+from fastinfer.metrics._registry import MetricRegistry, describe
 from fastinfer.metrics._series import (
     STAMPS,
     Counter,
@@ -24,6 +26,7 @@ from fastinfer.metrics._series import (
     Metric,
     _CounterSeries,
     _HistogramSeries,
+    finite,
 )
 from fastinfer.metrics._snapshot import MetricSnapshot, MetricsSnapshot, SeriesSnapshot
 
@@ -44,6 +47,7 @@ class Merging(MetricRegistry):
     _merged: int
     _duplicates: int
     _restarts: int
+    _refused: int
 
     def collect_delta(self) -> MetricsSnapshot:
         """What changed since the previous call, as plain picklable data to ship to a parent.
@@ -126,12 +130,18 @@ class Merging(MetricRegistry):
             )
 
     def merge(self, delta: MetricsSnapshot, *, worker: str | None = None) -> bool:
-        """Add a worker's :meth:`collect_delta` output into this recorder.
+        """Add a worker's :meth:`collect_delta` output into this recorder, all or nothing.
 
         Counters and histograms (same buckets, bucket-wise) are summed; gauges are kept per
         ``worker`` and combined by their merge mode. A delta already merged (same source and
         sequence number) is ignored and False is returned. A new source under a known ``worker``
         name is a restart: the old incarnation's gauges are dropped, its counts stay.
+
+        The whole delta is checked before any of it is applied: a delta that would take a metric
+        past its ``max_series`` (``CardinalityError``) or that holds a malformed series
+        (``ConfigError``) is refused whole, counted in ``statistics().deltas_refused``, and not
+        recorded as merged, so the same delta can be merged once the cause is fixed (for
+        example a raised limit).
 
         ``worker`` defaults to ``"pid<N>"`` of the sending process.
         """
@@ -147,15 +157,19 @@ class Merging(MetricRegistry):
         if delta.source == self._source:
             raise ConfigError("merge(): a recorder cannot merge its own deltas")
         worker = str(worker) if worker is not None else f"pid{delta.pid}"
-        # validate everything before changing anything, so a bad delta leaves no partial merge
-        plan: list[tuple[Metric, MetricSnapshot]] = []
-        for m in delta.metrics.values():
-            plan.append((self._metric_for(m), m))
-        with self._merge_lock:
+        with self._merge_lock, self._lock:  # the same lock order as everywhere: merge, registry
             known = self._sources.get(delta.source)
             if known is not None and delta.seq <= known[1]:
                 self._duplicates += 1
                 return False
+            previous = self._worker_source.get(worker)
+            restart = previous is not None and previous != delta.source
+            try:
+                plan = self._merge_plan(delta, worker, restart)
+            except Exception:
+                self._refused += 1
+                raise
+            # Validated whole: nothing below can fail, so the delta is merged entirely or not at all.
             if known is not None and delta.seq != known[1] + 1:
                 logger.warning(
                     "metrics delta from worker %r skipped sequence %d..%d: those counts were lost in transit",
@@ -163,8 +177,8 @@ class Merging(MetricRegistry):
                     known[1] + 1,
                     delta.seq - 1,
                 )
-            previous = self._worker_source.get(worker)
-            if previous is not None and previous != delta.source:
+            if restart:
+                assert previous is not None
                 self._restarts += 1
                 self._sources.pop(previous, None)
                 for metric in self._metrics.values():
@@ -173,54 +187,136 @@ class Merging(MetricRegistry):
             self._worker_source[worker] = delta.source
             self._sources[delta.source] = (worker, delta.seq)
             self._merged += 1
-            for metric, m in plan:
+            for metric, m, keys in plan:
+                if metric.name not in self._metrics:  # checked by _merge_plan, under self._lock
+                    self._reserve(metric)
+                    self._metrics[metric.name] = metric
                 if isinstance(metric, Histogram):
-                    for s in m.series:
-                        child = metric._child(tuple(s.labels[n] for n in metric.label_names))
-                        child._add(s.bucket_deltas, s.sum, s.min, s.max)
+                    for s, key in zip(m.series, keys):
+                        metric._child_merged(key)._add(s.bucket_deltas, s.sum, s.min, s.max)
                 elif isinstance(metric, Counter):
-                    for s in m.series:
-                        metric._child(tuple(s.labels[n] for n in metric.label_names)).inc(
-                            s.value or 0
-                        )
+                    for s, key in zip(m.series, keys):
+                        metric._child_merged(key).inc(s.value)
                 elif isinstance(metric, Gauge):
                     vals = metric._workers.setdefault(worker, {})
-                    for s in m.series:
-                        key = tuple(s.labels[n] for n in metric.label_names)
-                        if key not in vals and len(vals) >= metric.max_series:
-                            raise CardinalityError(
-                                f"gauge {metric.name!r} from worker {worker!r} exceeds max_series="
-                                f"{metric.max_series}; bound its label values"
-                            )
-                        vals[key] = (cast("float", s.value), next(STAMPS))
+                    for s, key in zip(m.series, keys):
+                        vals[key] = (float(cast("float", s.value)), next(STAMPS))
         return True
 
-    def _metric_for(self, m: MetricSnapshot) -> Metric:
-        if m.kind == "counter":
-            return self.counter(m.name, m.help, labels=m.label_names)
-        if m.kind == "gauge":
-            return self.gauge(m.name, m.help, labels=m.label_names, unit=m.unit, merge=m.merge)
-        if m.kind == "histogram":
-            existing = self._metrics.get(m.name)
-            if isinstance(existing, Histogram) and existing.bounds != m.buckets:
+    def _merge_plan(
+        self, delta: MetricsSnapshot, worker: str, restart: bool
+    ) -> list[tuple[Metric, MetricSnapshot, list[tuple[str, ...]]]]:
+        """Check every metric and series of ``delta`` against this recorder; change nothing."""
+        plan: list[tuple[Metric, MetricSnapshot, list[tuple[str, ...]]]] = []
+        new_samples: dict[str, str] = {}  # sample names of metrics this delta would create
+        for m in delta.metrics.values():
+            if not isinstance(m, MetricSnapshot):
+                raise ConfigError(f"delta holds {type(m).__name__}, not a MetricSnapshot")
+            metric = self._merge_target(m)
+            if metric.name not in self._metrics:
+                for sample in self._samples(metric):
+                    owner = new_samples.setdefault(sample, metric.name)
+                    if owner != metric.name:
+                        raise MetricNameError(
+                            f"cannot merge: the delta's metrics {owner!r} and {metric.name!r} "
+                            f"both expose {sample!r}"
+                        )
+            keys = [self._merge_key(metric, s) for s in m.series]
+            have: Any = metric._children
+            if isinstance(metric, Gauge):
+                have = {} if restart else metric._workers.get(worker, {})
+            new = {k for k in keys if k not in have}
+            if new and len(have) + len(new) > metric.max_series:
+                raise CardinalityError(
+                    f"cannot merge the delta from worker {worker!r} (seq {delta.seq}): metric "
+                    f"{metric.name!r} would have {len(have) + len(new)} label sets"
+                    f"{' from this worker' if isinstance(metric, Gauge) else ''}, over its "
+                    f"max_series={metric.max_series} ({len(new)} new in this delta). Nothing of the "
+                    "delta was merged (its other metrics included); it can be merged again once "
+                    "the limit is raised in this process (MetricsRecorder(max_series=N), or "
+                    "metric.max_series = N). Better: keep unbounded values out of labels in the "
+                    "worker."
+                )
+            plan.append((metric, m, keys))
+        return plan
+
+    def _merge_target(self, m: MetricSnapshot) -> Metric:
+        """The metric ``m`` merges into: the existing one, or a new one not registered yet."""
+        kind = m.kind
+        if kind not in ("counter", "gauge", "histogram"):
+            raise ConfigError(f"unknown metric kind {kind!r} in delta (metric {m.name!r})")
+        name, names = self._common(m.name, m.label_names, kind, m.help)
+        limit = self.max_series
+        candidate: Metric
+        if kind == "counter":
+            candidate = Counter(name, m.help, "", names, limit)
+        elif kind == "gauge":
+            if m.merge not in GAUGE_MODES:
+                raise ConfigError(f"gauge {name!r} in delta: unknown merge mode {m.merge!r}")
+            candidate = Gauge(name, m.help, check_unit(name, m.unit), names, limit, m.merge)
+        else:
+            bounds = tuple(m.buckets)
+            if (
+                not bounds
+                or not all(isinstance(b, int | float) and math.isfinite(b) for b in bounds)
+                or any(a >= b for a, b in itertools.pairwise(bounds))
+            ):
                 raise ConfigError(
-                    f"cannot merge histogram {m.name!r}: the worker's {len(m.buckets)} buckets "
+                    f"histogram {name!r} in delta: bucket bounds must be finite and increasing"
+                )
+            existing = self._metrics.get(name)
+            if isinstance(existing, Histogram) and existing.bounds != bounds:
+                raise ConfigError(
+                    f"cannot merge histogram {name!r}: the worker's {len(bounds)} buckets "
                     f"differ from this recorder's {len(existing.bounds)}; create it with the same "
                     "buckets in both processes"
                 )
-            name, names = self._common(m.name, m.label_names, "histogram")
-            unit = check_unit(name, m.unit)
-            bounds, export, midpoint = tuple(m.buckets), m.export_buckets, m.midpoint
-            limit = self.max_series
-            return cast(
-                "Histogram",
-                self._get_or_create(
-                    name,
-                    "histogram",
-                    lambda: Histogram(name, m.help, unit, names, limit, bounds, export, midpoint),
-                ),
+            candidate = Histogram(
+                name, m.help, check_unit(name, m.unit), names, limit, bounds,
+                m.export_buckets, m.midpoint,
+            )  # fmt: skip
+        existing = self._metrics.get(name)
+        if existing is None:
+            self._check_samples(candidate)
+            return candidate
+        if existing._spec() != candidate._spec():
+            raise ConfigError(
+                f"cannot merge metric {name!r}: it exists here as {describe(existing)}, the "
+                f"worker's is {describe(candidate)}. Fix: use one definition in every process."
             )
-        raise ConfigError(f"unknown metric kind {m.kind!r} in delta")
+        return existing
+
+    @staticmethod
+    def _merge_key(metric: Metric, s: SeriesSnapshot) -> tuple[str, ...]:
+        """The label key of delta series ``s``, with its labels and values checked."""
+        name, names = metric.name, metric.label_names
+        if not isinstance(s, SeriesSnapshot):
+            raise ConfigError(f"delta series of {name!r} is a {type(s).__name__}")
+        if not isinstance(s.labels, Mapping) or set(s.labels) != set(names):
+            raise ConfigError(
+                f"delta series of {name!r} has labels {s.labels!r}; the metric's are {list(names)}"
+            )
+        key = tuple(s.labels[n] for n in names)
+        metric._check_key(key)
+        if isinstance(metric, Counter):
+            if finite(name, s.value) < 0:
+                raise ConfigError(f"delta counter {name!r} has a negative increment {s.value!r}")
+        elif isinstance(metric, Gauge):
+            finite(name, s.value)
+        elif isinstance(metric, Histogram):
+            nb = len(metric.bounds) + 1
+            for pair in s.bucket_deltas:
+                i, c = pair
+                if not (type(i) is int and 0 <= i < nb and type(c) is int and c >= 0):
+                    raise ConfigError(
+                        f"delta histogram {name!r} has a bad bucket delta {pair!r} "
+                        f"(index in 0..{nb - 1}, count >= 0)"
+                    )
+            finite(name, s.sum)
+            for x in (s.min, s.max):
+                if x is not None and (not isinstance(x, int | float) or math.isnan(x)):
+                    raise ConfigError(f"delta histogram {name!r} has a bad min/max {x!r}")
+        return key
 
     def forget_worker(self, worker: str) -> None:
         """Drop what a worker that is gone for good left in gauges (its counts stay)."""

@@ -13,6 +13,7 @@ __all__ = [
     "LABEL_NAME",
     "GaugeMode",
     "Kind",
+    "check_help",
     "check_unit",
     "validate_labels",
     "validate_name",
@@ -85,3 +86,18 @@ def check_unit(name: str, unit: str) -> str:
             f"rename it to '{name}_{unit}' (Prometheus convention)"
         )
     return unit
+
+
+def check_help(name: str, help: object) -> str:
+    """A help text must be a ``str`` that can be written as UTF-8 (Prometheus text is UTF-8)."""
+    if not isinstance(help, str):
+        raise ConfigError(f"metric {name!r}: help must be a string, got {type(help).__name__}")
+    if not help.isascii():
+        try:
+            help.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                f"metric {name!r}: help {help!r} is not valid Unicode text (a lone surrogate at "
+                f"position {e.start}) and could not be exported; pass readable text"
+            ) from None
+    return help

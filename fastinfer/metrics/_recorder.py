@@ -23,7 +23,12 @@ __all__ = ["MetricsRecorder", "RecorderStatistics"]
 
 @dataclass(frozen=True)
 class RecorderStatistics:
-    """A frozen view of the recorder itself."""
+    """A frozen view of the recorder itself.
+
+    ``series_dropped`` counts series left out of a Prometheus scrape because they could not be
+    exported (each logged once); ``deltas_refused`` counts worker deltas that ``merge()`` refused
+    whole (over ``max_series``, or malformed), nothing of them applied.
+    """
 
     metrics: int = gauge()
     series: int = gauge()
@@ -34,6 +39,8 @@ class RecorderStatistics:
     workers: int = gauge()
     worker_restarts: int = counter(standard="fastinfer_worker_restarts_total")
     track_errors: int = gauge()
+    series_dropped: int = gauge()
+    deltas_refused: int = gauge()
 
 
 class MetricsRecorder(Merging, Tracking):
@@ -74,6 +81,9 @@ class MetricsRecorder(Merging, Tracking):
         self._duplicates = 0
         self._restarts = 0
         self._track_errors = 0
+        self._refused = 0
+        self._series_dropped = 0
+        self._drops_logged = set()
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -127,6 +137,8 @@ class MetricsRecorder(Merging, Tracking):
                 workers=len(self._worker_source),
                 worker_restarts=self._restarts,
                 track_errors=self._track_errors,
+                series_dropped=self._series_dropped,
+                deltas_refused=self._refused,
             )
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ from fastinfer.metrics._buckets import LogLinearBuckets, resolve_buckets
 from fastinfer.metrics._names import (
     GAUGE_MODES,
     GaugeMode,
+    check_help,
     check_unit,
     validate_labels,
     validate_name,
@@ -35,6 +36,8 @@ class MetricRegistry:
     _sample_names: dict[str, str]
     _lock: threading.RLock
     _merge_lock: threading.Lock
+    _series_dropped: int  # series left out of a scrape (see _prometheus)
+    _drops_logged: set[tuple[str, str]]
 
     def _refresh_tracked(self) -> None:  # Tracking's: read tracked objects before any read
         raise NotImplementedError
@@ -57,27 +60,36 @@ class MetricRegistry:
             )
         return existing
 
-    def _reserve(self, metric: Metric) -> None:
+    @staticmethod
+    def _samples(metric: Metric) -> list[str]:
         name = metric.name
         if metric.kind == "histogram":
-            samples = [name, f"{name}_bucket", f"{name}_count", f"{name}_sum", f"{name}_created"]
-        elif metric.kind == "counter":
+            return [name, f"{name}_bucket", f"{name}_count", f"{name}_sum", f"{name}_created"]
+        if metric.kind == "counter":
             base = name[:-6] if name.endswith("_total") else name
-            samples = [base, f"{base}_total", f"{base}_created"]
-        else:
-            samples = [name]
-        for s in samples:
-            owner = self._sample_names.get(s)
-            if owner is not None and owner != name:
-                raise MetricNameError(
-                    f"metric {name!r} would expose {s!r}, which metric {owner!r} already exposes; "
-                    "rename one of them"
-                )
-        for s in samples:
-            self._sample_names[s] = name
+            return [base, f"{base}_total", f"{base}_created"]
+        return [name]
 
-    def _common(self, name: str, labels: Iterable[str], kind: str) -> tuple[str, tuple[str, ...]]:
+    def _check_samples(self, metric: Metric) -> None:
+        """MetricNameError when ``metric`` would expose a sample name another metric exposes."""
+        for s in self._samples(metric):
+            owner = self._sample_names.get(s)
+            if owner is not None and owner != metric.name:
+                raise MetricNameError(
+                    f"metric {metric.name!r} would expose {s!r}, which metric {owner!r} already "
+                    "exposes; rename one of them"
+                )
+
+    def _reserve(self, metric: Metric) -> None:
+        self._check_samples(metric)
+        for s in self._samples(metric):
+            self._sample_names[s] = metric.name
+
+    def _common(
+        self, name: str, labels: Iterable[str], kind: str, help: object = ""
+    ) -> tuple[str, tuple[str, ...]]:
         name = validate_name(name)
+        check_help(name, help)
         return name, validate_labels(name, labels, kind=kind)
 
     def _limit(self, max_series: int | None) -> int:
@@ -96,7 +108,7 @@ class MetricRegistry:
         max_series: int | None = None,
     ) -> Counter:
         """A counter; the name should end in ``_total`` (it is exported as ``<base>_total``)."""
-        name, names = self._common(name, labels, "counter")
+        name, names = self._common(name, labels, "counter", help)
         limit = self._limit(max_series)
         return cast(
             "Counter",
@@ -116,7 +128,7 @@ class MetricRegistry:
         """A gauge. ``merge`` says how values from worker processes combine in :meth:`merge`:
         ``"worker"`` keeps one series per worker (a ``worker`` label), ``"sum"``/``"max"``/
         ``"min"``/``"last"`` aggregate them into one value."""
-        name, names = self._common(name, labels, "gauge")
+        name, names = self._common(name, labels, "gauge", help)
         unit = check_unit(name, unit)
         if merge not in GAUGE_MODES:
             raise ConfigError(f"gauge {name!r}: merge must be one of {GAUGE_MODES}, got {merge!r}")
@@ -144,7 +156,7 @@ class MetricRegistry:
         with bounded relative error, or None for the unit's defaults (latency buckets for seconds,
         powers of two otherwise).
         """
-        name, names = self._common(name, labels, "histogram")
+        name, names = self._common(name, labels, "histogram", help)
         if unit is None:
             unit = (
                 "seconds"

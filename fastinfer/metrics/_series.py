@@ -9,6 +9,7 @@ thread's shard is folded into the series. Counters and gauges use a per-series l
 from __future__ import annotations
 
 import itertools
+import numbers
 import threading
 import weakref
 from bisect import bisect_left
@@ -21,16 +22,57 @@ from fastinfer.metrics._names import GaugeMode, Kind
 if TYPE_CHECKING:
     from fastinfer.metrics._timer import Timer
 
-__all__ = ["STAMPS", "Counter", "Gauge", "Histogram", "Metric"]
+__all__ = ["STAMPS", "Counter", "Gauge", "Histogram", "Metric", "bad_label_value", "finite"]
 
 _INF = float("inf")
 
 
 def _bad_value(metric: str, value: object) -> ConfigError:
     return ConfigError(
-        f"metric {metric!r} got {value!r} ({type(value).__name__}); record a real Python number "
-        "(use tensor.item() for a tensor), not NaN"
+        f"metric {metric!r} got {value!r} ({type(value).__name__}); record a finite real Python "
+        "number (use tensor.item() for a tensor), not NaN or an infinity: either would make a "
+        "histogram's sum, a counter or a merged gauge meaningless for good"
     )
+
+
+def finite(metric: str, value: object) -> float:
+    """``value`` as a finite number, or ConfigError (None, strings, tensors, NaN, ±inf).
+
+    Python ints and floats pass as they are; other real numbers (numpy scalars, bools,
+    fractions) are converted to float.
+    """
+    if value.__class__ is not float and value.__class__ is not int:
+        if not isinstance(value, numbers.Real):
+            raise _bad_value(metric, value)
+        try:
+            value = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise _bad_value(metric, value) from None
+    if value - value:  # type: ignore[operator]  # NaN or ±inf (x - x is NaN for both)
+        raise _bad_value(metric, value)
+    return value  # type: ignore[return-value]
+
+
+def bad_label_value(metric: str, label: str, value: object) -> str | None:
+    """Why ``value`` cannot be a label value of ``metric`` (None when it can).
+
+    Prometheus text is UTF-8: a ``str`` with a lone surrogate (what ``os.fsdecode`` gives for a
+    file name that is not UTF-8) cannot be encoded, and would fail every later scrape.
+    """
+    if type(value) is not str:
+        return f"label {label!r} of metric {metric!r} must be a str, got {type(value).__name__}"
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"label {label!r} of metric {metric!r} got {value!r}, which is not valid Unicode text "
+            f"(a lone surrogate {value[e.start]!r} at position {e.start}, as os.fsdecode() gives "
+            "for a file name that is not UTF-8) and cannot be exported. Fix: pass a readable "
+            "form, e.g. os.fsencode(name).decode('utf-8', 'replace')"
+        )
+    return None
 
 
 class _CounterSeries:
@@ -43,11 +85,16 @@ class _CounterSeries:
         self._value: float = 0
 
     def inc(self, amount: float = 1) -> None:
-        """Add ``amount`` (>= 0) to the counter."""
-        if not amount >= 0:  # also refuses NaN
+        """Add ``amount`` (a finite number >= 0) to the counter."""
+        try:
+            amount = finite(self._metric, amount)
+            ok = amount >= 0
+        except ConfigError:
+            ok = False
+        if not ok:
             raise ConfigError(
-                f"counter {self._metric!r} can only go up: inc({amount!r}) refused; "
-                "use a gauge for values that go down"
+                f"counter {self._metric!r} can only go up, by a finite number: inc({amount!r}) "
+                "refused; use a gauge for values that go down"
             )
         lock = self._lock
         lock.acquire()
@@ -75,11 +122,12 @@ class _GaugeSeries:
         self._stamp = 0  # 0: never set (a merge ignores unset gauges)
 
     def set(self, value: float) -> None:
-        """Set the gauge to ``value``."""
-        self._value = value
+        """Set the gauge to ``value`` (a finite number)."""
+        self._value = finite(self._metric, value)
         self._stamp = next(STAMPS)
 
     def inc(self, amount: float = 1) -> None:
+        amount = finite(self._metric, amount)
         lock = self._lock
         lock.acquire()
         try:
@@ -89,7 +137,7 @@ class _GaugeSeries:
             lock.release()
 
     def dec(self, amount: float = 1) -> None:
-        self.inc(-amount)
+        self.inc(-finite(self._metric, amount))
 
     @property
     def value(self) -> float:
@@ -149,14 +197,13 @@ class _HistogramSeries:
         self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:
-        """Record one observation (seconds for latencies)."""
-        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus "le").
-        try:
-            i = bisect_left(self._bounds, value)
-        except TypeError:
-            raise _bad_value(self._metric, value) from None
-        if value != value:  # NaN would poison the sum forever
+        """Record one observation (seconds for latencies): a finite number."""
+        if value.__class__ is not float and value.__class__ is not int:
+            value = finite(self._metric, value)
+        elif value - value:  # NaN or ±inf would poison the sum for good
             raise _bad_value(self._metric, value)
+        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus "le").
+        i = bisect_left(self._bounds, value)
         try:
             shard = self._local.shard
         except AttributeError:
@@ -259,6 +306,7 @@ class Metric:
         with self._lock:
             child = self._children.get(key)
             if child is None:
+                self._check_key(key)
                 if len(self._children) >= self.max_series:
                     shown = dict(zip(self.label_names, key))
                     raise CardinalityError(
@@ -270,6 +318,24 @@ class Metric:
                     )
                 child = self._children[key] = self._new(key)
             return child
+
+    def _check_key(self, key: tuple[str, ...]) -> None:
+        """Every label value must be exportable (checked once, when a label set is first seen)."""
+        for label, value in zip(self.label_names, key):
+            why = bad_label_value(self.name, label, value)
+            if why is not None:
+                raise ConfigError(why)
+
+    def _child_merged(self, key: tuple[str, ...]) -> Any:
+        """The series for ``key``, created without the max_series check: a merge validated the
+        whole delta against the limit before applying any of it, so applying cannot fail."""
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self._new(key)
+        return child
 
     def labels(self, *values: object, **kw: object) -> Any:
         """The series for one set of label values, by position or by name."""

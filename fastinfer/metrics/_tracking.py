@@ -8,6 +8,7 @@ primitive's field names.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
@@ -17,7 +18,7 @@ from fastinfer._common.export import SUBUNITS, Export, export_of
 from fastinfer.errors import ConfigError
 from fastinfer.metrics._names import Kind, validate_labels, validate_name
 from fastinfer.metrics._registry import MetricRegistry
-from fastinfer.metrics._series import Metric
+from fastinfer.metrics._series import Metric, bad_label_value
 from fastinfer.metrics._standard import STANDARD_METRICS
 
 __all__ = ["Tracking", "declared_export"]
@@ -100,6 +101,10 @@ class Tracking(MetricRegistry):
             standard=standard,
         )
         validate_labels(prefix or "track", tuple(t.labels), kind="gauge")
+        for label, value in t.labels.items():
+            why = bad_label_value(prefix or "track", label, value)
+            if why is not None:
+                raise ConfigError(why)
         plan = self._track_plan(t, stats)
         mine = {(n, k) for n, _, k, _ in plan}
         for other in self._tracked:
@@ -158,6 +163,8 @@ class Tracking(MetricRegistry):
                 if std is not None and std.kind != kind:
                     continue  # e.g. compile_seconds: the standard histogram is fed by callbacks
             for lab, v in items:
+                if not math.isfinite(v):
+                    continue  # NaN or inf right now (an idle rate): the metric keeps its last value
                 key = tuple(sorted({**t.labels, **extra, **lab}.items()))
                 plan.append((mname, kind, key, v))
         return plan
