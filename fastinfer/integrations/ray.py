@@ -60,7 +60,7 @@ from fastinfer._common.export import gauge, not_exported
 from fastinfer._optional import require
 from fastinfer.batching import DynamicBatcher
 from fastinfer.compiling import CompiledModel, InductorCache, compile_model
-from fastinfer.errors import ConfigError
+from fastinfer.errors import CardinalityError, ConfigError
 from fastinfer.metrics import MetricsRecorder, MetricsSnapshot, standard_metrics
 from fastinfer.pool import CorePlan, ThreadSettings, configure_threads
 
@@ -188,7 +188,14 @@ class _Aggregator:
         standard_metrics(self.recorder)
 
     def merge(self, delta: MetricsSnapshot, worker: str) -> bool:
-        return self.recorder.merge(delta, worker=worker)
+        """Merge one replica's delta; a delta the recorder refuses (over ``max_series``, or
+        malformed) is dropped whole, logged and counted in ``statistics().deltas_refused``, so
+        the replica does not resend it forever."""
+        try:
+            return self.recorder.merge(delta, worker=worker)
+        except (CardinalityError, ConfigError) as exc:
+            logger.error("metrics delta from %s refused and dropped: %s", worker, exc)
+            return False
 
     def forget(self, worker: str) -> None:
         self.recorder.forget_worker(worker)
