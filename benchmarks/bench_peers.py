@@ -424,12 +424,22 @@ def run_stack(
             return res
         res.startup_seconds = time.perf_counter() - t0
         res.answers = _check_answers(url, *probes)
+
+        def drain() -> None:
+            # wrk stops with requests in flight, and a server that does not cancel them works
+            # on; one request queued behind them returns once it is through, so every point
+            # starts from an idle server
+            _post(url, probes[0][0], timeout=120)
+
         try:
             for conc in plan.connections:
                 load.run_wrk(url, script, connections=conc, seconds=plan.warmup_seconds)
+                drain()
                 res.points.append(load.run_wrk(url, script, connections=conc, seconds=plan.seconds))
+                drain()
             for rate in plan.rates:
                 res.points.append(load.run_open(url, bodies, rate=rate, seconds=plan.seconds))
+                drain()
         except Exception as exc:
             res.status, res.reason = "failed", f"{type(exc).__name__}: {exc}; log: {_tail(log)}"
         if proc.poll() is not None and res.status == "ok":
@@ -447,7 +457,8 @@ def _ms(s: float) -> str:
 def _cell(p: load.PointResult | None) -> str:
     if p is None:
         return "-"
-    return f"{p.rps:.0f} ({_ms(p.p50_s)}/{_ms(p.p99_s)})"
+    few = f" n={p.ok}" if p.ok < 50 else ""  # a percentile from a handful of answers
+    return f"{p.rps:.0f} ({_ms(p.p50_s)}/{_ms(p.p99_s)}){few}"
 
 
 def model_table(results: Sequence[StackResult], plan: Plan) -> str:
