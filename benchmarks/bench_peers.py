@@ -429,7 +429,10 @@ def run_stack(
             # wrk stops with requests in flight, and a server that does not cancel them works
             # on; one request queued behind them returns once it is through, so every point
             # starts from an idle server
-            _post(url, probes[0][0], timeout=120)
+            try:
+                _post(url, probes[0][0], timeout=120)
+            except OSError:
+                pass  # a server that cannot drain shows it in the next point's figures
 
         try:
             for conc in plan.connections:
@@ -490,14 +493,17 @@ def add_targets(bench: Bench, spec: common.ModelSpec, results: Sequence[StackRes
     fast = by.get(TARGET_STACK)
     m = spec.name
     for conc in (32, 64):
-        rows = {r.stack: r.point("closed", conc) for r in by.values()}
-        for name, p in rows.items():
-            if p is not None:
-                best = max((q.rps for s, q in rows.items() if q and STACKS[s].peer), default=0)
-                ratio = p.rps / best if best else None
-                bench.add_value(f"{m} c={conc}", f"{name} req/s", p.rps, unit="req/s", ratio=ratio)
+        rows: dict[str, load.PointResult] = {}
+        for r in by.values():
+            p = r.point("closed", conc)
+            if p is not None and p.ok and p.p99_s > 0:  # answers came back and were timed
+                rows[r.stack] = p
+        peer_points = [q for s, q in rows.items() if STACKS[s].peer]
+        best_rps = max((q.rps for q in peer_points), default=0.0)
+        for name, p in rows.items():  # ratio: of the strongest peer's req/s
+            ratio = p.rps / best_rps if best_rps else None
+            bench.add_value(f"{m} c={conc}", f"{name} req/s", p.rps, unit="req/s", ratio=ratio)
         fp = rows.get(TARGET_STACK)
-        peer_points = [q for s, q in rows.items() if q and STACKS[s].peer]
         if fast is None or fp is None or not peer_points:
             continue
         best = max(peer_points, key=lambda q: q.rps)
@@ -518,7 +524,7 @@ def add_targets(bench: Bench, spec: common.ModelSpec, results: Sequence[StackRes
     plain = by.get("plain")
     if fast and plain:
         fp, pp = fast.point("closed", 1), plain.point("closed", 1)
-        if fp and pp:
+        if fp and pp and fp.ok and pp.ok:
             bench.add_value(
                 f"{m} c=1", f"{TARGET_STACK} p50 / plain p50", fp.p50_s / pp.p50_s,
                 unit="x", target=("<=", 1.0),

@@ -1,6 +1,7 @@
 """benchmarks/bench_peers.py's parts that need no peer: wrk's script and output, the table."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def test_parse_wrk_counts_non_200_errors_and_latency() -> None:
     assert (p.ok, p.non_200, p.errors) == (587, 10, 6)  # errors: read + timeout + malformed
     assert p.rps == pytest.approx(587 / 3.0)
     assert (p.p50_s, p.p99_s) == (0.035, 0.25)
+
+
+def test_parse_wrk_with_no_answer_has_no_latency() -> None:
+    empty = WRK_OUT.replace('"requests": 600', '"requests": 0').replace(
+        '"status": 10', '"status": 0'
+    )
+    p = load.parse_wrk(empty, 64)
+    assert (p.ok, p.rps) == (0, 0.0)
+    assert math.isnan(p.p50_s) and math.isnan(p.p99_s)
 
 
 def test_parse_wrk_without_summary_line_fails_loudly() -> None:

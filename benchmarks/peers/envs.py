@@ -32,6 +32,14 @@ REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "ray": (*BASE, "ray[serve]==2.60.0"),
 }
 
+# Programs a peer needs beyond its venv, and how to get them here (Debian's packages).
+PROGRAMS: dict[str, tuple[str, str]] = {
+    "torchserve": (
+        "java",
+        "TorchServe's front end needs Java 11+: apt-get install -y openjdk-17-jre-headless",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class PeerEnv:
@@ -51,14 +59,18 @@ class PeerEnv:
 
 
 def _tail(text: str, lines: int = 6) -> str:
-    kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-lines:]
-    return " | ".join(kept)
+    """pip's ERROR lines when it printed some, else its last lines."""
+    kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in kept if ln.startswith("ERROR")]
+    return " | ".join((errors or kept)[-lines:])
 
 
 def ensure(name: str, *, log: bool = True) -> PeerEnv:
     """Create (or reuse) the venv for peer ``name`` and install its requirements into it."""
     reqs = REQUIREMENTS[name]
     root = PEERS_DIR / name
+    if name in PROGRAMS and shutil.which(PROGRAMS[name][0]) is None:
+        return PeerEnv(name, root, None, f"no `{PROGRAMS[name][0]}` on PATH: {PROGRAMS[name][1]}")
     python = root / "bin" / "python"
     stamp = root / ".installed"
     wanted = "\n".join(reqs) + "\n"

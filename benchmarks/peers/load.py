@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -106,6 +107,8 @@ def parse_wrk(stdout: str, connections: int) -> PointResult:
     seconds = d["duration_us"] / 1e6
     errors = d["connect"] + d["read"] + d["write"] + d["timeout"] + d["malformed"]
     ok = max(0, d["requests"] - d["status"] - d["malformed"])
+    # wrk reports 0 µs percentiles when nothing came back: no latency was measured
+    p50, p99 = (d["p50_us"] / 1e6, d["p99_us"] / 1e6) if d["requests"] else (math.nan, math.nan)
     return PointResult(
         "closed",
         connections,
@@ -115,8 +118,8 @@ def parse_wrk(stdout: str, connections: int) -> PointResult:
         d["status"],
         errors,
         ok / seconds if seconds else 0.0,
-        d["p50_us"] / 1e6,
-        d["p99_us"] / 1e6,
+        p50,
+        p99,
         detail=d,
     )
 

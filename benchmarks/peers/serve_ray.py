@@ -72,7 +72,7 @@ def main() -> None:
         logging_config={"log_level": "WARNING", "enable_access_log": False},
     )
     serve.run(
-        Classifier.bind(args.model, str(args.checkpoint.resolve())),
+        Classifier.bind(args.model, str(args.checkpoint.resolve())),  # type: ignore[attr-defined]
         name="classifier",
         route_prefix="/predict",
     )

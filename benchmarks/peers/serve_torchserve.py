@@ -9,8 +9,10 @@ server-side batching with ``batchSize: 32`` and ``maxBatchDelay: 5`` (ms) in the
 threads are left at torch's default, or ``OMP_NUM_THREADS=1`` in the second configuration (the
 guide's advice for several workers on a CPU: workers x threads should not exceed the cores). Core
 pinning through ``cpu_launcher_enable`` is not used: it needs Intel's launcher setup, which the
-guide presents as an Intel-CPU extra. Token authorisation is off (localhost only); config
-snapshots off (``--ncs``).
+guide presents as an Intel-CPU extra. ``async_logging=true`` (the logging docs' advice for a
+lightweight model at high throughput). Token authorisation is off (localhost only); config
+snapshots off (``--ncs``); the job queue keeps its default (100: beyond it TorchServe answers
+503).
 
     python benchmarks/peers/serve_torchserve.py --model bert-mini --checkpoint CKPT --port 8080 --workdir DIR
 """
@@ -76,6 +78,9 @@ def main() -> None:
         "disable_token_authorization=true\n"
         "enable_envvars_config=false\n"
         "install_py_dep_per_model=false\n"
+        # docs/logging.md, "Enable asynchronous logging": for a lightweight model and high
+        # throughput (every request writes access and metrics lines)
+        "async_logging=true\n"
         f"default_workers_per_model={WORKERS}\n"
     )
     env = dict(os.environ)

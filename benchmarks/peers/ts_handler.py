@@ -34,6 +34,8 @@ class ClassifierHandler(BaseHandler):  # TorchServe wants exactly one class in t
         texts = []
         for row in data:
             body = row.get("body") or row.get("data")
+            if body is None:
+                raise ValueError(f"a request without a body: {sorted(row)}")
             if isinstance(body, (bytes, bytearray)):
                 body = json.loads(body)
             texts.append(body["text"])
