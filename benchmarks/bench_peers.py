@@ -79,7 +79,8 @@ class Shape:
     threads: int | None = None  # None: torch's default (one per physical core)
 
     def describe(self) -> str:
-        threads = "default threads" if self.threads is None else f"{self.threads} thread"
+        n = self.threads
+        threads = "default threads" if n is None else f"{n} thread" + ("s" if n > 1 else "")
         slots = f" x {self.slots} slots" if self.slots > 1 else ""
         return f"{self.processes} proc{slots} x {threads}"
 
