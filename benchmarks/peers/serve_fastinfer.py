@@ -15,6 +15,8 @@ for the ceiling measured with the same shape).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +43,27 @@ def serving_shape(variant: str) -> dict[str, Any]:
     return {"processes": 1, "slots": 1, "threads": None, "env": {}}
 
 
-def prepare_model(variant: str, spec: common.ModelSpec, checkpoint: str | Path) -> Any:
-    """Load the model as the service does and, for ``full``, swap its attention."""
+def prepare_model(
+    variant: str,
+    spec: common.ModelSpec,
+    checkpoint: str | Path,
+    *,
+    phase: Callable[[str], AbstractContextManager[Any]] = lambda name: nullcontext(),
+) -> Any:
+    """The model as the service runs it: loaded, and for ``full`` attention-swapped.
+
+    The service passes ``phase=svc.phase`` (so /readyz shows each step); the offline ceiling
+    calls it as it is, so both always run the same model."""
     import fastinfer
 
-    model = fastinfer.load_model(spec.factory, checkpoint)
+    with phase("load"):
+        model = fastinfer.load_model(spec.factory, checkpoint)
     if variant == "full":
-        enc = spec.tokenizer()(spec.texts(8, seed=1))
-        fastinfer.swap_attention_(model, example_inputs=(enc["input_ids"], enc["attention_mask"]))
+        with phase("swap_attention"):
+            enc = spec.tokenizer()(spec.texts(8, seed=1))
+            fastinfer.swap_attention_(
+                model, example_inputs=(enc["input_ids"], enc["attention_mask"])
+            )
     return model
 
 
@@ -62,14 +77,7 @@ def fastinfer_app(variant: str, spec: common.ModelSpec, checkpoint: str | Path) 
 
     @svc.setup  # in the background: /readyz says 503 until it is done
     def build(svc: FastInferService) -> None:
-        with svc.phase("load"):
-            model = fastinfer.load_model(spec.factory, checkpoint)
-        if variant == "full":
-            with svc.phase("swap_attention"):
-                enc = tok(spec.texts(8, seed=1))
-                fastinfer.swap_attention_(
-                    model, example_inputs=(enc["input_ids"], enc["attention_mask"])
-                )
+        model = prepare_model(variant, spec, checkpoint, phase=svc.phase)
 
         def classify(texts: list[str]) -> list[dict[str, Any]]:
             enc = tok(texts)
