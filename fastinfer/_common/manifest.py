@@ -31,6 +31,7 @@ from fastinfer import _env, _torch_compat
 __all__ = [
     "FORMAT",
     "compiler_path",
+    "compiler_version",
     "environment_manifest",
     "manifest_diff",
     "mismatch_message",
@@ -60,7 +61,7 @@ def compiler_path() -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiler_version(path: str) -> str:
+def compiler_version(path: str) -> str:
     try:
         out = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=30, check=False
@@ -112,7 +113,7 @@ def environment_manifest(*, tag: str | None = None, compiler: bool = True) -> di
     }
     if compiler:
         cxx = compiler_path()
-        doc["compiler"] = _compiler_version(cxx) if cxx else None
+        doc["compiler"] = compiler_version(cxx) if cxx else None
     doc.update(gpu)
     if compiler:
         doc["inductor"] = _inductor_settings()
