@@ -33,6 +33,7 @@ __all__ = [
     "EXPORTER_VERSION",
     "BertShape",
     "TensorsOnly",
+    "arg_names",
     "bert_shape",
     "dynamic_axes",
     "export_onnx",
@@ -47,7 +48,7 @@ _BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "disti
 BertShape = tuple[int, int]  # (num_heads, hidden_size)
 
 
-def _arg_names(model: Any, n: int) -> list[str]:
+def arg_names(model: Any, n: int) -> list[str]:
     try:
         params = list(
             inspect.signature(
@@ -64,7 +65,7 @@ def named_tensors(
     model: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> list[tuple[str, torch.Tensor]]:
     """The example's tensors with the names the graph gives them (forward's parameter names)."""
-    names = _arg_names(model, len(args))
+    names = arg_names(model, len(args))
     out = [(n, a) for n, a in zip(names, args) if isinstance(a, torch.Tensor)]
     out += [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return out

@@ -40,6 +40,7 @@ from fastinfer.compiling._compile import CompiledModel, new_stats
 from fastinfer.compiling._inputs import inputs_for, split
 from fastinfer.compiling._onnx import (
     EXPORTER_VERSION,
+    arg_names,
     bert_shape,
     dynamic_axes,
     export_onnx,
@@ -74,11 +75,11 @@ class RuntimeModel:
     ) -> None:
         self._run = run
         self._inputs = input_names
-        self._arg_names = arg_names
+        self.arg_names = arg_names
         self._lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        named = dict(zip(self._arg_names, args))
+        named = dict(zip(self.arg_names, args))
         named.update(kwargs)
         feed = {}
         for n in self._inputs:
@@ -107,13 +108,11 @@ class _Export:
         args, kwargs = inputs_for(ctx.example_inputs, max(ctx.sizes))
         named = named_tensors(ctx.model, args, kwargs)
         axes = dynamic_axes(named)
-        from fastinfer.compiling._onnx import _arg_names
-
         return cls(
             args,
             kwargs,
             named,
-            _arg_names(ctx.model, len(args)),
+            arg_names(ctx.model, len(args)),
             any(1 in ax for ax in axes.values()),
         )
 
