@@ -113,17 +113,12 @@ def logits(out: Any) -> torch.Tensor:
 
 
 def runtime(name: str, model: Any, inputs: dict[str, torch.Tensor], cache: Path) -> Any:
-    """select_backend's builder for ``name`` (ONNX Runtime with its fusions, or OpenVINO)."""
-    from fastinfer.compiling._build import BuildContext
-    from fastinfer.compiling._builders import BUILDERS
+    """select_backend's candidate ``name`` built for serving (ONNX Runtime with its fusions, or
+    OpenVINO), its export cached under ``cache``."""
+    from fastinfer.compiling import build_backend
 
     batch = int(inputs["input_ids"].shape[0])
-    ctx = BuildContext(model, inputs, (batch,), None, cache, False, (), artifacts=cache)
-    skip = BUILDERS[name].skip(ctx)
-    if skip:
-        raise RuntimeError(skip)
-    fn, _ = BUILDERS[name].build(ctx)
-    return fn
+    return build_backend(name, model, inputs, batch_sizes=(batch,), cache_dir=cache)
 
 
 def run_case(

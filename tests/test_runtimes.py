@@ -14,7 +14,7 @@ import torch
 
 import fastinfer
 from fastinfer import testing
-from fastinfer.compiling import RuntimeModel, select_backend
+from fastinfer.compiling import RuntimeModel, build_backend, select_backend
 from fastinfer.errors import MissingDependencyError
 
 ort = pytest.importorskip("onnxruntime", reason="needs the onnx extra")
@@ -54,13 +54,10 @@ def test_onnxruntime_with_transformer_fusions_is_verified_timed_and_cached(tmp_p
     manifest = json.loads(next((tmp_path / "artifacts").glob("onnx-*/manifest.json")).read_text())
     assert {"environment", "model", "weights", "inputs"} <= set(manifest)
 
-    # The built runtime (from the artefact cache now) serves other batch sizes and lengths.
-    from fastinfer.compiling._build import BuildContext
-    from fastinfer.compiling._builders import BUILDERS
-
-    ctx = BuildContext(model, inputs, (1, 4), None, tmp_path, False, (), artifacts=tmp_path)
-    served, _ = BUILDERS["onnxruntime"].build(ctx)
-    assert "cached artefact" in ctx.notes
+    # Built for serving (from the artefact cache now), it serves other batch sizes and lengths.
+    served = build_backend("onnxruntime", model, inputs, batch_sizes=(1, 4), cache_dir=tmp_path)
+    assert served.statistics().backend == "onnxruntime"
+    assert len(list((tmp_path / "artifacts").iterdir())) == 2  # nothing exported again
     other = _bert_inputs(batch=3, seq=11, padding=0.3)
     got = served(**other)
     with torch.inference_mode():
@@ -128,6 +125,15 @@ def test_runtime_model_maps_positional_and_keyword_tensors() -> None:
     assert torch.equal(out, torch.full((2,), 2.0))
     with pytest.raises(fastinfer.CompileError, match="needs the tensor input 'b'"):
         m(torch.ones(2))
+
+
+def test_build_backend_says_why_a_backend_cannot_be_built_here() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only message")
+    with pytest.raises(
+        fastinfer.ConfigError, match=r"'reduce-overhead' cannot be built here.*CUDA"
+    ):
+        build_backend("reduce-overhead", testing.tiny_mlp(), torch.randn(2, 32))
 
 
 def test_a_missing_runtime_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:

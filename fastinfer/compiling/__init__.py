@@ -23,7 +23,7 @@ diagnosis), ``_inputs`` (resizing example inputs to each batch size).
 """
 
 from fastinfer.compiling._aot import export_aot, load_aot
-from fastinfer.compiling._builders import BUILDERS
+from fastinfer.compiling._builders import BUILDERS, build_backend
 from fastinfer.compiling._cache import MANIFEST, CacheStatistics, InductorCache
 from fastinfer.compiling._compile import CompiledModel, CompileStatistics, compile_model
 from fastinfer.compiling._inputs import inputs_for
@@ -49,6 +49,7 @@ __all__ = [
     "CompiledModel",
     "InductorCache",
     "RuntimeModel",
+    "build_backend",
     "compile_model",
     "environment_manifest",
     "export_aot",

@@ -8,8 +8,11 @@ tried as a dynamo backend. ONNX Runtime and OpenVINO builders live in :mod:`._ru
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,13 +20,22 @@ from torch import nn
 
 from fastinfer.compiling._aot import export_aot, load_aot
 from fastinfer.compiling._build import BuildContext, Builder
+from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._compile import compile_model
 from fastinfer.compiling._manifest import compiler_path
 from fastinfer.compiling._runtimes import OnnxRuntimeBuilder, OpenVinoBuilder
 from fastinfer.compiling._verify import NO_COMPILER, OPAQUE_FIX
-from fastinfer.errors import CompileError
+from fastinfer.errors import CompileError, ConfigError
 
-__all__ = ["BUILDERS", "BuildContext", "Builder", "DynamoBuilder", "GivenBuilder", "builder_for"]
+__all__ = [
+    "BUILDERS",
+    "BuildContext",
+    "Builder",
+    "DynamoBuilder",
+    "GivenBuilder",
+    "build_backend",
+    "builder_for",
+]
 
 
 class _Eager(Builder):
@@ -147,3 +159,45 @@ def builder_for(spec: Any) -> Builder:
     if not isinstance(spec, str):
         return GivenBuilder(spec)
     return BUILDERS.get(spec) or DynamoBuilder(spec)
+
+
+def build_backend(
+    name: str,
+    model: Callable[..., Any],
+    example_inputs: Any,
+    *,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache: InductorCache | None = None,
+) -> Any:
+    """Build the candidate ``name`` (a :data:`BUILDERS` name) for serving, without measuring it:
+    the winner of a cached :func:`select_backend` decision, for instance. Runtime artefacts come
+    from ``cache_dir`` (default ``$FASTINFER_CACHE_DIR``) when they were exported before.
+
+    Raises :class:`ConfigError` (with the reason) when the candidate cannot run here.
+    """
+    from fastinfer import _env
+    from fastinfer.compiling._inputs import check_batch_sizes, inputs_for, tensors
+    from fastinfer.compiling._verify import opaque_ops
+
+    sizes = check_batch_sizes(batch_sizes)
+    root = cache_dir if cache_dir is not None else _env.get("FASTINFER_CACHE_DIR")
+    args, kwargs = inputs_for(example_inputs, sizes[-1])
+    on_gpu = any(t.is_cuda for t in tensors(args, kwargs))
+    _, opaque = opaque_ops(model, args, kwargs)
+    with tempfile.TemporaryDirectory(prefix="fastinfer-build-") as tmp:
+        ctx = BuildContext(
+            model,
+            example_inputs,
+            sizes,
+            cache,
+            Path(tmp),
+            on_gpu,
+            opaque,
+            artifacts=Path(root).expanduser() if root else None,
+        )
+        builder = builder_for(name)
+        why = builder.skip(ctx)
+        if why:
+            raise ConfigError(f"backend {name!r} cannot be built here: {why}")
+        return builder.build(ctx)[1]
