@@ -144,7 +144,7 @@ def test_a_decision_is_reused_by_structure_and_shape_class_without_timing(
     other = testing.bert_like_classifier(d_model=32, dim_feedforward=64)
     ids, mask = testing.text_batch(4, 16, padding=0.0)
     fresh = fastinfer.swap_attention_(
-        other, example_inputs=(ids, mask), cache_dir=tmp_path, repeat=1
+        other, example_inputs=(ids, mask), cache_dir=tmp_path, repeat=1, budget_seconds=None
     )
     assert not fresh.from_cache
     assert len(list((tmp_path / "decisions").glob("attention-*.json"))) == 2
@@ -190,7 +190,7 @@ from fastinfer import testing
 model = testing.bert_like_classifier(d_model=32, dim_feedforward=64)
 ids, mask = testing.text_batch(4, 16, padding=0.5)
 r = fastinfer.swap_attention_(model, example_inputs=(ids, mask), cache_dir={str(tmp_path)!r},
-                              repeat=1)
+                              repeat=1, budget_seconds=None)
 print(json.dumps({{"chosen": r.chosen, "from_cache": r.from_cache}}))
 """
     first = json.loads(run_python(code).stdout.strip().splitlines()[-1])

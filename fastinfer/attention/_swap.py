@@ -180,7 +180,8 @@ def swap_attention_(
                 sample = check_inputs(model, example_inputs)
                 results = {p.name: p for p in cached["paths"]}
                 notes += [n for n in cached["notes"] if n not in notes]
-                measured_on = tuple(cached["measured_on"]) if cached["measured_on"] else None  # type: ignore[assignment]
+                on = cached["measured_on"]
+                measured_on = (int(on[0]), int(on[1])) if on else None
                 verified = True if verify and chosen != ORIGINAL else None
         if cached is None:
             sample, measured_on = representative(model, example_inputs, sample_rows)

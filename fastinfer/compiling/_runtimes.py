@@ -186,8 +186,9 @@ def _runtime_skip(ctx: BuildContext, module: str, extra: str, what: str) -> str:
         return f"{what} needs an nn.Module to export to ONNX"
     if ctx.on_gpu:
         return f"fastinfer runs {what} on the CPU; the inputs are on the GPU"
-    if not split(ctx.example_inputs)[0] and not split(ctx.example_inputs)[1]:
-        return "no inputs to export with"
+    args, kwargs = split(ctx.example_inputs)
+    if not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+        return "no tensor inputs to export with"
     return ""
 
 
