@@ -33,7 +33,7 @@ TORCH_PIN = "torch==2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 EXTRAS = {
     "demo": ["demo"],
-    "test": ["dev", "demo", "serve", "transformers", "plot", "docs", "ray"],
+    "test": ["dev", "demo", "serve", "transformers", "plot", "docs", "ray", "onnx", "openvino"],
     "docs": ["docs"],
     "lint": ["dev"],
 }

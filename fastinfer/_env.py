@@ -12,7 +12,7 @@ import os
 VARIABLES: dict[str, str] = {
     "FASTINFER_PROFILE": "profile every fastinfer.profile() block (and the served model) and write traces",
     "FASTINFER_PROFILE_DIR": "folder for profiler traces (default ./fastinfer-traces)",
-    "FASTINFER_CACHE_DIR": "persistent folder for Inductor compile caches and backend decisions",
+    "FASTINFER_CACHE_DIR": "persistent folder for Inductor compile caches, backend and attention decisions, exported artefacts",
     "FASTINFER_PROGRESS": "force progress bars on (1) or off (0); default: only on a terminal",
     # Read (never set) by fastinfer.inductor_cache, because they change what inductor compiles:
     "ATEN_CPU_CAPABILITY": "torch's CPU ISA override (avx2, avx512, default); recorded in compile-cache manifests",

@@ -23,6 +23,11 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "tqdm.auto": ("tqdm", "safetensors"),
     "matplotlib": ("matplotlib", "plot"),
     "matplotlib.pyplot": ("matplotlib", "plot"),
+    "onnx": ("onnx", "onnx"),
+    "onnxruntime": ("onnxruntime", "onnx"),
+    "onnxruntime.transformers": ("onnxruntime", "onnx"),
+    "onnxscript": ("onnxscript", "onnx"),
+    "openvino": ("openvino", "openvino"),
     "ray": ("ray[serve]", "ray"),
     "ray.serve": ("ray[serve]", "ray"),
 }

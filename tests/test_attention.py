@@ -970,7 +970,9 @@ def test_choice_by_measurement_keeps_the_fastest(replacement_cost: float, expect
     model = _my_model()
     model.attn = Slow()
     x = torch.randn(2, 6, 16)
-    report = fastinfer.swap_attention_(model, example_inputs=(x,), repeat=3, clock=clock)
+    report = fastinfer.swap_attention_(
+        model, example_inputs=(x,), repeat=3, clock=clock, budget_seconds=None
+    )
     assert report.chosen == expected
     assert report.path("original").latency_seconds == 5.0
     assert report.path("registered").latency_seconds == replacement_cost

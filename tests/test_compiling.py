@@ -83,6 +83,7 @@ def test_inductor_compile_warms_every_batch_size_then_never_compiles(warm: dict[
     # Batch 1 gets its own graph; 4 and 8 share one graph with a dynamic batch dimension.
     assert (s.graphs, s.recompiles) == (2, 1)
     assert s.backend == "inductor" and s.fallback is None and s.warmed_batch_sizes == SIZES
+    assert s.freezing == "on"  # CPU inference: weights frozen, and still FX-graph cacheable
     assert s.compile_seconds > 0 and 0 <= s.max_error < 1e-4
     assert s.cache_misses >= 2 and s.cache_hits == 0
     assert warm["cache"].statistics().cache_misses == s.cache_misses
@@ -231,6 +232,35 @@ def test_a_failing_backend_raises_compile_error_or_falls_back_when_asked(
     torch.testing.assert_close(models[1](_x()), ft.tiny_mlp()(_x()))
 
 
+def test_freezing_applies_to_inductor_on_cpu_and_is_recorded() -> None:
+    from fastinfer.compiling._freezing import freezing_mode
+
+    assert freezing_mode("auto", "inductor", True, None) == "on"
+    assert freezing_mode("auto", "inductor", False, None) == "off"  # GPU: torch's default
+    assert freezing_mode("auto", "inductor", True, {"freezing": False}) == "off"  # caller's say
+    assert freezing_mode("prepack", "inductor", True, None) == "prepack"
+    assert freezing_mode("auto", "eager", True, None) == "off"
+    compiled = compile_model(ft.tiny_mlp(), _x(), backend="eager", batch_sizes=(4,))
+    assert compiled.statistics().freezing == "off"
+    with pytest.raises(ConfigError, match="freezing='prepack' needs the inductor backend"):
+        compile_model(ft.tiny_mlp(), _x(), backend="eager", freezing="prepack")
+    with pytest.raises(ConfigError, match="freezing must be one of"):
+        compile_model(ft.tiny_mlp(), _x(), freezing="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_freezing_with_prepacked_weights_is_verified(
+    tmp_path: Path,
+) -> None:
+    model = ft.tiny_mlp()
+    with InductorCache(tmp_path) as cache:
+        compiled = compile_model(model, _x(), batch_sizes=(4,), cache=cache, freezing="prepack")
+    s = compiled.statistics()
+    assert s.freezing == "prepack" and s.max_error < 1e-4 and s.cache_hits == 0
+    x = _x(4)  # made outside inference_mode, as the warm-up inputs were
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="batch_sizes"):
         compile_model(ft.tiny_mlp(), _x(), backend="eager", batch_sizes=(0, 4))
@@ -313,8 +343,11 @@ def test_pick_winner_needs_the_margin_and_never_picks_slower_than_eager() -> Non
 
 
 def test_select_backend_skips_with_reasons_rejects_wrong_and_caches_the_decision(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from fastinfer.compiling import _runtimes
+
+    monkeypatch.setattr(_runtimes, "available", lambda module: module != "onnxruntime")
     model = ft.tiny_mlp()
     calls = {"slow": 0}
 
@@ -330,7 +363,7 @@ def test_select_backend_skips_with_reasons_rejects_wrong_and_caches_the_decision
     candidates = [
         "eager",
         "reduce-overhead",
-        "onnxrt",
+        "onnxruntime",
         "nonsense",
         ("slow", slow),
         ("wrong", wrong),
@@ -341,17 +374,19 @@ def test_select_backend_skips_with_reasons_rejects_wrong_and_caches_the_decision
     assert report.winner == "eager" and not report.from_cache
     assert "CUDA" in report.result("reduce-overhead").reason
     assert report.result("reduce-overhead").status == "skipped"
-    assert "onnxruntime is not installed" in report.result("onnxrt").reason
+    ort = report.result("onnxruntime")
+    assert ort.status == "skipped" and ort.reason == "not installed (pip install 'fastinfer[onnx]')"
     assert "unknown backend 'nonsense'" in report.result("nonsense").reason
     assert report.result("wrong").status == "rejected"
     slow_r = report.result("slow")
     assert slow_r.status == "ok" and set(slow_r.latency_seconds) == {1, 8}
     assert slow_r.geomean_speedup < 1.0
     table = str(report)
-    assert "winner: eager" in table and "bs=8" in table
+    assert "winner: eager" in table and "bs=8" in table and "selection: " in table
     doc = json.loads(report.to_json())
     assert doc["winner"] == "eager" and len(doc["results"]) == 6
     assert report.compile_kwargs() == {}
+    assert report.selection_seconds > 0 and report.budget_seconds == 10.0
 
     seen = calls["slow"]
     again = select_backend(
@@ -359,12 +394,61 @@ def test_select_backend_skips_with_reasons_rejects_wrong_and_caches_the_decision
     )
     assert again.from_cache and calls["slow"] == seen, "a restart re-benchmarked"
     assert again.to_dict()["results"] == doc["results"] and again.winner == "eager"
+    assert "from the decision cache" in str(again)
 
-    changed = ft.tiny_mlp(seed=5)  # other weights: another key
+    # Keyed by structure, not weights: a second worker that loaded other weights reuses it...
+    changed = ft.tiny_mlp(seed=5)
+    reused = select_backend(
+        changed, _x(), candidates=candidates, batch_sizes=(1, 8), repeat=3, cache_dir=tmp_path
+    )
+    assert reused.from_cache
+    # ...but other batch sizes, or another environment, are another decision.
     fresh = select_backend(
         changed, _x(), candidates=["eager"], batch_sizes=(1,), repeat=1, cache_dir=tmp_path
     )
     assert not fresh.from_cache
+    from fastinfer.compiling import _selector
+
+    real = _selector.environment_manifest
+    monkeypatch.setattr(
+        _selector, "environment_manifest", lambda **kw: {**real(**kw), "cpu_capability": "zvector"}
+    )
+    other_env = select_backend(
+        changed, _x(), candidates=["eager"], batch_sizes=(1,), repeat=1, cache_dir=tmp_path
+    )
+    assert not other_env.from_cache
+
+
+def test_select_backend_respects_its_budget_on_a_fake_clock(tmp_path: Path) -> None:
+    clock = ft.ManualClock()
+    model = ft.tiny_mlp()
+    model.register_forward_pre_hook(lambda m, a: clock.advance(0.1))  # eager: 0.1 s per call
+
+    def costs(seconds: float) -> Any:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            clock.advance(seconds)
+            return model(x)
+
+        return fn
+
+    report = select_backend(
+        model,
+        _x(),
+        candidates=["eager", ("fast", costs(0.01)), ("slow", costs(0.5)), "inductor"],
+        batch_sizes=(4,),
+        budget_seconds=5.0,
+        repeat=50,
+        clock=clock.time,
+        cache_dir=tmp_path,
+    )
+    assert 4.5 < clock.time() <= 5.0, "the selection ran past its budget (or stopped early)"
+    inductor = report.result("inductor")
+    assert inductor.status == "skipped" and inductor.reason.startswith("not built: building it")
+    assert report.result("slow").latency_seconds == {4: pytest.approx(0.6)}
+    assert any("slow dropped after 1 sample(s)" in n for n in report.notes)
+    assert report.result("fast").status == "ok" and report.selection_seconds <= 5.0
+    with pytest.raises(ConfigError, match="budget_seconds must be > 0"):
+        select_backend(model, _x(), candidates=["eager"], budget_seconds=0)
 
 
 def test_select_backend_skips_compiling_an_opaque_fused_model(tmp_path: Path) -> None:
@@ -388,6 +472,7 @@ def test_select_backend_measures_inductor_from_the_shared_cache(warm: dict[str, 
             batch_sizes=SIZES,
             repeat=3,
             cache=cache,
+            budget_seconds=None,
         )
     aot = report.result("aot")
     assert aot.status == "ok" and set(aot.speedup) == set(SIZES), aot.reason
@@ -493,6 +578,7 @@ def test_reduce_overhead_on_gpu_is_measured(tmp_path: Path) -> None:
             batch_sizes=(1, 8),
             repeat=3,
             cache=cache,
+            budget_seconds=None,
         )
     assert report.result("reduce-overhead").status == "ok", report.result("reduce-overhead")
     assert cache.statistics().active is False

@@ -8,6 +8,9 @@ percentile is read, which tolerance a dtype gets, how a file is published) has o
 - :mod:`.tolerances`: per-dtype ``(rtol, atol)`` for every "same as eager" check;
 - :mod:`.files`: atomic file writes (temp file in the same folder, renamed; removed on error);
 - :mod:`.tables`: plain-text tables for reports;
-- :mod:`.timing`: interleaved timing of alternatives;
-- :mod:`.export`: how a statistics field declares the metric it is exported as.
+- :mod:`.timing`: interleaved timing of alternatives, and a budgeted race with early elimination;
+- :mod:`.export`: how a statistics field declares the metric it is exported as;
+- :mod:`.manifest`: the environment a compiled artefact or a measured decision depends on (uses
+  the ``_env`` and ``_torch_compat`` leaves);
+- :mod:`.keys`: cache keys for decisions (a model's structure without its weights, shape classes).
 """

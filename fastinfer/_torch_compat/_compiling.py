@@ -145,6 +145,33 @@ def _probe_inductor_config() -> str:
     return "" if callable(getattr(utils, "clear_caches", None)) else "clear_caches is gone"
 
 
+def inductor_config_patch(changes: dict[str, Any]) -> Any:
+    """``torch._inductor.config.patch(changes)``: a context manager that sets inductor settings
+    (dotted names such as ``"cpp.weight_prepack"``) and restores them on exit."""
+    return inductor_config().patch(changes)
+
+
+@entry(
+    "inductor_config_patch",
+    "torch._inductor.config.patch({'freezing': ..., 'cpp.weight_prepack': ...})",
+    "compiling: compile_model turns freezing on (and weight prepacking off) during warm-up",
+    "2.5 - 2.13",
+)
+def _probe_inductor_config_patch() -> str:
+    cfg = inductor_config()
+    if not callable(getattr(cfg, "patch", None)):
+        return "torch._inductor.config.patch is gone"
+    if not hasattr(cfg, "freezing") or not hasattr(getattr(cfg, "cpp", None), "weight_prepack"):
+        return "config.freezing or config.cpp.weight_prepack is gone"
+    before = (cfg.freezing, cfg.cpp.weight_prepack)
+    with inductor_config_patch({"freezing": not before[0], "cpp.weight_prepack": not before[1]}):
+        inside = (cfg.freezing, cfg.cpp.weight_prepack)
+    after = (cfg.freezing, cfg.cpp.weight_prepack)
+    if inside != (not before[0], not before[1]) or after != before:
+        return f"patch did not set and restore the settings: {before} -> {inside} -> {after}"
+    return ""
+
+
 def inductor_cpu_vec_isa() -> Any:
     """``torch._inductor.cpu_vec_isa`` (None when it cannot be imported)."""
     try:

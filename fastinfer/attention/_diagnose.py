@@ -12,7 +12,7 @@ from torch import nn
 from fastinfer.attention import _why
 from fastinfer.attention._outputs import call
 
-__all__ = ["diagnose", "native_modules"]
+__all__ = ["diagnose", "diagnose_call", "native_modules"]
 
 
 def native_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -22,11 +22,28 @@ def native_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def diagnose(model: nn.Module, inputs: Any) -> tuple[tuple[str, str], ...]:
     """Run ``inputs`` once and record, per native module, the reason its fastpath is skipped."""
+    if inputs is None or not native_modules(model):
+        return diagnose_static(model)
+    try:
+        return diagnose_call(model, inputs)[0]
+    except Exception:
+        return ()  # the caller reports the bad inputs with a clear message
+
+
+def diagnose_static(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """The reasons that do not need a call (inputs that are not known)."""
+    found = native_modules(model)
+    return _diagnose_static(found) if found else ()
+
+
+def diagnose_call(model: nn.Module, inputs: Any) -> tuple[tuple[tuple[str, str], ...], Any]:
+    """Call the model once on ``inputs`` with the diagnosis hooks on: ``(reasons, output)``.
+
+    The call doubles as the reference call of a measurement; exceptions propagate.
+    """
     found = native_modules(model)
     if not found:
-        return ()
-    if inputs is None:
-        return _diagnose_static(found)
+        return (), call(model, inputs)
     results: dict[str, str] = {}
     handles = []
 
@@ -64,13 +81,11 @@ def diagnose(model: nn.Module, inputs: Any) -> tuple[tuple[str, str], ...]:
             continue  # a layer's own attention: the layer's fused kernel replaces it
         handles.append(mod.register_forward_pre_hook(make_hook(name, mod), with_kwargs=True))
     try:
-        call(model, inputs)
-    except Exception:
-        return ()  # _measure reports the bad inputs with a clear message
+        out = call(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    return tuple(results.items())
+    return tuple(results.items()), out
 
 
 def _diagnose_static(found: list[tuple[str, nn.Module]]) -> tuple[tuple[str, str], ...]:

@@ -1,30 +1,40 @@
-"""swap_attention_ itself: discover candidates, verify and time them, apply the winner, undo."""
+"""swap_attention_ itself: discover candidates, reuse or make a decision, apply the winner, undo."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
+import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
-from fastinfer._common.timing import interleaved_samples, median
+from fastinfer._common.manifest import environment_manifest
+from fastinfer.attention import _decisions
 from fastinfer.attention._candidate import Candidate
-from fastinfer.attention._diagnose import diagnose
+from fastinfer.attention._diagnose import diagnose, diagnose_static, native_modules
 from fastinfer.attention._discover import discover
-from fastinfer.attention._outputs import call, compare, output_tensors, sync, valid_mask
 from fastinfer.attention._profile import PaddingProfile, profile_inputs
+from fastinfer.attention._select import (
+    Measured,
+    check_inputs,
+    measure,
+    representative,
+    rule_choice,
+    verify_choice,
+)
 from fastinfer.attention._types import ORIGINAL, AttentionReport, PathResult
 from fastinfer.attention._undo import Undo
 from fastinfer.errors import AttentionSwapError, ConfigError
 
-__all__ = ["swap_attention_", "undo_attention_swap_"]
+__all__ = ["DEFAULT_BUDGET_SECONDS", "swap_attention_", "undo_attention_swap_"]
 
 logger = logging.getLogger("fastinfer.attention")
+
+#: The default time budget of one measured choice (seconds, on the injected clock).
+DEFAULT_BUDGET_SECONDS = 5.0
 
 _SWAPPED: weakref.WeakKeyDictionary[nn.Module, tuple[Undo, AttentionReport]] = (
     weakref.WeakKeyDictionary()
@@ -42,6 +52,10 @@ def swap_attention_(
     warmup: int = 1,
     rtol: float | None = None,
     atol: float | None = None,
+    budget_seconds: float | None = DEFAULT_BUDGET_SECONDS,
+    sample_rows: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    refresh: bool = False,
     clock: Callable[[], float] = time.perf_counter,
 ) -> AttentionReport:
     """Switch ``model`` in place to its fastest correct attention path; return what was done.
@@ -56,9 +70,20 @@ def swap_attention_(
         verify: compare with the original and undo the swap on mismatch (needs example inputs).
         padding_profile: ``(batch_size, seq_len, padding_fraction)`` to synthesise example inputs
             (Hugging Face models and bare ``nn.TransformerEncoder``).
-        repeat / warmup: timed and untimed calls per candidate (timing is interleaved; median).
+        repeat / warmup: interleaved timing rounds (paths still close after ``repeat`` rounds get
+            up to ``repeat`` more; clearly slower ones are dropped after each round) and untimed
+            calls per path.
         rtol / atol: override the shared per-dtype tolerances
             (:mod:`fastinfer._common.tolerances`), as in :func:`fastinfer.compile_model`.
+        budget_seconds: time allowed for measuring (default 5 s; None: unbounded). Paths that do
+            not fit are reported as not measured; a call is never started past the budget.
+        sample_rows: rows of the example to time on (default: about 512 tokens, at least 2, picked
+            to keep the example's padding profile); the batch size times the whole example.
+        cache_dir: where measured decisions are kept (``<cache_dir>/decisions``; default
+            ``$FASTINFER_CACHE_DIR``, none when unset). A decision is keyed by the model's
+            structure, the input's shape class and the environment; a hit applies the stored
+            choice without timing anything. ``refresh=True`` measures again.
+        clock: the clock timing and the budget read (tests inject a fake one).
 
     Without inputs the path is chosen by rule (hf:packed for BERT-family encoders, hf:sdpa for
     other HF models, torch:fastpath-nested for nn.TransformerEncoder, registered replacements).
@@ -67,6 +92,7 @@ def swap_attention_(
         AttentionSwapError: the model is already swapped, or a preferred path is unavailable.
         ConfigError: bad arguments.
     """
+    started = clock()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"swap_attention_ needs an nn.Module, got {type(model).__name__}")
     if model in _SWAPPED and _SWAPPED[model][1].chosen != ORIGINAL:
@@ -76,6 +102,8 @@ def swap_attention_(
         )
     if repeat < 1 or warmup < 0:
         raise ConfigError(f"repeat must be >= 1 and warmup >= 0, got {repeat}, {warmup}")
+    if budget_seconds is not None and not budget_seconds > 0:
+        raise ConfigError(f"budget_seconds must be > 0 or None, got {budget_seconds!r}")
     if padding_profile is not None:
         if example_inputs is not None:
             raise ConfigError("pass example_inputs or padding_profile, not both")
@@ -108,54 +136,108 @@ def swap_attention_(
             f"preferred path(s) {wanted} cannot run here: "
             + "; ".join(f"{n}: {results[n].reason}" for n in wanted)
         )
+    by_name = {c.name: c for c in cands}
 
-    fast_before = diagnose(model, example_inputs)
-    if example_inputs is not None:
-        chosen, results = _measure(
-            model,
-            example_inputs,
-            usable,
-            results,
-            verify,
-            repeat,
-            warmup,
-            rtol,
-            atol,
-            clock,
-            must_beat_original=not wanted,
-        )
-        measured = True
+    undo = Undo()
+    measured = example_inputs is not None
+    deadline = None if budget_seconds is None else started + budget_seconds
+    outcome: Measured | None = None
+    measured_on: tuple[int, int] | None = None
+    from_cache = False
+    verified: bool | None = None
+    reverted = False
+    sample = example_inputs
+    fast_before: tuple[tuple[str, str], ...] = ()
+    if measured:
+        folder = _decisions.decisions_dir(cache_dir) if usable else None
+        cached: dict[str, Any] | None = None
+        key, key_doc, manifest = "", dict[str, Any](), dict[str, Any]()
+        if folder is not None:
+            manifest = environment_manifest(compiler=False)
+            key, key_doc = _decisions.decision_key(
+                model,
+                example_inputs,
+                prefer=wanted,
+                verify=verify,
+                rtol=rtol,
+                atol=atol,
+                manifest=manifest,
+            )
+            if not refresh:
+                cached, refused = _decisions.load(folder, key, manifest)
+                if refused:
+                    notes.append(refused)
+        if cached is not None:
+            fast_before = diagnose(model, check_inputs(model, example_inputs))
+            chosen, undo, problem = _reuse(
+                model, example_inputs, cached, by_name, verify, rtol, atol
+            )
+            if problem:
+                notes.append(f"the cached decision ({cached['chosen']}) was not reused: {problem}")
+                cached = None
+            else:
+                from_cache = True
+                sample = check_inputs(model, example_inputs)
+                results = {p.name: p for p in cached["paths"]}
+                notes += [n for n in cached["notes"] if n not in notes]
+                on = cached["measured_on"]
+                measured_on = (int(on[0]), int(on[1])) if on else None
+                verified = True if verify and chosen != ORIGINAL else None
+        if cached is None:
+            sample, measured_on = representative(model, example_inputs, sample_rows)
+            outcome = measure(
+                model,
+                sample,
+                usable,
+                results,
+                verify=verify,
+                repeat=repeat,
+                warmup=warmup,
+                rtol=rtol,
+                atol=atol,
+                clock=clock,
+                deadline=deadline,
+                budget_seconds=budget_seconds,
+                must_beat_original=not wanted,
+            )
+            chosen, results = outcome.chosen, outcome.results
+            fast_before = outcome.fast_before
+            notes += outcome.notes
+            verified, reverted = _apply_measured(
+                model, chosen, by_name, undo, results, verify, notes
+            )
+            if folder is not None and _worth_storing(outcome):
+                _decisions.store(
+                    folder,
+                    key,
+                    key_doc,
+                    manifest,
+                    chosen=chosen,
+                    paths=tuple(results[n] for n in [ORIGINAL, *names] if n in results),
+                    notes=tuple(outcome.notes),
+                    measured_on=measured_on,
+                    selection_seconds=clock() - started,
+                )
     else:
-        chosen = _rule_choice(kind, usable)
-        measured = False
+        fast_before = diagnose_static(model)
+        chosen = rule_choice([c.name for c in usable])
         for c in usable:
             results[c.name] = PathResult(c.name, True, compile_useful=c.compile_useful)
         if verify and chosen != ORIGINAL:
             notes.append("not verified: pass example_inputs (or padding_profile) to verify")
-
-    undo = Undo()
-    verified: bool | None = None
-    reverted = False
-    by_name = {c.name: c for c in cands}
-    if chosen != ORIGINAL:
-        try:
-            by_name[chosen].apply(undo)
-        except Exception:
-            undo()
-            raise
-        if measured and verify:
-            verified = bool(results[chosen].verified)
-    elif measured and verify:
-        rejected = [r.name for r in results.values() if r.verified is False]
-        if rejected:
-            reverted = True
-            verified = False
-            notes.append(
-                "every candidate that ran was rejected by verification ("
-                + ", ".join(rejected)
-                + "); the model is left unchanged"
-            )
-    fast_after = diagnose(model, example_inputs) if chosen != ORIGINAL else fast_before
+        if chosen != ORIGINAL:
+            try:
+                by_name[chosen].apply(undo)
+            except Exception:
+                undo()
+                raise
+    fast_after = fast_before
+    if chosen != ORIGINAL and native_modules(model):
+        fits = (
+            deadline is None or outcome is None or clock() + outcome.reference_seconds <= deadline
+        )
+        # One more call to say what the fastpath does now, if the budget still allows it.
+        fast_after = diagnose(model, sample) if measured and fits else diagnose_static(model)
 
     kept = by_name.get(chosen)
     compile_useful, compile_reason = (
@@ -174,6 +256,10 @@ def swap_attention_(
         fastpath_after=fast_after,
         notes=tuple(notes),
         measured=measured,
+        selection_seconds=clock() - started,
+        from_cache=from_cache,
+        measured_on=measured_on,
+        budget_seconds=budget_seconds,
     )
     if chosen != ORIGINAL:
         # Read by compile selectors (primitives do not import each other): compile or not.
@@ -181,137 +267,74 @@ def swap_attention_(
         model.__dict__["_fastinfer_attention"] = info
         undo.push(lambda: model.__dict__.pop("_fastinfer_attention", None))
     _SWAPPED[model] = (undo, report)  # undo is a no-op when the original was kept
-    logger.info("attention swap for %s: %s", type(model).__name__, chosen)
+    logger.info(
+        "attention swap for %s: %s (%.2f s%s)",
+        type(model).__name__,
+        chosen,
+        report.selection_seconds,
+        ", cached decision" if from_cache else "",
+    )
     return report
 
 
-def _rule_choice(kind: str, usable: list[Candidate]) -> str:
-    names = [c.name for c in usable]
-    order = [
-        "registered",
-        "hf:flash_attention_2",
-        "hf:packed",
-        "torch:fastpath-nested",
-        "torch:fastpath",
-        "hf:sdpa",
-    ]
-    for n in order:
-        if n in names:
-            return n
-    return names[0] if names else ORIGINAL
+def _worth_storing(outcome: Measured) -> bool:
+    """A decision is stored once at least one path besides the original was timed: one made with
+    nothing measured (the budget spent on the reference call) would be reused forever."""
+    return outcome.timed > 0 or (outcome.budget_skipped == 0 and outcome.chosen == ORIGINAL)
 
 
-def _measure(
+def _reuse(
     model: nn.Module,
     inputs: Any,
-    usable: list[Candidate],
-    results: dict[str, PathResult],
+    cached: dict[str, Any],
+    by_name: dict[str, Candidate],
     verify: bool,
-    repeat: int,
-    warmup: int,
     rtol: float | None,
     atol: float | None,
-    clock: Callable[[], float],
-    *,
-    must_beat_original: bool = True,
-) -> tuple[str, dict[str, PathResult]]:
-    valid = valid_mask(model, inputs)
-    try:
-        ref = [t.detach().clone() for t in output_tensors(call(model, inputs))]
-    except Exception as exc:
-        raise ConfigError(
-            f"calling {type(model).__name__} with example_inputs failed ({type(exc).__name__}: "
-            f"{exc}); pass what the model takes: a dict of keyword arguments, a tuple of "
-            "positional arguments, or one tensor"
-        ) from exc
-    runners: dict[str, Candidate | None] = {ORIGINAL: None}
-    errors: dict[str, tuple[float, str]] = {ORIGINAL: (0.0, "")}
-    failed: dict[str, str] = {}
-    results = dict(results)
-    if must_beat_original and valid is not None and bool(valid.all()):
-        # Without padding a nested-tensor path is its dense twin plus a conversion: not timed, so
-        # that noise on a busy machine cannot pick it.
-        for cand in [c for c in usable if c.skips_padding_only]:
-            results[cand.name] = PathResult(
-                cand.name,
-                False,
-                "the example inputs have no padding: nested tensors would only add a conversion",
-                compile_useful=cand.compile_useful,
-            )
-        usable = [c for c in usable if not c.skips_padding_only]
-    for cand in usable:
+) -> tuple[str, Undo, str]:
+    """Apply a cached choice; with ``verify``, check it on one row first. ``(chosen, undo, problem)``."""
+    chosen = cached["chosen"]
+    if chosen == ORIGINAL:
+        return chosen, Undo(), ""
+    cand = by_name.get(chosen)
+    if cand is None or cand.unavailable:
+        why = "no such path" if cand is None else cand.unavailable
+        return chosen, Undo(), f"path {chosen} cannot run here ({why})"
+    if not verify:
         undo = Undo()
+        cand.apply(undo)
+        return chosen, undo, ""
+    undo, problem = verify_choice(model, check_inputs(model, inputs), cand, rtol, atol)
+    return chosen, undo, problem
+
+
+def _apply_measured(
+    model: nn.Module,
+    chosen: str,
+    by_name: dict[str, Candidate],
+    undo: Undo,
+    results: dict[str, PathResult],
+    verify: bool,
+    notes: list[str],
+) -> tuple[bool | None, bool]:
+    """Apply the measured winner; ``(verified, reverted)``."""
+    if chosen != ORIGINAL:
         try:
-            cand.apply(undo)
-            got = output_tensors(call(model, inputs))
-            errors[cand.name] = compare(ref, got, valid, rtol=rtol, atol=atol)
-            for _ in range(max(warmup - 1, 0)):
-                call(model, inputs)
-            runners[cand.name] = cand
-        except Exception as exc:  # a candidate that cannot run is reported, not fatal
-            failed[cand.name] = f"{type(exc).__name__}: {exc}"
-        finally:
+            by_name[chosen].apply(undo)
+        except Exception:
             undo()
-    for _ in range(warmup):
-        call(model, inputs)
-
-    def installed(name: str) -> contextlib.AbstractContextManager[None]:
-        @contextlib.contextmanager
-        def ctx() -> Iterator[None]:
-            runner = runners[name]
-            undo = Undo()
-            try:
-                if runner is not None:
-                    runner.apply(undo)
-                yield
-            finally:
-                undo()
-
-        return ctx()
-
-    fns = {name: functools.partial(call, model, inputs) for name in runners}
-    timing = functools.partial(
-        interleaved_samples, fns, clock=clock, sync=lambda: sync(model), around=installed
-    )
-    samples = timing(rounds=repeat)
-    # Second look at the contenders only: the two fastest correct paths and the original get
-    # `repeat` more interleaved samples, so a noisy machine does not decide between close paths.
-    correct = [n for n in runners if not (verify and errors[n][1])]
-    contenders = sorted(correct, key=lambda n: median(samples[n]))[:2]
-    second = list(dict.fromkeys([ORIGINAL, *contenders]))
-    if len(second) > 1 and len(runners) > 2:
-        timing(rounds=repeat, names=second, into=samples)
-    out: dict[str, PathResult] = dict(results)
-    for name, ts in samples.items():
-        med = median(ts)
-        err, problem = errors[name]
-        ok = None if not verify else not problem
-        runner = runners[name]
-        out[name] = PathResult(
-            name,
-            True,
-            problem,
-            med,
-            (max(ts) - min(ts)) / med if med else None,
-            err,
-            ok,
-            None if runner is None else runner.compile_useful,
-        )
-    for name, why in failed.items():
-        cu = next(x.compile_useful for x in usable if x.name == name)
-        out[name] = PathResult(name, False, f"failed: {why}", compile_useful=cu)
-    eligible = [n for n in samples if n != ORIGINAL and (not verify or out[n].verified)]
-    rejected = [n for n in samples if verify and out[n].verified is False]
-    for n in rejected:
-        logger.warning("attention path %s rejected: %s", n, out[n].reason)
-    if not eligible:
-        return ORIGINAL, out
-    best = min(eligible, key=lambda n: out[n].latency_seconds or float("inf"))
-    base = out[ORIGINAL].latency_seconds or float("inf")
-    # Keep the original when nothing beats it (unless the caller asked for a path with prefer=).
-    if must_beat_original and (out[best].latency_seconds or float("inf")) >= base:
-        return ORIGINAL, out
-    return best, out
+            raise
+        return (bool(results[chosen].verified) if verify else None), False
+    if verify:
+        rejected = [r.name for r in results.values() if r.verified is False]
+        if rejected:
+            notes.append(
+                "every candidate that ran was rejected by verification ("
+                + ", ".join(rejected)
+                + "); the model is left unchanged"
+            )
+            return False, True
+    return None, False
 
 
 def undo_attention_swap_(model: nn.Module) -> AttentionReport:

@@ -50,6 +50,10 @@ class AttentionReport:
     fastpath_after: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = ()
     measured: bool = False
+    selection_seconds: float = 0.0  # how long the choice took (discovery, measuring, applying)
+    from_cache: bool = False  # the choice came from the decision cache: nothing was timed
+    measured_on: tuple[int, int] | None = None  # (rows, of batch) when timed on a slice
+    budget_seconds: float | None = None  # the time budget the choice was made under
 
     def path(self, name: str) -> PathResult:
         for p in self.paths:
@@ -100,11 +104,26 @@ class AttentionReport:
         lines.append(
             f"compile: {'useful' if self.compile_useful else 'not useful'}: {self.compile_reason}"
         )
+        lines.append(f"selection: {self._selection()}")
         for title, items in (("before", self.fastpath_before), ("after", self.fastpath_after)):
             for mod, why in items:
                 lines.append(f"fastpath {title}: {mod}: {why or 'taken'}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _selection(self) -> str:
+        took = f"{self.selection_seconds:.2f} s"
+        if self.from_cache:
+            return f"{took}, from the decision cache (nothing timed)"
+        if not self.measured:
+            return f"{took}, by rule (no example inputs)"
+        on = (
+            f"timed on {self.measured_on[0]} of {self.measured_on[1]} rows"
+            if self.measured_on
+            else "timed on the whole example"
+        )
+        budget = "no budget" if self.budget_seconds is None else f"budget {self.budget_seconds:g} s"
+        return f"{took}, {on} ({budget})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,31 +13,35 @@ persistent, environment-checked and shippable.
     >>> compiled(x)                      # never compiles; an unwarmed shape raises RecompileError
     >>> compiled.statistics().graphs
 
-Layout: ``_compile`` (compile_model, CompiledModel), ``_aot`` (AOTInductor packages),
-``_selector`` (select_backend and its registry of candidate builders), ``_cache`` (InductorCache),
-``_cache_bundle`` (its tar bundles), ``_cache_files`` (its folder on disk: locks, the read-only
-overlay, repairing corrupt cached modules), ``_manifest`` (the environment a compiled artifact
-depends on, and whether a manifest is well formed), ``_verify`` (numerics and diagnosis),
-``_inputs`` (resizing example inputs to each batch size).
+Layout: ``_compile`` (compile_model, CompiledModel), ``_freezing`` (inductor freezing for CPU
+inference), ``_aot`` (AOTInductor packages), ``_selector`` (select_backend: budget, timing,
+decision cache), ``_report`` (its report), ``_build`` / ``_builders`` (the registry of candidate
+builders), ``_runtimes`` / ``_onnx`` / ``_artifacts`` (ONNX Runtime and OpenVINO candidates, the
+export and its artefact cache), ``_cache`` (InductorCache), ``_cache_bundle`` (its tar bundles),
+``_cache_files`` (its folder on disk: locks, the read-only overlay, repairing corrupt cached
+modules), ``_manifest`` (the environment a compiled artifact depends on, from
+``fastinfer._common.manifest``, and whether a manifest is well formed), ``_verify`` (numerics and
+diagnosis), ``_inputs`` (resizing example inputs to each batch size).
 """
 
 from fastinfer.compiling._aot import export_aot, load_aot
+from fastinfer.compiling._builders import BUILDERS, build_backend
 from fastinfer.compiling._cache import MANIFEST, CacheStatistics, InductorCache
 from fastinfer.compiling._compile import CompiledModel, CompileStatistics, compile_model
 from fastinfer.compiling._inputs import inputs_for
 from fastinfer.compiling._manifest import environment_manifest, manifest_diff
+from fastinfer.compiling._report import BackendReport, CandidateResult, pick_winner
+from fastinfer.compiling._runtimes import RuntimeModel
 from fastinfer.compiling._selector import (
-    BUILDERS,
+    DEFAULT_BUDGET_SECONDS,
     DEFAULT_CANDIDATES,
-    BackendReport,
-    CandidateResult,
-    pick_winner,
     select_backend,
 )
 from fastinfer.compiling._verify import max_error
 
 __all__ = [
     "BUILDERS",
+    "DEFAULT_BUDGET_SECONDS",
     "DEFAULT_CANDIDATES",
     "MANIFEST",
     "BackendReport",
@@ -46,6 +50,8 @@ __all__ = [
     "CompileStatistics",
     "CompiledModel",
     "InductorCache",
+    "RuntimeModel",
+    "build_backend",
     "compile_model",
     "environment_manifest",
     "export_aot",

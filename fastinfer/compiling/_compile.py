@@ -18,6 +18,7 @@ from fastinfer import _env, _torch_compat
 from fastinfer._common.export import counter, gauge, not_exported
 from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._cache_files import call_repairing
+from fastinfer.compiling._freezing import freezing_config, freezing_mode
 from fastinfer.compiling._inputs import (
     Inputs,
     batch_of,
@@ -66,6 +67,9 @@ class CompileStatistics:
     calls: int = gauge()
     unwarmed_calls: int = gauge()
     recompiles_refused: int = gauge()
+    freezing: str = not_exported(
+        "text: inductor freezing applied (on, prepack, off)", default="off"
+    )
 
 
 class CompiledModel:
@@ -178,6 +182,7 @@ def new_stats(backend: str, mode: str | None, **values: Any) -> dict[str, Any]:
         "calls": 0,
         "unwarmed_calls": 0,
         "recompiles_refused": 0,
+        "freezing": "off",
     }
     stats.update(values)
     return stats
@@ -198,6 +203,7 @@ def compile_model(
     on_recompile: Literal["error", "eager"] = "error",
     cache: InductorCache | None = None,
     options: dict[str, Any] | None = None,
+    freezing: Literal["auto", "off", "prepack"] = "auto",
 ) -> CompiledModel:
     """Compile ``model`` and warm it up at every batch size, so serving never compiles.
 
@@ -207,6 +213,9 @@ def compile_model(
     dimension for sizes >= 2 (plus one for size 1); ``dynamic=False`` one graph per size, with a
     per-model recompile limit that fits them all. ``cache`` (default ``$FASTINFER_CACHE_DIR``)
     holds inductor's compile cache; one process compiles into it while others wait.
+    ``freezing="auto"`` compiles inductor on CPU with freezing (weights as constants: folded,
+    laid out once), still FX-graph cacheable; ``"prepack"`` adds oneDNN weight prepacking (not
+    cacheable); ``"off"`` is torch.compile's default (see :mod:`._freezing`).
 
     Raises :class:`CompileError` with the cause and the fix (``fallback="eager"`` instead returns
     the eager model, recorded in ``statistics().fallback`` and logged once), and
@@ -227,7 +236,8 @@ def compile_model(
     cache = resolve_cache(cache, backend)
 
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
-    stats = new_stats(backend_name, mode, warmed_batch_sizes=sizes)
+    frozen = freezing_mode(freezing, backend_name, cpu_inputs(args0, kwargs0), options)
+    stats = new_stats(backend_name, mode, warmed_batch_sizes=sizes, freezing=frozen)
     batches, expected, opaque = eager_reference(model, example_inputs, sizes)
     stats["opaque_fused_ops"] = opaque
     if opaque:
@@ -241,7 +251,7 @@ def compile_model(
     def give_up(reason: str, exc: BaseException | None) -> CompiledModel:
         if fallback == "error":
             raise CompileError(f"compiling with backend {backend_name!r} failed: {reason}") from exc
-        stats["fallback"] = reason
+        stats["fallback"], stats["freezing"] = reason, "off"
         log_once(
             f"fallback:{backend_name}:{reason[:80]}",
             logging.WARNING,
@@ -282,6 +292,7 @@ def compile_model(
             if not cache.active:
                 ctx.enter_context(cache)
             ctx.enter_context(cache.exclusive())
+        ctx.enter_context(freezing_config(frozen))  # compiling happens lazily, in the warm-up
         g0, c0 = _torch_compat.dynamo_unique_graphs(), cache_counters()
         t0 = time.perf_counter()
         first_graphs = None

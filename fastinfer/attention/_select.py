@@ -1,0 +1,364 @@
+"""Choosing by measurement, fast and bounded: a representative slice, a budget, early elimination.
+
+* **Slice.** Paths are timed on a few rows of the example, not all of it: rows picked at evenly
+  spaced quantiles of their valid length (the shortest and the longest included), so the slice
+  keeps the example's padding profile and its padded length. About :data:`SAMPLE_TOKENS` tokens,
+  at least two rows (``sample_rows=`` overrides; the batch size times the whole example).
+* **Budget.** Every call is planned against a deadline on the injected clock: a candidate is
+  verified only if a call (as long as the reference call) still fits, a timing round only if its
+  expected cost fits (:func:`fastinfer._common.timing.race`). Candidates are tried in the order the
+  rule-based choice prefers, so a short budget goes to the likely winners first.
+* **Early elimination.** After every interleaved round, a path whose fastest sample is slower than
+  the best path's median by more than noise explains is dropped (1.5x after one sample).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastinfer._common.timing import median, race
+from fastinfer.attention._candidate import Candidate
+from fastinfer.attention._diagnose import diagnose_call
+from fastinfer.attention._outputs import call, compare, output_tensors, sync, valid_mask
+from fastinfer.attention._types import ORIGINAL, PathResult
+from fastinfer.attention._undo import Undo
+from fastinfer.errors import ConfigError
+
+__all__ = [
+    "MEASURE_ORDER",
+    "RULE_ORDER",
+    "SAMPLE_TOKENS",
+    "Measured",
+    "check_inputs",
+    "measure",
+    "representative",
+    "rule_choice",
+    "verify_choice",
+]
+
+logger = logging.getLogger("fastinfer.attention")
+
+#: About how many tokens (rows x padded length) the timing slice holds by default.
+SAMPLE_TOKENS = 512
+
+#: The order the rule-based choice prefers (also the order candidates are measured in).
+RULE_ORDER = (
+    "registered",
+    "hf:flash_attention_2",
+    "hf:packed",
+    "torch:fastpath-nested",
+    "torch:fastpath",
+    "hf:sdpa",
+)
+#: The order paths are measured in under a budget: the likely winners (the benchmarks') first.
+MEASURE_ORDER = (
+    "registered",
+    "hf:flash_attention_2",
+    "hf:packed",
+    "torch:packed",
+    "torch:fastpath-nested",
+    "hf:fused",
+    "torch:fastpath",
+    "hf:sdpa",
+)
+
+
+def rule_choice(names: list[str]) -> str:
+    for n in RULE_ORDER:
+        if n in names:
+            return n
+    return names[0] if names else ORIGINAL
+
+
+def _by_likelihood(cands: list[Candidate]) -> list[Candidate]:
+    rank = {n: i for i, n in enumerate(MEASURE_ORDER)}
+    return sorted(cands, key=lambda c: rank.get(c.name, len(MEASURE_ORDER)))
+
+
+# --------------------------------------------------------------------------------------------
+# The representative slice
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_size(inputs: Any, valid: torch.Tensor | None) -> int | None:
+    if valid is not None:
+        return int(valid.shape[0])
+    if isinstance(inputs, Mapping):
+        values = list(inputs.values())
+    else:
+        values = list(inputs) if isinstance(inputs, tuple | list) else [inputs]
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return None
+
+
+def pick_rows(valid: torch.Tensor | None, batch: int, rows: int) -> list[int]:
+    """``rows`` row indices at evenly spaced quantiles of the valid length (ascending index)."""
+    if batch <= rows:
+        return list(range(batch))
+    if valid is None:
+        return list(range(rows))
+    lengths = valid.sum(1).tolist()
+    order = sorted(range(batch), key=lambda i: (lengths[i], i))
+    if rows == 1:
+        return [order[-1]]
+    return sorted({order[round(k * (batch - 1) / (rows - 1))] for k in range(rows)})
+
+
+def take_rows(inputs: Any, rows: list[int], batch: int, seq: int | None) -> Any:
+    """``inputs`` with only ``rows`` of the batch: tensors with the batch on dim 0 (or on dim 1
+    after a sequence dim, for sequence-first inputs) are indexed; everything else is kept."""
+
+    def take(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.is_nested:
+            return v
+        idx = torch.tensor(rows, device=v.device)
+        if v.shape[0] == batch:
+            return v.index_select(0, idx)
+        if v.dim() >= 2 and v.shape[1] == batch and seq is not None and v.shape[0] == seq:
+            return v.index_select(1, idx)  # (T, B, ...) sequence-first
+        return v
+
+    if isinstance(inputs, Mapping):
+        return {k: take(v) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(take(v) for v in inputs)
+    return take(inputs)
+
+
+def representative(
+    model: nn.Module, inputs: Any, sample_rows: int | None
+) -> tuple[Any, tuple[int, int] | None]:
+    """The timing slice of ``inputs`` and ``(rows, of_batch)`` (None when not sliced)."""
+    valid = valid_mask(model, inputs)
+    batch = _batch_size(inputs, valid)
+    if batch is None:
+        return inputs, None
+    seq = int(valid.shape[1]) if valid is not None else None
+    if sample_rows is None:
+        rows = max(2, math.ceil(SAMPLE_TOKENS / max(seq or 1, 1)))
+    else:
+        if sample_rows < 1:
+            raise ConfigError(f"sample_rows must be >= 1 or None, got {sample_rows!r}")
+        rows = sample_rows
+    if rows >= batch:
+        return inputs, None
+    return take_rows(inputs, pick_rows(valid, batch, rows), batch, seq), (rows, batch)
+
+
+def check_inputs(model: nn.Module, inputs: Any) -> Any:
+    """One row of ``inputs`` (the one with the fewest valid tokens): a cheap correctness check."""
+    valid = valid_mask(model, inputs)
+    batch = _batch_size(inputs, valid)
+    if batch is None or batch == 1:
+        return inputs
+    row = pick_rows(valid, batch, 2)[0] if valid is not None else 0
+    return take_rows(inputs, [row], batch, int(valid.shape[1]) if valid is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    chosen: str
+    results: dict[str, PathResult]
+    notes: list[str] = field(default_factory=list)
+    timed: int = 0  # candidates (besides the original) that got timed samples
+    budget_skipped: int = 0  # candidates not measured because the budget was spent
+    fast_before: tuple[tuple[str, str], ...] = ()
+    reference_seconds: float = 0.0  # one call of the original on the slice
+
+
+def reference(
+    model: nn.Module, inputs: Any
+) -> tuple[list[torch.Tensor], tuple[tuple[str, str], ...]]:
+    """The original's outputs on ``inputs`` and, from the same call, its fastpath diagnosis."""
+    try:
+        reasons, out = diagnose_call(model, inputs)
+        return [t.detach().clone() for t in output_tensors(out)], reasons
+    except Exception as exc:
+        raise ConfigError(
+            f"calling {type(model).__name__} with example_inputs failed ({type(exc).__name__}: "
+            f"{exc}); pass what the model takes: a dict of keyword arguments, a tuple of "
+            "positional arguments, or one tensor"
+        ) from exc
+
+
+def verify_choice(
+    model: nn.Module,
+    inputs: Any,
+    cand: Candidate,
+    rtol: float | None,
+    atol: float | None,
+) -> tuple[Undo, str]:
+    """Apply ``cand`` and compare it with the original on ``inputs``; ``(undo, problem)``."""
+    ref, _ = reference(model, inputs)
+    undo = Undo()
+    try:
+        cand.apply(undo)
+        got = output_tensors(call(model, inputs))
+    except Exception as exc:
+        undo()
+        return Undo(), f"failed: {type(exc).__name__}: {exc}"
+    _, problem = compare(ref, got, valid_mask(model, inputs), rtol=rtol, atol=atol)
+    if problem:
+        undo()
+        return Undo(), problem
+    return undo, ""
+
+
+def measure(
+    model: nn.Module,
+    inputs: Any,
+    usable: list[Candidate],
+    results: dict[str, PathResult],
+    *,
+    verify: bool,
+    repeat: int,
+    warmup: int,
+    rtol: float | None,
+    atol: float | None,
+    clock: Callable[[], float],
+    deadline: float | None,
+    budget_seconds: float | None,
+    must_beat_original: bool = True,
+) -> Measured:
+    """Verify and time ``usable`` on ``inputs`` within ``deadline``; the fastest correct one wins."""
+    valid = valid_mask(model, inputs)
+    t0 = clock()
+    ref, fast_before = reference(model, inputs)
+    estimate: dict[str, float] = {ORIGINAL: max(clock() - t0, 0.0)}
+    out = dict(results)
+    notes: list[str] = []
+    if must_beat_original and valid is not None and bool(valid.all()):
+        # Without padding a nested-tensor path is its dense twin plus a conversion: not timed, so
+        # that noise on a busy machine cannot pick it.
+        for cand in [c for c in usable if c.skips_padding_only]:
+            out[cand.name] = PathResult(
+                cand.name,
+                False,
+                "the example inputs have no padding: nested tensors would only add a conversion",
+                compile_useful=cand.compile_useful,
+            )
+        usable = [c for c in usable if not c.skips_padding_only]
+
+    def fits(cost: float) -> bool:
+        return deadline is None or clock() + cost <= deadline
+
+    spent = f"not measured: the time budget of {budget_seconds} s was spent (raise budget_seconds)"
+    runners: dict[str, Candidate | None] = {ORIGINAL: None}
+    errors: dict[str, tuple[float, str]] = {ORIGINAL: (0.0, "")}
+    skipped = 0
+    for cand in _by_likelihood(usable):
+        if not fits(estimate[ORIGINAL]):
+            out[cand.name] = PathResult(cand.name, True, spent, compile_useful=cand.compile_useful)
+            skipped += 1
+            continue
+        undo = Undo()
+        try:
+            cand.apply(undo)
+            t1 = clock()
+            got = output_tensors(call(model, inputs))
+            estimate[cand.name] = max(clock() - t1, 0.0)
+            errors[cand.name] = compare(ref, got, valid, rtol=rtol, atol=atol)
+            for _ in range(max(warmup - 1, 0)):
+                if not fits(estimate[cand.name]):
+                    break
+                t1 = clock()
+                call(model, inputs)
+                estimate[cand.name] = max(clock() - t1, 0.0)
+            if verify and errors[cand.name][1]:
+                err, problem = errors[cand.name]
+                out[cand.name] = PathResult(
+                    cand.name, True, problem, None, None, err, False, cand.compile_useful
+                )
+                logger.warning("attention path %s rejected: %s", cand.name, problem)
+            else:
+                runners[cand.name] = cand
+        except Exception as exc:  # a candidate that cannot run is reported, not fatal
+            out[cand.name] = PathResult(
+                cand.name,
+                False,
+                f"failed: {type(exc).__name__}: {exc}",
+                compile_useful=cand.compile_useful,
+            )
+        finally:
+            undo()
+    if skipped:
+        notes.append(
+            f"{skipped} path(s) not measured within the {budget_seconds:g} s budget; "
+            "pass a larger budget_seconds (or a smaller sample_rows) to measure them"
+        )
+
+    def installed(name: str) -> contextlib.AbstractContextManager[None]:
+        @contextlib.contextmanager
+        def ctx() -> Iterator[None]:
+            runner = runners[name]
+            undo = Undo()
+            try:
+                if runner is not None:
+                    runner.apply(undo)
+                yield
+            finally:
+                undo()
+
+        return ctx()
+
+    fns = {name: functools.partial(call, model, inputs) for name in runners}
+    timing = race(
+        fns,
+        rounds=2 * repeat,
+        clock=clock,
+        deadline=deadline,
+        estimate=estimate,
+        sync=lambda: sync(model),
+        around=installed,
+    )
+    samples = dict(timing.samples)
+    if timing.rounds == 0 and len(runners) > 1:
+        # Not even one interleaved round fitted: decide on the single calls already made.
+        samples = {n: [estimate[n]] for n in runners}
+        notes.append(
+            "decided on one call per path: no interleaved timing round fitted in the "
+            f"{budget_seconds:g} s budget"
+        )
+    timed = 0
+    for name, runner in runners.items():
+        ts = samples.get(name) or [estimate[name]]
+        med = median(ts)
+        err, problem = errors[name]
+        timed += bool(runner is not None and samples.get(name))
+        out[name] = PathResult(
+            name,
+            True,
+            timing.dropped.get(name, problem),
+            med,
+            (max(ts) - min(ts)) / med if med else None,
+            err,
+            None if not verify else not problem,
+            None if runner is None else runner.compile_useful,
+        )
+    eligible = [n for n in runners if n != ORIGINAL and (not verify or out[n].verified)]
+    measured = Measured(ORIGINAL, out, notes, timed, skipped, fast_before, estimate[ORIGINAL])
+    if not eligible:
+        return measured
+    best = min(eligible, key=lambda n: out[n].latency_seconds or float("inf"))
+    base = out[ORIGINAL].latency_seconds or float("inf")
+    # Keep the original when nothing beats it (unless the caller asked for a path with prefer=).
+    if must_beat_original and (out[best].latency_seconds or float("inf")) >= base:
+        return measured
+    measured.chosen = best
+    return measured

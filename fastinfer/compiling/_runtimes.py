@@ -1,0 +1,318 @@
+"""ONNX Runtime and OpenVINO as select_backend candidates (optional extras, imported lazily).
+
+Both start from one ONNX export of the model (:mod:`._onnx`), cached as an artefact
+(:mod:`._artifacts`):
+
+* ``onnxruntime`` (extra ``fastinfer[onnx]``): for Hugging Face BERT-family models the graph goes
+  through ``onnxruntime.transformers.optimizer`` (fused ``Attention``, ``EmbedLayerNormalization``,
+  ``SkipLayerNormalization``, ``BiasGelu``; skipped with a note if it fails), then an
+  ``InferenceSession`` on the CPU execution provider with all graph optimisations and torch's
+  thread count.
+* ``openvino`` (extra ``fastinfer[openvino]``): ``openvino.convert_model`` on the ONNX file,
+  saved as IR (``model.xml`` + ``model.bin``, weights not compressed), compiled for the CPU with
+  ``INFERENCE_PRECISION_HINT=f32`` for float32 models (OpenVINO otherwise runs bf16 on CPUs that
+  have it, which is not what eager computes) and torch's thread count.
+
+Each built runtime is checked like every candidate (against eager at every batch size, shared
+tolerances) and, when the export made the sequence axis dynamic, once more at half the sequence
+length, so a graph that baked the example's length in is rejected rather than served. The callable
+returns the output tensors flattened (a tuple; one tensor when there is one) and ignores non-tensor
+arguments (they were baked in at export).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastinfer._common.keys import structure_key, weights_fingerprint
+from fastinfer._common.manifest import environment_manifest
+from fastinfer._optional import available, require
+from fastinfer.compiling._artifacts import artifact
+from fastinfer.compiling._build import BuildContext, Builder
+from fastinfer.compiling._compile import CompiledModel, new_stats
+from fastinfer.compiling._inputs import inputs_for, split
+from fastinfer.compiling._onnx import (
+    EXPORTER_VERSION,
+    arg_names,
+    bert_shape,
+    dynamic_axes,
+    export_onnx,
+    named_tensors,
+)
+from fastinfer.compiling._verify import check_close
+from fastinfer.errors import CompileError
+
+__all__ = ["NOT_INSTALLED", "OnnxRuntimeBuilder", "OpenVinoBuilder", "RuntimeModel"]
+
+NOT_INSTALLED = "not installed (pip install 'fastinfer[{extra}]')"
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+class RuntimeModel:
+    """A runtime session called like the model: tensors in (by the export's input names), the
+    flattened output tensors out. Thread-safe (one call at a time per session)."""
+
+    def __init__(
+        self,
+        run: Callable[[dict[str, Any]], list[Any]],
+        input_names: list[str],
+        arg_names: list[str],
+    ) -> None:
+        self._run = run
+        self._inputs = input_names
+        self.arg_names = arg_names
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        named = dict(zip(self.arg_names, args))
+        named.update(kwargs)
+        feed = {}
+        for n in self._inputs:
+            t = named.get(n)
+            if not isinstance(t, torch.Tensor):
+                raise CompileError(f"the exported model needs the tensor input {n!r}")
+            feed[n] = t.detach().cpu().contiguous().numpy()
+        with self._lock:
+            outs = self._run(feed)
+        tensors = tuple(torch.from_numpy(o) for o in outs)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+
+@dataclass(frozen=True)
+class _Export:
+    """The example as the export sees it."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    named: list[tuple[str, torch.Tensor]]
+    arg_names: list[str]
+    seq_axis: bool
+
+    @classmethod
+    def of(cls, ctx: BuildContext) -> _Export:
+        args, kwargs = inputs_for(ctx.example_inputs, max(ctx.sizes))
+        named = named_tensors(ctx.model, args, kwargs)
+        axes = dynamic_axes(named)
+        return cls(
+            args,
+            kwargs,
+            named,
+            arg_names(ctx.model, len(args)),
+            any(1 in ax for ax in axes.values()),
+        )
+
+    def spec(self) -> list[Any]:
+        axes = dynamic_axes(self.named)
+        return [[n, str(t.dtype), t.dim(), sorted(axes.get(n, {}))] for n, t in self.named]
+
+
+def _environment() -> dict[str, Any]:
+    # An exported graph does not depend on the thread count; everything else counts.
+    env = environment_manifest(compiler=False)
+    env.pop("threads", None)
+    return env
+
+
+def _onnx_file(ctx: BuildContext, ex: _Export, root: Path) -> tuple[Path, str, bool]:
+    """The raw ONNX export of the model (cached): ``(file, exporter, from_cache)``."""
+    model = ctx.model
+    assert isinstance(model, nn.Module)
+    key_doc = {
+        "environment": _environment(),
+        "model": structure_key(model),
+        "weights": weights_fingerprint(model),
+        "inputs": ex.spec(),
+        "constants": [[k, repr(v)] for k, v in ex.kwargs.items() if not isinstance(v, torch.Tensor)]
+        + [repr(a) for a in ex.args if not isinstance(a, torch.Tensor)],
+        "exporter": EXPORTER_VERSION,
+    }
+    used: list[str] = []
+
+    def build(folder: Path) -> None:
+        used.append(export_onnx(model, ex.args, ex.kwargs, folder / "model.onnx"))
+
+    folder, hit = artifact(root, "onnx", key_doc, build)
+    return folder / "model.onnx", (used[0] if used else "cached"), hit
+
+
+def _check_other_length(ctx: BuildContext, ex: _Export, fn: Callable[..., Any]) -> None:
+    """With a dynamic sequence axis: the runtime at half the example's length equals eager."""
+    if not ex.seq_axis:
+        return
+    args, kwargs = inputs_for(ctx.example_inputs, min(ctx.sizes))
+    names = {n for n, _ in ex.named}
+    seq = int(dict(ex.named)["attention_mask"].shape[1])
+    half = max(1, seq // 2)
+
+    def cut(name: str, v: Any) -> Any:
+        if name in names and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == seq:
+            return v[:, :half].contiguous()
+        return v
+
+    args = tuple(cut(n, a) for n, a in zip(ex.arg_names, args))
+    kwargs = {k: cut(k, v) for k, v in kwargs.items()}
+    with torch.inference_mode():
+        expected = ctx.model(*args, **kwargs)
+        got = fn(*args, **kwargs)
+    check_close(
+        got, expected, rtol=ctx.rtol, atol=ctx.atol, where=f"sequence length {half} (dynamic axis)"
+    )
+
+
+def _wrap(name: str, ctx: BuildContext, runner: RuntimeModel) -> CompiledModel:
+    stats = new_stats(name, None, warmed_batch_sizes=ctx.sizes)
+    return CompiledModel(ctx.model, runner, stats=stats, on_recompile="error", uses_dynamo=False)
+
+
+def _runtime_skip(ctx: BuildContext, module: str, extra: str, what: str) -> str:
+    if not available(module):
+        return NOT_INSTALLED.format(extra=extra)
+    if not isinstance(ctx.model, nn.Module):
+        return f"{what} needs an nn.Module to export to ONNX"
+    if ctx.on_gpu:
+        return f"fastinfer runs {what} on the CPU; the inputs are on the GPU"
+    args, kwargs = split(ctx.example_inputs)
+    if not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+        return "no tensor inputs to export with"
+    return ""
+
+
+class OnnxRuntimeBuilder(Builder):
+    """``onnxruntime``: the exported graph, with ORT's transformer fusions where they apply."""
+
+    def skip(self, ctx: BuildContext) -> str:
+        if not available("onnx"):
+            return NOT_INSTALLED.format(extra="onnx")
+        return _runtime_skip(ctx, "onnxruntime", "onnx", "ONNX Runtime")
+
+    def estimate_seconds(self, ctx: BuildContext) -> float:
+        return 3.0 + 0.1 * ctx.params_millions
+
+    def build(self, ctx: BuildContext) -> tuple[Callable[..., Any], Any]:
+        ort = require("onnxruntime", purpose="the onnxruntime candidate of select_backend")
+        ex = _Export.of(ctx)
+        root = (ctx.artifacts or ctx.tmp) / "artifacts"
+        raw, exporter, _ = _onnx_file(ctx, ex, root)
+        shape = bert_shape(ctx.model)
+        notes: list[str] = []
+
+        def optimise(folder: Path) -> None:
+            target = folder / "model.onnx"
+            if shape is not None:
+                try:
+                    from onnxruntime.transformers import optimizer
+
+                    opt = optimizer.optimize_model(
+                        str(raw),
+                        model_type="bert",
+                        num_heads=shape[0],
+                        hidden_size=shape[1],
+                        opt_level=0,
+                    )
+                    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+                    opt.save_model_to_file(str(target))
+                    (folder / "fusions.txt").write_text(
+                        ", ".join(f"{k} x{v}" for k, v in sorted(fused.items()))
+                    )
+                    return
+                except Exception as exc:  # fusions are optional: the plain graph still runs
+                    (folder / "fusions.txt").write_text(
+                        f"transformer fusions failed ({type(exc).__name__}: {str(exc)[:200]})"
+                    )
+            target.write_bytes(raw.read_bytes())
+
+        key_doc = {
+            "environment": _environment(),
+            "onnx": raw.parent.name,
+            "onnxruntime": _version("onnxruntime"),
+            "fusions": list(shape) if shape else None,
+        }
+        folder, hit = artifact(root, "onnxruntime", key_doc, optimise)
+        fusions = (folder / "fusions.txt").read_text() if (folder / "fusions.txt").is_file() else ""
+        notes.append(f"fused: {fusions}" if fusions and "failed" not in fusions else fusions)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's idle threads otherwise spin for a while after each run, taking the cores from
+        # whatever runs next (torch, another candidate being timed, the rest of the service).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(
+            str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        inputs = [i.name for i in session.get_inputs()]
+        runner = RuntimeModel(lambda feed: session.run(None, feed), inputs, ex.arg_names)
+        _check_other_length(ctx, ex, runner)
+        ctx.notes.extend(
+            n for n in [f"export: {exporter}", "cached artefact" if hit else "", *notes] if n
+        )
+        wrapped = _wrap("onnxruntime", ctx, runner)
+        return wrapped, wrapped
+
+
+class OpenVinoBuilder(Builder):
+    """``openvino``: the exported ONNX graph converted to OpenVINO IR, compiled for the CPU."""
+
+    def skip(self, ctx: BuildContext) -> str:
+        return _runtime_skip(ctx, "openvino", "openvino", "OpenVINO")
+
+    def estimate_seconds(self, ctx: BuildContext) -> float:
+        return 3.0 + 0.1 * ctx.params_millions
+
+    def build(self, ctx: BuildContext) -> tuple[Callable[..., Any], Any]:
+        ov = require("openvino", purpose="the openvino candidate of select_backend")
+        ex = _Export.of(ctx)
+        root = (ctx.artifacts or ctx.tmp) / "artifacts"
+        raw, exporter, _ = _onnx_file(ctx, ex, root)
+
+        def convert(folder: Path) -> None:
+            model = ov.convert_model(str(raw))
+            ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+
+        key_doc = {
+            "environment": _environment(),
+            "onnx": raw.parent.name,
+            "openvino": _version("openvino"),
+        }
+        folder, hit = artifact(root, "openvino", key_doc, convert)
+        core = ov.Core()
+        config: dict[str, Any] = {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if all(t.dtype != torch.bfloat16 and t.dtype != torch.float16 for _, t in _params(ctx)):
+            config["INFERENCE_PRECISION_HINT"] = "f32"  # eager computes in float32
+        compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+        request = compiled.create_infer_request()
+        inputs = [i.get_any_name() for i in compiled.inputs]
+        count = len(compiled.outputs)
+
+        def run(feed: Mapping[str, Any]) -> list[Any]:
+            request.infer(dict(feed))
+            return [request.get_output_tensor(i).data.copy() for i in range(count)]
+
+        runner = RuntimeModel(run, inputs, ex.arg_names)
+        _check_other_length(ctx, ex, runner)
+        ctx.notes.extend(n for n in [f"export: {exporter}", "cached artefact" if hit else ""] if n)
+        wrapped = _wrap("openvino", ctx, runner)
+        return wrapped, wrapped
+
+
+def _params(ctx: BuildContext) -> list[tuple[str, torch.Tensor]]:
+    model = ctx.model
+    return list(model.named_parameters()) if isinstance(model, nn.Module) else []

@@ -1,0 +1,157 @@
+"""ONNX Runtime and OpenVINO as select_backend candidates: exported, verified against eager with
+the shared tolerances, timed like every candidate, their artefacts cached; a missing extra is
+named."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fastinfer
+from fastinfer import testing
+from fastinfer.compiling import RuntimeModel, build_backend, select_backend
+from fastinfer.errors import MissingDependencyError
+
+ort = pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+
+
+def _bert_inputs(batch: int = 4, seq: int = 16, padding: float = 0.4) -> dict[str, torch.Tensor]:
+    ids, mask = testing.text_batch(batch, seq, padding=padding)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _small_bert() -> Any:
+    return testing.hf_bert(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+
+
+@pytest.mark.transformers
+def test_onnxruntime_with_transformer_fusions_is_verified_timed_and_cached(tmp_path: Path) -> None:
+    model = _small_bert()
+    inputs = _bert_inputs()
+    report = select_backend(
+        model,
+        inputs,
+        candidates=["eager", "onnxruntime"],
+        batch_sizes=(1, 4),
+        repeat=2,
+        cache_dir=tmp_path,
+        budget_seconds=None,
+    )
+    r = report.result("onnxruntime")
+    assert r.status == "ok", r.reason
+    assert set(r.latency_seconds) == {1, 4} and r.max_error < 1e-4
+    assert "Attention x2" in r.reason and "export: torchscript" in r.reason  # ORT fused it
+    assert model.config._attn_implementation == "sdpa"  # restored after the eager export
+    kinds = sorted(p.name.split("-")[0] for p in (tmp_path / "artifacts").iterdir())
+    assert kinds == ["onnx", "onnxruntime"]  # published whole: no temporary folder left behind
+    manifest = json.loads(next((tmp_path / "artifacts").glob("onnx-*/manifest.json")).read_text())
+    assert {"environment", "model", "weights", "inputs"} <= set(manifest)
+
+    # Built for serving (from the artefact cache now), it serves other batch sizes and lengths.
+    served = build_backend("onnxruntime", model, inputs, batch_sizes=(1, 4), cache_dir=tmp_path)
+    assert served.statistics().backend == "onnxruntime"
+    assert len(list((tmp_path / "artifacts").iterdir())) == 2  # nothing exported again
+    other = _bert_inputs(batch=3, seq=11, padding=0.3)
+    got = served(**other)
+    with torch.inference_mode():
+        want = model(**other)
+    torch.testing.assert_close(got[1], want.pooler_output, rtol=1e-3, atol=1e-4)
+
+    again = select_backend(
+        model,
+        inputs,
+        candidates=["eager", "onnxruntime"],
+        batch_sizes=(1, 4),
+        repeat=1,
+        cache_dir=tmp_path,
+        budget_seconds=None,
+        refresh=True,  # measure again: the export comes from the artefact cache
+    )
+    assert "cached artefact" in again.result("onnxruntime").reason
+
+
+@pytest.mark.transformers
+def test_openvino_is_verified_in_float32_and_timed(tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    model = _small_bert()
+    report = select_backend(
+        model,
+        _bert_inputs(),
+        candidates=["eager", "openvino"],
+        batch_sizes=(2,),
+        repeat=2,
+        cache_dir=tmp_path,
+        budget_seconds=None,
+    )
+    r = report.result("openvino")
+    assert r.status == "ok", r.reason
+    assert r.max_error < 1e-4 and r.latency_seconds[2] > 0
+    (ir,) = (tmp_path / "artifacts").glob("openvino-*")
+    assert (ir / "model.xml").is_file() and (ir / "model.bin").is_file()
+
+
+def test_a_plain_module_runs_on_onnxruntime_without_fusions(tmp_path: Path) -> None:
+    model = testing.tiny_mlp()
+    report = select_backend(
+        model,
+        torch.randn(4, 32),
+        candidates=["eager", "onnxruntime"],
+        batch_sizes=(1, 8),
+        repeat=2,
+        cache_dir=tmp_path,
+        budget_seconds=None,
+    )
+    r = report.result("onnxruntime")
+    assert r.status == "ok", r.reason
+    assert "fused" not in r.reason and r.max_error < 1e-4
+
+
+def test_runtime_model_maps_positional_and_keyword_tensors() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def run(feed: dict[str, Any]) -> list[Any]:
+        seen.append(feed)
+        return [feed["a"] + feed["b"]]
+
+    m = RuntimeModel(run, ["a", "b"], ["a", "b"])
+    out = m(torch.ones(2), b=torch.ones(2))
+    assert torch.equal(out, torch.full((2,), 2.0))
+    with pytest.raises(fastinfer.CompileError, match="needs the tensor input 'b'"):
+        m(torch.ones(2))
+
+
+def test_build_backend_says_why_a_backend_cannot_be_built_here() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only message")
+    with pytest.raises(
+        fastinfer.ConfigError, match=r"'reduce-overhead' cannot be built here.*CUDA"
+    ):
+        build_backend("reduce-overhead", testing.tiny_mlp(), torch.randn(2, 32))
+
+
+def test_a_missing_runtime_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastinfer._optional import require
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'fastinfer\[openvino\]'"):
+        require("openvino", purpose="the openvino candidate of select_backend")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'fastinfer\[onnx\]'"):
+        require("onnxruntime")
+    from fastinfer.compiling import _runtimes
+
+    monkeypatch.setattr(_runtimes, "available", lambda module: False)
+    report = select_backend(
+        testing.tiny_mlp(), torch.randn(2, 32), candidates=["eager", "openvino"], batch_sizes=(2,)
+    )
+    ov = report.result("openvino")
+    assert (
+        ov.status == "skipped" and ov.reason == "not installed (pip install 'fastinfer[openvino]')"
+    )
