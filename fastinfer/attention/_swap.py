@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from fastinfer import _torch_compat
 from fastinfer._common.timing import interleaved_samples, median
 from fastinfer.attention._candidate import Candidate
 from fastinfer.attention._diagnose import diagnose
@@ -81,6 +82,9 @@ def swap_attention_(
             raise ConfigError("pass example_inputs or padding_profile, not both")
         example_inputs = profile_inputs(model, PaddingProfile(*padding_profile))
 
+    # timing the model as built and its nested candidates makes nested tensors: torch's
+    # one-time prototype warning is nothing the user can act on
+    _torch_compat.spend_nested_prototype_warning()
     kind, cands, notes = discover(model)
     wanted = [prefer] if isinstance(prefer, str) else list(prefer or [])
     names = [c.name for c in cands]

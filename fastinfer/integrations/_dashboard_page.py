@@ -148,7 +148,7 @@ function bars(rows) {
   const top = Math.max(...rows.map((r) => r.count));
   const w = 300 / rows.length;
   rows.forEach((r, i) => {
-    const h = (80 * r.count) / top;
+    const h = (70 * r.count) / top;
     svg.appendChild(el("rect", { x: i * w + 3, y: 88 - h, width: Math.max(1, w - 6), height: h,
       fill: "#e8710a", rx: 2 }));
     svg.appendChild(el("text", { x: i * w + w / 2, y: 102, "text-anchor": "middle",
