@@ -76,7 +76,7 @@ def wait_ready(url: str, timeout: float) -> None:
             return
         if info.get("phase") == "failed":
             fail(f"setup failed: {info}")
-        time.sleep(0.05)
+        time.sleep(0.1)
     fail(f"not ready after {timeout} s (phases seen: {phases})")
 
 

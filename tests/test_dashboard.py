@@ -149,7 +149,11 @@ def test_dashboard_rates_come_from_snapshot_differences() -> None:
     svc = FastInferService(freeze_gc=False)
     clock = [100.0]
     board = Dashboard(
-        svc.recorder, svc.readiness, own_paths={"/metrics"}, window_seconds=5, clock=lambda: clock[0]
+        svc.recorder,
+        svc.readiness,
+        own_paths={"/metrics"},
+        window_seconds=5,
+        clock=lambda: clock[0],
     )
     hist = svc.recorder.histogram(
         "fastinfer_http_request_seconds", "", unit="seconds", labels=("route", "status")
@@ -177,9 +181,7 @@ def test_dashboard_rates_come_from_snapshot_differences() -> None:
     "`python3 dev.py test` installs it)",
 )
 def test_dashboard_in_a_real_browser(tmp_path: Path, record_property: Any) -> None:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="needs playwright (the dev extra)"
-    )
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
     app, svc = make_app(dashboard=True)
     shot = tmp_path / "dashboard.png"
     problems: list[str] = []
@@ -194,15 +196,18 @@ def test_dashboard_in_a_real_browser(tmp_path: Path, record_property: Any) -> No
                 page = browser.new_page(viewport={"width": 1280, "height": 860})
                 page.on(
                     "console",
-                    lambda m: problems.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning")
-                    else None,
+                    lambda m: (
+                        problems.append(f"console {m.type}: {m.text}")
+                        if m.type in ("error", "warning")
+                        else None
+                    ),
                 )
                 page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
                 page.on(
                     "request",
                     lambda r: None if r.url.startswith(url) else requests_elsewhere.append(r.url),
                 )
+
                 # The page's CSP forbids eval, so wait_for_function (which evaluates strings)
                 # cannot run in it: poll through selectors instead.
                 def text(selector: str) -> str:

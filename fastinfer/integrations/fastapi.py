@@ -71,7 +71,7 @@ from fastinfer.errors import (
     QueueFull,
     WorkerCrashed,
 )
-from fastinfer.integrations._admission import AdmissionLimits, measure_admission
+from fastinfer.integrations._admission import AdmissionLimits, AdmissionReport, measure_admission
 from fastinfer.integrations._limits import Door, RequestLimits, error_code
 from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
 
@@ -81,7 +81,7 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
-__all__ = ["FastInferService", "run_server"]
+__all__ = ["AdmissionReport", "FastInferService", "measure_admission", "run_server"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
