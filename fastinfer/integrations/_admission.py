@@ -55,13 +55,16 @@ def measure_admission(
     batch_size: int | None = None,
     repeat: int = 3,
 ) -> AdmissionReport:
-    """Time ``fn(example_batch)`` (median of ``repeat`` runs) and size the queue for the target.
+    """Time ``fn(example_batch)`` (one untimed run, then the median of ``repeat``) and size the
+    queue for the target.
 
     A request queued at position ``p`` finishes after the batch running now and
     ``ceil(p / (batch_size * max_concurrent_batches))`` more rounds, so the queue holds
     ``(rounds - 1) * batch_size * max_concurrent_batches`` requests, where ``rounds`` is how many
     batch times fit in 95% of the target (the batcher's own headroom). At least one full batch
     per slot is always admitted; a target below two batch times is logged as unreachable.
+    Only ``fn``'s cost is counted: where a request's HTTP handling costs as much as its share
+    of the batch (a tiny model), pass a lower target or set ``max_queue_size`` yourself.
     """
     if isinstance(latency_target_ms, bool) or not (
         isinstance(latency_target_ms, int | float) and 0 < latency_target_ms < math.inf
@@ -80,6 +83,7 @@ def measure_admission(
     size = batch_size if batch_size is not None else _len(example_batch)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {size!r}")
+    fn(example_batch)  # first calls pay one-time costs (lazy kernel loads, allocator growth)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
