@@ -55,9 +55,11 @@ def make_app(
     *,
     setup_gate: threading.Event | None = None,
     batcher: dict[str, Any] | None = None,
+    latency_target_ms: float | None = None,
     **svc_kw: Any,
 ) -> tuple[FastAPI, FastInferService]:
     svc = FastInferService(**svc_kw)
+    model = fn or (lambda xs: [x * 2 for x in xs])
 
     @svc.setup
     def build(svc: FastInferService) -> None:
@@ -65,10 +67,11 @@ def make_app(
             with svc.phase("load"):
                 assert setup_gate.wait(20)
         opts = {"max_batch_size": 4, "max_wait_ms": 1.0, **(batcher or {})}
+        if latency_target_ms is not None:  # admit what finishes in time: sized from the cost
+            example = list(range(opts["max_batch_size"]))
+            opts.update(svc.admission(model, example, latency_target_ms=latency_target_ms))
         svc.state.batcher = svc.manage(
-            fastinfer.DynamicBatcher(
-                fn or (lambda xs: [x * 2 for x in xs]), **opts, **svc.batcher_hooks()
-            ),
+            fastinfer.DynamicBatcher(model, **opts, **svc.batcher_hooks()),
             name="model",
         )
 
@@ -335,6 +338,37 @@ def test_the_door_opens_again_once_the_retry_estimate_passed(served: Any) -> Non
         gate.release.set()
 
 
+def test_at_most_the_admission_limit_is_past_the_door(served: Any) -> None:
+    """A burst already inside the event loop cannot all pass an open door: the door counts."""
+    gate = Gate()
+    url, svc = served(gate, batcher={"max_batch_size": 1})
+    svc.door.limit = 2  # what svc.admission sets: the sized queue plus what the slots run
+    stats = svc.state.batcher.statistics
+    try:
+        with httpx.Client(base_url=url, timeout=20) as client:
+            held = [
+                threading.Thread(target=lambda i=i: client.post("/predict", json={"x": i}))
+                for i in (1, 2)
+            ]
+            for t in held:
+                t.start()
+            until(lambda: stats().requests_submitted == 2, "two requests in flight")
+            over = client.post("/predict", content=b"not even json")  # never parsed
+            assert over.status_code == 503 and "Retry-After" in over.headers
+            assert over.json()["error"] == "queue_full" and "limit is 2" in over.json()["detail"]
+            assert client.get("/readyz").status_code == 200  # the service's routes are exempt
+            assert stats().requests_submitted == 2 and svc.door.in_flight == 2
+            gate.release.set()
+            for t in held:
+                t.join()
+            assert svc.door.in_flight == 0
+            assert client.post("/predict", json={"x": 3}).json() == {"y": 6}
+            samples = metric_samples(client)
+    finally:
+        gate.release.set()
+    assert samples[("fastinfer_http_refused_total", (("reason", "at_capacity"),))] == 1
+
+
 def test_a_flood_resolves_every_request_once_with_200_or_a_fast_503(served: Any) -> None:
     """Far more concurrent requests than the admission limit: nothing lost, nothing hangs."""
 
@@ -342,12 +376,13 @@ def test_a_flood_resolves_every_request_once_with_200_or_a_fast_503(served: Any)
         time.sleep(0.05)  # 50 ms per batch, whatever its size
         return [x * 2 for x in xs]
 
-    svc_probe = FastInferService(freeze_gc=False)
-    limits = svc_probe.admission(model, list(range(8)), latency_target_ms=200)
-    assert svc_probe.readiness()["admission"]["model"]["latency_target_ms"] == 200
+    url, svc = served(model, batcher={"max_batch_size": 8}, latency_target_ms=200, freeze_gc=False)
+    admission = svc.readiness()["admission"]["model"]
+    assert admission["latency_target_ms"] == 200
     # (floor(200 ms * 0.95 / 50 ms) - 1) rounds of 8 at most: fewer than the clients below
-    assert 8 <= limits["max_queue_size"] <= 16
-    url, svc = served(model, batcher={"max_batch_size": 8, **limits}, freeze_gc=False)
+    assert 8 <= admission["max_queue_size"] <= 16
+    assert svc.door.limit == admission["max_queue_size"] + 8
+    limits = {"max_queue_size": admission["max_queue_size"]}
 
     n, clients = 480, 60
     statuses: Counter[int] = Counter()
@@ -384,3 +419,4 @@ def test_a_flood_resolves_every_request_once_with_200_or_a_fast_503(served: Any)
     st = svc.state.batcher.statistics()
     assert st.requests_ok == statuses[200]  # what was admitted was answered
     assert st.requests_failed == st.requests_expired == st.queue_depth == 0
+    assert svc.door.shed > 0 and svc.door.in_flight == 0  # most were turned away at the door

@@ -7,9 +7,13 @@
   piece; later ``receive()`` calls (the disconnect watch) go to the server as before.
 - **Shedding at the door**: once a route answered ``QueueFull`` (503), further requests to the same
   path are answered 503 here, before their body is read or parsed, until the batcher's retry
-  estimate has passed. Under a flood the service then spends microseconds, not a full
-  request's parsing and validation, on each request it cannot take, so rejections stay fast
-  and the cores stay with the model.
+  estimate has passed. With an admission limit (:meth:`FastInferService.admission` sets it: the
+  queue it sized plus what the batch slots run), at most that many requests are past the door at
+  once; the next one is answered 503 here at once. Under a flood the service then spends
+  microseconds, not a full request's parsing and validation, on each request it cannot take,
+  so rejections stay fast and the cores stay with the model. (Without the limit, a burst of
+  requests already inside the event loop would all pass an open door before the first of them
+  reached the full queue.)
 
 Every answer uses the service's error body, ``{"error": <code>, "detail": <message>}``.
 """
@@ -77,15 +81,20 @@ class Door:
     def __init__(
         self,
         *,
+        exempt: set[str] | frozenset[str] = frozenset(),
         min_seconds: float = 0.01,
         max_entries: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._until: dict[tuple[str, str], tuple[float, Any]] = {}
         self._max = max_entries
+        self.exempt = exempt  # the service's own routes (health, readiness, metrics, dashboard)
         self.min_seconds = min_seconds
         self.clock = clock
         self.shed = 0
+        #: requests allowed past the door at once (None: no limit); ``in_flight``: past it now
+        self.limit: int | None = None
+        self.in_flight = 0
 
     def close_for(self, method: str, path: str, seconds: float, route: Any = None) -> None:
         """Shed requests to ``method path`` for the next ``seconds`` (at least ``min_seconds``)."""
@@ -147,23 +156,45 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.door is not None:
-            shed = self.door.check(scope.get("method", ""), scope.get("path", ""))
-            if shed is not None:
-                left, route = shed
-                if route is not None:
-                    scope["route"] = route  # the HTTP metrics label it by its route template
-                self.door.shed += 1
-                self.on_reject("shed")
-                await send_error(
-                    send,
-                    503,
-                    "queue_full",
-                    "the service is at capacity: this route's queue was full moments ago; "
-                    f"retry after ~{left * 1000:.0f} ms",
-                    {"Retry-After": self.retry_after(left)},
-                )
-                return
+        door = self.door
+        if door is None or scope.get("path") in door.exempt:
+            await self._limited(scope, receive, send)
+            return
+        shed = door.check(scope.get("method", ""), scope.get("path", ""))
+        if shed is not None:
+            left, route = shed
+            if route is not None:
+                scope["route"] = route  # the HTTP metrics label it by its route template
+            door.shed += 1
+            self.on_reject("shed")
+            await send_error(
+                send,
+                503,
+                "queue_full",
+                "the service is at capacity: this route's queue was full moments ago; "
+                f"retry after ~{left * 1000:.0f} ms",
+                {"Retry-After": self.retry_after(left)},
+            )
+            return
+        if door.limit is not None and door.in_flight >= door.limit:
+            door.shed += 1
+            self.on_reject("at_capacity")
+            await send_error(
+                send,
+                503,
+                "queue_full",
+                f"the service is at capacity: {door.in_flight} requests in flight, its admission "
+                f"limit is {door.limit} (what finishes within its latency target); retry shortly",
+                {"Retry-After": self.retry_after(0.0)},
+            )
+            return
+        door.in_flight += 1
+        try:
+            await self._limited(scope, receive, send)
+        finally:
+            door.in_flight -= 1
+
+    async def _limited(self, scope: Any, receive: Any, send: Any) -> None:
         length = _header(scope, b"content-length")
         if length is None and _header(scope, b"transfer-encoding") is None:
             await self.app(scope, receive, send)  # no body (GET, HEAD, ...)

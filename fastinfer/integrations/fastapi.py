@@ -185,7 +185,7 @@ class FastInferService:
             self.paths["dashboard_data"] = dashboard_path.rstrip("/") + "/data"
         self.max_body_bytes = max_body_bytes
         self.client_timeout_seconds = client_timeout_seconds
-        self.door = Door() if shed_at_door else None
+        self.door = Door(exempt=set(self.paths.values())) if shed_at_door else None
         self._admission: dict[str, Any] = {}
         self._setup_fn: Callable[[FastInferService], Any] | None = None
         self._managed: list[tuple[str, Any]] = []
@@ -279,7 +279,9 @@ class FastInferService:
         double as warm-up) and size the batcher's queue so that a request admitted last still
         finishes within ``latency_target_ms``. Returns ``{"max_queue_size": n}`` for
         ``DynamicBatcher(..., **limits)``; the measurement shows in ``/readyz`` under
-        ``"admission"``. Call it in the setup function."""
+        ``"admission"``. With ``shed_at_door``, at most that queue plus what the batch slots run
+        is let past the door at once (the service's own routes excepted); the next request is
+        answered 503 before it is read. Call it in the setup function, once per batcher."""
         report = measure_admission(
             fn,
             example_batch,
@@ -288,6 +290,9 @@ class FastInferService:
             batch_size=batch_size,
         )
         self._admission[name] = report.to_dict()
+        if self.door is not None:  # at most this many requests past the door at once
+            admitted = report.max_queue_size + report.batch_size * report.max_concurrent_batches
+            self.door.limit = (self.door.limit or 0) + admitted
         logger.info("admission for %s: %s", name, report)
         return {"max_queue_size": report.max_queue_size}
 
