@@ -95,6 +95,15 @@ class Door:
         #: requests allowed past the door at once (None: no limit); ``in_flight``: past it now
         self.limit: int | None = None
         self.in_flight = 0
+        self._routes: dict[tuple[str, str], Any] = {}  # (method, path) -> route, once routed
+
+    def route_of(self, method: str, path: str) -> Any:
+        """The route a request to ``method path`` was last routed to (None: not seen yet)."""
+        return self._routes.get((method, path))
+
+    def remember_route(self, method: str, path: str, route: Any) -> None:
+        if route is not None and (len(self._routes) < self._max or (method, path) in self._routes):
+            self._routes[(method, path)] = route
 
     def close_for(self, method: str, path: str, seconds: float, route: Any = None) -> None:
         """Shed requests to ``method path`` for the next ``seconds`` (at least ``min_seconds``)."""
@@ -177,6 +186,9 @@ class RequestLimits:
             )
             return
         if door.limit is not None and door.in_flight >= door.limit:
+            route = door.route_of(scope.get("method", ""), scope.get("path", ""))
+            if route is not None:
+                scope["route"] = route
             door.shed += 1
             self.on_reject("at_capacity")
             await send_error(
@@ -193,6 +205,7 @@ class RequestLimits:
             await self._limited(scope, receive, send)
         finally:
             door.in_flight -= 1
+            door.remember_route(scope.get("method", ""), scope.get("path", ""), scope.get("route"))
 
     async def _limited(self, scope: Any, receive: Any, send: Any) -> None:
         length = _header(scope, b"content-length")
