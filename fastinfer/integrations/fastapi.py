@@ -133,9 +133,10 @@ class FastInferService:
             body (default 10 s); a slower one is answered 408 and its connection closed.
             ``None``: wait forever. (A client that never finishes its headers is the server's
             to time out: put a proxy in front, or use uvicorn's ``--limit-concurrency``.)
-        shed_at_door: after a ``QueueFull`` on a route, answer that route's requests 503 before
-            reading or parsing them until the batcher's retry estimate has passed, so
-            rejections stay fast under a flood (default on).
+        shed_at_door: answer 503 before reading or parsing a request when the service is at its
+            admission limit (set by :meth:`admission`), and, after a ``QueueFull`` on a route,
+            that route's requests until the batcher's retry estimate has passed, so rejections
+            stay fast under a flood (default on).
         dashboard: serve the live dashboard page at ``dashboard_path`` (and its data at
             ``dashboard_path + "/data"``). Off by default.
     """
