@@ -14,6 +14,10 @@ venv then sees system site-packages) and never installed twice. Otherwise ``torc
 installed, and on a Linux machine without an NVIDIA GPU the CPU build is requested (the PyTorch CPU
 wheel index when it is reachable; a local wheel through pip's own configuration otherwise), because
 a plain ``pip install torch`` on Linux pulls several GB of CUDA packages.
+
+System programs: ``test`` also makes sure Debian's Chromium is at ``/usr/bin/chromium`` (the
+dashboard's browser test drives it with Playwright), installing it with apt-get when it is missing
+and this runs as root on a Debian-like system; otherwise that one test skips and says why.
 """
 
 from __future__ import annotations
@@ -106,6 +110,31 @@ def ensure_venv(extras: list[str]) -> Path:
     return py
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium() -> None:
+    """Install Debian's chromium (headless browser for the dashboard test) when it is missing."""
+    if CHROMIUM.exists():
+        return
+    if not sys.platform.startswith("linux") or shutil.which("apt-get") is None:
+        _log("no /usr/bin/chromium and no apt-get: the dashboard browser test will skip")
+        return
+    if os.geteuid() != 0:
+        _log("no /usr/bin/chromium (apt-get needs root): the dashboard browser test will skip")
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        _run(["apt-get", "update", "-q"], env=env)
+        _run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium",
+             "fonts-dejavu-core"],
+            env=env,
+        )  # fmt: skip
+    except (subprocess.CalledProcessError, OSError) as exc:
+        _log(f"could not install chromium ({exc}): the dashboard browser test will skip")
+
+
 def _quiet_mkdocs() -> dict[str, str]:
     return {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
 
@@ -131,6 +160,7 @@ def main(argv: list[str]) -> int:
         elif cmd == "lint":
             lint(py)
         else:
+            ensure_chromium()
             lint(py)
             _run([str(py), "-m", "pytest", *rest], cwd=ROOT)
     except subprocess.CalledProcessError as exc:

@@ -24,13 +24,21 @@ Variables (read here, by this application; fastinfer's own are in docs/environme
 - ``APP_BUNDLE``: the bundle to import (default ``/opt/fastinfer/model.tar``; missing: compile
   cold into ``$FASTINFER_CACHE_DIR`` and log it);
 - ``APP_THREADS``: intra-op threads (default: the CPU limit's core budget);
-- ``APP_MAX_WAIT_MS``: the batcher's wait (default 5).
+- ``APP_MAX_WAIT_MS``: the batcher's wait (default 5);
+- ``APP_LATENCY_TARGET_MS``: the latency an admitted request must meet (default 500): the queue
+  is sized from the batch cost measured at start-up, and a request beyond it gets a fast 503
+  with ``Retry-After`` (:meth:`FastInferService.admission`).
+
+At shutdown (SIGTERM) uvicorn stops accepting, finishes the requests in flight, then the batcher
+drains and the service logs one line, ``drained: ...``, with the batcher's request counts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +51,8 @@ from fastinfer._cli.warm import load_factory, parse_input
 from fastinfer.errors import InvalidInput
 from fastinfer.integrations.fastapi import FastInferService
 
+# This is the application: it may configure logging (fastinfer, a library, never does).
+logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
 logger = logging.getLogger("fastinfer.deploy")
 
 MODEL = os.environ.get("APP_MODEL", "fastinfer.testing:tiny_mlp")
@@ -51,6 +61,7 @@ SIZES = tuple(int(s) for s in os.environ.get("APP_BATCH_SIZES", "1,8,32").split(
 BUNDLE = os.environ.get("APP_BUNDLE", "/opt/fastinfer/model.tar")
 THREADS = os.environ.get("APP_THREADS")
 MAX_WAIT_MS = float(os.environ.get("APP_MAX_WAIT_MS", "5"))
+LATENCY_TARGET_MS = float(os.environ.get("APP_LATENCY_TARGET_MS", "500"))
 
 svc = FastInferService()
 
@@ -82,19 +93,40 @@ def build(svc: FastInferService) -> None:
     def predict(batch: torch.Tensor) -> torch.Tensor:  # (B, *item_shape) -> (B, ...)
         return compiled(batch)
 
+    limits = svc.admission(predict, example, latency_target_ms=LATENCY_TARGET_MS)
     svc.state.batcher = svc.manage(
         fastinfer.DynamicBatcher(
             predict,
             max_batch_size=max(SIZES),
             max_wait_ms=MAX_WAIT_MS,
             collate="stack",
+            **limits,
             **svc.batcher_hooks(),
         ),
         name="model",
     )
 
 
-app = FastAPI(lifespan=svc.lifespan)
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with svc.lifespan(app):
+        yield
+    batcher = vars(svc.state).get("batcher")
+    if batcher is not None:  # after the drain: what every accepted request came to
+        st = batcher.statistics()
+        logger.info(
+            "drained: submitted=%d ok=%d failed=%d rejected=%d expired=%d cancelled=%d queued=%d",
+            st.requests_submitted,
+            st.requests_ok,
+            st.requests_failed,
+            st.requests_rejected,
+            st.requests_expired,
+            st.requests_cancelled,
+            st.queue_depth,
+        )
+
+
+app = FastAPI(lifespan=lifespan)
 svc.install(app)
 
 

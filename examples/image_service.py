@@ -5,8 +5,10 @@ recompilation at serve time.
     python examples/image_service.py      # start it, send requests, stop it
 
 The model is compiled for the batch sizes the batcher will send (``preferred_batch_sizes`` with
-padding up to the next one), so a request never waits for a compile. Malformed input (wrong number
-of pixels) is a 422 that says what was expected.
+padding up to the next one), so a request never waits for a compile. The queue is sized from the
+measured cost of a full batch, so an admitted request is answered within LATENCY_TARGET_MS (503
+with Retry-After beyond). Malformed input (wrong number of pixels) is a 422 that says what was
+expected.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fastinfer.integrations.fastapi import FastInferService
 
 SHAPE = (3, 16, 16)
 SIZES = (1, 4, 8)
+LATENCY_TARGET_MS = 250
 
 
 def tiny_cnn() -> nn.Module:
@@ -53,6 +56,9 @@ def build(svc: FastInferService) -> None:
         with torch.inference_mode():
             return compiled(batch)
 
+    limits = svc.admission(
+        predict, torch.randn(SIZES[-1], *SHAPE), latency_target_ms=LATENCY_TARGET_MS
+    )
     svc.state.batcher = svc.manage(
         fastinfer.DynamicBatcher(
             predict,
@@ -61,6 +67,7 @@ def build(svc: FastInferService) -> None:
             collate="stack",
             preferred_batch_sizes=SIZES,
             pad_to_preferred=True,
+            **limits,
             **svc.batcher_hooks(),
         ),
         name="images",
@@ -94,13 +101,22 @@ if __name__ == "__main__":
 
     from fastinfer.integrations.fastapi import run_server
 
+    async def post(client: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Response:
+        """What a good client does with a 503: wait as long as Retry-After says, then retry."""
+        for _ in range(10):
+            answer = await client.post("/predict", json=body)
+            if answer.status_code != 503:
+                return answer
+            await asyncio.sleep(float(answer.headers.get("Retry-After", "1")))
+        return answer
+
     async def main(url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             while (await client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.1)
             n = SHAPE[0] * SHAPE[1] * SHAPE[2]
             bodies = [{"pixels": torch.rand(n).tolist()} for _ in range(20)]
-            answers = await asyncio.gather(*(client.post("/predict", json=b) for b in bodies))
+            answers = await asyncio.gather(*(post(client, b) for b in bodies))
             assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
             print("classes:", [a.json()["class"] for a in answers])
             bad = await client.post("/predict", json={"pixels": [0.0] * 5})

@@ -4,7 +4,9 @@
 
 FastAPI runs ``def`` endpoints in a thread pool. Each thread calls ``batcher.submit_sync(item)``,
 which hands the item to the batcher's own event-loop thread and blocks only that request's thread,
-so concurrent requests are still served by one forward pass.
+so concurrent requests are still served by one forward pass. The queue is sized from the measured
+cost of a full batch (``measure_admission``), so an admitted request is answered within
+LATENCY_TARGET_MS; beyond that, ``FastInferService``'s error mapping answers 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pydantic import BaseModel
 
 import fastinfer
 from fastinfer import testing
+from fastinfer.integrations.fastapi import FastInferService, measure_admission
 
 model = testing.tiny_mlp(in_features=4, out_features=2)
+LATENCY_TARGET_MS = 100
 
 
 def forward(rows: list[list[float]]) -> list[list[float]]:
@@ -24,8 +28,18 @@ def forward(rows: list[list[float]]) -> list[list[float]]:
         return model(torch.tensor(rows)).tolist()
 
 
-batcher = fastinfer.DynamicBatcher(forward, max_batch_size=16, max_wait_ms=5, own_loop=True)
-app = FastAPI()
+admission = measure_admission(forward, [[0.0] * 4] * 16, latency_target_ms=LATENCY_TARGET_MS)
+batcher = fastinfer.DynamicBatcher(
+    forward,
+    max_batch_size=16,
+    max_wait_ms=5,
+    max_queue_size=admission.max_queue_size,
+    own_loop=True,
+)
+svc = FastInferService()  # error mapping (QueueFull -> 503 + Retry-After), /healthz, /metrics
+svc.manage(batcher, name="rows")  # drained at shutdown
+app = FastAPI(lifespan=svc.lifespan)
+svc.install(app)
 
 
 class Row(BaseModel):

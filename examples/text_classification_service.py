@@ -3,9 +3,12 @@
     uvicorn examples.text_classification_service:app      # serve it (from the repository root)
     python examples/text_classification_service.py        # start it, send requests, stop it
 
-Startup runs in phases (load with the fast loader, swap attention), then /readyz turns 200; until
-then /predict answers 503. Requests are batched by a DynamicBatcher; a client that disconnects
-cancels its queued request; /metrics serves Prometheus text.
+Startup runs in phases (load with the fast loader, swap attention, measure a full batch), then
+/readyz turns 200; until then /predict answers 503. Requests are batched by a DynamicBatcher whose
+queue is sized from the measured batch cost, so that an admitted request is answered within
+LATENCY_TARGET_MS; beyond that the service answers 503 with Retry-After at once (and a flood is
+shed before its requests are even parsed). A client that disconnects cancels its queued request;
+/metrics serves Prometheus text.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from fastinfer.integrations.fastapi import FastInferService
 
 CHECKPOINT = Path(tempfile.gettempdir()) / "fastinfer-example-classifier.pt"
 LABELS = ("negative", "positive")
+MAX_BATCH = 32
+LATENCY_TARGET_MS = 500  # what an admitted request must meet: the queue is sized for it
 tokenizer = testing.HashTokenizer(vocab_size=1000, max_length=128)
 svc = FastInferService()
 
@@ -46,9 +51,12 @@ def build(svc: FastInferService) -> None:
             {"label": LABELS[int(p.argmax())], "score": round(float(p.max()), 4)} for p in probs
         ]
 
+    with svc.phase("measure"):  # a full batch's cost (the runs double as warm-up)
+        texts = [f"request text number {i} " + "quite good " * (i % 9) for i in range(MAX_BATCH)]
+        limits = svc.admission(classify, texts, latency_target_ms=LATENCY_TARGET_MS)
     svc.state.batcher = svc.manage(
         fastinfer.DynamicBatcher(
-            classify, max_batch_size=32, max_wait_ms=5, max_queue_size=1024, **svc.batcher_hooks()
+            classify, max_batch_size=MAX_BATCH, max_wait_ms=5, **limits, **svc.batcher_hooks()
         ),
         name="classifier",
     )
@@ -74,14 +82,22 @@ if __name__ == "__main__":
 
     from fastinfer.integrations.fastapi import run_server
 
+    async def post(client: httpx.AsyncClient, body: dict[str, str]) -> httpx.Response:
+        """What a good client does with a 503: wait as long as Retry-After says, then retry."""
+        for _ in range(10):
+            answer = await client.post("/predict", json=body)
+            if answer.status_code != 503:
+                return answer
+            await asyncio.sleep(float(answer.headers.get("Retry-After", "1")))
+        return answer
+
     async def main(url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             while (await client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.05)
+            print("admission:", (await client.get("/readyz")).json()["admission"])
             texts = [f"review number {i} " + "good " * (i % 7) for i in range(64)]
-            answers = await asyncio.gather(
-                *(client.post("/predict", json={"text": t}) for t in texts)
-            )
+            answers = await asyncio.gather(*(post(client, {"text": t}) for t in texts))
             assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
             print("first answer:", answers[0].json())
             bad = await client.post("/predict", json={"text": ""})

@@ -6,6 +6,9 @@
 - The Dockerfile's own warm step, run as written, makes a bundle that the image's service
   (deploy/app.py), started as a fresh process in another directory, loads with no compile, and
   only then reports ready.
+- The manifests validate against the Kubernetes API schema (kubernetes-validate, strict).
+- With a Docker engine: deploy/smoke.sh builds (or reuses) the image and runs it for real, cold
+  and warm, with requests, /metrics and a drain under load (skipped, with the reason, without one).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -207,7 +212,12 @@ def test_dockerfile_bakes_a_bundle_and_sets_the_cache_variables() -> None:
     assert args["TORCH_INDEX"].endswith("/cpu"), "CPU by default; CUDA through --build-arg"
     ops = [op for op, _ in docker_instructions()]
     assert ops.index("ARG") < ops.index("FROM")  # BASE_IMAGE is usable in FROM
-    assert any(op == "FROM" and rest == "${BASE_IMAGE}" for op, rest in docker_instructions())
+    froms = [rest for op, rest in docker_instructions() if op == "FROM"]
+    # two stages on one base: the venv is built apart, so wheels never reach the final image
+    assert froms == ["${BASE_IMAGE} AS venv", "${BASE_IMAGE}"]
+    assert any(
+        op == "COPY" and rest.startswith("--from=venv") for op, rest in docker_instructions()
+    )
     assert env["FASTINFER_CACHE_DIR"] == "/var/cache/fastinfer"
     # Inductor's own cache sits next to (not inside) the folder the bundle is imported into
     assert Path(env["TORCHINDUCTOR_CACHE_DIR"]).parent == Path(env["FASTINFER_CACHE_DIR"]).parent
@@ -403,3 +413,114 @@ def test_image_flow_bundle_from_the_warm_step_serves_with_no_compile(tmp_path: P
     # uvicorn drains (lifespan shutdown closes the batcher), then re-raises the signal it caught
     assert rc in (0, -signal.SIGTERM), log[-3000:]
     assert "Application shutdown complete" in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# The manifests against the Kubernetes API schema
+# --------------------------------------------------------------------------------------------
+
+
+def _api_objects() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            # kustomization.yaml is kustomize's own file, not an API object (checked above)
+            if doc and doc["kind"] != "Kustomization":
+                out.append((path.name, doc))
+    return out
+
+
+@pytest.mark.parametrize("version", ["1.30", "1.37"], ids=lambda v: f"k8s-{v}")
+def test_manifests_validate_against_the_kubernetes_api_schema(version: str) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (dev extra)")
+    objects = _api_objects()
+    assert {doc["kind"] for _, doc in objects} == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "ConfigMap",
+    }
+    for name, doc in objects:
+        try:  # strict: a misspelt field (readinesProbe) is an error, not ignored
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            raise AssertionError(f"{name}: {doc['kind']} {where}: {exc.message}") from None
+
+
+def test_the_validator_rejects_what_the_api_server_would() -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (dev extra)")
+    deployment = next(doc for _, doc in _api_objects() if doc["kind"] == "Deployment")
+    bad = json.loads(json.dumps(deployment))
+    c = bad["spec"]["template"]["spec"]["containers"][0]
+    c["readinesProbe"] = c.pop("readinessProbe")
+    with pytest.raises(kv.ValidationError, match="readinesProbe"):
+        kv.validate(bad, "1.37", strict=True)
+    bad = json.loads(json.dumps(deployment))
+    bad["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8000"
+    with pytest.raises(kv.ValidationError, match="not of type 'integer'"):
+        kv.validate(bad, "1.37", strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Files baked into an image by root are readable by the image's own user
+# --------------------------------------------------------------------------------------------
+
+
+def test_atomic_writes_get_the_umask_mode_not_owner_only(tmp_path: Path) -> None:
+    """A bundle written by ``fastinfer warm`` as root at build time must be readable by the
+    service's user (uid 10001): the temp file's 0600 must not survive the rename."""
+    from fastinfer._common.files import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "bundle.tar", b"data")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "bundle.tar").stat().st_mode) == 0o644
+
+
+# --------------------------------------------------------------------------------------------
+# The image for real (deploy/smoke.sh), where a Docker engine runs
+# --------------------------------------------------------------------------------------------
+
+
+def _no_docker_engine() -> str | None:
+    """Why the smoke test cannot run here, or None when a Docker engine answers."""
+    if shutil.which("docker") is None:
+        return "no docker client on PATH"
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`docker info` failed: {exc}"
+    if info.returncode != 0:
+        last = (info.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"no Docker engine answers (`docker info`: {last})"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_smoke_script_builds_runs_and_drains_the_image(tmp_path: Path) -> None:
+    reason = _no_docker_engine()
+    if reason:
+        pytest.skip(reason)
+    report = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        ["bash", str(DEPLOY / "smoke.sh")],
+        env={**os.environ, "REPORT": str(report), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=2300,
+    )
+    print(proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    r = json.loads(report.read_text())
+    warm, cold = r["warm_check"], r["cold_check"]
+    assert warm["cache_misses"] == 0 and warm["cache_hits"] >= 1  # started warm: no compile
+    assert cold["cache_misses"] >= 1  # without the bundle it compiles: the check can tell
+    assert {"threads", "import", "compile"} <= set(warm["phases"])
+    assert warm["predictions_ok"] == 256 and warm["mean_batch"] >= 1
+    assert r["burst"]["ok"] > 0 and r["exit_code"] in (0, 143)
+    assert "failed=0" in r["drained"] and "queued=0" in r["drained"]
+    assert r["image_bytes"] > 0 and r["warm_start_seconds"] > 0

@@ -22,8 +22,11 @@ pytestmark = pytest.mark.serve
 )
 def test_example_runs(script: str, expect: str) -> None:
     code = f"import runpy, sys; sys.argv = [{script!r}]; runpy.run_path({str(EXAMPLES / script)!r}, run_name='__main__')"
-    out = run_python(code, timeout=240).stdout
-    assert expect in out, out
+    proc = run_python(code, timeout=240)
+    assert expect in proc.stdout, proc.stdout
+    # a newcomer's run prints no library warning (stderr is a pipe here, as in a log file)
+    warnings = [line for line in proc.stderr.splitlines() if "Warning" in line]
+    assert warnings == [], proc.stderr
 
 
 def test_notebook_example_runs_with_top_level_await(capsys: pytest.CaptureFixture[str]) -> None:

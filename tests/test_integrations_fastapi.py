@@ -54,9 +54,12 @@ class Gate:
 
 
 def make_app(
-    fn: Callable[[list[int]], list[Any]], setup_gate: threading.Event | None = None, **kw: Any
+    fn: Callable[[list[int]], list[Any]],
+    setup_gate: threading.Event | None = None,
+    svc_kw: dict[str, Any] | None = None,
+    **kw: Any,
 ) -> tuple[FastAPI, FastInferService]:
-    svc = FastInferService(retry_after_seconds=2.0)
+    svc = FastInferService(retry_after_seconds=2.0, **(svc_kw or {}))
 
     @svc.setup
     def build(svc: FastInferService) -> None:
@@ -106,7 +109,8 @@ def test_readiness_waits_for_setup_and_requests_get_503_until_then() -> None:
 
 
 def test_error_mapping_503_504_422_500(gate: Gate) -> None:
-    app, svc = make_app(gate, max_queue_size=1, max_batch_size=1)
+    # each error's own mapping: no shedding at the door after the QueueFull (tests/test_faults_http.py)
+    app, svc = make_app(gate, svc_kw={"shed_at_door": False}, max_queue_size=1, max_batch_size=1)
     with run_server(app) as url, httpx.Client(base_url=url, timeout=20) as client:
         until(lambda: svc.ready, "setup")
         stats = lambda: svc.state.batcher.statistics()  # noqa: E731

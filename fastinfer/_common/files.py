@@ -38,7 +38,14 @@ def atomic_path(
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
-    os.close(fd)
+    try:
+        # mkstemp makes the file owner-only (0600); the result must carry the mode a plain
+        # open() would give it (0666 less the umask), or a bundle baked into an image by root
+        # cannot be read by the service's own user.
+        if hasattr(os, "fchmod"):  # POSIX
+            os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
@@ -71,6 +78,19 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only set it, which would
+    race with threads creating files); 0o022 where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:

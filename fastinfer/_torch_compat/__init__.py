@@ -34,6 +34,7 @@ from fastinfer._torch_compat._kernels import (
     mkldnn_reorder_linear_weight,
     nested_from_mask,
     nested_mask_left_aligned,
+    spend_nested_prototype_warning,
     transformer_encoder_layer_fwd,
 )
 from fastinfer._torch_compat._registry import ENTRIES, TESTED_TORCH, Entry, check
@@ -61,6 +62,7 @@ __all__ = [
     "nested_from_mask",
     "nested_mask_left_aligned",
     "shared_tensor_reducer",
+    "spend_nested_prototype_warning",
     "torch_dispatch_mode",
     "transformer_encoder_layer_fwd",
     "tree_leaves",

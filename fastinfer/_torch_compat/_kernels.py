@@ -158,6 +158,23 @@ def nested_from_mask(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return torch._nested_tensor_from_mask(x, valid, mask_check=False)
 
 
+_nested_warning_spent = False
+
+
+def spend_nested_prototype_warning() -> None:
+    """Let torch's "nested tensors are in prototype stage" warning fire once here, silenced.
+
+    torch emits it once per process (a ``TORCH_WARN_ONCE`` in the nested tensor's constructor),
+    on the first nested tensor made anywhere, ``nn.TransformerEncoder``'s own fastpath included.
+    Code that runs such a model on purpose (the attention swap timing the model as built and its
+    nested candidates) calls this first, so the warning never reaches the user's console.
+    """
+    global _nested_warning_spent
+    if not _nested_warning_spent:
+        nested_from_mask(torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
+        _nested_warning_spent = True
+
+
 @entry(
     "nested_from_mask",
     "torch._nested_tensor_from_mask(x, mask, mask_check=) + "

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from fastinfer import _torch_compat
 from fastinfer._common.manifest import environment_manifest
 from fastinfer.attention import _decisions
 from fastinfer.attention._candidate import Candidate
@@ -109,6 +110,9 @@ def swap_attention_(
             raise ConfigError("pass example_inputs or padding_profile, not both")
         example_inputs = profile_inputs(model, PaddingProfile(*padding_profile))
 
+    # timing the model as built and its nested candidates makes nested tensors: torch's
+    # one-time prototype warning is nothing the user can act on
+    _torch_compat.spend_nested_prototype_warning()
     kind, cands, notes = discover(model)
     wanted = [prefer] if isinstance(prefer, str) else list(prefer or [])
     names = [c.name for c in cands]

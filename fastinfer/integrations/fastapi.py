@@ -34,6 +34,13 @@ What :meth:`FastInferService.install` adds:
 - ``GET /metrics``: Prometheus text from the service's :class:`fastinfer.MetricsRecorder` through
   ``prometheus_client``, with request latency, queue wait, batch size, batch execution time,
   outcomes, queue depth and startup phase times recorded automatically;
+- limits (:mod:`._limits`): request bodies over ``max_body_bytes`` → 413, bodies not received
+  within ``client_timeout_seconds`` → 408, and after a ``QueueFull`` a route's requests are shed
+  at the door (503 before their body is read) until the batcher's retry estimate has passed;
+- every status fastinfer answers (404 and 405 included) has the body
+  ``{"error": <code>, "detail": <message>}``;
+- ``GET /dashboard`` (opt-in, ``dashboard=True``, :mod:`._dashboard`): a live page of the
+  request rate, latency, queue depth, batch sizes and setup phases, refreshed every second;
 - :meth:`FastInferService.submit` / :meth:`~FastInferService.run`: a client that disconnects
   cancels its queued request, so it never reaches the model.
 """
@@ -43,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import json
 import logging
 import math
 import time
@@ -63,14 +71,17 @@ from fastinfer.errors import (
     QueueFull,
     WorkerCrashed,
 )
+from fastinfer.integrations._admission import AdmissionLimits, AdmissionReport, measure_admission
+from fastinfer.integrations._limits import Door, RequestLimits, error_code
 from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
 
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
 prometheus_client = require("prometheus_client", purpose="the /metrics endpoint")
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
 
-__all__ = ["FastInferService", "run_server"]
+__all__ = ["AdmissionReport", "FastInferService", "measure_admission", "run_server"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,6 +127,18 @@ class FastInferService:
             unfreezes. Both are process-wide: pass ``False`` when the application manages the
             collector itself (a pre-fork server that freezes before forking, several services
             in one process), and the collector is left alone.
+        max_body_bytes: largest request body accepted (default 1 MiB); a larger one is answered
+            413 without being read further. ``None``: no limit.
+        client_timeout_seconds: time a client has, from its request's arrival, to send the whole
+            body (default 10 s); a slower one is answered 408 and its connection closed.
+            ``None``: wait forever. (A client that never finishes its headers is the server's
+            to time out: put a proxy in front, or use uvicorn's ``--limit-concurrency``.)
+        shed_at_door: answer 503 before reading or parsing a request when the service is at its
+            admission limit (set by :meth:`admission`), and, after a ``QueueFull`` on a route,
+            that route's requests until the batcher's retry estimate has passed, so rejections
+            stay fast under a flood (default on).
+        dashboard: serve the live dashboard page at ``dashboard_path`` (and its data at
+            ``dashboard_path + "/data"``). Off by default.
     """
 
     def __init__(
@@ -129,9 +152,26 @@ class FastInferService:
         health_path: str = "/healthz",
         ready_path: str = "/readyz",
         freeze_gc: bool = True,
+        max_body_bytes: int | None = 1_048_576,
+        client_timeout_seconds: float | None = 10.0,
+        shed_at_door: bool = True,
+        dashboard: bool = False,
+        dashboard_path: str = "/dashboard",
     ) -> None:
         if retry_after_seconds <= 0 or shutdown_timeout_seconds <= 0:
             raise ConfigError("retry_after_seconds and shutdown_timeout_seconds must be > 0")
+        if max_body_bytes is not None and (
+            isinstance(max_body_bytes, bool)
+            or not isinstance(max_body_bytes, int)
+            or max_body_bytes < 1
+        ):
+            raise ConfigError(f"max_body_bytes must be an int >= 1 or None, got {max_body_bytes!r}")
+        if client_timeout_seconds is not None and not (0 < client_timeout_seconds < math.inf):
+            raise ConfigError(
+                f"client_timeout_seconds must be > 0 seconds or None, got {client_timeout_seconds!r}"
+            )
+        if not dashboard_path.startswith("/"):
+            raise ConfigError(f"dashboard_path must start with '/', got {dashboard_path!r}")
         self.recorder = recorder if recorder is not None else MetricsRecorder()
         self.metrics = standard_metrics(self.recorder)
         self.state = _State(self)
@@ -141,6 +181,13 @@ class FastInferService:
         self.freeze_gc = freeze_gc
         self._gc_frozen = False
         self.paths = {"metrics": metrics_path, "health": health_path, "ready": ready_path}
+        if dashboard:
+            self.paths["dashboard"] = dashboard_path
+            self.paths["dashboard_data"] = dashboard_path.rstrip("/") + "/data"
+        self.max_body_bytes = max_body_bytes
+        self.client_timeout_seconds = client_timeout_seconds
+        self.door = Door(exempt=set(self.paths.values())) if shed_at_door else None
+        self._admission: dict[str, Any] = {}
         self._setup_fn: Callable[[FastInferService], Any] | None = None
         self._managed: list[tuple[str, Any]] = []
         self._phases: dict[str, float] = {}
@@ -159,6 +206,12 @@ class FastInferService:
             "HTTP request latency by route and status class",
             unit="seconds",
             labels=("route", "status"),
+        )
+        self._http_refused = self.recorder.counter(
+            "fastinfer_http_refused_total",
+            "requests answered by the HTTP limits before the app: shed at the door, body too "
+            "large, client too slow",
+            labels=("reason",),
         )
 
     # ------------------------------------------------------------------ setup and lifecycle
@@ -203,9 +256,46 @@ class FastInferService:
     def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` returns: ready or not, the current phase, the phase times."""
         out: dict[str, Any] = {"ready": self._ready, "phase": self._phase, "phases": self._phases}
+        if self._admission:
+            out["admission"] = self._admission
         if self._setup_error is not None:
-            out["error"] = f"{type(self._setup_error).__name__}: {self._setup_error}"
+            out["error"] = "setup_failed"
+            out["detail"] = f"{type(self._setup_error).__name__}: {self._setup_error}"
+        elif not self._ready:
+            out["error"] = "not_ready"
+            out["detail"] = f"the service is not ready yet (phase: {self._phase}); retry shortly"
         return out
+
+    def admission(
+        self,
+        fn: Callable[[Any], Any],
+        example_batch: Any,
+        *,
+        latency_target_ms: float,
+        max_concurrent_batches: int = 1,
+        batch_size: int | None = None,
+        name: str = "model",
+    ) -> AdmissionLimits:
+        """Admit only what can finish: time ``fn(example_batch)`` (a full batch, a few runs that
+        double as warm-up) and size the batcher's queue so that a request admitted last still
+        finishes within ``latency_target_ms``. Returns ``{"max_queue_size": n}`` for
+        ``DynamicBatcher(..., **limits)``; the measurement shows in ``/readyz`` under
+        ``"admission"``. With ``shed_at_door``, at most that queue plus what the batch slots run
+        is let past the door at once (the service's own routes excepted); the next request is
+        answered 503 before it is read. Call it in the setup function, once per batcher."""
+        report = measure_admission(
+            fn,
+            example_batch,
+            latency_target_ms=latency_target_ms,
+            max_concurrent_batches=max_concurrent_batches,
+            batch_size=batch_size,
+        )
+        self._admission[name] = report.to_dict()
+        if self.door is not None:  # at most this many requests past the door at once
+            admitted = report.max_queue_size + report.batch_size * report.max_concurrent_batches
+            self.door.limit = (self.door.limit or 0) + admitted
+        logger.info("admission for %s: %s", name, report)
+        return {"max_queue_size": report.max_queue_size}
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until setup finished; re-raise its error if it failed."""
@@ -334,18 +424,42 @@ class FastInferService:
             text = await asyncio.to_thread(svc.metrics_text)
             return Response(text, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
+        if "dashboard" in self.paths:
+            from fastinfer.integrations._dashboard import add_dashboard_routes
+
+            add_dashboard_routes(app, self.recorder, self.readiness, self.paths)
+
         def retry_after(exc: BaseException) -> dict[str, str]:
             seconds = getattr(exc, "retry_after", None) or svc.retry_after_seconds
-            return {"Retry-After": str(max(1, math.ceil(seconds)))}
+            return {"Retry-After": _retry_after_header(seconds)}
+
+        def queue_full(request: Any, exc: QueueFull) -> Any:
+            if svc.door is not None:  # shed this route's next requests before they are read
+                seconds = getattr(exc, "retry_after", None) or 0.0
+                svc.door.close_for(
+                    request.scope.get("method", ""),
+                    request.scope.get("path", ""),
+                    min(seconds, svc.retry_after_seconds),
+                    request.scope.get("route"),
+                )
+            return _error(503, "queue_full", str(exc), retry_after(exc))
+
+        def http_error(request: Any, exc: HTTPException) -> Any:
+            headers = dict(exc.headers or {})
+            if exc.status_code < 200 or exc.status_code in (204, 304):
+                return Response(status_code=exc.status_code, headers=headers)
+            detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+            return _error(exc.status_code, error_code(exc.status_code), detail, headers)
 
         handlers: dict[type[BaseException], Callable[[Any, Any], Any]] = {
-            QueueFull: lambda r, e: _error(503, "queue_full", str(e), retry_after(e)),
+            QueueFull: queue_full,
+            HTTPException: http_error,
             NotReady: lambda r, e: _error(503, "not_ready", str(e), retry_after(e)),
             WorkerCrashed: lambda r, e: _error(503, "worker_crashed", str(e), retry_after(e)),
             ClosedError: lambda r, e: _error(503, "shutting_down", str(e), retry_after(e)),
             DeadlineExceeded: lambda r, e: _error(504, "deadline_exceeded", str(e)),
             InvalidInput: lambda r, e: _error(422, "invalid_input", str(e)),
-            ClientDisconnected: lambda r, e: Response(status_code=499),
+            ClientDisconnected: lambda r, e: _error(499, "client_disconnected", str(e)),
             RequestValidationError: lambda r, e: _error(
                 422, "invalid_input", _validation_message(e)
             ),
@@ -359,9 +473,22 @@ class FastInferService:
 
         app.add_exception_handler(Exception, internal)
         app.add_exception_handler(FastInferError, internal)
+        # Starlette runs the last added middleware first: metrics see what the limits answer.
+        app.add_middleware(
+            RequestLimits,
+            max_body_bytes=self.max_body_bytes,
+            client_timeout_seconds=self.client_timeout_seconds,
+            door=self.door,
+            on_reject=lambda reason: self._http_refused.labels(reason=reason).inc(),
+            retry_after=_retry_after_header,
+        )
         app.add_middleware(
             _HTTPMetrics, histogram=self._http_latency, skip=set(self.paths.values())
         )
+
+
+def _retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
 
 
 def _async(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:

@@ -4,7 +4,11 @@ It saves a small BERT-like text classifier (built locally, random weights), star
 its own process on localhost, drives the same closed-loop load at both with a real HTTP client
 (a concurrency ramp), and prints throughput, p50/p99 latency and mean batch size side by side,
 plus what each primitive contributes measured on the model itself. It writes ``report.json`` and
-``report.png`` into ``--out``. ``--serve`` then keeps the fastinfer service running for curl.
+``report.png`` into ``--out``. ``--serve`` then keeps the fastinfer service running for curl, with
+its live dashboard at ``/dashboard``.
+
+Progress bars draw only on a terminal (or with ``FASTINFER_PROGRESS=1``); written to a file or a
+pipe, each stage prints one line when it ends.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fastinfer import _env
 from fastinfer._cli.demo import model as demo_model
 from fastinfer._common.tables import render_table
 from fastinfer._optional import require
@@ -32,9 +37,52 @@ from fastinfer._optional import require
 LEVELS = (1, 8, 32, 64)
 
 
-def _progress(total: int, desc: str) -> Any:
-    tqdm = require("tqdm.auto", purpose="the demo's progress bars").tqdm
-    return tqdm(total=total, desc=desc, unit="req", leave=False, dynamic_ncols=True)
+def _bars_wanted() -> bool:
+    """Progress bars on a terminal only (``FASTINFER_PROGRESS`` forces them on or off)."""
+    forced = _env.flag("FASTINFER_PROGRESS")
+    if forced is not None:
+        return forced
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Stage:
+    """One stage of the demo: a progress bar on a terminal, else one line when it ends."""
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "req") -> None:
+        self.desc, self.unit, self.done, self.postfix = desc, unit, 0, ""
+        self.t0 = time.perf_counter()
+        self.bar: Any = None
+        if _bars_wanted():
+            tqdm = require("tqdm.auto", purpose="the demo's progress bars").tqdm
+            if total is None:
+                self.bar = tqdm(desc=desc, bar_format="{desc}: {postfix} [{elapsed}]", leave=False)
+            else:
+                self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def close(self, summary: str = "") -> None:
+        if self.bar is not None:
+            self.bar.close()
+            return
+        took = time.perf_counter() - self.t0
+        done = f"{self.done} {self.unit} in " if self.done else ""
+        print(f"  {self.desc}: {done}{took:.1f} s{(' ' + summary) if summary else ''}", flush=True)
+
+
+def _progress(total: int, desc: str) -> _Stage:
+    return _Stage(desc, total)
 
 
 @contextmanager
@@ -65,11 +113,9 @@ def _service(
 def _wait_ready(url: str, proc: subprocess.Popen[str], mode: str, timeout: float = 300) -> None:
     """Poll /readyz, showing the service's current setup phase (load, swap, compile...)."""
     httpx = require("httpx")
-    tqdm = require("tqdm.auto", purpose="the demo's progress bars").tqdm
     deadline = time.monotonic() + timeout
-    with tqdm(
-        desc=f"starting {mode}", bar_format="{desc}: {postfix} [{elapsed}]", leave=False
-    ) as bar:
+    stage = _Stage(f"starting {mode:<9}", unit="phase")
+    try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(
@@ -78,11 +124,19 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], mode: str, timeout: float
             try:
                 resp = httpx.get(f"{url}/readyz", timeout=2)
                 if resp.status_code == 200:
+                    phases = resp.json().get("phases") or {}
+                    stage.close(", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
                     return
-                bar.set_postfix_str(str(resp.json().get("phase", "")))
+                stage.set_postfix_str(str(resp.json().get("phase", "")))
             except (httpx.HTTPError, ValueError):
-                bar.set_postfix_str("booting")
+                stage.set_postfix_str("booting")
             time.sleep(0.1)
+    except BaseException:
+        if stage.bar is not None:
+            stage.bar.close()
+        raise
+    if stage.bar is not None:
+        stage.bar.close()
     raise RuntimeError(f"the {mode} service was not ready after {timeout:.0f} s")
 
 
@@ -118,7 +172,7 @@ def _drive(url: str, mode: str, levels: tuple[int, ...], per_level: int) -> list
             )
         )
         before = _batch_totals(url) if mode == "fastinfer" else (0.0, 0.0)
-        bar = _progress(n, f"{mode:>9} c={conc}")
+        bar = _progress(n, f"{mode:>9} c={conc:<3}")
         res = asyncio.run(
             closed_loop(
                 f"{url}/predict",
@@ -129,7 +183,7 @@ def _drive(url: str, mode: str, levels: tuple[int, ...], per_level: int) -> list
                 on_done=functools.partial(bar.update, 1),
             )
         )
-        bar.close()
+        bar.close(f"({res.throughput:.0f} req/s)")
         after = _batch_totals(url) if mode == "fastinfer" else (0.0, 0.0)
         batches = after[1] - before[1]
         row = res.to_dict()
@@ -323,13 +377,14 @@ def run_demo(
         print(f"\nwrote {out_dir / 'report.json'}" + (f" and {png}" if png else ""))
         if serve:
             print(f"\nserving the fastinfer stack on http://127.0.0.1:{port} (Ctrl-C stops it):")
+            print(f"  dashboard: http://127.0.0.1:{port}/dashboard  (live, open it in a browser)")
             print(
                 f"  curl -s -X POST http://127.0.0.1:{port}/predict "
                 """-H 'content-type: application/json' -d '{"text": "hello world"}'"""
             )
             print(f"  curl -s http://127.0.0.1:{port}/metrics | grep fastinfer_batch_size")
             try:
-                with _service("fastinfer", ckpt, extra=extra, port=port):
+                with _service("fastinfer", ckpt, extra=(*extra, "--dashboard"), port=port):
                     signal.pause()
             except KeyboardInterrupt:
                 pass

@@ -20,8 +20,12 @@ import torch
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
+from fastinfer import _torch_compat
 from fastinfer._cli.demo import model as demo_model
 from fastinfer._optional import require
+
+#: the fastinfer service admits what finishes within this (its queue is sized from the batch cost)
+LATENCY_TARGET_MS = 1000.0
 
 
 class TextRequest(BaseModel):
@@ -29,7 +33,9 @@ class TextRequest(BaseModel):
 
 
 def plain_app(checkpoint: Path) -> Any:
-
+    # the model as built runs nn.TransformerEncoder's nested-tensor fastpath: torch's one-time
+    # "prototype stage" warning is nothing a demo user can act on
+    _torch_compat.spend_nested_prototype_warning()
     model = demo_model.build_model()
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     model.eval()
@@ -59,12 +65,14 @@ def fastinfer_app(
     max_wait_ms: float = 5.0,
     slots: int | None = None,
     threads: int | None = None,
+    dashboard: bool = False,
+    latency_target_ms: float = LATENCY_TARGET_MS,
 ) -> Any:
 
     import fastinfer
     from fastinfer.integrations.fastapi import FastInferService
 
-    svc = FastInferService()
+    svc = FastInferService(dashboard=dashboard)
     tok = demo_model.tokenizer()
 
     @svc.setup
@@ -97,6 +105,15 @@ def fastinfer_app(
         cores = fastinfer.CorePlan.detect().core_budget
         n_slots = slots if slots is not None else max(1, cores)
         fastinfer.configure_threads(threads if threads is not None else max(1, cores // n_slots))
+        # admit only what can finish within the target: the queue is sized from a full batch's
+        # measured cost (these runs are also the warm-up)
+        with svc.phase("measure"):
+            limits = svc.admission(
+                predict_batch,
+                demo_model.texts(max_batch_size, seed=2),
+                latency_target_ms=latency_target_ms,
+                max_concurrent_batches=n_slots,
+            )
         svc.state.batcher = svc.manage(
             fastinfer.DynamicBatcher(
                 predict_batch,
@@ -104,7 +121,7 @@ def fastinfer_app(
                 max_wait_ms=max_wait_ms,
                 max_concurrent_batches=n_slots,
                 policy="adaptive",
-                max_queue_size=4096,
+                **limits,
                 **svc.batcher_hooks(),
             ),
             name="batcher",
@@ -130,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-swap", action="store_true")
     parser.add_argument("--slots", type=int, default=None, help="batches run at once")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--dashboard", action="store_true", help="serve /dashboard")
+    parser.add_argument(
+        "--latency-target-ms", type=float, default=LATENCY_TARGET_MS, help="admission target"
+    )
     args = parser.parse_args(argv)
     uvicorn = require("uvicorn")
     if args.mode == "plain":
@@ -141,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             swap=not args.no_swap,
             slots=args.slots,
             threads=args.threads,
+            dashboard=args.dashboard,
+            latency_target_ms=args.latency_target_ms,
         )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

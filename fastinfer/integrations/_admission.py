@@ -1,0 +1,124 @@
+"""Admission sized from the measured batch cost: a service admits only what can finish in time.
+
+:meth:`FastInferService.admission` runs the batch function on a full example batch a few times
+(the runs double as warm-up), takes the median, and turns a latency target into the batcher's
+``max_queue_size``: a queue no longer than what the batch slots drain within the target. A
+request beyond it gets ``QueueFull`` (503 with ``Retry-After``) at once instead of waiting for
+seconds. The limit holds from the first request on, whatever the batcher has seen so far; the
+batcher's own ``latency_target_ms`` can be added for shedding that follows the cost as it changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, TypedDict
+
+from fastinfer._common.quantiles import quantile
+from fastinfer.errors import ConfigError
+
+__all__ = ["AdmissionLimits", "AdmissionReport", "measure_admission"]
+
+logger = logging.getLogger("fastinfer.integrations.fastapi")
+
+
+class AdmissionLimits(TypedDict):
+    """Keyword arguments for ``DynamicBatcher(..., **svc.admission(...))``."""
+
+    max_queue_size: int
+
+
+@dataclass(frozen=True)
+class AdmissionReport:
+    """What the measurement found (shown in ``/readyz`` under ``"admission"``)."""
+
+    batch_size: int
+    batch_seconds: float
+    latency_target_ms: float
+    max_concurrent_batches: int
+    max_queue_size: int
+    rounds: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_admission(
+    fn: Callable[[Any], Any],
+    example_batch: Any,
+    *,
+    latency_target_ms: float,
+    max_concurrent_batches: int = 1,
+    batch_size: int | None = None,
+    repeat: int = 3,
+) -> AdmissionReport:
+    """Time ``fn(example_batch)`` (one untimed run, then the median of ``repeat``) and size the
+    queue for the target.
+
+    A request queued at position ``p`` finishes after the batch running now and
+    ``ceil(p / (batch_size * max_concurrent_batches))`` more rounds, so the queue holds
+    ``(rounds - 1) * batch_size * max_concurrent_batches`` requests, where ``rounds`` is how many
+    batch times fit in 95% of the target (the batcher's own headroom). At least one full batch
+    per slot is always admitted; a target below two batch times is logged as unreachable.
+    Only ``fn``'s cost is counted: where a request's HTTP handling costs as much as its share
+    of the batch (a tiny model), pass a lower target or set ``max_queue_size`` yourself.
+    """
+    if isinstance(latency_target_ms, bool) or not (
+        isinstance(latency_target_ms, int | float) and 0 < latency_target_ms < math.inf
+    ):
+        raise ConfigError(
+            f"latency_target_ms must be a number of milliseconds > 0, got {latency_target_ms!r}"
+        )
+    if isinstance(max_concurrent_batches, bool) or not (
+        isinstance(max_concurrent_batches, int) and max_concurrent_batches >= 1
+    ):
+        raise ConfigError(
+            f"max_concurrent_batches must be an int >= 1, got {max_concurrent_batches!r}"
+        )
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ConfigError(f"repeat must be an int >= 1, got {repeat!r}")
+    size = batch_size if batch_size is not None else _len(example_batch)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {size!r}")
+    fn(example_batch)  # first calls pay one-time costs (lazy kernel loads, allocator growth)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(example_batch)
+        times.append(time.perf_counter() - t0)
+    batch_seconds = max(quantile(sorted(times), 0.5), 1e-6)
+    rounds = math.floor(latency_target_ms / 1000 * 0.95 / batch_seconds)
+    per_round = size * max_concurrent_batches
+    queue = max(per_round, (rounds - 1) * per_round)
+    if rounds < 2:
+        logger.warning(
+            "latency_target_ms=%g is below two batch times (%.1f ms per batch of %d measured): "
+            "admitted requests may miss it; raise the target or lower the batch size",
+            latency_target_ms,
+            batch_seconds * 1000,
+            size,
+        )
+    return AdmissionReport(
+        batch_size=size,
+        batch_seconds=batch_seconds,
+        latency_target_ms=float(latency_target_ms),
+        max_concurrent_batches=max_concurrent_batches,
+        max_queue_size=queue,
+        rounds=rounds,
+    )
+
+
+def _len(batch: Any) -> int:
+    if isinstance(batch, Mapping):  # e.g. tokenizer output: its len() counts keys, not items
+        raise ConfigError("cannot tell the batch size of a mapping: pass batch_size=")
+    if hasattr(batch, "shape") and len(batch.shape) > 0:
+        return int(batch.shape[0])
+    try:
+        return len(batch)
+    except TypeError:
+        raise ConfigError(
+            f"cannot tell the batch size of a {type(batch).__name__}: pass batch_size="
+        ) from None

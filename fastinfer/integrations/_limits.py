@@ -1,0 +1,281 @@
+"""HTTP limits for :class:`~fastinfer.integrations.fastapi.FastInferService`, as ASGI middleware.
+
+- **Request bodies** are read here, before routing, within ``max_body_bytes`` (413 as soon as the
+  declared length or the bytes received pass it; nothing more is read) and within
+  ``client_timeout_seconds`` from the request's arrival (408, connection closed: a client that
+  sends its body slowly or never holds no more than that). The app then gets the body in one
+  piece; later ``receive()`` calls (the disconnect watch) go to the server as before.
+- **Shedding at the door**: once a route answered ``QueueFull`` (503), further requests to the same
+  path are answered 503 here, before their body is read or parsed, until the batcher's retry
+  estimate has passed. With an admission limit (:meth:`FastInferService.admission` sets it: the
+  queue it sized plus what the batch slots run), at most that many requests are past the door at
+  once; the next one is answered 503 here at once. Under a flood the service then spends
+  microseconds, not a full request's parsing and validation, on each request it cannot take,
+  so rejections stay fast and the cores stay with the model. (Without the limit, a burst of
+  requests already inside the event loop would all pass an open door before the first of them
+  reached the full queue.)
+
+Every answer uses the service's error body, ``{"error": <code>, "detail": <message>}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+__all__ = ["Door", "RequestLimits", "error_code", "send_error"]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# error codes that differ from the status phrase (the rest: "Not Found" -> "not_found")
+_CODES = {413: "body_too_large", 408: "client_timeout", 499: "client_disconnected"}
+
+
+def error_code(status: int) -> str:
+    """The ``error`` field for an HTTP status: ``404`` -> ``"not_found"``."""
+    if status in _CODES:
+        return _CODES[status]
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return f"http_{status}"
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    code: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    *,
+    close: bool = False,
+) -> None:
+    """Send a complete ``{"error", "detail"}`` JSON response on a raw ASGI ``send``."""
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if close:
+        raw.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Door:
+    """Remembers, per (method, path), until when requests are shed without being read.
+
+    A window lasts the batcher's retry estimate, at least ``min_seconds`` (10 ms: an estimate
+    near zero, such as a batch already overdue, would reopen the door at once and leave every
+    rejection to the slow path). Bounded: at most ``max_entries`` paths are remembered
+    (user-controlled paths cannot exhaust memory); expired entries are dropped first, and a full
+    table sheds nothing new.
+    """
+
+    def __init__(
+        self,
+        *,
+        exempt: set[str] | frozenset[str] = frozenset(),
+        min_seconds: float = 0.01,
+        max_entries: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._until: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._max = max_entries
+        self.exempt = exempt  # the service's own routes (health, readiness, metrics, dashboard)
+        self.min_seconds = min_seconds
+        self.clock = clock
+        self.shed = 0
+        #: requests allowed past the door at once (None: no limit); ``in_flight``: past it now
+        self.limit: int | None = None
+        self.in_flight = 0
+        self._routes: dict[tuple[str, str], Any] = {}  # (method, path) -> route, once routed
+
+    def route_of(self, method: str, path: str) -> Any:
+        """The route a request to ``method path`` was last routed to (None: not seen yet)."""
+        return self._routes.get((method, path))
+
+    def remember_route(self, method: str, path: str, route: Any) -> None:
+        if route is not None and (len(self._routes) < self._max or (method, path) in self._routes):
+            self._routes[(method, path)] = route
+
+    def close_for(self, method: str, path: str, seconds: float, route: Any = None) -> None:
+        """Shed requests to ``method path`` for the next ``seconds`` (at least ``min_seconds``)."""
+        if math.isnan(seconds) or math.isinf(seconds):
+            return
+        seconds = max(seconds, self.min_seconds)
+        now = self.clock()
+        key = (method, path)
+        if key not in self._until and len(self._until) >= self._max:
+            self._until = {k: v for k, v in self._until.items() if v[0] > now}
+            if len(self._until) >= self._max:
+                return
+        self._until[key] = (now + seconds, route)
+
+    def check(self, method: str, path: str) -> tuple[float, Any] | None:
+        """(seconds left, the route) while ``method path`` is shed, else None."""
+        entry = self._until.get((method, path))
+        if entry is None:
+            return None
+        left = entry[0] - self.clock()
+        if left <= 0:
+            del self._until[(method, path)]
+            return None
+        return left, entry[1]
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k.lower() == name:
+            return bytes(v)
+    return None
+
+
+class RequestLimits:
+    """ASGI middleware: shed at the door, then read the body within its size and time limits.
+
+    ``on_reject(reason)`` is called for each request answered here (``"shed"``,
+    ``"body_too_large"``, ``"client_timeout"``); ``retry_after(seconds)`` formats Retry-After.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_body_bytes: int | None,
+        client_timeout_seconds: float | None,
+        door: Door | None,
+        on_reject: Callable[[str], None],
+        retry_after: Callable[[float], str],
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.timeout = client_timeout_seconds
+        self.door = door
+        self.on_reject = on_reject
+        self.retry_after = retry_after
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        door = self.door
+        if door is None or scope.get("path") in door.exempt:
+            await self._limited(scope, receive, send)
+            return
+        shed = door.check(scope.get("method", ""), scope.get("path", ""))
+        if shed is not None:
+            left, route = shed
+            if route is not None:
+                scope["route"] = route  # the HTTP metrics label it by its route template
+            door.shed += 1
+            self.on_reject("shed")
+            await send_error(
+                send,
+                503,
+                "queue_full",
+                "the service is at capacity: this route's queue was full moments ago; "
+                f"retry after ~{left * 1000:.0f} ms",
+                {"Retry-After": self.retry_after(left)},
+            )
+            return
+        if door.limit is not None and door.in_flight >= door.limit:
+            route = door.route_of(scope.get("method", ""), scope.get("path", ""))
+            if route is not None:
+                scope["route"] = route
+            door.shed += 1
+            self.on_reject("at_capacity")
+            await send_error(
+                send,
+                503,
+                "queue_full",
+                f"the service is at capacity: {door.in_flight} requests in flight, its admission "
+                f"limit is {door.limit} (what finishes within its latency target); retry shortly",
+                {"Retry-After": self.retry_after(0.0)},
+            )
+            return
+        door.in_flight += 1
+        try:
+            await self._limited(scope, receive, send)
+        finally:
+            door.in_flight -= 1
+            door.remember_route(scope.get("method", ""), scope.get("path", ""), scope.get("route"))
+
+    async def _limited(self, scope: Any, receive: Any, send: Any) -> None:
+        length = _header(scope, b"content-length")
+        if length is None and _header(scope, b"transfer-encoding") is None:
+            await self.app(scope, receive, send)  # no body (GET, HEAD, ...)
+            return
+        limit = self.max_body_bytes
+        if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+            await self._too_large(send, int(length))
+            return
+        body = await self._read_body(receive, send)
+        if body is None:
+            return  # answered here (413, 408) or the client left
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                if deadline is None:
+                    message = await receive()
+                else:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                self.on_reject("client_timeout")
+                await send_error(
+                    send,
+                    408,
+                    "client_timeout",
+                    f"the request body did not arrive within client_timeout_seconds="
+                    f"{self.timeout:g} ({size} bytes received); send it at once, or raise the "
+                    "service's client_timeout_seconds",
+                    close=True,
+                )
+                return None
+            if message["type"] == "http.disconnect":
+                await send_error(
+                    send, 499, "client_disconnected", "the client left while sending its request"
+                )
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if self.max_body_bytes is not None and size > self.max_body_bytes:
+                await self._too_large(send, size, partial=True)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, send: Any, size: int, *, partial: bool = False) -> None:
+        self.on_reject("body_too_large")
+        got = f"more than {self.max_body_bytes}" if partial else str(size)
+        await send_error(
+            send,
+            413,
+            "body_too_large",
+            f"the request body has {got} bytes; this service accepts at most max_body_bytes="
+            f"{self.max_body_bytes} bytes: send a smaller body, or raise the service's "
+            "max_body_bytes",
+            close=True,
+        )

@@ -1,0 +1,422 @@
+"""HTTP faults (issue 17) against a real server (uvicorn on localhost) and real clients.
+
+Each test reproduces one fault found on 75b60b0 and asserts the fix:
+
+- a body far over any sane size was read and parsed in full (now: 413 at once, by the declared
+  length or by the bytes received, with ``max_body_bytes`` defaulting to 1 MiB);
+- a client that sends its body slowly held its request forever (now: 408 after
+  ``client_timeout_seconds``, and the connection is closed);
+- 400/404/405 and the not-ready ``/readyz`` used FastAPI's ``{"detail": ...}`` body (now: the
+  documented ``{"error", "detail"}`` for every status);
+- under a flood, each rejection paid for a full parse and validation (now: after a ``QueueFull``
+  the route is shed at the door, before its body is read, until the batcher's retry estimate);
+- the services admitted far more than could finish (now: ``svc.admission`` sizes the queue
+  from the measured batch cost; every flooded request resolves exactly once, 200 or 503).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.serve
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+import fastinfer  # noqa: E402
+from fastinfer.integrations.fastapi import FastInferService, run_server  # noqa: E402
+
+
+def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class Body(BaseModel):
+    x: int
+
+
+def make_app(
+    fn: Callable[[list[int]], list[Any]] | None = None,
+    *,
+    setup_gate: threading.Event | None = None,
+    batcher: dict[str, Any] | None = None,
+    latency_target_ms: float | None = None,
+    **svc_kw: Any,
+) -> tuple[FastAPI, FastInferService]:
+    svc = FastInferService(**svc_kw)
+    model = fn or (lambda xs: [x * 2 for x in xs])
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        if setup_gate is not None:
+            with svc.phase("load"):
+                assert setup_gate.wait(20)
+        opts = {"max_batch_size": 4, "max_wait_ms": 1.0, **(batcher or {})}
+        if latency_target_ms is not None:  # admit what finishes in time: sized from the cost
+            example = list(range(opts["max_batch_size"]))
+            opts.update(svc.admission(model, example, latency_target_ms=latency_target_ms))
+        svc.state.batcher = svc.manage(
+            fastinfer.DynamicBatcher(model, **opts, **svc.batcher_hooks()),
+            name="model",
+        )
+
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+
+    @app.post("/predict")
+    async def predict(body: Body, request: Request) -> dict[str, int]:
+        return {"y": await svc.submit(svc.state.batcher, body.x, request)}
+
+    return app, svc
+
+
+@pytest.fixture
+def served() -> Iterator[Callable[..., tuple[str, FastInferService]]]:
+    stack: list[Any] = []
+
+    def start(*args: Any, **kw: Any) -> tuple[str, FastInferService]:
+        app, svc = make_app(*args, **kw)
+        cm = run_server(app)
+        url = cm.__enter__()
+        stack.append(cm)
+        if kw.get("setup_gate") is None:
+            until(lambda: svc.ready, "setup")
+        return url, svc
+
+    yield start
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+def connect(url: str, timeout: float = 5.0) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response (Content-Length framed) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a response: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
+def metric_samples(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(client.get("/metrics").text)
+        for s in fam.samples
+    }
+
+
+# -------------------------------------------------------------------------------- body size
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(served: Any) -> None:
+    url, _ = served()  # the default limit: 1 MiB
+    sock = connect(url)
+    try:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 52428800\r\n\r\n"  # 50 MB declared, not one byte of it sent
+        )
+        try:
+            status, headers, body = read_response(sock)
+        except TimeoutError:
+            raise AssertionError("no answer: the server waits to read a 50 MB body") from None
+    finally:
+        sock.close()
+    assert status == 413
+    assert headers["connection"] == "close"
+    answer = json.loads(body)
+    assert answer["error"] == "body_too_large"
+    assert "52428800" in answer["detail"] and "max_body_bytes=1048576" in answer["detail"]
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(served: Any) -> None:
+    url, svc = served(max_body_bytes=1000)
+    sock = connect(url)
+    chunk = b'{"x": 1, "pad": "' + b"a" * 500 + b'"}'
+    try:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"".join(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(4))
+            + b"0\r\n\r\n"
+        )
+        status, _, body = read_response(sock)
+    finally:
+        sock.close()
+    assert status == 413, body
+    assert json.loads(body)["detail"].startswith("the request body has more than 1000 bytes")
+    with httpx.Client(base_url=url, timeout=10) as client:
+        assert client.post("/predict", json={"x": 4}).json() == {"y": 8}  # small bodies pass
+        samples = metric_samples(client)
+    assert samples[("fastinfer_http_refused_total", (("reason", "body_too_large"),))] == 1
+    assert svc.state.batcher.statistics().requests_submitted == 1
+
+
+# -------------------------------------------------------------------------------- slow client
+
+
+def test_a_client_that_sends_its_body_slowly_is_timed_out(served: Any) -> None:
+    url, svc = served(client_timeout_seconds=0.5)
+    sock = connect(url)
+    try:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"x": '  # then nothing more
+        )
+        t0 = time.monotonic()
+        try:
+            status, headers, body = read_response(sock)
+        except TimeoutError:
+            raise AssertionError("the slow client was never timed out") from None
+        waited = time.monotonic() - t0
+        assert sock.recv(1) == b"", "the connection stays open after the 408"
+    finally:
+        sock.close()
+    assert status == 408 and headers["connection"] == "close"
+    answer = json.loads(body)
+    assert answer["error"] == "client_timeout" and "client_timeout_seconds=0.5" in answer["detail"]
+    assert 0.4 <= waited < 4.5
+    assert svc.state.batcher.statistics().requests_submitted == 0
+
+
+def test_the_client_timeout_has_a_documented_default() -> None:
+    svc = FastInferService()
+    assert svc.client_timeout_seconds == 10.0 and svc.max_body_bytes == 1_048_576
+    for bad in ({"max_body_bytes": 0}, {"client_timeout_seconds": -1}):
+        with pytest.raises(fastinfer.ConfigError):
+            FastInferService(**bad)
+
+
+# -------------------------------------------------------------------------------- error format
+
+
+def test_every_status_uses_the_documented_error_body(served: Any) -> None:
+    gate = threading.Event()
+    url, svc = served(setup_gate=gate)
+    with httpx.Client(base_url=url, timeout=10) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"] == "not_ready" and "phase: load" in ready.json()["detail"]
+        gate.set()
+        until(lambda: svc.ready, "setup")
+
+        missing = client.get("/no/such/route")
+        assert missing.status_code == 404
+        assert missing.json() == {"error": "not_found", "detail": "Not Found"}
+
+        wrong_method = client.get("/predict")
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        assert wrong_method.json() == {
+            "error": "method_not_allowed",
+            "detail": "Method Not Allowed",
+        }
+
+        not_utf8 = client.post(
+            "/predict", content=b'{"x": "\xc3"}', headers={"content-type": "application/json"}
+        )
+        assert not_utf8.status_code == 400
+        assert not_utf8.json()["error"] == "bad_request" and not_utf8.json()["detail"]
+
+        for resp in (missing, wrong_method, not_utf8):
+            assert set(resp.json()) == {"error", "detail"}
+            assert resp.headers["content-type"] == "application/json"
+
+
+# -------------------------------------------------------------------------------- overload
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        assert self.release.wait(20)
+        return [i * 2 for i in items]
+
+
+def test_after_a_queue_full_the_route_is_shed_at_the_door(served: Any) -> None:
+    gate = Gate()
+    url, svc = served(gate, batcher={"max_batch_size": 1, "max_queue_size": 1})
+    frozen = [1000.0]
+    svc.door.clock = lambda: frozen[0]  # the shed window does not pass while the test runs
+    stats = svc.state.batcher.statistics
+    answers: list[int] = []
+    try:
+        with httpx.Client(base_url=url, timeout=20) as client:
+
+            def send(x: int) -> None:
+                answers.append(client.post("/predict", json={"x": x}).status_code)
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
+            threads[0].start()
+            until(lambda: stats().batches_in_flight == 1, "first batch running")
+            threads[1].start()
+            until(lambda: stats().queue_depth == 1, "second request queued")
+
+            full = client.post("/predict", json={"x": 3})  # the batcher says QueueFull
+            assert full.status_code == 503 and full.json()["error"] == "queue_full"
+            assert stats().requests_rejected == 1
+
+            # Shed at the door: answered before the body is read (an invalid body gets the
+            # 503, not a 422) and never reaches the batcher.
+            shed = client.post("/predict", content=b"not json at all")
+            assert shed.status_code == 503, shed.text
+            assert shed.json()["error"] == "queue_full" and "Retry-After" in shed.headers
+            assert int(shed.headers["Retry-After"]) >= 1
+            assert stats().requests_rejected == 1 and stats().requests_submitted == 3
+            # the service's own routes are never shed
+            assert client.get("/readyz").status_code == 200
+            assert client.get("/healthz").status_code == 200
+
+            gate.release.set()
+            for t in threads:
+                t.join()
+            samples = metric_samples(client)
+    finally:
+        gate.release.set()
+    assert sorted(answers) == [200, 200]
+    assert samples[("fastinfer_http_refused_total", (("reason", "shed"),))] == 1
+    key = ("fastinfer_http_request_seconds_count", (("route", "/predict"), ("status", "5xx")))
+    assert samples[key] == 2  # the batcher's 503 and the door's, under the route template
+
+
+def test_the_door_opens_again_once_the_retry_estimate_passed(served: Any) -> None:
+    gate = Gate()
+    url, svc = served(gate, batcher={"max_batch_size": 1, "max_queue_size": 1})
+    now = [1000.0]
+    svc.door.clock = lambda: now[0]
+    try:
+        with httpx.Client(base_url=url, timeout=20) as client:
+            first = threading.Thread(target=lambda: client.post("/predict", json={"x": 1}))
+            first.start()
+            until(lambda: svc.state.batcher.statistics().batches_in_flight == 1, "running")
+            second = threading.Thread(target=lambda: client.post("/predict", json={"x": 2}))
+            second.start()
+            until(lambda: svc.state.batcher.statistics().queue_depth == 1, "queued")
+            assert client.post("/predict", json={"x": 3}).status_code == 503
+            gate.release.set()
+            first.join()
+            second.join()
+            shed = client.post("/predict", json={"x": 4})  # inside the window: shed
+            assert shed.status_code == 503 and svc.door.shed == 1
+            now[0] += svc.retry_after_seconds  # the window never outlasts retry_after_seconds
+            assert client.post("/predict", json={"x": 5}).json() == {"y": 10}
+    finally:
+        gate.release.set()
+
+
+def test_at_most_the_admission_limit_is_past_the_door(served: Any) -> None:
+    """A burst already inside the event loop cannot all pass an open door: the door counts."""
+    gate = Gate()
+    url, svc = served(gate, batcher={"max_batch_size": 1})
+    svc.door.limit = 2  # what svc.admission sets: the sized queue plus what the slots run
+    stats = svc.state.batcher.statistics
+    try:
+        with httpx.Client(base_url=url, timeout=20) as client:
+            held = [
+                threading.Thread(target=lambda i=i: client.post("/predict", json={"x": i}))
+                for i in (1, 2)
+            ]
+            for t in held:
+                t.start()
+            until(lambda: stats().requests_submitted == 2, "two requests in flight")
+            over = client.post("/predict", content=b"not even json")  # never parsed
+            assert over.status_code == 503 and "Retry-After" in over.headers
+            assert over.json()["error"] == "queue_full" and "limit is 2" in over.json()["detail"]
+            assert client.get("/readyz").status_code == 200  # the service's routes are exempt
+            assert stats().requests_submitted == 2 and svc.door.in_flight == 2
+            gate.release.set()
+            for t in held:
+                t.join()
+            assert svc.door.in_flight == 0
+            assert client.post("/predict", json={"x": 3}).json() == {"y": 6}
+            samples = metric_samples(client)
+    finally:
+        gate.release.set()
+    assert samples[("fastinfer_http_refused_total", (("reason", "at_capacity"),))] == 1
+
+
+def test_a_flood_resolves_every_request_once_with_200_or_a_fast_503(served: Any) -> None:
+    """Far more concurrent requests than the admission limit: nothing lost, nothing hangs."""
+
+    def model(xs: list[int]) -> list[int]:
+        time.sleep(0.05)  # 50 ms per batch, whatever its size
+        return [x * 2 for x in xs]
+
+    url, svc = served(model, batcher={"max_batch_size": 8}, latency_target_ms=200, freeze_gc=False)
+    admission = svc.readiness()["admission"]["model"]
+    assert admission["latency_target_ms"] == 200
+    # (floor(200 ms * 0.95 / 50 ms) - 1) rounds of 8 at most: fewer than the clients below
+    assert 8 <= admission["max_queue_size"] <= 16
+    assert svc.door.limit == admission["max_queue_size"] + 8
+    limits = {"max_queue_size": admission["max_queue_size"]}
+
+    n, clients = 480, 60
+    statuses: Counter[int] = Counter()
+    retry_after_missing = 0
+    lock = threading.Lock()
+
+    def client_thread(ids: range) -> None:
+        nonlocal retry_after_missing
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for i in ids:
+                try:
+                    r = client.post("/predict", json={"x": i})
+                    code = r.status_code
+                    if code == 200:
+                        assert r.json() == {"y": 2 * i}
+                    elif code == 503 and "Retry-After" not in r.headers:
+                        with lock:
+                            retry_after_missing += 1
+                except httpx.HTTPError:
+                    code = 0
+                with lock:
+                    statuses[code] += 1
+
+    threads = [
+        threading.Thread(target=client_thread, args=(range(k, n, clients),)) for k in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(statuses.values()) == n, statuses  # every request answered exactly once
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[200] > 0 and statuses[503] > 0 and retry_after_missing == 0, (statuses, limits)
+    st = svc.state.batcher.statistics()
+    assert st.requests_ok == statuses[200]  # what was admitted was answered
+    assert st.requests_failed == st.requests_expired == st.queue_depth == 0
+    assert svc.door.shed > 0 and svc.door.in_flight == 0  # most were turned away at the door
