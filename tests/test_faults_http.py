@@ -379,9 +379,11 @@ def test_a_flood_resolves_every_request_once_with_200_or_a_fast_503(served: Any)
     url, svc = served(model, batcher={"max_batch_size": 8}, latency_target_ms=200, freeze_gc=False)
     admission = svc.readiness()["admission"]["model"]
     assert admission["latency_target_ms"] == 200
-    # (floor(200 ms * 0.95 / 50 ms) - 1) rounds of 8 at most: fewer than the clients below
-    assert 8 <= admission["max_queue_size"] <= 16
-    assert svc.door.limit == admission["max_queue_size"] + 8
+    # (floor(200 ms * 0.95 / 50 ms) - 1) rounds of 8 per slot at most: fewer than the clients
+    slots = admission["max_concurrent_batches"]
+    assert svc.readiness()["serving"]["model"]["slots"] == slots
+    assert 8 * slots <= admission["max_queue_size"] <= 16 * slots
+    assert svc.door.limit == admission["max_queue_size"] + 8 * slots
     limits = {"max_queue_size": admission["max_queue_size"]}
 
     n, clients = 480, 60

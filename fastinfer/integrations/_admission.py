@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 from fastinfer._common.quantiles import quantile
 from fastinfer.errors import ConfigError
 
-__all__ = ["AdmissionLimits", "AdmissionReport", "measure_admission"]
+__all__ = ["AdmissionLimits", "AdmissionReport", "batch_len", "measure_admission"]
 
 logger = logging.getLogger("fastinfer.integrations.fastapi")
 
@@ -28,6 +28,7 @@ logger = logging.getLogger("fastinfer.integrations.fastapi")
 class AdmissionLimits(TypedDict):
     """Keyword arguments for ``DynamicBatcher(..., **svc.admission(...))``."""
 
+    max_concurrent_batches: int
     max_queue_size: int
 
 
@@ -54,6 +55,7 @@ def measure_admission(
     max_concurrent_batches: int = 1,
     batch_size: int | None = None,
     repeat: int = 3,
+    batch_seconds: float | None = None,
 ) -> AdmissionReport:
     """Time ``fn(example_batch)`` (one untimed run, then the median of ``repeat``) and size the
     queue for the target.
@@ -65,6 +67,8 @@ def measure_admission(
     per slot is always admitted; a target below two batch times is logged as unreachable.
     Only ``fn``'s cost is counted: where a request's HTTP handling costs as much as its share
     of the batch (a tiny model), pass a lower target or set ``max_queue_size`` yourself.
+    ``batch_seconds`` given (a batch's time with every slot busy, as :func:`measure_serving`
+    found it): nothing is timed.
     """
     if isinstance(latency_target_ms, bool) or not (
         isinstance(latency_target_ms, int | float) and 0 < latency_target_ms < math.inf
@@ -80,16 +84,17 @@ def measure_admission(
         )
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"repeat must be an int >= 1, got {repeat!r}")
-    size = batch_size if batch_size is not None else _len(example_batch)
+    size = batch_size if batch_size is not None else batch_len(example_batch)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {size!r}")
-    fn(example_batch)  # first calls pay one-time costs (lazy kernel loads, allocator growth)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(example_batch)
-        times.append(time.perf_counter() - t0)
-    batch_seconds = max(quantile(sorted(times), 0.5), 1e-6)
+    if batch_seconds is None:
+        fn(example_batch)  # first calls pay one-time costs (lazy kernel loads, allocator growth)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn(example_batch)
+            times.append(time.perf_counter() - t0)
+        batch_seconds = max(quantile(sorted(times), 0.5), 1e-6)
     rounds = math.floor(latency_target_ms / 1000 * 0.95 / batch_seconds)
     per_round = size * max_concurrent_batches
     queue = max(per_round, (rounds - 1) * per_round)
@@ -111,7 +116,7 @@ def measure_admission(
     )
 
 
-def _len(batch: Any) -> int:
+def batch_len(batch: Any) -> int:
     if isinstance(batch, Mapping):  # e.g. tokenizer output: its len() counts keys, not items
         raise ConfigError("cannot tell the batch size of a mapping: pass batch_size=")
     if hasattr(batch, "shape") and len(batch.shape) > 0:

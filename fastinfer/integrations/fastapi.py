@@ -57,7 +57,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastinfer._optional import require
 from fastinfer.errors import (
@@ -71,8 +71,14 @@ from fastinfer.errors import (
     QueueFull,
     WorkerCrashed,
 )
-from fastinfer.integrations._admission import AdmissionLimits, AdmissionReport, measure_admission
+from fastinfer.integrations._admission import (
+    AdmissionLimits,
+    AdmissionReport,
+    batch_len,
+    measure_admission,
+)
 from fastinfer.integrations._limits import Door, RequestLimits, error_code
+from fastinfer.integrations._sizing import ServingPlan, measure_serving
 from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
 
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
@@ -81,7 +87,14 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
-__all__ = ["AdmissionReport", "FastInferService", "measure_admission", "run_server"]
+__all__ = [
+    "AdmissionReport",
+    "FastInferService",
+    "ServingPlan",
+    "measure_admission",
+    "measure_serving",
+    "run_server",
+]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,6 +201,7 @@ class FastInferService:
         self.client_timeout_seconds = client_timeout_seconds
         self.door = Door(exempt=set(self.paths.values())) if shed_at_door else None
         self._admission: dict[str, Any] = {}
+        self._serving: dict[str, Any] = {}
         self._setup_fn: Callable[[FastInferService], Any] | None = None
         self._managed: list[tuple[str, Any]] = []
         self._phases: dict[str, float] = {}
@@ -256,6 +270,8 @@ class FastInferService:
     def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` returns: ready or not, the current phase, the phase times."""
         out: dict[str, Any] = {"ready": self._ready, "phase": self._phase, "phases": self._phases}
+        if self._serving:
+            out["serving"] = self._serving
         if self._admission:
             out["admission"] = self._admission
         if self._setup_error is not None:
@@ -272,30 +288,42 @@ class FastInferService:
         example_batch: Any,
         *,
         latency_target_ms: float,
-        max_concurrent_batches: int = 1,
+        max_concurrent_batches: int | Literal["auto"] = "auto",
         batch_size: int | None = None,
         name: str = "model",
     ) -> AdmissionLimits:
-        """Admit only what can finish: time ``fn(example_batch)`` (a full batch, a few runs that
-        double as warm-up) and size the batcher's queue so that a request admitted last still
-        finishes within ``latency_target_ms``. Returns ``{"max_queue_size": n}`` for
-        ``DynamicBatcher(..., **limits)``; the measurement shows in ``/readyz`` under
+        """Size a batcher from ``fn``'s measured cost on a full example batch: how many batches
+        run at once and with how many torch threads, and how long its queue may be.
+
+        ``max_concurrent_batches="auto"`` (the one knob) splits the core budget
+        (:class:`fastinfer.CorePlan`) into slots × threads by measuring every split and keeps the
+        fastest (``_sizing.py``); it sets torch's threads for the process. The queue is then
+        sized so that a request admitted last still finishes within ``latency_target_ms``. Returns
+        ``{"max_concurrent_batches": n, "max_queue_size": q}`` for ``DynamicBatcher(...,
+        **limits)``; the measurements show in ``/readyz`` under ``"serving"`` and
         ``"admission"``. With ``shed_at_door``, at most that queue plus what the batch slots run
-        is let past the door at once (the service's own routes excepted); the next request is
-        answered 503 before it is read. Call it in the setup function, once per batcher."""
+        is let past the door at once; the next request is answered 503 before it is read. Call
+        it in the setup function, once per batcher (the runs double as warm-up)."""
+        size = batch_size if batch_size is not None else batch_len(example_batch)
+        auto = max_concurrent_batches == "auto"
+        plan = measure_serving(
+            fn, example_batch, batch_size=size, slots=None if auto else max_concurrent_batches
+        )
+        self._serving[name] = plan.to_dict()
         report = measure_admission(
             fn,
             example_batch,
             latency_target_ms=latency_target_ms,
-            max_concurrent_batches=max_concurrent_batches,
-            batch_size=batch_size,
+            max_concurrent_batches=plan.slots,
+            batch_size=size,
+            batch_seconds=plan.batch_seconds or None,
         )
         self._admission[name] = report.to_dict()
         if self.door is not None:  # at most this many requests past the door at once
             admitted = report.max_queue_size + report.batch_size * report.max_concurrent_batches
             self.door.limit = (self.door.limit or 0) + admitted
         logger.info("admission for %s: %s", name, report)
-        return {"max_queue_size": report.max_queue_size}
+        return {"max_concurrent_batches": plan.slots, "max_queue_size": report.max_queue_size}
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until setup finished; re-raise its error if it failed."""

@@ -99,27 +99,23 @@ def fastinfer_app(
                 logits = run_model(enc["input_ids"], enc["attention_mask"])
             return demo_model.postprocess(logits)
 
-        # One batch slot per physical core, one thread each: two single-threaded forwards overlap
-        # the Python around them (tokenize, postprocess) better than one two-threaded forward
-        # (measured with this demo: 446 vs 367 req/s at 64 clients on 2 cores).
-        cores = fastinfer.CorePlan.detect().core_budget
-        n_slots = slots if slots is not None else max(1, cores)
-        fastinfer.configure_threads(threads if threads is not None else max(1, cores // n_slots))
-        # admit only what can finish within the target: the queue is sized from a full batch's
-        # measured cost (these runs are also the warm-up)
+        # How many batches run at once, with how many torch threads, and how long the queue may
+        # be: measured on a full batch (these runs are also the warm-up). "auto" tries every
+        # split of the cores and keeps the fastest; --slots fixes it.
         with svc.phase("measure"):
             limits = svc.admission(
                 predict_batch,
                 demo_model.texts(max_batch_size, seed=2),
                 latency_target_ms=latency_target_ms,
-                max_concurrent_batches=n_slots,
+                max_concurrent_batches=slots if slots is not None else "auto",
             )
+        if threads is not None:
+            fastinfer.configure_threads(threads)
         svc.state.batcher = svc.manage(
             fastinfer.DynamicBatcher(
                 predict_batch,
                 max_batch_size=max_batch_size,
                 max_wait_ms=max_wait_ms,
-                max_concurrent_batches=n_slots,
                 policy="adaptive",
                 **limits,
                 **svc.batcher_hooks(),

@@ -1,0 +1,172 @@
+"""How a service computes on its cores: batch slots × torch threads, chosen by measurement.
+
+On a CPU a batch can run as one forward pass with many threads, or several batches can run at once
+with fewer threads each. Which is faster depends on the model: a small model's forward pass does
+not scale to many threads (2 single-thread passes beat one 2-thread pass on the 2-core machine the
+benchmarks ran on), a large one's does. :func:`measure_serving` tries every split of the core
+budget (slots × threads = cores, from :class:`fastinfer.CorePlan`: physical cores, capped by the
+cgroup quota), runs ``fn`` on a full example batch from ``slots`` threads at once for a short time,
+and keeps the split with the most items per second. Near-ties go to fewer slots: each batch then
+finishes sooner, so latency is lower at the same throughput.
+
+The result sets torch's thread count for the process (and the OMP/MKL variables) and gives the
+batcher its ``max_concurrent_batches``; ``/readyz`` shows the measurement under ``"serving"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fastinfer.errors import ConfigError, RecompileError
+
+__all__ = ["ServingPlan", "measure_serving", "splits"]
+
+logger = logging.getLogger("fastinfer.integrations.fastapi")
+
+_TIE = 0.03  # within 3% of the best, fewer slots win (lower latency per batch)
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What :func:`measure_serving` chose: ``slots`` batches at once, ``threads`` torch threads
+    each, on ``cores`` cores, and the items/s it measured for every split it tried."""
+
+    cores: int
+    slots: int
+    threads: int
+    batch_size: int
+    items_per_second: float
+    measured: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def batch_seconds(self) -> float:
+        """Time of one batch when every slot is busy (what admission plans with)."""
+        if self.items_per_second <= 0:
+            return 0.0
+        return self.slots * self.batch_size / self.items_per_second
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["batch_seconds"] = self.batch_seconds
+        return d
+
+
+def splits(cores: int) -> list[tuple[int, int]]:
+    """Every ``(slots, threads)`` with ``slots * threads == cores``, fewest slots first."""
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+        raise ConfigError(f"cores must be an int >= 1, got {cores!r}")
+    return [(s, cores // s) for s in range(1, cores + 1) if cores % s == 0]
+
+
+def _items_per_second(
+    fn: Callable[[Any], Any], batch: Any, size: int, slots: int, seconds: float
+) -> float:
+    done = [0] * slots
+    errors: list[BaseException] = []
+    start = threading.Barrier(slots + 1)
+    stop_at = [0.0]
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            while time.perf_counter() < stop_at[0]:
+                fn(batch)
+                done[i] += 1
+        except BaseException as exc:  # surfaced below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(slots)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + seconds
+    start.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(done) * size / elapsed if elapsed > 0 else 0.0
+
+
+def measure_serving(
+    fn: Callable[[Any], Any],
+    example_batch: Any,
+    *,
+    batch_size: int,
+    cores: int | None = None,
+    slots: int | None = None,
+    seconds: float = 0.5,
+    set_threads: Callable[[int], Any] | None = None,
+) -> ServingPlan:
+    """Pick slots × threads for ``fn`` on ``cores`` cores by measuring each split.
+
+    ``slots`` fixes the number of batch slots (its threads are ``cores // slots``; nothing is
+    measured but the one split); ``seconds`` is the time per split (after one untimed call each).
+    ``set_threads(n)`` applies a thread count (default :func:`fastinfer.configure_threads`).
+    """
+    from fastinfer import CorePlan, configure_threads
+
+    apply = set_threads or (lambda n: configure_threads(n))
+    budget = CorePlan.detect().core_budget if cores is None else cores
+    options = splits(budget)
+    if slots is not None:
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ConfigError(f"slots must be an int >= 1 or None, got {slots!r}")
+        options = [(slots, max(1, budget // slots))]
+    if not seconds > 0:
+        raise ConfigError(f"seconds must be > 0, got {seconds!r}")
+    measured: dict[str, float] = {}
+    refused: dict[str, str] = {}
+    for s, t in options:
+        apply(t)
+        try:
+            fn(example_batch)  # one untimed call: lazy kernels, allocator growth, thread start-up
+            measured[f"{s}x{t}"] = _items_per_second(fn, example_batch, batch_size, s, seconds)
+        except RecompileError as exc:
+            # A compiled model is compiled for the thread count it was warmed with (dynamo guards
+            # on it): another count would recompile at serve time, so that split is not an option.
+            refused[f"{s}x{t}"] = str(exc).splitlines()[0]
+    if not measured:
+        raise ConfigError(
+            "no split of the cores could run fn: "
+            + "; ".join(f"{k}: {v}" for k, v in refused.items())
+            + ". Fix: compile the model with the thread count it will serve with (call "
+            "svc.admission before compile_model, or pass max_concurrent_batches=<slots>)"
+        )
+    best = max(measured.values())
+    chosen = next(  # fewest slots within _TIE of the best
+        (s, t) for s, t in options if measured.get(f"{s}x{t}", -1.0) >= best * (1 - _TIE)
+    )
+    apply(chosen[1])
+    reason = (
+        "the only split asked for"
+        if len(options) == 1
+        else f"most items/s of {len(measured)} splits (fewer slots within {_TIE:.0%} of the best)"
+    )
+    if refused:
+        reason += "; not tried: " + "; ".join(f"{k} ({v})" for k, v in refused.items())
+    plan = ServingPlan(
+        cores=budget,
+        slots=chosen[0],
+        threads=chosen[1],
+        batch_size=batch_size,
+        items_per_second=measured[f"{chosen[0]}x{chosen[1]}"],
+        measured=measured,
+        reason=reason,
+    )
+    logger.info(
+        "serving plan: %d slot(s) x %d thread(s) on %d core(s), %.0f items/s measured (%s)",
+        plan.slots,
+        plan.threads,
+        plan.cores,
+        plan.items_per_second,
+        ", ".join(f"{k}: {v:.0f}" for k, v in measured.items()),
+    )
+    return plan
