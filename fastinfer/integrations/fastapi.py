@@ -305,10 +305,8 @@ class FastInferService:
         is let past the door at once; the next request is answered 503 before it is read. Call
         it in the setup function, once per batcher (the runs double as warm-up)."""
         size = batch_size if batch_size is not None else batch_len(example_batch)
-        auto = max_concurrent_batches == "auto"
-        plan = measure_serving(
-            fn, example_batch, batch_size=size, slots=None if auto else max_concurrent_batches
-        )
+        slots = None if max_concurrent_batches == "auto" else max_concurrent_batches
+        plan = measure_serving(fn, example_batch, batch_size=size, slots=slots)
         self._serving[name] = plan.to_dict()
         report = measure_admission(
             fn,
