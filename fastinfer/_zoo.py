@@ -181,7 +181,9 @@ _T5 = {
 
 
 def _whisper_encoder() -> nn.Module:
-    return _hf("WhisperModel", "WhisperConfig", **_WHISPER)().encoder  # type: ignore[operator,no-any-return]
+    whole: Any = _hf("WhisperModel", "WhisperConfig", **_WHISPER)()
+    encoder: nn.Module = whole.encoder
+    return encoder
 
 
 def _torchvision(name: str, **kwargs: Any) -> Callable[[], nn.Module]:

@@ -34,13 +34,13 @@ from fastinfer._zoo import ZOO, ZooModel, zoo_model
 from fastinfer.errors import ConfigError
 
 __all__ = [
+    "ZOO",
     "BertLikeClassifier",
     "HashTokenizer",
     "ManualClock",
     "RotaryMLP",
     "TinyMLP",
     "ZooModel",
-    "ZOO",
     "bert_like_classifier",
     "hf_bert",
     "hf_llama",
