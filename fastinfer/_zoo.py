@@ -23,7 +23,7 @@ from torch import nn
 
 from fastinfer._optional import require
 
-__all__ = ["ZOO", "ZooModel", "zoo_model"]
+__all__ = ["ZOO", "SentenceEncoder", "ZooModel", "zoo_model"]
 
 VOCAB = 96
 IMAGE = 32  # pixels per side
@@ -112,6 +112,36 @@ def main_output(out: Any) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     raise TypeError(f"no main output tensor in a {type(out).__name__}")
+
+
+class _Transformer(nn.Module):
+    """sentence-transformers' ``Transformer`` module: the Hugging Face model as ``auto_model``."""
+
+    def __init__(self, auto_model: nn.Module) -> None:
+        super().__init__()
+        self.auto_model = auto_model
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        out = self.auto_model(**{k: features[k] for k in keys if k in features}, return_dict=True)
+        return {**features, "token_embeddings": out.last_hidden_state}
+
+
+class _MeanPooling(nn.Module):
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokens, mask = features["token_embeddings"], features["attention_mask"]
+        weights = mask[..., None].to(tokens.dtype)  # (B, T, 1)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (B, D)
+        return {**features, "sentence_embedding": pooled}
+
+
+class SentenceEncoder(nn.Sequential):
+    """A sentence-transformers-shaped wrapper (without the dependency): an ``nn.Sequential`` of a
+    module holding the Hugging Face model as ``auto_model`` and mean pooling. Called with one
+    dict of features, it returns the dict with ``token_embeddings`` and ``sentence_embedding``."""
+
+    def __init__(self, auto_model: nn.Module) -> None:
+        super().__init__(_Transformer(auto_model), _MeanPooling())
 
 
 class _seeded:

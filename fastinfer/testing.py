@@ -30,7 +30,7 @@ from torch import nn
 
 from fastinfer._common.files import atomic_path
 from fastinfer._optional import require
-from fastinfer._zoo import ZOO, ZooModel, zoo_model
+from fastinfer._zoo import ZOO, SentenceEncoder, ZooModel, zoo_model
 from fastinfer.errors import ConfigError
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "HashTokenizer",
     "ManualClock",
     "RotaryMLP",
+    "SentenceEncoder",
     "TinyMLP",
     "ZooModel",
     "bert_like_classifier",
