@@ -98,6 +98,11 @@ class ZooModel:
         return batch_inputs
 
     @staticmethod
+    def main_output(out: Any) -> torch.Tensor:
+        """The main tensor of a model's output (see :func:`main_output`)."""
+        return main_output(out)
+
+    @staticmethod
     def call(model: Callable[..., Any], inputs: Any) -> torch.Tensor:
         """The model's main output tensor for ``inputs`` (hidden states or logits)."""
         out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
@@ -105,10 +110,12 @@ class ZooModel:
 
 
 def main_output(out: Any) -> torch.Tensor:
+    """The main tensor of a model's output: itself, or its hidden states or logits (also from
+    the per-item dicts a batcher returns)."""
     if isinstance(out, torch.Tensor):
         return out
     for name in ("last_hidden_state", "logits"):
-        value = getattr(out, name, None)
+        value = out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
         if isinstance(value, torch.Tensor):
             return value
     raise TypeError(f"no main output tensor in a {type(out).__name__}")
@@ -217,9 +224,14 @@ def _whisper_encoder() -> nn.Module:
 
 
 def _torchvision(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    """A torchvision model class (``weights=None``: never downloads) at a tiny size."""
+
     def make() -> nn.Module:
         models = importlib.import_module("torchvision.models")
-        return getattr(models, name)(weights=None, **kwargs)  # type: ignore[no-any-return]
+        if name == "resnet":  # ResNet-50's blocks (Bottleneck), one per stage
+            block = importlib.import_module("torchvision.models.resnet").Bottleneck
+            return models.ResNet(block, [1, 1, 1, 1], **kwargs)  # type: ignore[no-any-return]
+        return getattr(models, name)(**kwargs)  # type: ignore[no-any-return]
 
     return make
 
@@ -340,14 +352,34 @@ _ENTRIES = [
         ),
     ),
     ZooModel(
-        "resnet50", "ResNet-50 (torchvision)", "image", "torchvision", _torchvision("resnet50")
+        "resnet50",
+        "ResNet-50 (torchvision `ResNet` + `Bottleneck`, 1 block per stage)",
+        "image",
+        "torchvision",
+        _torchvision("resnet", num_classes=10),
     ),
     ZooModel(
         "vit-b-16",
-        "ViT-B/16 (torchvision)",
+        "ViT-B/16 (torchvision `VisionTransformer`, 1 layer, width 32)",
         "image",
         "torchvision",
-        _torchvision("vit_b_16", image_size=IMAGE),
+        _torchvision(
+            "VisionTransformer",
+            image_size=IMAGE,
+            patch_size=16,
+            num_layers=1,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=64,
+            num_classes=10,
+        ),
+    ),
+    ZooModel(
+        "mobilenet-v3",
+        "MobileNetV3-small (torchvision)",
+        "image",
+        "torchvision",
+        _torchvision("mobilenet_v3_small", weights=None, num_classes=10),
     ),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -77,6 +78,20 @@ def load_model(
     return model.eval()
 
 
+def _architecture(transformers: Any, config: Any, name: str) -> Any:
+    """The class ``config.architectures`` names: exported by transformers, or only defined in its
+    model's module (``WhisperEncoder``, saved from ``WhisperModel().encoder``)."""
+    cls = getattr(transformers, name, None)
+    if cls is not None:
+        return cls
+    model_type = str(getattr(config, "model_type", "") or "").replace("-", "_")
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
 def load_pretrained(
     path: str | os.PathLike[str],
     *,
@@ -116,7 +131,7 @@ def load_pretrained(
     cls = model_class
     if cls is None:
         archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
+        cls = _architecture(transformers, config, archs[0]) if archs else None
         if cls is None:
             cls = transformers.AutoModel
     if dtype is None:
