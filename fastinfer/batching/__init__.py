@@ -14,7 +14,8 @@ optional length bucketing) are built in. See docs/batching.md.
 
 Layout: ``_batcher`` (the public object: admission, binding, lifecycle), ``_forming`` (when a batch
 is sealed, which items go in), ``_running`` (running ``fn``, isolating failures), ``_core`` (the
-state they share), ``_config`` (:class:`BatcherConfig`), ``_collate``, ``_cost_model``
+state they share), ``_config`` (:class:`BatcherConfig`), ``_collate``, ``_unpad`` (cutting a padded batch's
+outputs per item along declared sequence dims), ``_cost_model``
 (the adaptive policy's online fits), ``_records`` (statistics and per-event records), ``_loop``
 (clocks and the private loop thread), ``_decorator`` (:func:`batch`).
 """

@@ -16,7 +16,8 @@ persistent, environment-checked and shippable.
 Layout: ``_compile`` (compile_model, CompiledModel), ``_aot`` (AOTInductor packages),
 ``_selector`` (select_backend and its registry of candidate builders), ``_cache`` (InductorCache),
 ``_manifest`` (the environment a compiled artifact depends on), ``_verify`` (numerics and
-diagnosis), ``_inputs`` (resizing example inputs to each batch size).
+diagnosis), ``_inputs`` (resizing example inputs to each batch size, normalising serve-time
+inputs), ``_guards`` (dynamo's failed guards in words; a batch dimension the model specialises).
 """
 
 from fastinfer.compiling._aot import export_aot, load_aot
