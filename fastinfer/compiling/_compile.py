@@ -154,7 +154,7 @@ def _quiet_guard_errors(active: bool) -> Iterator[None]:
     """Silence dynamo's ERROR log (with traceback) of a guard it cannot build, while a dynamic
     batch dimension is tried: a specialised batch dimension is handled (one graph per size) and
     any other failure is raised with its cause, so the log would only alarm."""
-    log = logging.getLogger("torch._guards")
+    log = _torch_compat.guard_error_logger()
     level = log.level
     if active:
         log.setLevel(logging.CRITICAL)
