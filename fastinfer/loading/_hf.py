@@ -156,9 +156,9 @@ def _subtree(model: Any, mapped: Mapped, model_keys: set[str]) -> Mapped:
         return mapped
     probe = min(required)
     prefixes = {k[: -len(probe)] for k in mapped.tensors if k.endswith("." + probe)}
-    fits = sorted((p for p in prefixes if all(p + k in mapped.tensors for k in required)), key=len)
-    if not fits:
-        return mapped
+    fits = [p for p in prefixes if all(p + k in mapped.tensors for k in required)]
+    if len(fits) != 1:
+        return mapped  # none, or several parts that could hold it: not ours to pick (strict says)
     prefix = fits[0]
     out = Mapped(files=mapped.files, format=mapped.format, notes=list(mapped.notes))
     for key, tensor in mapped.tensors.items():
