@@ -419,8 +419,10 @@ def render_support() -> str:
             "- **swap**: `swap_attention_` with a padded example batch: the paths listed are "
             "verified against the original within the shared tolerances "
             "(`fastinfer._common.tolerances`); the one kept is the fastest on the machine (or "
-            "the original, with `report.reason` saying why). A swapped model stays "
-            "picklable, deep-copyable and savable with `torch.save`.",
+            "the original, with `report.reason` saying why). `hf:<impl>` paths are "
+            "transformers' own attention implementations (the one a model already uses is its "
+            "original path; for BERT-family encoders it also zeroes padded positions). A "
+            "swapped model stays picklable, deep-copyable and savable with `torch.save`.",
             "- **compile**: `compile_model` warmed at the batch sizes listed, then called at each "
             "under `torch.no_grad()` and `torch.inference_mode()` (inputs made inside and "
             "outside it) with no recompile. Every row compiles with dynamo's `eager` backend "
