@@ -44,6 +44,7 @@ class ZooModel:
     requires: str
     make: Callable[[], nn.Module] = field(repr=False)
     make_full: Callable[[], nn.Module] | None = field(default=None, repr=False)
+    full_name: str = ""  # the class of the whole saved model ``make_full`` builds
     decoder_inputs: bool = False  # an encoder-decoder: decoder_input_ids follow input_ids
 
     def available(self) -> str:
@@ -296,6 +297,7 @@ _ENTRIES = [
         "transformers",
         _whisper_encoder,
         make_full=_hf("WhisperModel", "WhisperConfig", **_WHISPER),
+        full_name="WhisperModel",
     ),
     ZooModel(
         "t5",

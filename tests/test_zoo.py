@@ -372,9 +372,8 @@ def _cell_text(arch: str, prim: str) -> str:
             text += f"; saved keys converted as `from_pretrained` does ({cell.converted})"
         if cell.tied:
             text += "; tied weights stay tied"
-        if entry.make_full is not None:
-            whole = type(entry.build_full()).__name__
-            text += f"; also from a whole `{whole}` folder (`model_class=`)"
+        if entry.full_name:
+            text += f"; also from a whole `{entry.full_name}` folder (`model_class=`)"
         return text
     if prim == "swap":
         return "yes: " + ", ".join(f"`{p}`" for p in cell.paths)
