@@ -121,3 +121,24 @@ def test_hf_outputs_per_item_equal_the_model_alone(options: dict[str, Any]) -> N
         torch.testing.assert_close(got["pooler_output"], alone.pooler_output[0])
         assert [h.shape for h in got["hidden_states"]] == [(n, 32)] * 2
         assert got["attentions"][0].shape == (2, n, n)
+
+
+@pytest.mark.transformers
+def test_a_sentence_transformers_features_dict_is_known_too() -> None:
+    model = ft.SentenceEncoder(ft.zoo_model("bert").build()).eval()
+    items = ft.zoo_model("bert").items(4)
+
+    def fn(batch: dict[str, torch.Tensor]) -> Any:
+        with torch.inference_mode():
+            return model(batch)
+
+    async def main() -> list[Any]:
+        async with DynamicBatcher(fn, max_batch_size=8, max_wait_ms=50, collate="pad") as b:
+            return await asyncio.gather(*(b.submit(it) for it in items))
+
+    for item, got in zip(items, asyncio.run(main())):
+        with torch.inference_mode():
+            alone = model({k: v[None] for k, v in item.items()})
+        n = len(item["input_ids"])
+        assert got["token_embeddings"].shape == (n, 32) and got["input_ids"].shape == (n,)
+        torch.testing.assert_close(got["sentence_embedding"], alone["sentence_embedding"][0])

@@ -7,8 +7,10 @@ Which output dimensions run along the padded sequence is *declared*, never guess
   fields: ``last_hidden_state`` / ``hidden_states`` run along dim 1, ``attentions`` along dims 2 and
   3, ``pooler_output`` has none, ``logits`` run along dim 1 for token-level heads
   (``TokenClassifierOutput``, ``MaskedLMOutput``, ``CausalLMOutput...``) and have none for
-  sequence-level ones (``SequenceClassifierOutput``...). A 1-D output ``(B,)`` has none. Anything
-  else raises :class:`BatchError` showing how to declare it.
+  sequence-level ones (``SequenceClassifierOutput``...). A plain dict gets the same field rules
+  (not ``logits``), plus sentence-transformers' ``token_embeddings`` / ``sentence_embedding`` and
+  echoed inputs. A 1-D output ``(B,)`` has none. Anything else raises :class:`BatchError` showing
+  how to declare it.
 * ``None``: no output has a sequence dimension; ``1`` or ``(2, 3)``: every tensor output has them;
   a mapping per output name (dict or ``ModelOutput`` key) or position (tuple index), whose values
   are any of those (a value applies to every tensor under that output, e.g. each hidden state).
@@ -39,8 +41,12 @@ _FIELDS: dict[str, tuple[int, ...]] = {
     "encoder_last_hidden_state": (1,),
     "encoder_hidden_states": (1,),
     "encoder_attentions": (2, 3),
-    "token_embeddings": (1,),  # sentence-transformers' features
+    # sentence-transformers' features dict: the inputs come back with the embeddings
+    "token_embeddings": (1,),
     "sentence_embedding": (),
+    "input_ids": (1,),
+    "attention_mask": (1,),
+    "token_type_ids": (1,),
 }
 _TOKEN_HEADS = ("TokenClassifier", "MaskedLM", "CausalLM")
 _SEQUENCE_HEADS = ("SequenceClassifier", "MultipleChoice", "ImageClassifier")
@@ -88,8 +94,10 @@ def _is_model_output(x: Any) -> bool:
 
 def _auto(owner: Any, field: str | None) -> tuple[int, ...] | None:
     """The dims the output type tells, or None when it does not."""
-    if owner is None or field is None or not _is_model_output(owner):
+    if not isinstance(owner, Mapping) or field is None:
         return None
+    if not _is_model_output(owner):  # a plain dict: only the conventional names
+        return _FIELDS.get(field)
     cls = type(owner).__name__
     if cls.startswith(_DECODER_SIDE) and not field.startswith("encoder_"):
         return None
