@@ -47,7 +47,7 @@ HEADERS = {
 BERT_PATHS = ("hf:packed", "hf:fused", "hf:sdpa", "hf:eager")
 HF_PATHS = ("hf:sdpa", "hf:eager")
 T5_DIMS = {"last_hidden_state": 1, "encoder_last_hidden_state": 1}
-INDUCTOR = ("bert", "llama")  # also compiled with inductor (the slow part)
+INDUCTOR = ("bert", "llama", "mixtral", "vit")  # also compiled with inductor (the slow part)
 SIZES = (1, 2, 4)
 
 
