@@ -312,7 +312,7 @@ async def text_case(bucket: bool, items: int, seed: int = 0) -> dict[str, float]
         fn,
         max_batch_size=MAX_BATCH,
         max_wait_ms=WAIT_MS,
-        collate=PadCollate(),
+        collate=PadCollate(sequence_dims=None),  # (B, classes) logits
         bucket_window=4 * MAX_BATCH if bucket else None,
     )
     await asyncio.gather(*(b.submit(t) for t in texts[:64]))  # warm-up

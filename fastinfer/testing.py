@@ -7,7 +7,9 @@ Everything here is built locally with random weights: nothing is ever downloaded
     >>> ids, mask = testing.text_batch(batch_size=4, seq_len=16, padding=0.5)
     >>> logits = testing.bert_like_classifier()(ids, mask)
 
-Hugging Face models (:func:`hf_bert`, :func:`hf_llama`) need the ``transformers`` extra.
+Hugging Face models (:func:`hf_bert`, :func:`hf_llama`) need the ``transformers`` extra. The
+model zoo (:data:`ZOO`, :func:`zoo_model`: BERT to Mixtral, ViT, Whisper's encoder, torchvision's
+ResNet-50) builds real architectures from tiny configs; see ``fastinfer/_zoo.py``.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ from torch import nn
 
 from fastinfer._common.files import atomic_path
 from fastinfer._optional import require
+from fastinfer._zoo import ZOO, SentenceEncoder, ZooModel, zoo_model
 from fastinfer.errors import ConfigError
 
 __all__ = [
+    "ZOO",
     "BertLikeClassifier",
     "HashTokenizer",
     "ManualClock",
     "RotaryMLP",
+    "SentenceEncoder",
     "TinyMLP",
+    "ZooModel",
     "bert_like_classifier",
     "hf_bert",
     "hf_llama",
@@ -44,6 +50,7 @@ __all__ = [
     "synthetic_batch_fn",
     "text_batch",
     "tiny_mlp",
+    "zoo_model",
 ]
 
 

@@ -438,7 +438,7 @@ def test_pad_collate_pads_masks_and_unpads(side: str) -> None:
             return batch.data * 2  # (B, T): per-token output
 
         clock = ManualClock()
-        collate = PadCollate(pad_value=-1, side=side, return_lengths=True, unpad_outputs=True)
+        collate = PadCollate(pad_value=-1, side=side, return_lengths=True, sequence_dims=1)
         b = DynamicBatcher(fn, max_batch_size=8, max_wait_ms=5, collate=collate, clock=clock)
         items = [[1, 2, 3], [4], [5, 6]]
         tasks = [asyncio.create_task(b.submit(x)) for x in items]
@@ -470,7 +470,8 @@ def test_pad_collate_on_tokenizer_dicts_matches_one_by_one() -> None:
             return model(batch["input_ids"], batch["attention_mask"])
 
     async def main() -> list[torch.Tensor]:
-        async with DynamicBatcher(fn, max_batch_size=8, max_wait_ms=50, collate="pad") as b:
+        collate = PadCollate(sequence_dims=None)  # (B, classes) logits: no sequence dim
+        async with DynamicBatcher(fn, max_batch_size=8, max_wait_ms=50, collate=collate) as b:
             return await asyncio.gather(*(b.submit(tok(t)) for t in texts))
 
     out = run(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -104,6 +105,25 @@ def _probe_mark_dynamic() -> str:
     names = params(mark)
     missing = [p for p in ("t", "index", "min", "max") if p not in names]
     return f"mark_dynamic's parameters are {names}; missing {missing}" if missing else ""
+
+
+def guard_error_logger() -> logging.Logger:
+    """The logger dynamo reports a guard it cannot build on (ERROR, with a traceback)."""
+    return logging.getLogger("torch._guards")
+
+
+@entry(
+    "guard_error_logger",
+    'logging.getLogger("torch._guards") (torch._guards.log)',
+    "compiling: compile_model quiets it while it tries a dynamic batch dimension it may refuse",
+    "2.1 - 2.13",
+)
+def _probe_guard_logger() -> str:
+    import torch._guards as guards
+
+    if getattr(guards, "log", None) is not guard_error_logger():
+        return "torch._guards no longer logs through logging.getLogger('torch._guards')"
+    return ""
 
 
 def inductor_config() -> Any:

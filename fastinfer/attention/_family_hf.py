@@ -71,22 +71,6 @@ def _zero_padded_hook(
     return out
 
 
-def _install_capture_hooks(model: nn.Module) -> None:
-    """Install transformers' output-capture hooks on the original layers before they are swapped.
-
-    transformers installs them lazily, once, on the modules it finds; installing them now means
-    ``output_hidden_states=True`` keeps working (the swapped encoder then runs the original layers)
-    during the swap and after undo.
-    """
-    try:
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:  # pragma: no cover - other transformers versions
-        return
-    for m in model.modules():
-        if getattr(m, "_can_record_outputs", None) and hasattr(m, "config"):
-            maybe_install_capturing_hooks(m)  # type: ignore[arg-type]
-
-
 def _flex_unavailable(model: nn.Module) -> str:
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         return "this torch has no flex_attention"
@@ -210,7 +194,6 @@ def hf_candidates(model: Any, once: Once) -> tuple[str, list[Candidate], list[st
         for mode in ("packed", "fused"):
 
             def apply_enc(undo: Undo, mode: str = mode) -> None:
-                _install_capture_hooks(model)
                 _set_attn(model, "sdpa", undo)  # masks arrive as bool (or None when unpadded)
                 undo.freeze(model)
                 for _, enc in encoders:

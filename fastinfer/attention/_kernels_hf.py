@@ -150,45 +150,39 @@ def hf_layer_fused_unsupported(parts: LayerParts) -> str:
     return ""
 
 
-class FastHFLayer(nn.Module):
-    """One HF encoder layer, holding the original's children under the same names.
+class FastHFLayer:
+    """The fast paths of one HF encoder layer, on that layer's own weights.
 
-    ``forward`` is the original layer's forward (exact fallback); :meth:`packed` and :meth:`fused`
-    are the fast paths the :class:`FastHFEncoder` calls.
+    A plain object, not a module: the original layer stays in the model (so the state dict, the
+    module tree and transformers' output-capture hooks, installed lazily on the layer classes it
+    knows, are unchanged). :meth:`packed` and :meth:`fused` are called by :class:`FastHFEncoder`,
+    which holds what they cache (concatenated and reordered weights, under ``"<index>.<name>"``)
+    and drops it when pickled or copied.
     """
 
-    def __init__(self, layer: Any):
-        super().__init__()
-        for name, child in layer.named_children():
-            self.add_module(name, child)
-        self.__dict__["_original"] = layer  # not registered: no duplicate state-dict keys
+    def __init__(self, layer: Any, owner: nn.Module, index: int):
         self.parts = HF_LAYER_PARTS[type(layer).__name__](layer)
-        self.training = layer.training
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__dict__["_original"](*args, **kwargs)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return drop_cache(self)
+        self.owner = owner
+        self.prefix = f"{index}."
 
     def _qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.parts
-        w = cached_cat(self, "w", [p.q.weight, p.k.weight, p.v.weight])
-        b = cached_cat(self, "b", [p.q.bias, p.k.bias, p.v.bias])  # type: ignore[list-item]
+        p, o, i = self.parts, self.owner, self.prefix
+        w = cached_cat(o, f"{i}w", [p.q.weight, p.k.weight, p.v.weight])
+        b = cached_cat(o, f"{i}b", [p.q.bias, p.k.bias, p.v.bias])  # type: ignore[list-item]
         return w, b
 
     def packed(self, h: torch.Tensor, packing: Packing) -> torch.Tensor:
         """``(N, D)`` valid tokens in, ``(N, D)`` out."""
-        p = self.parts
+        p, o, i = self.parts, self.owner, self.prefix
         w, b = self._qkv()
-        qkv = dense(self, "qkv", h, w, b, sources=[p.q.weight, p.k.weight, p.v.weight])
+        qkv = dense(o, f"{i}qkv", h, w, b, sources=[p.q.weight, p.k.weight, p.v.weight])
         a = packing.attention(qkv, p.heads)  # (N, D)
-        a = p.norm1(dense(self, "out", a, p.out.weight, p.out.bias) + h)
+        a = p.norm1(dense(o, f"{i}out", a, p.out.weight, p.out.bias) + h)
         if p.act_name in ("gelu", "relu"):
-            f = dense(self, "ffn_in", a, p.ffn_in.weight, p.ffn_in.bias, p.act_name)
+            f = dense(o, f"{i}ffn_in", a, p.ffn_in.weight, p.ffn_in.bias, p.act_name)
         else:
-            f = p.act(dense(self, "ffn_in", a, p.ffn_in.weight, p.ffn_in.bias))
-        return p.norm2(dense(self, "ffn_out", f, p.ffn_out.weight, p.ffn_out.bias) + a)
+            f = p.act(dense(o, f"{i}ffn_in", a, p.ffn_in.weight, p.ffn_in.bias))
+        return p.norm2(dense(o, f"{i}ffn_out", f, p.ffn_out.weight, p.ffn_out.bias) + a)
 
     def fused(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Dense ``(B, T, D)`` or nested input through PyTorch's fused encoder-layer kernel."""
@@ -261,10 +255,9 @@ class FastHFEncoder(nn.Module):
         self.__dict__["_original"] = encoder
         self.mode = mode
         self._output_cls = output_cls
-        self.layer = nn.ModuleList(FastHFLayer(layer) for layer in encoder.layer)
-        for name, child in encoder.named_children():
-            if name != "layer":
-                self.add_module(name, child)
+        for name, child in encoder.named_children():  # the original layers, same state dict
+            self._modules[name] = child  # (add_module refuses names __getattr__ resolves)
+        self.__dict__["_fast"] = [FastHFLayer(lyr, self, i) for i, lyr in enumerate(encoder.layer)]
         self.training = encoder.training
         self.fallbacks = 0  # forwards that ran the original encoder
 
@@ -273,6 +266,9 @@ class FastHFEncoder(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_original"], name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return drop_cache(self)
 
     def _fallback(self, *args: Any, **kwargs: Any) -> Any:
         self.fallbacks += 1
@@ -306,12 +302,12 @@ class FastHFEncoder(nn.Module):
         if self.mode == "packed":
             packing = Packing.from_valid(valid)
             h = packing.pack(hidden_states)
-            for layer in self.layer:
-                h = layer.packed(h, packing)  # type: ignore[operator]
+            for layer in self.__dict__["_fast"]:
+                h = layer.packed(h, packing)
             out = packing.unpack(h)
         else:
-            fns = [lyr.fused for lyr in self.layer]  # type: ignore[union-attr]
-            out = run_fused_layers(fns, hidden_states, valid)  # type: ignore[arg-type]
+            fns = [lyr.fused for lyr in self.__dict__["_fast"]]
+            out = run_fused_layers(fns, hidden_states, valid)
         return self._output_cls(last_hidden_state=out)
 
 

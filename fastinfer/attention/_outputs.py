@@ -37,6 +37,15 @@ def valid_mask(model: nn.Module, inputs: Any) -> torch.Tensor | None:
             named = dict(inspect.signature(model.forward).bind_partial(*args).arguments)
         except (TypeError, ValueError):
             return None
+    found = _mask_in(named)
+    if found is None:  # a wrapper taking one dict of features (sentence-transformers)
+        for value in named.values():
+            if isinstance(value, Mapping) and (found := _mask_in(value)) is not None:
+                break
+    return found
+
+
+def _mask_in(named: Mapping[str, Any]) -> torch.Tensor | None:
     mask = named.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return mask != 0

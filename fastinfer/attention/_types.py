@@ -62,6 +62,43 @@ class AttentionReport:
         raise KeyError(f"no path {name!r}; paths: {[p.name for p in self.paths]}")
 
     @property
+    def reason(self) -> str:
+        """Why the original path was kept ("" when another path was chosen). Never empty for a
+        report that declines."""
+        if self.chosen != ORIGINAL:
+            return ""
+        others = [p for p in self.paths if p.name != ORIGINAL]
+        if not others:
+            return (
+                f"no attention path to swap in {self.model}: it is not a Hugging Face model and "
+                "holds none, has no nn.TransformerEncoder, TransformerEncoderLayer or "
+                "MultiheadAttention, and no class registered with "
+                "fastinfer.register_attention_swap; register a replacement for its attention "
+                "module to give it one"
+            )
+        if self.reverted:
+            return "every candidate that ran was rejected by verification: " + "; ".join(
+                f"{p.name}: {p.reason}" for p in others if p.verified is False
+            )
+        runnable = [p for p in others if p.available]
+        if not runnable:
+            return "no path can run here: " + "; ".join(f"{p.name}: {p.reason}" for p in others)
+        if not self.measured:
+            return "no candidate path applies without example inputs"
+        timed = [p for p in runnable if p.latency_seconds and p.verified is not False]
+        base = self.path(ORIGINAL).latency_seconds
+        if timed and base:
+            best = min(timed, key=lambda p: p.latency_seconds or float("inf"))
+            return (
+                f"no path was faster than the original: the fastest correct one, {best.name}, "
+                f"took {(best.latency_seconds or 0) * 1e3:.3g} ms against "
+                f"{base * 1e3:.3g} ms"
+            )
+        return "no path ran correctly: " + "; ".join(
+            f"{p.name}: {p.reason}" for p in runnable if p.reason
+        )
+
+    @property
     def speedup(self) -> float | None:
         """Original latency / chosen latency (None when not measured)."""
         base = self.path(ORIGINAL).latency_seconds if self.measured else None
@@ -71,6 +108,7 @@ class AttentionReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["speedup"] = self.speedup
+        d["reason"] = self.reason
         return d
 
     def __str__(self) -> str:
@@ -97,7 +135,7 @@ class AttentionReport:
         if self.reverted:
             lines.append("outputs: NOT verified: the swap was undone, the model is unchanged")
         elif self.chosen == ORIGINAL:
-            lines.append("outputs: the original path was kept (nothing faster and correct)")
+            lines.append(f"outputs: the original path was kept: {self.reason}")
         else:
             v = {None: "not verified (no example inputs)", True: "verified", False: "NOT verified"}
             lines.append(f"outputs: {v[self.verified]}")

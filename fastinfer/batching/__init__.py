@@ -17,7 +17,8 @@ Layout: ``_batcher`` (the public object: binding, statistics, configuration), ``
 (what ``submit`` does: backpressure, the latency target, queueing), ``_forming`` (when a batch is
 sealed, which items go in), ``_running`` (running ``fn``, isolating failures, giving up on a hung
 call), ``_threads`` (worker threads a hung call can be abandoned by), ``_lifecycle`` (closing),
-``_core`` (the state they share), ``_config`` (:class:`BatcherConfig`), ``_collate``,
+``_core`` (the state they share), ``_config`` (:class:`BatcherConfig`), ``_collate``, ``_unpad``
+(cutting a padded batch's outputs per item along declared sequence dims),
 ``_cost_model`` (the online fits), ``_records`` (statistics and per-event records), ``_loop``
 (clocks and the private loop thread), ``_decorator`` (:func:`batch`).
 """

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
+from fastinfer.batching._unpad import AUTO, SequenceDims, Unpad, check_sequence_dims, split_padded
 from fastinfer.errors import BatchError, ConfigError
 
 if TYPE_CHECKING:
@@ -74,33 +75,13 @@ def _shape(x: Any) -> tuple[int, ...] | None:
     return tuple(x.shape) if _is_tensor(x) or _is_array(x) else None
 
 
-def _split_tensor(out: Any, n: int, unpad: _Unpad | None, where: str) -> list[Any]:
-    if out.ndim == 0 or out.shape[0] != n:
-        raise BatchError(
-            f"fn returned {where}with shape {tuple(out.shape)} for a batch of {n} items; "
-            f"its first dimension must be the batch ({n})"
-        )
-    if unpad is None or out.ndim < 2 or out.shape[1] != unpad.width:
-        return list(out)  # views (tensor) or rows (ndarray), no copies
-    if unpad.side == "right":
-        return [out[i, :length] for i, length in enumerate(unpad.lengths)]
-    return [out[i, unpad.width - length :] for i, length in enumerate(unpad.lengths)]
-
-
-@dataclass(frozen=True)
-class _Unpad:
-    lengths: Sequence[int]
-    width: int
-    side: str
-
-
-def split_output(output: Any, n: int, *, unpad: _Unpad | None = None, where: str = "") -> list[Any]:
+def split_output(output: Any, n: int, *, where: str = "") -> list[Any]:
     """Split a batched output into ``n`` per-item results.
 
     A ``list`` is taken as one result per item; a tensor or array is split along dim 0; a mapping
     (a dict, a Hugging Face ``ModelOutput``) or a tuple is split element-wise, giving each item a
-    dict or tuple of its own slices. With ``unpad``, per-token outputs ``(B, T, ...)`` are cut
-    back to each item's own length.
+    dict or tuple of its own slices. (A padded batch's outputs are split by :class:`PadCollate`,
+    which also cuts each item's sequence dims back to its length.)
     """
     if isinstance(output, list):
         if len(output) != n:
@@ -110,16 +91,17 @@ def split_output(output: Any, n: int, *, unpad: _Unpad | None = None, where: str
             )
         return output
     if _is_tensor(output) or _is_array(output):
-        return _split_tensor(output, n, unpad, where)
+        if output.ndim == 0 or output.shape[0] != n:
+            raise BatchError(
+                f"fn returned {where}with shape {tuple(output.shape)} for a batch of {n} items; "
+                f"its first dimension must be the batch ({n})"
+            )
+        return list(output)  # views (tensor) or rows (ndarray), no copies
     if isinstance(output, Mapping):
-        parts = {
-            k: split_output(v, n, unpad=unpad, where=f"{where}[{k!r}] ") for k, v in output.items()
-        }
+        parts = {k: split_output(v, n, where=f"{where}[{k!r}] ") for k, v in output.items()}
         return [{k: parts[k][i] for k in parts} for i in range(n)]
     if isinstance(output, tuple):
-        cols = [
-            split_output(v, n, unpad=unpad, where=f"{where}[{j}] ") for j, v in enumerate(output)
-        ]
+        cols = [split_output(v, n, where=f"{where}[{j}] ") for j, v in enumerate(output)]
         return [tuple(c[i] for c in cols) for i in range(n)]
     raise BatchError(
         f"cannot split fn's output of type {type(output).__name__} {where}into {n} results; "
@@ -192,20 +174,29 @@ def _seq(x: Any, index: int, key: str | None) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PadCollate:
-    """Pad variable-length sequences to the longest in the batch.
+    """Pad variable-length sequences to the longest in the batch; cut outputs back per item.
 
     Items are tensors ``(T, ...)``, lists of numbers (token ids) or dicts of those (a tokenizer's
     output for one text; a leading ``(1, T)`` batch dim is dropped). Bare items give ``fn`` a
     :class:`PaddedBatch`; dict items give a dict of ``(B, T)`` tensors with ``attention_mask``
     added when missing (and ``lengths`` when ``return_lengths``), ready for ``model(**batch)``.
 
+    Each caller gets what calling the model on its item alone gives: outputs are split along the
+    batch and cut back to the item's length along their *declared* sequence dimensions
+    (``sequence_dims``), never by comparing sizes.
+
     Args:
         pad_value: the fill value, or a dict per key (``attention_mask`` is always padded with 0).
         side: ``"right"`` (BERT) or ``"left"`` (decoder-only generation).
         return_mask: give an attention mask (1 = real token).
         return_lengths: give each item's length.
-        unpad_outputs: cut per-token outputs ``(B, T, ...)`` back to each item's length when
-            splitting (outputs whose dim 1 is not the padded length are split as they are).
+        unpad_outputs: cut outputs back to each item's length (the default); ``False`` returns
+            every output padded to the batch's width, as ``fn`` produced it.
+        sequence_dims: which output dims run along the padded sequence: ``"auto"`` (Hugging Face
+            output types by their fields; 1-D outputs have none; anything else raises
+            :class:`BatchError` showing how to declare it), ``None`` (no output has one), a dim
+            or tuple of dims for every output, or a mapping per output name or tuple position
+            (``{"last_hidden_state": 1, "pooler_output": None}``).
         pad_to_multiple_of: round the padded length up (fewer distinct shapes for compiled models).
     """
 
@@ -213,8 +204,9 @@ class PadCollate:
     side: Literal["right", "left"] = "right"
     return_mask: bool = True
     return_lengths: bool = False
-    unpad_outputs: bool = False
+    unpad_outputs: bool = True
     pad_to_multiple_of: int | None = None
+    sequence_dims: SequenceDims = AUTO
 
     def __post_init__(self) -> None:
         if self.side not in ("right", "left"):
@@ -223,6 +215,7 @@ class PadCollate:
             raise ConfigError(
                 f"pad_to_multiple_of must be a positive int, got {self.pad_to_multiple_of!r}"
             )
+        check_sequence_dims(self.sequence_dims)
 
     def _pad_value(self, key: str | None) -> float:
         if key == "attention_mask":
@@ -263,7 +256,7 @@ class PadCollate:
         m = self.pad_to_multiple_of
         return width if m is None else -(-width // m) * m
 
-    def collate(self, items: Sequence[Any]) -> tuple[Any, _Unpad]:
+    def collate(self, items: Sequence[Any]) -> tuple[Any, Unpad]:
         if isinstance(items[0], Mapping):
             keys = list(items[0])
             per_key = {k: [_seq(it[k], i, k) for i, it in enumerate(items)] for k in keys}
@@ -275,7 +268,7 @@ class PadCollate:
                 batch["attention_mask"] = self._mask(lengths, width)
             if self.return_lengths:
                 batch["lengths"] = _torch().tensor(lengths)
-            return batch, _Unpad(lengths, width, self.side)
+            return batch, Unpad(lengths, width, self.side)
         seqs = [_seq(it, i, None) for i, it in enumerate(items)]
         lengths = [int(s.shape[0]) for s in seqs]
         width = self._width(lengths)
@@ -284,10 +277,12 @@ class PadCollate:
             self._mask(lengths, width) if self.return_mask else None,
             _torch().tensor(lengths) if self.return_lengths else None,
         )
-        return padded, _Unpad(lengths, width, self.side)
+        return padded, Unpad(lengths, width, self.side)
 
-    def split(self, output: Any, ctx: _Unpad, n: int) -> list[Any]:
-        return split_output(output, n, unpad=ctx if self.unpad_outputs else None)
+    def split(self, output: Any, ctx: Unpad, n: int) -> list[Any]:
+        if not self.unpad_outputs:
+            return split_output(output, n)
+        return split_padded(output, n, ctx, self.sequence_dims)
 
 
 def default_length(item: Any) -> int:

@@ -21,7 +21,8 @@ export and its artefact cache), ``_cache`` (InductorCache), ``_cache_bundle`` (i
 ``_cache_files`` (its folder on disk: locks, the read-only overlay, repairing corrupt cached
 modules), ``_manifest`` (the environment a compiled artifact depends on, from
 ``fastinfer._common.manifest``, and whether a manifest is well formed), ``_verify`` (numerics and
-diagnosis), ``_inputs`` (resizing example inputs to each batch size).
+diagnosis), ``_inputs`` (resizing example inputs to each batch size, normalising serve-time
+inputs), ``_guards`` (dynamo's failed guards in words; a batch dimension the model specialises).
 """
 
 from fastinfer.compiling._aot import export_aot, load_aot

@@ -7,7 +7,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,12 +19,14 @@ from fastinfer._common.export import counter, gauge, not_exported
 from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._cache_files import call_repairing
 from fastinfer.compiling._freezing import freezing_config, freezing_mode
+from fastinfer.compiling._guards import batch_specialisation, recompile_message
 from fastinfer.compiling._inputs import (
     Inputs,
     batch_of,
     check_batch_sizes,
     cpu_inputs,
     inputs_for,
+    normal_inputs,
     tensors,
 )
 from fastinfer.compiling._manifest import cache_counters, compiler_path
@@ -70,15 +72,20 @@ class CompileStatistics:
     freezing: str = not_exported(
         "text: inductor freezing applied (on, prepack, off)", default="off"
     )
+    batch_dim: str = not_exported("text: 'dynamic' (one graph for 2..max) or 'static'")
+    batch_dim_reason: str = not_exported("text: why the batch dimension is static")
 
 
 class CompiledModel:
     """A compiled, warmed-up model that never compiles at serve time.
 
-    Calls run under ``torch.inference_mode()`` (the grad mode it was warmed up in) and, for a
-    compiled backend, under ``torch.compiler.set_stance("fail_on_recompile")`` (or
-    ``"eager_on_recompile"``) for the duration of the call. The stance is process-wide while a call
-    runs, so do not warm up another model in a second thread while this one serves.
+    Calls run under ``torch.inference_mode()`` (the grad mode it was warmed up in), whatever mode
+    the caller is in (``torch.no_grad()``, ``torch.inference_mode()`` or neither), with input
+    tensors normalised to the kind that was warmed: tensors made under ``inference_mode`` are
+    copied to normal tensors, tensors that require grad are detached. For a compiled backend the
+    call runs under ``torch.compiler.set_stance("fail_on_recompile")`` (or ``"eager_on_recompile"``).
+    The stance is process-wide while a call runs, so do not warm up another model in a second
+    thread while this one serves.
     """
 
     def __init__(
@@ -116,6 +123,7 @@ class CompiledModel:
         if not self._uses_dynamo:
             with torch.inference_mode():
                 return self.compiled(*args, **kwargs)
+        args, kwargs = normal_inputs(args), normal_inputs(kwargs)
         stance = "fail_on_recompile" if self._on_recompile == "error" else "eager_on_recompile"
         try:
             with torch.inference_mode(), torch.compiler.set_stance(stance):
@@ -126,13 +134,8 @@ class CompiledModel:
             with self._lock:
                 self._stats["recompiles_refused"] += 1
             shapes = [tuple(t.shape) for t in tensors(args, kwargs)]
-            raise RecompileError(
-                f"a call with input shapes {shapes} needs a new compilation, which is forbidden "
-                f"after warm-up (warmed batch sizes: {list(self._stats['warmed_batch_sizes'])}). "
-                "Fix: add the batch size to compile_model(batch_sizes=...), pad requests to a "
-                "warmed size, or pass on_recompile='eager' to run such calls eagerly.\n"
-                f"{str(exc).splitlines()[0]}"
-            ) from exc
+            warmed = self._stats["warmed_batch_sizes"]
+            raise RecompileError(recompile_message(str(exc), shapes, warmed)) from exc
 
     forward = __call__
 
@@ -146,8 +149,24 @@ class CompiledModel:
         s = self.statistics()
         return (
             f"CompiledModel(backend={s.backend!r}, mode={s.mode!r}, graphs={s.graphs}, "
-            f"batch_sizes={list(s.warmed_batch_sizes)}, fallback={s.fallback!r})"
+            f"batch_sizes={list(s.warmed_batch_sizes)}, batch_dim={s.batch_dim!r}, "
+            f"fallback={s.fallback!r})"
         )
+
+
+@contextlib.contextmanager
+def _quiet_guard_errors(active: bool) -> Iterator[None]:
+    """Silence dynamo's ERROR log (with traceback) of a guard it cannot build, while a dynamic
+    batch dimension is tried: a specialised batch dimension is handled (one graph per size) and
+    any other failure is raised with its cause, so the log would only alarm."""
+    log = _torch_compat.guard_error_logger()
+    level = log.level
+    if active:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def resolve_cache(cache: InductorCache | None, backend: Any) -> InductorCache | None:
@@ -183,6 +202,8 @@ def new_stats(backend: str, mode: str | None, **values: Any) -> dict[str, Any]:
         "unwarmed_calls": 0,
         "recompiles_refused": 0,
         "freezing": "off",
+        "batch_dim": "static",
+        "batch_dim_reason": "",
     }
     stats.update(values)
     return stats
@@ -271,21 +292,40 @@ def compile_model(
     per_model: dict[str, Any] = {}
     if "recompile_limit" in inspect.signature(torch_compile).parameters:  # torch >= 2.12
         per_model = {"recompile_limit": limit, "isolate_recompiles": True}
-    try:
-        compiled = torch_compile(
-            model,
-            backend=backend,
-            mode=mode,
-            options=options,
-            dynamic=False if dynamic is False else (True if dynamic else None),
-            **per_model,
+
+    def compile_with(dyn: bool | None) -> Any:
+        return torch_compile(
+            model, backend=backend, mode=mode, options=options, dynamic=dyn, **per_model
         )
+
+    try:
+        compiled = compile_with(False if dynamic is False else (True if dynamic else None))
     except Exception as exc:  # bad backend name, unsupported Python...
         return give_up(explain(exc), exc)
 
     # Largest size first, batch dim marked dynamic: one graph covers 2..max; size 1 gets its own.
     order = sorted(sizes, reverse=True)
     mark = dynamic is None and len([b for b in sizes if b >= 2]) > 1
+    stats["batch_dim"] = "dynamic" if mark or dynamic else "static"
+
+    first_graphs: list[int | None] = [None]  # graphs made by the first call (not recompiles)
+
+    def warm_up(fn: Any, mark: bool) -> None:
+        for b in order:
+            args, kwargs = batches[b]
+            if mark and b >= 2:
+                for t in tensors(args, kwargs):
+                    if t.dim() > 0:
+                        _torch_compat.mark_dynamic(t, 0, min=2, max=max(sizes))
+            with torch.inference_mode():
+                out = call_repairing(cache, fn, *args, **kwargs)
+            if first_graphs[0] is None:
+                first_graphs[0] = _torch_compat.dynamo_unique_graphs() - g0
+            err = max_error(out, expected[b])
+            stats["max_error"] = max(stats["max_error"], err)
+            if verify:
+                check_close(out, expected[b], rtol=rtol, atol=atol, where=f"batch size {b}")
+
     ctx = contextlib.ExitStack()
     with _warm_lock, ctx:
         if cache is not None:
@@ -295,29 +335,41 @@ def compile_model(
         ctx.enter_context(freezing_config(frozen))  # compiling happens lazily, in the warm-up
         g0, c0 = _torch_compat.dynamo_unique_graphs(), cache_counters()
         t0 = time.perf_counter()
-        first_graphs = None
         try:
-            for b in order:
-                args, kwargs = batches[b]
-                if mark and b >= 2:
-                    for t in tensors(args, kwargs):
-                        if t.dim() > 0:
-                            _torch_compat.mark_dynamic(t, 0, min=2, max=max(sizes))
-                with torch.inference_mode():
-                    out = call_repairing(cache, compiled, *args, **kwargs)
-                if first_graphs is None:
-                    first_graphs = _torch_compat.dynamo_unique_graphs() - g0
-                err = max_error(out, expected[b])
-                stats["max_error"] = max(stats["max_error"], err)
-                if verify:
-                    check_close(out, expected[b], rtol=rtol, atol=atol, where=f"batch size {b}")
+            try:
+                with _quiet_guard_errors(mark):
+                    warm_up(compiled, mark)
+            except VerificationError:
+                raise
+            except Exception as exc:
+                guard = batch_specialisation(exc) if mark else None
+                if guard is None:
+                    raise
+                # The model's code pins the batch size (a branch on it, a kernel chosen by it):
+                # one graph per warmed size instead of one dynamic graph.
+                stats["batch_dim"] = "static"
+                stats["batch_dim_reason"] = (
+                    f"the model specialises the batch dimension (dynamo's guard: {guard}), so it "
+                    "cannot be one dynamic graph: compiled one graph per warmed batch size"
+                )
+                log_once(
+                    f"static-batch:{type(model).__qualname__}",
+                    logging.INFO,
+                    "compile_model: %s",
+                    stats["batch_dim_reason"],
+                )
+                first_graphs[0] = None
+                batches = {b: inputs_for(example_inputs, b) for b in sizes}  # unmarked tensors
+                g0 = _torch_compat.dynamo_unique_graphs()
+                compiled = compile_with(False)
+                warm_up(compiled, False)
         except VerificationError:
             raise
         except Exception as exc:
             return give_up(explain(exc), exc)
         stats["compile_seconds"] = time.perf_counter() - t0
         stats["graphs"] = _torch_compat.dynamo_unique_graphs() - g0
-        stats["recompiles"] = stats["graphs"] - (first_graphs or 0)
+        stats["recompiles"] = stats["graphs"] - (first_graphs[0] or 0)
         c1 = cache_counters()
         stats["cache_hits"], stats["cache_misses"], stats["cache_bypasses"] = (
             c1[0] - c0[0],

@@ -16,6 +16,7 @@ __all__ = [
     "check_batch_sizes",
     "cpu_inputs",
     "inputs_for",
+    "normal_inputs",
     "split",
     "tensors",
 ]
@@ -46,14 +47,49 @@ def batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
 
 
 def _resize(value: Any, batch: int) -> Any:
-    """``value`` with ``batch`` rows along dim 0 (rows repeated cyclically), others unchanged."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+    """``value`` with ``batch`` rows along dim 0 (rows repeated cyclically), others unchanged.
+
+    Always a normal tensor (never an inference tensor), whatever mode the caller is in: the
+    graphs are traced on normal tensors, and :func:`normal_inputs` makes serve-time inputs so.
+    """
+    if not isinstance(value, torch.Tensor):
         return value
+    if value.dim() == 0:
+        return _normal(value)
     n = value.shape[0]
     if n == 0:
         raise ConfigError("example inputs have an empty batch dimension; give at least one row")
     reps = math.ceil(batch / n)
-    return torch.cat([value] * reps)[:batch].clone()  # (batch, ...)
+    with torch.inference_mode(False):
+        return torch.cat([value] * reps)[:batch].clone().detach()  # (batch, ...)
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as dynamo saw tensors at warm-up: not an inference tensor, not requiring grad."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()  # a normal tensor (the only copy: an inference tensor has no twin)
+    return t.detach() if t.requires_grad else t
+
+
+def normal_inputs(value: Any) -> Any:
+    """``value`` (args, kwargs, nested lists/tuples/dicts) with every tensor made normal.
+
+    Tensors created under ``torch.inference_mode()`` have other dispatch keys than normal ones,
+    and dynamo guards on them: a graph traced on one kind recompiles for the other. Calls are
+    normalised to the kind that was warmed (normal tensors) instead of warming every graph twice:
+    inference tensors are copied (inputs only, a small cost next to a forward pass), tensors that
+    require grad are detached (no copy), everything else is passed through untouched.
+    """
+    if isinstance(value, torch.Tensor):
+        return _normal(value)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(normal_inputs(v) for v in value)
+    if isinstance(value, list):
+        return [normal_inputs(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normal_inputs(v) for k, v in value.items()}
+    return value
 
 
 def inputs_for(example_inputs: Inputs, batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:

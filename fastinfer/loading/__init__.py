@@ -13,7 +13,8 @@ and nothing is left on meta after a load (checked). See docs/loading.md.
 Layout: ``_empty_init`` (construction on meta), ``_formats`` (finding, sniffing and mapping
 checkpoint files), ``_pages`` (is a mapped file still whole; faulting its pages in without SIGBUS),
 ``_load`` (:func:`load_weights_`), ``_models`` (:func:`load_model`,
-:func:`load_pretrained`), ``_save`` (:func:`save_weights`), ``_report`` (:class:`LoadReport`).
+:func:`load_pretrained`), ``_hf`` (transformers' own key conversions for saved-format checkpoints),
+``_save`` (:func:`save_weights`), ``_report`` (:class:`LoadReport`).
 """
 
 from fastinfer.loading._empty_init import empty_init

@@ -45,6 +45,10 @@ _METADATA_INPLACE = frozenset(
 )
 
 
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
 def _in_empty_init() -> bool:
     return getattr(_tls, "depth", 0) > 0
 
@@ -97,11 +101,14 @@ class _SkipMetaInit(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+        # The tensor written to: ``self`` of a method, or the first tensor argument of a function,
+        # which ``torch.nn.init`` passes by keyword (``normal_(tensor=...)``).
+        target = args[0] if args else next((v for v in kwargs.values() if _is_tensor(v)), None)
+        if isinstance(target, torch.Tensor) and target.is_meta:
             if name == "__setitem__":
                 return None
             if name.endswith("_") and not name.endswith("__") and name not in _METADATA_INPLACE:
-                return args[0]
+                return target
         return func(*args, **kwargs)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,6 +248,7 @@ def load_weights(
     extra_prefixes: Sequence[str] = (),
     cast_unsaved_buffers: bool = True,
     keep_fp32: Sequence[str] = (),
+    remap: Callable[[fmt.Mapped], fmt.Mapped] | None = None,
 ) -> LoadReport:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -262,6 +263,8 @@ def load_weights(
     mapped = fmt.read(
         kind, files, mmap=mmap, trust_pickle=trust_pickle, progress=fmt.progress_enabled(progress)
     )
+    if remap is not None:  # checkpoint names -> model names (transformers' conversions)
+        mapped = remap(mapped)
     t1 = time.perf_counter()
     # Nothing has touched a mapped page yet: a file that changed (truncated by a deploy writing it
     # in place) is reported here rather than found by SIGBUS.

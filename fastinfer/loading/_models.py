@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from fastinfer._optional import require
 from fastinfer.errors import CheckpointError, ConfigError
 from fastinfer.loading import _formats as fmt
 from fastinfer.loading._empty_init import empty_init
+from fastinfer.loading._hf import hf_remap
 from fastinfer.loading._load import load_weights
 from fastinfer.loading._report import LoadReport
 
@@ -76,6 +78,20 @@ def load_model(
     return model.eval()
 
 
+def _architecture(transformers: Any, config: Any, name: str) -> Any:
+    """The class ``config.architectures`` names: exported by transformers, or only defined in its
+    model's module (``WhisperEncoder``, saved from ``WhisperModel().encoder``)."""
+    cls = getattr(transformers, name, None)
+    if cls is not None:
+        return cls
+    model_type = str(getattr(config, "model_type", "") or "").replace("-", "_")
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
 def load_pretrained(
     path: str | os.PathLike[str],
     *,
@@ -92,9 +108,13 @@ def load_pretrained(
 ) -> Any:
     """Load a Hugging Face ``transformers`` model saved with ``save_pretrained`` from a local folder.
 
-    The class comes from ``config.architectures`` unless ``model_class`` is given (a model class or
-    an ``Auto*`` class). It is built under :func:`empty_init` and loaded by the same zero-copy path
-    as :func:`load_weights_`; ``dtype=None`` uses the ``dtype`` recorded in ``config.json``.
+    The class comes from ``config.architectures`` unless ``model_class`` is given (a model class,
+    an ``Auto*`` class, or one part of the saved model such as ``WhisperEncoder`` from a
+    ``WhisperModel`` folder: its weights are taken from that part of the checkpoint). It is built
+    under :func:`empty_init` and loaded by the same zero-copy path as :func:`load_weights_`, with
+    the key conversions ``from_pretrained`` applies (transformers' own conversion mapping: renamed
+    keys, fused experts, weight-norm parametrizations); only converted weights are copied.
+    ``dtype=None`` uses the ``dtype`` recorded in ``config.json``.
 
         model = fastinfer.load_pretrained("./my-bert")
     """
@@ -111,7 +131,7 @@ def load_pretrained(
     cls = model_class
     if cls is None:
         archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
+        cls = _architecture(transformers, config, archs[0]) if archs else None
         if cls is None:
             cls = transformers.AutoModel
     if dtype is None:
@@ -146,6 +166,7 @@ def load_pretrained(
         # As from_pretrained: buffers keep the dtype they were computed in (RoPE inv_freq stays fp32).
         cast_unsaved_buffers=False,
         keep_fp32=sorted(keep),
+        remap=hf_remap(model),
     )
     gen = folder / "generation_config.json"
     if gen.is_file() and getattr(model, "generation_config", None) is not None:

@@ -1,0 +1,184 @@
+"""load_model / load_pretrained on the checkpoints people actually have (issue 18).
+
+- construction on meta never runs an initialiser through torch's Python reference kernels (an
+  ``nn.Embedding`` with ``padding_idx`` used to import torch._dynamo and sympy);
+- checkpoints in the saved (legacy) key format load as ``from_pretrained`` loads them:
+  transformers' own renames, fusions and parametrization conversions are applied;
+- the encoder of an encoder-decoder loads from the whole model's folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import run_python
+from torch import nn
+
+import fastinfer
+from fastinfer import testing
+
+
+def test_embedding_init_on_meta_imports_no_reference_kernels() -> None:
+    code = """
+import sys, tempfile, torch, fastinfer
+from torch import nn
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 16, padding_idx=0)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+path = tempfile.mkdtemp() + "/t.safetensors"
+eager = Tagger().eval()
+fastinfer.save_weights(eager, path)
+heavy = ("torch._dynamo", "sympy", "torch._refs", "torch._meta_registrations")
+before = set(sys.modules)
+model = fastinfer.load_model(Tagger, path)
+added = set(sys.modules) - before
+ids = torch.tensor([[0, 3, 7]])
+assert torch.equal(model(ids), eager(ids))
+print(sorted(h for h in heavy if h in added), len(added))
+"""
+    heavy, count = run_python(code).stdout.strip().rsplit(" ", 1)
+    assert heavy == "[]" and int(count) < 15, (heavy, count)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face folders in the saved format
+# --------------------------------------------------------------------------------------------
+
+
+def _transformers() -> Any:
+    return pytest.importorskip("transformers")
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, different
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("arch", ["vit", "mixtral"])
+def test_folders_whose_keys_transformers_converts_load_bit_for_bit(
+    arch: str, tmp_path: Path
+) -> None:
+    entry = testing.zoo_model(arch)
+    eager = entry.build()
+    eager.save_pretrained(tmp_path)  # the saved (hub) key format: not the module names
+    reports: list[fastinfer.LoadReport] = []
+    model = fastinfer.load_pretrained(tmp_path, on_report=reports.append)
+    _same_state(model, eager)
+    inputs = entry.inputs(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            entry.call(model, inputs), entry.call(eager, inputs), rtol=0, atol=0
+        )
+    assert any("transformers' checkpoint conversion" in n for n in reports[0].notes)
+
+
+@pytest.mark.transformers
+def test_only_the_weights_a_conversion_changes_are_copied(tmp_path: Path) -> None:
+    entry = testing.zoo_model("mixtral")
+    eager = entry.build()
+    eager.save_pretrained(tmp_path)
+    reports: list[fastinfer.LoadReport] = []
+    model = fastinfer.load_pretrained(tmp_path, on_report=reports.append)
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    fused = sum(p.numel() * p.element_size() for p in experts)
+    assert fused and reports[0].bytes_copied == fused  # the stacked experts, nothing else
+    assert reports[0].bytes_mapped > 0
+
+
+def _rewrite(folder: Path, rename: Callable[[str], str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    save_file(
+        {rename(k): v for k, v in state.items()}, folder / "model.safetensors", {"format": "pt"}
+    )
+
+
+@pytest.mark.transformers
+def test_legacy_layernorm_names_load_like_from_pretrained(tmp_path: Path) -> None:
+    transformers = _transformers()
+    eager = testing.zoo_model("bert").build()
+    eager.save_pretrained(tmp_path)
+    # BERT checkpoints written by TF-era tools name LayerNorm parameters gamma/beta.
+    _rewrite(
+        tmp_path,
+        lambda k: k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ),
+    )
+    reference = transformers.BertModel.from_pretrained(tmp_path).eval()
+    model = fastinfer.load_pretrained(tmp_path)
+    _same_state(model, reference)
+    _same_state(model, eager)
+
+
+@pytest.mark.transformers
+def test_weight_norm_names_load_as_parametrizations(tmp_path: Path) -> None:
+    transformers = _transformers()
+    config = transformers.Wav2Vec2Config(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(8, 8),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    )
+    with testing.seeded(0):
+        eager = transformers.Wav2Vec2Model(config).eval()
+    eager.save_pretrained(tmp_path)
+    # Checkpoints written before torch's parametrizations (most of the hub's wav2vec2/HuBERT).
+    _rewrite(
+        tmp_path,
+        lambda k: k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ),
+    )
+    reference = transformers.Wav2Vec2Model.from_pretrained(tmp_path).eval()
+    model = fastinfer.load_pretrained(tmp_path)
+    _same_state(model, reference)
+    _same_state(model, eager)
+    x = torch.randn(1, 400)
+    with torch.inference_mode():
+        assert torch.equal(model(x).last_hidden_state, eager(x).last_hidden_state)
+
+
+@pytest.mark.transformers
+def test_the_encoder_of_an_encoder_decoder_loads_from_the_whole_folder(tmp_path: Path) -> None:
+    transformers = _transformers()
+    whisper = testing.zoo_model("whisper")
+    full = whisper.build_full()
+    full.save_pretrained(tmp_path / "whisper")
+    reports: list[fastinfer.LoadReport] = []
+    encoder_cls = type(full.encoder)
+    encoder = fastinfer.load_pretrained(
+        tmp_path / "whisper", model_class=encoder_cls, on_report=reports.append
+    )
+    assert type(encoder) is encoder_cls
+    _same_state(encoder, full.encoder)  # transformers leaves these randomly initialised
+    assert any("'encoder.' part" in n for n in reports[0].notes)
+
+    t5 = testing.zoo_model("t5").build_full()
+    t5.save_pretrained(tmp_path / "t5")
+    t5_encoder = fastinfer.load_pretrained(tmp_path / "t5", model_class=transformers.T5EncoderModel)
+    expected = {k: v for k, v in t5.state_dict().items() if not k.startswith("decoder.")}
+    got = t5_encoder.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in got)
