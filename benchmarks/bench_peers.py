@@ -48,7 +48,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +75,12 @@ class Shape:
     """How a stack computes: processes x slots (batches at once per process) x torch threads."""
 
     processes: int = 1
-    slots: int = 1
-    threads: int | None = None  # None: torch's default (one per physical core)
+    slots: int | str = 1  # "auto": the service measures every split of the cores
+    threads: int | str | None = None  # None: torch's default (one per physical core)
 
     def describe(self) -> str:
+        if self.slots == "auto":
+            return f"{self.processes} proc x slots x threads chosen by measurement"
         n = self.threads
         threads = "default threads" if n is None else f"{n} thread" + ("s" if n > 1 else "")
         slots = f" x {self.slots} slots" if self.slots > 1 else ""
@@ -346,8 +348,20 @@ def _check_answers(url: str, texts: Sequence[str], expected: Sequence[dict[str, 
 def measure_ceiling(
     stack: Stack, spec: common.ModelSpec, checkpoint: Path, seconds: float, logdir: Path
 ) -> float:
-    """Items/s of all the stack's processes running full batches together (no HTTP)."""
+    """Items/s of all the stack's processes running full batches together (no HTTP).
+
+    A stack that sizes itself (``slots="auto"``) gets the best split of the cores."""
     sh = stack.shape
+    if sh.slots == "auto":
+        from fastinfer.integrations._sizing import splits
+        from fastinfer.pool import CorePlan
+
+        return max(
+            measure_ceiling(
+                replace(stack, shape=Shape(sh.processes, s, t)), spec, checkpoint, seconds, logdir
+            )
+            for s, t in splits(CorePlan.detect().core_budget)
+        )
     cmd = [sys.executable, str(PEERS / "ceiling.py"), "--model", spec.name,
            "--checkpoint", str(checkpoint), "--prepare", stack.prepare,
            "--slots", str(sh.slots), "--seconds", str(seconds)]  # fmt: skip

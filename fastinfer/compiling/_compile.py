@@ -69,11 +69,11 @@ class CompileStatistics:
     calls: int = gauge()
     unwarmed_calls: int = gauge()
     recompiles_refused: int = gauge()
+    batch_dim: str = not_exported("text: 'dynamic' (one graph for 2..max) or 'static'")
+    batch_dim_reason: str = not_exported("text: why the batch dimension is static")
     freezing: str = not_exported(
         "text: inductor freezing applied (on, prepack, off)", default="off"
     )
-    batch_dim: str = not_exported("text: 'dynamic' (one graph for 2..max) or 'static'")
-    batch_dim_reason: str = not_exported("text: why the batch dimension is static")
 
 
 class CompiledModel:
