@@ -305,8 +305,10 @@ def test_a_base_exception_from_fn_fails_only_its_batch(exc: BaseException, kind:
             return sync_fn(items)
 
         fn: Callable[[list[int]], Any] = async_fn if kind == "async" else sync_fn
-        b = DynamicBatcher(fn, max_batch_size=4, max_wait_ms=1)
+        # one batch of exactly 3 ("full"), however slowly the loop schedules the submits
+        b = DynamicBatcher(fn, max_batch_size=3, max_wait_ms=60_000)
         results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        b.configure(max_wait_ms=1)
         assert all(isinstance(r, BatchError) for r in results), results
         assert all(r.__cause__ is exc for r in results)
         assert type(exc).__name__ in str(results[0]) and "Fix" in str(results[0])

@@ -52,6 +52,9 @@ _VALUE_FIX = (
 )
 
 
+_IDENTITY = re.compile(r"___check_(obj|type)_id\(")
+
+
 class GuardFailure:
     """One failed guard: its kind ("shape", "dtype", "device", "grad mode", "Python value")
     and dynamo's own text for it."""
@@ -107,14 +110,17 @@ def recompile_message(
             f"{head}; dynamo gave no guard failure. Fix: call with inputs like the example "
             f"inputs (shape, dtype, device), or pass on_recompile='eager'.\n{first}"
         )
-    kinds = list(dict.fromkeys(f.kind for f in failures))
+    # Graphs cached for another instance of the same class (another model object in the same
+    # process) fail on the identity of their own module/parameters: not this model's change.
+    relevant = [f for f in failures if not _IDENTITY.match(f.text)] or failures
+    kinds = list(dict.fromkeys(f.kind for f in relevant))
     if len(kinds) > 1 and "shape" in kinds:
         # Each cached graph reports its own failure: the graphs of the other batch sizes fail on
         # their size, which is not news when something else changed for the graph of this size.
         kinds.remove("shape")
     lines = [f"{head}: the {' and '.join(kinds)} changed."]
     for kind in kinds:
-        fix = next(f.fix for f in failures if f.kind == kind)
+        fix = next(f.fix for f in relevant if f.kind == kind)
         lines.append(f"  {kind}: fix: {fix}")
     lines.append("  dynamo's failed guard(s):")
     lines += [f"    - {f.text}" for f in failures[:6]]
