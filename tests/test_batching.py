@@ -154,16 +154,51 @@ def test_max_concurrent_batches_runs_batches_side_by_side() -> None:
     async def main() -> None:
         clock, model = ManualClock(), Model(gated=True)
         b = DynamicBatcher(
-            model, max_batch_size=2, max_wait_ms=5, max_concurrent_batches=2, clock=clock
+            model, max_batch_size=4, max_wait_ms=5, max_concurrent_batches=2, clock=clock
+        )
+        first = [asyncio.create_task(b.submit(i)) for i in range(4)]
+        await settle()
+        # a full batch with two free slots: shared, two batches of 2 running side by side
+        assert model.batches == [[0, 1], [2, 3]]
+        assert b.statistics().batches_in_flight == 2
+        rest = [asyncio.create_task(b.submit(i)) for i in range(4, 10)]
+        await settle()
+        assert len(model.batches) == 2  # both slots busy: the queue grows
+        model.release()
+        await settle()
+        # the slots free one after the other with 6 queued: the first takes a full batch (only
+        # slots free at the same moment share), the second waits for company as usual
+        assert model.batches[2:] == [[4, 5, 6, 7]]
+        clock.advance(0.005)
+        await settle()
+        assert model.batches[3:] == [[8, 9]]
+        model.release()
+        await settle()
+        model.release()
+        assert await asyncio.gather(*first, *rest) == [i * 10 for i in range(10)]
+        await b.aclose()
+
+    run(main())
+
+
+def test_free_slots_share_what_is_queued() -> None:
+    """32 requests and 2 idle slots are two batches of 16 at once, not 32 beside an idle slot."""
+
+    async def main() -> None:
+        clock, model = ManualClock(), Model(gated=True)
+        b = DynamicBatcher(
+            model, max_batch_size=8, max_wait_ms=5, max_concurrent_batches=2, clock=clock
         )
         tasks = [asyncio.create_task(b.submit(i)) for i in range(6)]
         await settle()
-        assert model.batches == [[0, 1], [2, 3]]
-        assert b.statistics().batches_in_flight == 2
-        model.release()
+        assert model.batches == []  # 6 < 8: waiting for company
+        clock.advance(0.005)
         await settle()
+        assert model.batches == [[0, 1, 2], [3, 4, 5]]
         model.release()
         assert await asyncio.gather(*tasks) == [i * 10 for i in range(6)]
+        st = b.statistics()
+        assert st.batch_size_counts == {3: 2} and st.dispatch_reasons["wait_expired"] == 2
         await b.aclose()
 
     run(main())
@@ -953,10 +988,10 @@ def test_runtime_reconfiguration() -> None:
     async def main() -> None:
         clock, model = ManualClock(), Model(gated=True)
         b = DynamicBatcher(model, max_batch_size=8, max_wait_ms=5, clock=clock)
-        b.configure(max_batch_size=2, max_concurrent_batches=2)
+        b.configure(max_batch_size=4, max_concurrent_batches=2)
         tasks = [asyncio.create_task(b.submit(i)) for i in range(4)]
         await settle()
-        assert model.batches == [[0, 1], [2, 3]]  # two full batches, side by side
+        assert model.batches == [[0, 1], [2, 3]]  # a full batch shared by the two free slots
         model.release()
         await asyncio.gather(*tasks)
         b.configure(max_wait_ms=0)
@@ -966,7 +1001,7 @@ def test_runtime_reconfiguration() -> None:
         model.release()
         assert await t == 70
         st = b.statistics()
-        assert (st.max_batch_size, st.max_wait_ms, st.max_concurrent_batches) == (2, 0.0, 2)
+        assert (st.max_batch_size, st.max_wait_ms, st.max_concurrent_batches) == (4, 0.0, 2)
         with pytest.raises(ConfigError, match="max_batch_size must be a positive int"):
             b.configure(max_batch_size=0)
         await b.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import functools
 from collections import deque
 
@@ -43,12 +44,20 @@ class Forming(BatcherCore):
             self._compact()  # levels emptied by expiries and cancellations while slots were busy
         now = self._clock.time()
         wake: float | None = None
+        shares, share_cap, reason = 0, self._effective_max(), None
         while self._depth > 0 and self._in_flight < self._max_concurrent:
-            reason, wake = self._decide(now)
-            if reason is None:
-                break
-            reqs = self._take(now)
+            if shares == 0:
+                reason, wake = self._decide(now)
+                if reason is None:
+                    break
+                # Several free slots share what is queued: 32 requests and 2 free slots make two
+                # batches of 16 running at once, not one of 32 beside an idle slot.
+                shares = self._max_concurrent - self._in_flight
+                share_cap = min(self._effective_max(), math.ceil(self._depth / shares))
+            shares -= 1
+            reqs = self._take(now, share_cap)
             if reqs:
+                assert reason is not None
                 self._launch(reqs, reason, now)
             wake = None
         if wake is None or self._depth == 0:
@@ -110,8 +119,8 @@ class Forming(BatcherCore):
                 wake = min(wake, overdue)
         return None, wake
 
-    def _take(self, now: float) -> list[Request]:
-        cap = self._effective_max()
+    def _take(self, now: float, cap: int | None = None) -> list[Request]:
+        cap = self._effective_max() if cap is None else cap
         window = max(cap, self._bucket_window or 0)
         cands: list[Request] = []
         for p in self._priorities:
