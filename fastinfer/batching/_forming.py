@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import bisect
-import math
 import functools
+import math
 from collections import deque
 
 from fastinfer.batching._core import HEADROOM, OPEN, BatcherCore
