@@ -269,3 +269,23 @@ def test_setup_freezes_the_gc_until_shutdown_when_asked(freeze: bool) -> None:
         assert (gc.get_freeze_count() > 10_000) is freeze
         assert ("gc freeze" in phases) is freeze
     assert gc.get_freeze_count() == 0
+
+
+def test_a_second_stage_is_managed_outside_the_standard_metrics() -> None:
+    # A batcher feeding a second stage (another batcher, a PinnedPool) both have a queue depth.
+    def batcher() -> fastinfer.DynamicBatcher:
+        return fastinfer.DynamicBatcher(lambda xs: xs, max_batch_size=4, max_wait_ms=1)
+
+    svc = FastInferService(recorder=fastinfer.MetricsRecorder())
+    first = svc.manage(batcher(), name="front")
+    second = batcher()
+    with pytest.raises(fastinfer.ConfigError, match="standard=False"):
+        svc.manage(second, name="stage2")
+    assert [n for n, _ in svc._managed] == ["front"]  # a refused object is not half-managed
+    svc.manage(second, name="stage2", standard=False)
+    assert [n for n, _ in svc._managed] == ["front", "stage2"]
+    families = {f.name: f for f in text_string_to_metric_families(svc.metrics_text().decode())}
+    assert [s.labels for s in families["fastinfer_queue_depth"].samples] == [{}]  # the front's
+    assert "fastinfer_stage2_queue_depth" in families
+    first.close()
+    second.close()

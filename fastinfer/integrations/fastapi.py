@@ -247,13 +247,27 @@ class FastInferService:
             self._phases[name] = self._phases.get(name, 0.0) + elapsed
             self._phase_seconds.labels(phase=name).observe(elapsed)
 
-    def manage(self, obj: T, *, name: str) -> T:
-        """Close ``obj`` (draining it) at shutdown, in reverse order, and export its ``statistics()``."""
+    def manage(self, obj: T, *, name: str, standard: bool = True) -> T:
+        """Close ``obj`` (draining it) at shutdown, in reverse order, and export its ``statistics()``.
+
+        Its fields go to the standard metrics they declare (queue depth, requests by outcome...)
+        and the rest to ``fastinfer_<name>_*``. The standard metrics describe one front stage:
+        a second object that feeds the same ones (a :class:`fastinfer.PinnedPool` behind the
+        batcher) takes ``standard=False`` and is exported under ``fastinfer_<name>_*`` only."""
         if not (hasattr(obj, "aclose") or hasattr(obj, "close")):
             raise ConfigError(f"manage({name!r}): {type(obj).__name__} has no close() or aclose()")
-        self._managed.append((name, obj))
         if hasattr(obj, "statistics"):
-            self.recorder.track(obj, prefix=f"fastinfer_{name}")
+            try:
+                self.recorder.track(obj, prefix=f"fastinfer_{name}", standard=standard)
+            except ConfigError as exc:
+                if "would both write" not in str(exc):
+                    raise
+                raise ConfigError(
+                    f"manage({name!r}): {type(obj).__name__} feeds the same standard metrics as "
+                    f"an object already managed ({exc}). Fix: svc.manage(..., name={name!r}, "
+                    f"standard=False) exports its statistics as fastinfer_{name}_* only"
+                ) from None
+        self._managed.append((name, obj))
         return obj
 
     def batcher_hooks(self) -> BatcherHooks:
