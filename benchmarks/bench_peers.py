@@ -175,7 +175,14 @@ STACKS: dict[str, Stack] = {
             stop_main_only=True,
         ),
         _fastinfer_stack("batching", "FastInferService + DynamicBatcher(32, 5 ms), no swap"),
-        _fastinfer_stack("full", "as docs/fastapi.md: load_model + swap_attention_ + batcher"),
+        _fastinfer_stack(
+            "inprocess", "load_model + swap_attention_ + batcher, in the server process"
+        ),
+        _fastinfer_stack(
+            "full",
+            "as docs/fastapi.md: load_model + swap_attention_ in PinnedPool workers, fed by the "
+            "batcher (adaptive)",
+        ),
     )
 }
 

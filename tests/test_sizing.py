@@ -96,3 +96,37 @@ def test_a_split_that_would_recompile_is_refused_not_fatal() -> None:
     )
     assert (plan.slots, plan.threads) == (2, 1) and model.threads == 1
     assert list(plan.measured) == ["2x1"] and "1x2 (a call needs a new compilation" in plan.reason
+
+
+def _pool_init() -> float:
+    return 0.01  # seconds per batch
+
+
+def _pool_fn(cost: float, batch: list[int]) -> list[int]:
+    time.sleep(cost)
+    return [x + 1 for x in batch]
+
+
+def test_admission_through_a_pool_uses_its_workers_as_slots() -> None:
+    pytest.importorskip("fastapi")
+    import fastinfer
+    from fastinfer.integrations.fastapi import FastInferService
+
+    svc = FastInferService(recorder=fastinfer.MetricsRecorder())
+    with fastinfer.PinnedPool(_pool_init, _pool_fn, workers=2, pin=False, threads=1) as pool:
+        before = fastinfer_threads()
+        limits = svc.admission(pool, list(range(8)), latency_target_ms=100)
+        assert fastinfer_threads() == before  # this process is left as it was
+        assert limits["max_concurrent_batches"] == 2
+        plan = svc.readiness()["serving"]["model"]
+        assert plan["slots"] == 2 and plan["threads"] == 1 and "PinnedPool" in plan["reason"]
+        # 2 workers x 8 items per 10 ms sleep: about 1600 items/s measured through the pool
+        assert 400 < plan["items_per_second"] < 1700
+        with pytest.raises(ConfigError, match="the workers are the slots"):
+            svc.admission(pool, list(range(8)), latency_target_ms=100, max_concurrent_batches=3)
+
+
+def fastinfer_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

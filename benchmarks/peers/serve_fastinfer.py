@@ -1,9 +1,13 @@
-"""fastinfer as ``docs/fastapi.md`` tells a user to write it, in two variants.
+"""fastinfer as ``docs/fastapi.md`` tells a user to write it, in three variants.
 
 - ``batching``: ``FastInferService`` + ``DynamicBatcher`` (32 items, 5 ms), the model loaded by
-  ``fastinfer.load_model``, no attention swap;
-- ``full``: the same plus ``swap_attention_`` at startup: loader + attention swap + batcher,
-  exactly the sequence of the docs' example.
+  ``fastinfer.load_model``, no attention swap, in the server process (slots x threads sized by
+  ``svc.admission``);
+- ``inprocess``: the same plus ``swap_attention_`` at startup: loader + attention swap + batcher;
+- ``full``: what the docs give for a multi-core machine: the loaded, swapped model in
+  ``PinnedPool`` worker processes (one per physical core, pinned, one thread each), fed by the
+  batcher (``DynamicBatcher(pool.run, policy="adaptive", ...)``), sized by
+  ``svc.admission(pool, ...)``. The server process only parses, batches and answers.
 
 Everything the lead changes when the serving path changes lives here: :func:`fastinfer_app`
 (the service), :func:`prepare_model` (the model as the service runs it, which the offline ceiling
@@ -15,6 +19,7 @@ for the ceiling measured with the same shape).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -26,7 +31,7 @@ import torch
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
-VARIANTS = ("batching", "full")
+VARIANTS = ("batching", "inprocess", "full")
 
 
 class TextRequest(BaseModel):
@@ -35,11 +40,15 @@ class TextRequest(BaseModel):
 
 def serving_shape(variant: str) -> dict[str, Any]:
     """How the service computes: ``processes`` x ``slots`` (batches at once in one process) x
-    ``threads`` (torch threads). The docs' example lets ``svc.admission`` choose slots x threads
-    by measuring every split of the cores (``"auto"``); the offline ceiling is then the best
-    split, measured the same way."""
+    ``threads`` (torch threads). In-process, ``svc.admission`` chooses slots x threads by
+    measuring every split of the cores (``"auto"``; the offline ceiling is then the best split,
+    measured the same way); with the pool, one single-thread process per physical core."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "full":
+        from fastinfer import CorePlan
+
+        return {"processes": CorePlan.detect().default_workers(), "slots": 1, "threads": 1}
     return {"processes": 1, "slots": "auto", "threads": "auto", "env": {}}
 
 
@@ -58,13 +67,70 @@ def prepare_model(
 
     with phase("load"):
         model = fastinfer.load_model(spec.factory, checkpoint)
-    if variant == "full":
+    if variant != "batching":
         with phase("swap_attention"):
             enc = spec.tokenizer()(spec.texts(8, seed=1))
             fastinfer.swap_attention_(
                 model, example_inputs=(enc["input_ids"], enc["attention_mask"])
             )
     return model
+
+
+def worker_init(model_name: str, checkpoint: str) -> Any:
+    """Runs once in each pool worker, pinned, its threads set: the model as the service runs it."""
+    spec = common.MODELS[model_name]
+    return spec.tokenizer(), prepare_model("full", spec, checkpoint), spec.labels
+
+
+def worker_classify(state: Any, texts: list[str]) -> list[dict[str, Any]]:
+    """One batch, in a pool worker: tokenize, forward, post-process."""
+    tok, model, labels = state
+    enc = tok(texts)
+    with torch.inference_mode():
+        logits = model(enc["input_ids"], enc["attention_mask"])
+    return common.postprocess(logits, labels)
+
+
+def pool_app(spec: common.ModelSpec, checkpoint: str | Path) -> FastAPI:
+    """The ``full`` variant: the model in pinned worker processes, fed by the batcher."""
+    import fastinfer
+    from fastinfer.integrations.fastapi import FastInferService
+
+    svc = FastInferService()
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        with svc.phase("workers"):  # one per physical core; each loads and swaps the model
+            pool = svc.manage(
+                fastinfer.PinnedPool(functools.partial(worker_init, spec.name, str(checkpoint)),
+                                     worker_classify),
+                name="pool", standard=False,
+            )  # fmt: skip
+            pool.wait_ready()
+        with svc.phase("measure"):  # the cost of a full batch, through the pool
+            limits = svc.admission(
+                pool, spec.texts(common.MAX_BATCH_SIZE, seed=2), latency_target_ms=500
+            )
+        svc.state.batcher = svc.manage(
+            fastinfer.DynamicBatcher(
+                pool.run,
+                max_batch_size=common.MAX_BATCH_SIZE,
+                max_wait_ms=common.MAX_WAIT_MS,
+                policy="adaptive",
+                **limits,
+                **svc.batcher_hooks(),
+            ),
+            name="classifier",
+        )
+
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+
+    @app.post("/predict")
+    async def predict(query: TextRequest, request: Request) -> Any:
+        return await svc.submit(svc.state.batcher, query.text, request)
+
+    return app
 
 
 def fastinfer_app(variant: str, spec: common.ModelSpec, checkpoint: str | Path) -> FastAPI:
@@ -114,4 +180,8 @@ def fastinfer_app(variant: str, spec: common.ModelSpec, checkpoint: str | Path) 
 if __name__ == "__main__":
     args = common.server_args(__doc__.splitlines()[0], VARIANTS)
     spec = common.MODELS[args.model]
-    _uvicorn.serve(fastinfer_app(args.variant, spec, args.checkpoint), args.port)
+    if args.variant == "full":
+        app = pool_app(spec, args.checkpoint)
+    else:
+        app = fastinfer_app(args.variant, spec, args.checkpoint)
+    _uvicorn.serve(app, args.port)

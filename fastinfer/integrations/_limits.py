@@ -1,4 +1,5 @@
-"""HTTP limits for :class:`~fastinfer.integrations.fastapi.FastInferService`, as ASGI middleware.
+"""HTTP limits and HTTP metrics for :class:`~fastinfer.integrations.fastapi.FastInferService`,
+as ASGI middleware.
 
 - **Request bodies** are read here, before routing, within ``max_body_bytes`` (413 as soon as the
   declared length or the bytes received pass it; nothing more is read) and within
@@ -15,6 +16,8 @@
   requests already inside the event loop would all pass an open door before the first of them
   reached the full queue.)
 
+- **HTTP metrics** (:class:`HTTPMetrics`): latency per route template and status class.
+
 Every answer uses the service's error body, ``{"error": <code>, "detail": <message>}``.
 """
 
@@ -28,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-__all__ = ["Door", "RequestLimits", "error_code", "send_error"]
+__all__ = ["Door", "HTTPMetrics", "RequestLimits", "error_code", "send_error"]
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -279,3 +282,31 @@ class RequestLimits:
             "max_body_bytes",
             close=True,
         )
+
+
+class HTTPMetrics:
+    """ASGI middleware: latency per route template (bounded label values) and status class."""
+
+    def __init__(self, app: Any, *, histogram: Any, skip: set[str]) -> None:
+        self.app, self.histogram, self.skip = app, histogram, skip
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.skip:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.histogram.labels(route=template, status=f"{status[0] // 100}xx").observe(
+                time.perf_counter() - t0
+            )

@@ -19,12 +19,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastinfer.errors import ConfigError, RecompileError
 
-__all__ = ["ServingPlan", "measure_serving", "splits"]
+if TYPE_CHECKING:
+    from fastinfer.pool import PinnedPool
+
+__all__ = ["ServingPlan", "measure_serving", "pool_plan", "splits", "through_pool"]
 
 logger = logging.getLogger("fastinfer.integrations.fastapi")
 
@@ -170,3 +173,31 @@ def measure_serving(
         ", ".join(f"{k}: {v:.0f}" for k, v in measured.items()),
     )
     return plan
+
+
+def through_pool(pool: PinnedPool) -> Callable[[Any], Any]:
+    """``pool`` as a blocking function of one batch (what the batcher's ``pool.run`` awaits)."""
+    return lambda batch: pool.submit(batch).result()
+
+
+def pool_plan(
+    pool: PinnedPool, example_batch: Any, size: int, slots: int | Literal["auto"]
+) -> ServingPlan:
+    """The serving plan of a pool: its workers are the slots, measured through the pool."""
+    if slots not in ("auto", pool.workers):
+        raise ConfigError(
+            f"max_concurrent_batches={slots!r} with a PinnedPool of {pool.workers} workers: the "
+            "workers are the slots. Fix: leave it 'auto' (or pass pool.workers)"
+        )
+    threads = max((w.threads for w in pool.statistics().per_worker), default=1)
+    plan = measure_serving(
+        through_pool(pool), example_batch, batch_size=size, slots=pool.workers, cores=pool.workers,
+        set_threads=lambda n: None,  # the workers' threads were set when they started
+    )  # fmt: skip
+    return replace(
+        plan,
+        cores=pool.workers * threads,
+        threads=threads,
+        reason=f"a PinnedPool: {pool.workers} worker process(es) x {threads} thread(s), "
+        "measured through the pool with every worker busy",
+    )

@@ -57,7 +57,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from types import SimpleNamespace
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastinfer._optional import require
 from fastinfer.errors import (
@@ -77,9 +77,12 @@ from fastinfer.integrations._admission import (
     batch_len,
     measure_admission,
 )
-from fastinfer.integrations._limits import Door, RequestLimits, error_code
-from fastinfer.integrations._sizing import ServingPlan, measure_serving
+from fastinfer.integrations._limits import Door, HTTPMetrics, RequestLimits, error_code
+from fastinfer.integrations._sizing import ServingPlan, measure_serving, pool_plan, through_pool
 from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
+
+if TYPE_CHECKING:
+    from fastinfer.pool import PinnedPool
 
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
 prometheus_client = require("prometheus_client", purpose="the /metrics endpoint")
@@ -298,7 +301,7 @@ class FastInferService:
 
     def admission(
         self,
-        fn: Callable[[Any], Any],
+        fn: Callable[[Any], Any] | PinnedPool,
         example_batch: Any,
         *,
         latency_target_ms: float,
@@ -311,19 +314,27 @@ class FastInferService:
 
         ``max_concurrent_batches="auto"`` (the one knob) splits the core budget
         (:class:`fastinfer.CorePlan`) into slots × threads by measuring every split and keeps the
-        fastest (``_sizing.py``); it sets torch's threads for the process. The queue is then
-        sized so that a request admitted last still finishes within ``latency_target_ms``. Returns
-        ``{"max_concurrent_batches": n, "max_queue_size": q}`` for ``DynamicBatcher(...,
-        **limits)``; the measurements show in ``/readyz`` under ``"serving"`` and
-        ``"admission"``. With ``shed_at_door``, at most that queue plus what the batch slots run
-        is let past the door at once; the next request is answered 503 before it is read. Call
-        it in the setup function, once per batcher (the runs double as warm-up)."""
+        fastest (``_sizing.py``); it sets torch's threads for the process. ``fn`` may instead be
+        the :class:`fastinfer.PinnedPool` the batcher will feed (``DynamicBatcher(pool.run,
+        ...)``): its workers are the slots (each pinned, with its own threads), and the cost is
+        measured through the pool, every worker busy; nothing in this process is changed. The
+        queue is then sized so that a request admitted last still finishes within
+        ``latency_target_ms``. Returns ``{"max_concurrent_batches": n, "max_queue_size": q}`` for
+        ``DynamicBatcher(..., **limits)``; the measurements show in ``/readyz`` under
+        ``"serving"`` and ``"admission"``. With ``shed_at_door``, at most that queue plus what the
+        batch slots run is let past the door at once; the next request is answered 503 before it
+        is read. Call it in the setup function, once per batcher (the runs double as warm-up)."""
+        from fastinfer.pool import PinnedPool
+
         size = batch_size if batch_size is not None else batch_len(example_batch)
-        slots = None if max_concurrent_batches == "auto" else max_concurrent_batches
-        plan = measure_serving(fn, example_batch, batch_size=size, slots=slots)
+        if isinstance(fn, PinnedPool):
+            plan = pool_plan(fn, example_batch, size, max_concurrent_batches)
+        else:
+            slots = None if max_concurrent_batches == "auto" else max_concurrent_batches
+            plan = measure_serving(fn, example_batch, batch_size=size, slots=slots)
         self._serving[name] = plan.to_dict()
         report = measure_admission(
-            fn,
+            fn if not isinstance(fn, PinnedPool) else through_pool(fn),
             example_batch,
             latency_target_ms=latency_target_ms,
             max_concurrent_batches=plan.slots,
@@ -522,9 +533,7 @@ class FastInferService:
             on_reject=lambda reason: self._http_refused.labels(reason=reason).inc(),
             retry_after=_retry_after_header,
         )
-        app.add_middleware(
-            _HTTPMetrics, histogram=self._http_latency, skip=set(self.paths.values())
-        )
+        app.add_middleware(HTTPMetrics, histogram=self._http_latency, skip=set(self.paths.values()))
 
 
 def _retry_after_header(seconds: float) -> str:
@@ -544,34 +553,6 @@ def _validation_message(exc: Any) -> str:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
-
-
-class _HTTPMetrics:
-    """ASGI middleware: latency per route template (bounded label values) and status class."""
-
-    def __init__(self, app: Any, *, histogram: Any, skip: set[str]) -> None:
-        self.app, self.histogram, self.skip = app, histogram, skip
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.skip:
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = [500]
-
-        async def send_wrapper(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.histogram.labels(route=template, status=f"{status[0] // 100}xx").observe(
-                time.perf_counter() - t0
-            )
 
 
 @contextmanager
