@@ -97,9 +97,12 @@ def test_table_shows_measured_and_missing_stacks() -> None:
 def test_every_stack_is_selectable_and_fastinfer_stacks_are_not_peers() -> None:
     stacks = bench_peers.STACKS
     assert set(stacks) == {"plain", "torchserve", "torchserve-omp1", "litserve", "ray",
-                           "fastinfer-batching", "fastinfer-full"}  # fmt: skip
+                           "fastinfer-batching", "fastinfer-inprocess", "fastinfer-full"}  # fmt: skip
     assert bench_peers.TARGET_STACK in stacks
     assert not stacks["fastinfer-full"].peer and stacks["torchserve"].peer
+    assert not stacks["fastinfer-inprocess"].peer
+    # the docs' configuration: one single-thread worker process per physical core
+    assert stacks["fastinfer-full"].shape.slots == 1 and stacks["fastinfer-full"].shape.threads == 1
     assert stacks["torchserve-omp1"].shape.describe() == "2 proc x 1 thread"
     for s in stacks.values():
         assert (BENCH / "peers" / s.script).exists()
