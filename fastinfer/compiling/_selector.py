@@ -199,7 +199,10 @@ def select_backend(
 
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
     on_gpu = any(t.is_cuda for t in tensors(args0, kwargs0))
-    batches, expected, opaque = eager_reference(model, example_inputs, sizes)
+    reference_seconds: dict[int, float] = {}
+    batches, expected, opaque = eager_reference(
+        model, example_inputs, sizes, reference_seconds, clock
+    )
     deadline = None if budget_seconds is None else started + budget_seconds
 
     built: dict[str, Callable[..., Any]] = {}
@@ -248,6 +251,11 @@ def select_backend(
             compile_s = clock() - t0
             err = 0.0
             one_call[name] = {}
+            if spec == "eager":  # the reference calls were eager's: no second pass to verify it
+                one_call[name] = dict(reference_seconds)
+                built[name], compiled_objs[name] = fn, obj
+                outcome[name] = CandidateResult(name, "ok", "", compile_s, max_error=0.0)
+                continue
             try:
                 for b in sizes:
                     t1 = clock()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -110,19 +111,27 @@ def opaque_ops(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
 
 
 def eager_reference(
-    model: Callable[..., Any], example_inputs: Any, sizes: tuple[int, ...]
+    model: Callable[..., Any],
+    example_inputs: Any,
+    sizes: tuple[int, ...],
+    seconds: dict[int, float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[int, tuple[tuple[Any, ...], dict[str, Any]]], dict[int, Any], tuple[str, ...]]:
     """Inputs resized to each batch size, eager outputs at each, and the opaque fused ops seen
-    (looked for once, at the largest size: one eager pass each)."""
+    (looked for once, at the largest size: one eager pass each). ``seconds``, when given, gets
+    each size's call time (what the eager candidate's verification call would measure)."""
     batches = {b: inputs_for(example_inputs, b) for b in sizes}
     expected: dict[int, Any] = {}
     opaque: tuple[str, ...] = ()
     for b in sizes:
+        t0 = clock()
         if b == sizes[-1]:
             expected[b], opaque = opaque_ops(model, *batches[b])
         else:
             with torch.inference_mode():
                 expected[b] = model(*batches[b][0], **batches[b][1])
+        if seconds is not None:
+            seconds[b] = max(clock() - t0, 0.0)
     return batches, expected, opaque
 
 
