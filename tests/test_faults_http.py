@@ -384,6 +384,7 @@ def test_a_flood_resolves_every_request_once_with_200_or_a_fast_503(served: Any)
     assert svc.readiness()["serving"]["model"]["slots"] == slots
     assert 8 * slots <= admission["max_queue_size"] <= 16 * slots
     assert svc.door.limit == admission["max_queue_size"] + 8 * slots
+    assert svc.door.floor == 8 * slots and svc.door.target_seconds == 0.2
     limits = {"max_queue_size": admission["max_queue_size"]}
 
     n, clients = 480, 60
@@ -422,3 +423,30 @@ def test_a_flood_resolves_every_request_once_with_200_or_a_fast_503(served: Any)
     assert st.requests_ok == statuses[200]  # what was admitted was answered
     assert st.requests_failed == st.requests_expired == st.queue_depth == 0
     assert svc.door.shed > 0 and svc.door.in_flight == 0  # most were turned away at the door
+
+
+def test_the_door_lowers_its_limit_while_admitted_requests_miss_the_target() -> None:
+    """The admission limit is sized from the model's cost; where HTTP handling dominates, requests
+    take longer than the target to get through, and the door takes fewer in (AIMD)."""
+    from fastinfer.integrations._limits import Door
+
+    now = [0.0]
+    door = Door(clock=lambda: now[0])
+    assert door.allowed() is None  # no admission: no limit
+    door.limit, door.floor, door.target_seconds = 1000, 64, 0.5
+    assert door.allowed() == 1000
+    door.finished(0.8)  # late: -10%
+    assert door.allowed() == 900
+    for _ in range(50):
+        door.finished(0.9)  # the same late burst, within one target's time: counted once
+    assert door.allowed() == 900
+    for _ in range(60):
+        now[0] += 0.5
+        door.finished(2.0)
+    assert door.allowed() == 64  # never below what the batch slots run
+    for _ in range(100):
+        door.finished(0.1)  # on time: one back each
+    assert door.allowed() == 164
+    for _ in range(5000):
+        door.finished(0.1)
+    assert door.allowed() == 1000  # never above the sized limit

@@ -98,7 +98,38 @@ class Door:
         #: requests allowed past the door at once (None: no limit); ``in_flight``: past it now
         self.limit: int | None = None
         self.in_flight = 0
+        #: the latency target the limit was sized for, and the slots' worth it never goes below
+        self.target_seconds: float | None = None
+        self.floor = 1
+        self._cap: float | None = None  # the limit now, lowered while requests miss the target
+        self._lowered_at = float("-inf")
         self._routes: dict[tuple[str, str], Any] = {}  # (method, path) -> route, once routed
+
+    def allowed(self) -> int | None:
+        """Requests allowed past the door now: ``limit``, lowered while requests miss the target.
+
+        ``limit`` is sized from the model's cost alone; where a request's HTTP handling is a large
+        part of its cost (a tiny model, a flood of clients) that many requests take longer than
+        the target to get through. So the door also watches how long the requests it let in took:
+        one that took longer than ``target_seconds`` cuts the limit by 10% (once per target's
+        time, so one late burst counts once, never below ``floor``); each one on time adds one
+        back, up to ``limit`` (additive increase, multiplicative decrease)."""
+        if self.limit is None or self._cap is None:
+            return self.limit
+        return max(self.floor, min(self.limit, int(self._cap)))
+
+    def finished(self, seconds: float) -> None:
+        """A request let in ``seconds`` ago was answered: adjust the limit (see :meth:`allowed`)."""
+        if self.limit is None or self.target_seconds is None:
+            return
+        cap = float(self.limit) if self._cap is None else self._cap
+        if seconds > self.target_seconds:
+            now = self.clock()
+            if now - self._lowered_at >= self.target_seconds:
+                cap, self._lowered_at = max(float(self.floor), cap * 0.9), now
+        else:
+            cap = min(float(self.limit), cap + 1.0)
+        self._cap = cap
 
     def route_of(self, method: str, path: str) -> Any:
         """The route a request to ``method path`` was last routed to (None: not seen yet)."""
@@ -188,7 +219,8 @@ class RequestLimits:
                 {"Retry-After": self.retry_after(left)},
             )
             return
-        if door.limit is not None and door.in_flight >= door.limit:
+        allowed = door.allowed()
+        if allowed is not None and door.in_flight >= allowed:
             route = door.route_of(scope.get("method", ""), scope.get("path", ""))
             if route is not None:
                 scope["route"] = route
@@ -199,15 +231,17 @@ class RequestLimits:
                 503,
                 "queue_full",
                 f"the service is at capacity: {door.in_flight} requests in flight, its admission "
-                f"limit is {door.limit} (what finishes within its latency target); retry shortly",
+                f"limit is {allowed} now (what finishes within its latency target); retry shortly",
                 {"Retry-After": self.retry_after(0.0)},
             )
             return
         door.in_flight += 1
+        started = time.perf_counter()
         try:
             await self._limited(scope, receive, send)
         finally:
             door.in_flight -= 1
+            door.finished(time.perf_counter() - started)
             door.remember_route(scope.get("method", ""), scope.get("path", ""), scope.get("route"))
 
     async def _limited(self, scope: Any, receive: Any, send: Any) -> None:

@@ -345,6 +345,10 @@ class FastInferService:
         if self.door is not None:  # at most this many requests past the door at once
             admitted = report.max_queue_size + report.batch_size * report.max_concurrent_batches
             self.door.limit = (self.door.limit or 0) + admitted
+            slots = report.batch_size * report.max_concurrent_batches
+            self.door.floor = slots if self.door.target_seconds is None else self.door.floor + slots
+            target = latency_target_ms / 1000
+            self.door.target_seconds = min(target, self.door.target_seconds or target)
         logger.info("admission for %s: %s", name, report)
         return {"max_concurrent_batches": plan.slots, "max_queue_size": report.max_queue_size}
 
