@@ -7,6 +7,7 @@ after ``import fastinfer``.
 from __future__ import annotations
 
 import os
+import sys
 
 # name -> one-line description (docs/environment-variables.md has the long form)
 VARIABLES: dict[str, str] = {
@@ -33,3 +34,17 @@ def flag(name: str) -> bool | None:
     if value is None or value.strip() == "":
         return None
     return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def progress_wanted(explicit: bool | None = None) -> bool:
+    """Whether to draw progress bars: ``explicit`` if given, else ``FASTINFER_PROGRESS``, else
+    only when stderr is a terminal (a log file gets no bar)."""
+    if explicit is not None:
+        return explicit
+    forced = flag("FASTINFER_PROGRESS")
+    if forced is not None:
+        return forced
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -6,7 +6,8 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,12 @@ def run_python(
 def python_subprocess():  # type: ignore[no-untyped-def]
     """The :func:`run_python` helper as a fixture."""
     return run_python
+
+
+def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait for a condition the code under test reaches (no fixed sleep: poll the real state)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.serve
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from conftest import until  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
@@ -40,14 +41,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class Body(BaseModel):

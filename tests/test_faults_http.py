@@ -30,20 +30,13 @@ pytestmark = pytest.mark.serve
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from conftest import until  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 import fastinfer  # noqa: E402
 from fastinfer.integrations.fastapi import FastInferService, run_server  # noqa: E402
-
-
-def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Body(BaseModel):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,21 +14,13 @@ pytestmark = pytest.mark.serve
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from conftest import until  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 import fastinfer  # noqa: E402
 from fastinfer.integrations.fastapi import FastInferService, run_server  # noqa: E402
-
-
-def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Wait for a condition the server reaches (no fixed sleep: poll the real state)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Body(BaseModel):

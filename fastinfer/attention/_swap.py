@@ -230,11 +230,7 @@ def swap_attention_(
         if verify and chosen != ORIGINAL:
             notes.append("not verified: pass example_inputs (or padding_profile) to verify")
         if chosen != ORIGINAL:
-            try:
-                by_name[chosen].apply(undo)
-            except Exception:
-                undo()
-                raise
+            _apply(by_name[chosen], undo)
     fast_after = fast_before
     if chosen != ORIGINAL and native_modules(model):
         fits = (
@@ -312,6 +308,15 @@ def _reuse(
     return chosen, undo, problem
 
 
+def _apply(cand: Candidate, undo: Undo) -> None:
+    """Apply ``cand``; if that fails half-way, undo what it changed and re-raise."""
+    try:
+        cand.apply(undo)
+    except Exception:
+        undo()
+        raise
+
+
 def _apply_measured(
     model: nn.Module,
     chosen: str,
@@ -323,11 +328,7 @@ def _apply_measured(
 ) -> tuple[bool | None, bool]:
     """Apply the measured winner; ``(verified, reverted)``."""
     if chosen != ORIGINAL:
-        try:
-            by_name[chosen].apply(undo)
-        except Exception:
-            undo()
-            raise
+        _apply(by_name[chosen], undo)
         return (bool(results[chosen].verified) if verify else None), False
     if verify:
         rejected = [r.name for r in results.values() if r.verified is False]

@@ -100,7 +100,7 @@ class Door:
         self.in_flight = 0
         #: the latency target the limit was sized for, and the slots' worth it never goes below
         self.target_seconds: float | None = None
-        self.floor = 1
+        self.floor = 0
         self._cap: float | None = None  # the limit now, lowered while requests miss the target
         self._lowered_at = float("-inf")
         self._routes: dict[tuple[str, str], Any] = {}  # (method, path) -> route, once routed
@@ -116,7 +116,7 @@ class Door:
         back, up to ``limit`` (additive increase, multiplicative decrease)."""
         if self.limit is None or self._cap is None:
             return self.limit
-        return max(self.floor, min(self.limit, int(self._cap)))
+        return max(self.floor, 1, min(self.limit, int(self._cap)))
 
     def finished(self, seconds: float) -> None:
         """A request let in ``seconds`` ago was answered: adjust the limit (see :meth:`allowed`)."""
@@ -126,7 +126,7 @@ class Door:
         if seconds > self.target_seconds:
             now = self.clock()
             if now - self._lowered_at >= self.target_seconds:
-                cap, self._lowered_at = max(float(self.floor), cap * 0.9), now
+                cap, self._lowered_at = max(float(self.floor), 1.0, cap * 0.9), now
         else:
             cap = min(float(self.limit), cap + 1.0)
         self._cap = cap

@@ -329,12 +329,14 @@ class FastInferService:
         size = batch_size if batch_size is not None else batch_len(example_batch)
         if isinstance(fn, PinnedPool):
             plan = pool_plan(fn, example_batch, size, max_concurrent_batches)
+            call = through_pool(fn)
         else:
             slots = None if max_concurrent_batches == "auto" else max_concurrent_batches
             plan = measure_serving(fn, example_batch, batch_size=size, slots=slots)
+            call = fn
         self._serving[name] = plan.to_dict()
         report = measure_admission(
-            fn if not isinstance(fn, PinnedPool) else through_pool(fn),
+            call,
             example_batch,
             latency_target_ms=latency_target_ms,
             max_concurrent_batches=plan.slots,
@@ -343,10 +345,9 @@ class FastInferService:
         )
         self._admission[name] = report.to_dict()
         if self.door is not None:  # at most this many requests past the door at once
-            admitted = report.max_queue_size + report.batch_size * report.max_concurrent_batches
-            self.door.limit = (self.door.limit or 0) + admitted
-            slots = report.batch_size * report.max_concurrent_batches
-            self.door.floor = slots if self.door.target_seconds is None else self.door.floor + slots
+            running = report.batch_size * report.max_concurrent_batches
+            self.door.limit = (self.door.limit or 0) + report.max_queue_size + running
+            self.door.floor += running
             target = latency_target_ms / 1000
             self.door.target_seconds = min(target, self.door.target_seconds or target)
         logger.info("admission for %s: %s", name, report)

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from fastinfer import _env
 from fastinfer.errors import CheckpointError, UnsafeCheckpointError
 from fastinfer.loading._pages import Source, check_unchanged, memory, populate, snapshot
 
@@ -510,18 +509,6 @@ def _contiguous_stride(shape: list[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Progress
 # --------------------------------------------------------------------------------------------
-
-
-def progress_enabled(explicit: bool | None) -> bool:
-    if explicit is not None:
-        return explicit
-    forced = _env.flag("FASTINFER_PROGRESS")
-    if forced is not None:
-        return forced
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastinfer import _env
 from fastinfer.errors import ConfigError, StateDictMismatch
 from fastinfer.loading import _formats as fmt
 from fastinfer.loading import _pages as pages
@@ -261,7 +262,7 @@ def load_weights(
     t0 = time.perf_counter()
     kind, files, _index = fmt.resolve(checkpoint)
     mapped = fmt.read(
-        kind, files, mmap=mmap, trust_pickle=trust_pickle, progress=fmt.progress_enabled(progress)
+        kind, files, mmap=mmap, trust_pickle=trust_pickle, progress=_env.progress_wanted(progress)
     )
     if remap is not None:  # checkpoint names -> model names (transformers' conversions)
         mapped = remap(mapped)

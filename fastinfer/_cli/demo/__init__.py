@@ -37,17 +37,6 @@ from fastinfer._optional import require
 LEVELS = (1, 8, 32, 64)
 
 
-def _bars_wanted() -> bool:
-    """Progress bars on a terminal only (``FASTINFER_PROGRESS`` forces them on or off)."""
-    forced = _env.flag("FASTINFER_PROGRESS")
-    if forced is not None:
-        return forced
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 class _Stage:
     """One stage of the demo: a progress bar on a terminal, else one line when it ends."""
 
@@ -55,7 +44,7 @@ class _Stage:
         self.desc, self.unit, self.done, self.postfix = desc, unit, 0, ""
         self.t0 = time.perf_counter()
         self.bar: Any = None
-        if _bars_wanted():
+        if _env.progress_wanted():
             tqdm = require("tqdm.auto", purpose="the demo's progress bars").tqdm
             if total is None:
                 self.bar = tqdm(desc=desc, bar_format="{desc}: {postfix} [{elapsed}]", leave=False)
