@@ -3,8 +3,11 @@
     uvicorn examples.text_classification_service:app      # serve it (from the repository root)
     python examples/text_classification_service.py        # start it, send requests, stop it
 
-Startup runs in phases (load with the fast loader, swap attention, measure a full batch), then
-/readyz turns 200; until then /predict answers 503. Requests are batched by a DynamicBatcher whose
+``svc.serve_model`` runs the model where it serves fastest: on a machine with two or more physical
+cores, one pinned single-thread worker process per core, each loading it with the fast loader and
+swapping its attention; on one core, in the server process. Startup runs in phases (start the
+workers, measure a full batch through them), then /readyz turns 200 and says what was chosen;
+until then /predict answers 503. Requests are batched by a DynamicBatcher whose
 queue is sized from the measured batch cost, so that an admitted request is answered within
 LATENCY_TARGET_MS; beyond that the service answers 503 with Retry-After at once (and a flood is
 shed before its requests are even parsed). A client that disconnects cancels its queued request;
@@ -33,32 +36,30 @@ tokenizer = testing.HashTokenizer(vocab_size=1000, max_length=128)
 svc = FastInferService()
 
 
+def load() -> torch.nn.Module:
+    """Build the model: once in each worker process (or here, on one core)."""
+    model = fastinfer.load_model(testing.bert_like_classifier, CHECKPOINT)
+    warm = tokenizer(["a short warm up text", "and a somewhat longer one " * 6])
+    fastinfer.swap_attention_(model, example_inputs=(warm["input_ids"], warm["attention_mask"]))
+    return model
+
+
+def classify(model: torch.nn.Module, texts: list[str]) -> list[dict[str, Any]]:
+    """One batch: tokenize, one forward pass, the label and its probability per text."""
+    enc = tokenizer(texts)
+    with torch.inference_mode():
+        probs = model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
+    return [{"label": LABELS[int(p.argmax())], "score": round(float(p.max()), 4)} for p in probs]
+
+
 @svc.setup
 def build(svc: FastInferService) -> None:
     if not CHECKPOINT.exists():  # stands in for your trained weights
         testing.save_checkpoint(testing.bert_like_classifier(), CHECKPOINT)
-    with svc.phase("load"):
-        model = fastinfer.load_model(testing.bert_like_classifier, CHECKPOINT)
-    with svc.phase("swap_attention"):
-        warm = tokenizer(["a short warm up text", "and a somewhat longer one " * 6])
-        fastinfer.swap_attention_(model, example_inputs=(warm["input_ids"], warm["attention_mask"]))
-
-    def classify(texts: list[str]) -> list[dict[str, Any]]:
-        enc = tokenizer(texts)
-        with torch.inference_mode():
-            probs = model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
-        return [
-            {"label": LABELS[int(p.argmax())], "score": round(float(p.max()), 4)} for p in probs
-        ]
-
-    with svc.phase("measure"):  # a full batch's cost (the runs double as warm-up)
-        texts = [f"request text number {i} " + "quite good " * (i % 9) for i in range(MAX_BATCH)]
-        limits = svc.admission(classify, texts, latency_target_ms=LATENCY_TARGET_MS)
-    svc.state.batcher = svc.manage(
-        fastinfer.DynamicBatcher(
-            classify, max_batch_size=MAX_BATCH, max_wait_ms=5, **limits, **svc.batcher_hooks()
-        ),
-        name="classifier",
+    # a full batch of representative texts: the cost measured on it sizes the queue
+    texts = [f"request text number {i} " + "quite good " * (i % 9) for i in range(MAX_BATCH)]
+    svc.state.batcher = svc.serve_model(
+        load, classify, texts, latency_target_ms=LATENCY_TARGET_MS, name="classifier"
     )
 
 
@@ -95,7 +96,9 @@ if __name__ == "__main__":
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             while (await client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.05)
-            print("admission:", (await client.get("/readyz")).json()["admission"])
+            ready = (await client.get("/readyz")).json()
+            print("serving:", ready["serving"]["classifier"]["choice"])
+            print("admission:", ready["admission"])
             texts = [f"review number {i} " + "good " * (i % 7) for i in range(64)]
             answers = await asyncio.gather(*(post(client, {"text": t}) for t in texts))
             assert all(a.status_code == 200 for a in answers), [a.text for a in answers]

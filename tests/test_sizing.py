@@ -117,7 +117,15 @@ def test_admission_through_a_pool_uses_its_workers_as_slots() -> None:
         before = fastinfer_threads()
         limits = svc.admission(pool, list(range(8)), latency_target_ms=100)
         assert fastinfer_threads() == before  # this process is left as it was
-        assert limits["max_concurrent_batches"] == 2
+        # the 2 workers run a batch each and hold one more ready (prefetch=1), taken from
+        # the queue's share: the requests admitted stay what the latency target allows
+        assert limits["max_concurrent_batches"] == 4
+        admission = svc.readiness()["admission"]["model"]
+        assert admission["buffered"] == 2
+        assert limits["max_queue_size"] == admission["max_queue_size"]
+        # past the door at most: the queue, the 2 prefetched batches and the 2 running
+        assert svc.door is not None
+        assert svc.door.limit == limits["max_queue_size"] + 2 * 8 + 2 * 8
         plan = svc.readiness()["serving"]["model"]
         assert plan["slots"] == 2 and plan["threads"] == 1 and "PinnedPool" in plan["reason"]
         # 2 workers x 8 items per 10 ms sleep: about 1600 items/s measured through the pool

@@ -4,10 +4,10 @@
   ``fastinfer.load_model``, no attention swap, in the server process (slots x threads sized by
   ``svc.admission``);
 - ``inprocess``: the same plus ``swap_attention_`` at startup: loader + attention swap + batcher;
-- ``full``: what the docs give for a multi-core machine: the loaded, swapped model in
-  ``PinnedPool`` worker processes (one per physical core, pinned, one thread each), fed by the
-  batcher (``DynamicBatcher(pool.run, policy="adaptive", ...)``), sized by
-  ``svc.admission(pool, ...)``. The server process only parses, batches and answers.
+- ``full``: what the docs lead with, ``svc.serve_model``: on a multi-core machine the loaded,
+  swapped model in ``PinnedPool`` worker processes (one per physical core, pinned, one thread
+  each, each holding its next batch ready), fed by an adaptive batcher sized through the pool.
+  The server process only parses, batches and answers.
 
 Everything the lead changes when the serving path changes lives here: :func:`fastinfer_app`
 (the service), :func:`prepare_model` (the model as the service runs it, which the offline ceiling
@@ -92,34 +92,20 @@ def worker_classify(state: Any, texts: list[str]) -> list[dict[str, Any]]:
 
 
 def pool_app(spec: common.ModelSpec, checkpoint: str | Path) -> FastAPI:
-    """The ``full`` variant: the model in pinned worker processes, fed by the batcher."""
-    import fastinfer
+    """The ``full`` variant, as docs/fastapi.md leads: ``svc.serve_model`` (on this machine, the
+    model in pinned worker processes, fed by the batcher)."""
     from fastinfer.integrations.fastapi import FastInferService
 
     svc = FastInferService()
 
     @svc.setup
     def build(svc: FastInferService) -> None:
-        with svc.phase("workers"):  # one per physical core; each loads and swaps the model
-            pool = svc.manage(
-                fastinfer.PinnedPool(functools.partial(worker_init, spec.name, str(checkpoint)),
-                                     worker_classify),
-                name="pool", standard=False,
-            )  # fmt: skip
-            pool.wait_ready()
-        with svc.phase("measure"):  # the cost of a full batch, through the pool
-            limits = svc.admission(
-                pool, spec.texts(common.MAX_BATCH_SIZE, seed=2), latency_target_ms=500
-            )
-        svc.state.batcher = svc.manage(
-            fastinfer.DynamicBatcher(
-                pool.run,
-                max_batch_size=common.MAX_BATCH_SIZE,
-                max_wait_ms=common.MAX_WAIT_MS,
-                policy="adaptive",
-                **limits,
-                **svc.batcher_hooks(),
-            ),
+        svc.state.batcher = svc.serve_model(
+            functools.partial(worker_init, spec.name, str(checkpoint)),
+            worker_classify,
+            spec.texts(common.MAX_BATCH_SIZE, seed=2),
+            latency_target_ms=500,
+            max_wait_ms=common.MAX_WAIT_MS,
             name="classifier",
         )
 

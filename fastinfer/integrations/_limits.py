@@ -31,7 +31,16 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-__all__ = ["Door", "HTTPMetrics", "RequestLimits", "error_code", "send_error"]
+__all__ = [
+    "Door",
+    "HTTPMetrics",
+    "RequestLimits",
+    "error_code",
+    "on_event_loop",
+    "retry_after_header",
+    "send_error",
+    "validation_message",
+]
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -344,3 +353,26 @@ class HTTPMetrics:
             self.histogram.labels(route=template, status=f"{status[0] // 100}xx").observe(
                 time.perf_counter() - t0
             )
+
+
+def retry_after_header(seconds: float) -> str:
+    """The ``Retry-After`` value for ``seconds``: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def on_event_loop(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+    """A sync exception handler as an async one (Starlette would run a sync one in a thread)."""
+
+    async def handler(request: Any, exc: Any) -> Any:
+        return fn(request, exc)
+
+    return handler
+
+
+def validation_message(exc: Any) -> str:
+    """A request validation error as one line: ``text: Field required; n: ...``."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"

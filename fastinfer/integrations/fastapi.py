@@ -77,11 +77,22 @@ from fastinfer.integrations._admission import (
     batch_len,
     measure_admission,
 )
-from fastinfer.integrations._limits import Door, HTTPMetrics, RequestLimits, error_code
+from fastinfer.integrations._limits import (
+    Door,
+    HTTPMetrics,
+    RequestLimits,
+    error_code,
+    on_event_loop,
+    retry_after_header,
+    validation_message,
+)
+from fastinfer.integrations._model import serve_model
+from fastinfer.integrations._server import run_server
 from fastinfer.integrations._sizing import ServingPlan, measure_serving, pool_plan, through_pool
 from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
 
 if TYPE_CHECKING:
+    from fastinfer.batching import DynamicBatcher
     from fastinfer.pool import PinnedPool
 
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
@@ -317,7 +328,9 @@ class FastInferService:
         fastest (``_sizing.py``); it sets torch's threads for the process. ``fn`` may instead be
         the :class:`fastinfer.PinnedPool` the batcher will feed (``DynamicBatcher(pool.run,
         ...)``): its workers are the slots (each pinned, with its own threads), and the cost is
-        measured through the pool, every worker busy; nothing in this process is changed. The
+        measured through the pool, every worker busy; nothing in this process is changed; and the
+        batcher may also fill the pool's ``prefetch`` buffers (``workers x (1 + prefetch)``
+        batches at once), so no worker waits for this process between batches. The
         queue is then sized so that a request admitted last still finishes within
         ``latency_target_ms``. Returns ``{"max_concurrent_batches": n, "max_queue_size": q}`` for
         ``DynamicBatcher(..., **limits)``; the measurements show in ``/readyz`` under
@@ -343,15 +356,55 @@ class FastInferService:
             batch_size=size,
             batch_seconds=plan.batch_seconds or None,
         )
-        self._admission[name] = report.to_dict()
+        # A pool holds `prefetch` batches per worker ready behind the one it runs, so a worker
+        # never waits on this process between batches: the batcher may dispatch that many more,
+        # taken from the queue's share (they wait the same way, in the worker's pipe).
+        buffered = fn.workers * fn.prefetch if isinstance(fn, PinnedPool) else 0
+        queue = max(report.max_queue_size - buffered * size, size)
+        self._admission[name] = {
+            **report.to_dict(),
+            "max_queue_size": queue,
+            "max_concurrent_batches": plan.slots + buffered,
+            "buffered": buffered,
+        }
         if self.door is not None:  # at most this many requests past the door at once
             running = report.batch_size * report.max_concurrent_batches
-            self.door.limit = (self.door.limit or 0) + report.max_queue_size + running
+            self.door.limit = (self.door.limit or 0) + max(report.max_queue_size, buffered * size)
+            self.door.limit += running
             self.door.floor += running
             target = latency_target_ms / 1000
             self.door.target_seconds = min(target, self.door.target_seconds or target)
         logger.info("admission for %s: %s", name, report)
-        return {"max_concurrent_batches": plan.slots, "max_queue_size": report.max_queue_size}
+        return {"max_concurrent_batches": plan.slots + buffered, "max_queue_size": queue}
+
+    def serve_model(
+        self,
+        init: Callable[[], Any],
+        fn: Callable[[Any, Any], Any],
+        example_batch: Any,
+        *,
+        latency_target_ms: float,
+        workers: int | Literal["auto"] = "auto",
+        max_batch_size: int | None = None,
+        max_wait_ms: float = 5.0,
+        name: str = "model",
+        **batcher_options: Any,
+    ) -> DynamicBatcher[Any, Any]:
+        """The fastest measured serving path, built and sized: returns the (managed) batcher.
+
+        ``init()`` builds the model's state (load, swap, compile); ``fn(state, batch)`` runs one
+        batch. ``workers="auto"`` (the one knob): on a machine with 2+ physical cores, one
+        :class:`fastinfer.PinnedPool` worker per core, pinned, one thread each, each running
+        ``init`` once, fed by an adaptive :class:`fastinfer.DynamicBatcher` whose limits come
+        from :meth:`admission` through the pool; on one core, or when ``init``/``fn`` cannot be
+        pickled (a lambda, a closure), ``init`` runs here and slots x threads are measured.
+        ``workers=0`` forces the server process (a GPU model, one process owning the device);
+        ``workers=n`` forces ``n`` processes. ``/readyz`` shows the choice and why under
+        ``"serving"``. Call it from the setup function; ``batcher_options`` go to the batcher."""
+        return serve_model(
+            self, init, fn, example_batch, latency_target_ms=latency_target_ms, workers=workers,
+            max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, name=name, **batcher_options,
+        )  # fmt: skip
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until setup finished; re-raise its error if it failed."""
@@ -487,7 +540,7 @@ class FastInferService:
 
         def retry_after(exc: BaseException) -> dict[str, str]:
             seconds = getattr(exc, "retry_after", None) or svc.retry_after_seconds
-            return {"Retry-After": _retry_after_header(seconds)}
+            return {"Retry-After": retry_after_header(seconds)}
 
         def queue_full(request: Any, exc: QueueFull) -> Any:
             if svc.door is not None:  # shed this route's next requests before they are read
@@ -517,11 +570,11 @@ class FastInferService:
             InvalidInput: lambda r, e: _error(422, "invalid_input", str(e)),
             ClientDisconnected: lambda r, e: _error(499, "client_disconnected", str(e)),
             RequestValidationError: lambda r, e: _error(
-                422, "invalid_input", _validation_message(e)
+                422, "invalid_input", validation_message(e)
             ),
         }
         for exc_type, handler in handlers.items():
-            app.add_exception_handler(exc_type, _async(handler))
+            app.add_exception_handler(exc_type, on_event_loop(handler))
 
         async def internal(request: Any, exc: Exception) -> Any:
             logger.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
@@ -536,54 +589,6 @@ class FastInferService:
             client_timeout_seconds=self.client_timeout_seconds,
             door=self.door,
             on_reject=lambda reason: self._http_refused.labels(reason=reason).inc(),
-            retry_after=_retry_after_header,
+            retry_after=retry_after_header,
         )
         app.add_middleware(HTTPMetrics, histogram=self._http_latency, skip=set(self.paths.values()))
-
-
-def _retry_after_header(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))
-
-
-def _async(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
-    async def handler(request: Any, exc: Any) -> Any:
-        return fn(request, exc)
-
-    return handler
-
-
-def _validation_message(exc: Any) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
-
-
-@contextmanager
-def run_server(
-    app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
-) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a background thread; yields its base URL; stops it on exit.
-
-    Binds to localhost by default (nothing listens beyond it unless you pass ``host``). ``port=0``
-    picks a free port. Handy in notebooks and tests; production runs ``uvicorn module:app``.
-    """
-    import threading
-
-    uvicorn = require("uvicorn", purpose="run_server")
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="fastinfer-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start (see its log above)")
-        time.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()
-    try:
-        yield f"http://{bound[0]}:{bound[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)

@@ -261,8 +261,13 @@ def _contributions(quick: bool, compile: bool) -> list[dict[str, Any]]:
     rows.append(
         {
             "primitive": "core plan",
-            "what": f"{plan.core_budget} physical core(s): the service runs {plan.core_budget} "
-            "batch slot(s) x 1 thread instead of 1 x all threads",
+            "what": f"{plan.core_budget} physical core(s): the service runs the model in "
+            + (
+                f"{plan.core_budget} pinned worker processes x 1 thread"
+                if plan.core_budget > 1
+                else "the server process"
+            )
+            + ", fed by the batcher",
             "speedup": None,
         }
     )

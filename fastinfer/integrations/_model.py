@@ -1,0 +1,104 @@
+"""``FastInferService.serve_model``: the measured serving path in one call.
+
+On a multi-core machine the fastest way found to serve a model from FastAPI (``bench_peers.py``,
+docs/fastapi.md "On several cores") is the model in :class:`fastinfer.PinnedPool` workers, one
+single-thread process per physical core, fed by an adaptive :class:`fastinfer.DynamicBatcher` in
+the server process, its limits measured through the pool. On one core, or where the model cannot
+be rebuilt in a worker, the model runs in the server process with slots x threads measured.
+:func:`serve_model` builds whichever applies, says which and why in ``/readyz``, and returns the
+batcher.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pickle
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastinfer.errors import ConfigError
+from fastinfer.integrations._admission import batch_len
+
+if TYPE_CHECKING:
+    from fastinfer.batching import DynamicBatcher
+    from fastinfer.integrations.fastapi import FastInferService
+
+__all__ = ["choose_workers", "serve_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def choose_workers(
+    init: Callable[[], Any], fn: Callable[[Any, Any], Any], workers: int | Literal["auto"]
+) -> tuple[int, str]:
+    """(worker processes, why): 0 means in the server process."""
+    if workers != "auto":
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ConfigError(
+                f"workers must be 'auto', 0 (in the server process) or a number of worker "
+                f"processes >= 1, got {workers!r}"
+            )
+        return workers, "workers=0: in the server process" if workers == 0 else (
+            f"workers={workers}: {workers} pinned worker process(es)"
+        )
+    from fastinfer.pool import CorePlan
+
+    cores = CorePlan.detect().default_workers()
+    if cores < 2:
+        return 0, f"auto: {cores} physical core: in the server process (a worker gains nothing)"
+    for what, f in (("init", init), ("fn", fn)):
+        try:
+            pickle.dumps(f)
+        except Exception:
+            return 0, (
+                f"auto: {what}={getattr(f, '__qualname__', f)!r} cannot be pickled for worker "
+                "processes, so the model runs in the server process; define it at module level "
+                "(or as functools.partial of a module-level function) to get one worker per core"
+            )
+    return cores, f"auto: {cores} physical cores: one pinned single-thread worker process each"
+
+
+def serve_model(
+    svc: FastInferService,
+    init: Callable[[], Any],
+    fn: Callable[[Any, Any], Any],
+    example_batch: Any,
+    *,
+    latency_target_ms: float,
+    workers: int | Literal["auto"] = "auto",
+    max_batch_size: int | None = None,
+    max_wait_ms: float = 5.0,
+    name: str = "model",
+    **batcher_options: Any,
+) -> DynamicBatcher[Any, Any]:
+    """See :meth:`FastInferService.serve_model`."""
+    from fastinfer.batching import DynamicBatcher
+    from fastinfer.pool import PinnedPool
+
+    processes, reason = choose_workers(init, fn, workers)
+    size = max_batch_size if max_batch_size is not None else batch_len(example_batch)
+    call: Callable[[Any], Any]
+    if processes:
+        with svc.phase("workers"):  # each worker runs init once, pinned, its threads set
+            pool = svc.manage(
+                PinnedPool(init, fn, workers=processes), name=f"{name}_pool", standard=False
+            )
+            pool.wait_ready()  # a worker whose init failed: the measurement below raises why
+        sized: Any = pool
+        call = pool.run
+    else:
+        with svc.phase("load"):
+            state = init()
+        call = sized = functools.partial(fn, state)
+    with svc.phase("measure"):  # a full batch's cost, through the workers (also the warm-up)
+        limits = svc.admission(
+            sized, example_batch, latency_target_ms=latency_target_ms, batch_size=size, name=name
+        )
+    svc._serving.setdefault(name, {}).update(processes=processes, choice=reason)
+    logger.info("serving %s: %s", name, reason)
+    options = {"policy": "adaptive", **limits, **svc.batcher_hooks(), **batcher_options}
+    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+        call, max_batch_size=size, max_wait_ms=max_wait_ms, **options
+    )
+    return svc.manage(batcher, name=name)

@@ -1,0 +1,162 @@
+"""``svc.serve_model``: the measured serving path in one call (issue 19), against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.serve
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+import fastinfer  # noqa: E402
+from fastinfer.errors import ConfigError  # noqa: E402
+from fastinfer.integrations._model import choose_workers  # noqa: E402
+from fastinfer.integrations.fastapi import FastInferService, run_server  # noqa: E402
+from fastinfer.pool import CorePlan  # noqa: E402
+
+
+def init_offset() -> dict[str, int]:  # in each worker (or here, in-process)
+    return {"offset": 100, "pid": os.getpid()}
+
+
+def add_offset(state: dict[str, int], batch: list[int]) -> list[dict[str, int]]:
+    if 13 in batch:
+        raise ValueError("13 is unlucky")
+    return [{"y": x + state["offset"], "pid": state["pid"]} for x in batch]
+
+
+def init_fails() -> None:
+    raise RuntimeError("the checkpoint is missing: /nowhere.pt")
+
+
+class Body(BaseModel):
+    x: int
+
+
+def make_app(init: Any, fn: Any = add_offset, **kw: Any) -> tuple[FastAPI, FastInferService]:
+    svc = FastInferService()
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        svc.state.batcher = svc.serve_model(
+            init, fn, list(range(8)), latency_target_ms=500, max_wait_ms=1, **kw
+        )
+
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+
+    @app.post("/predict")
+    async def predict(body: Body, request: Request) -> Any:
+        return await svc.submit(svc.state.batcher, body.x, request)
+
+    return app, svc
+
+
+async def _post_all(url: str, xs: list[int]) -> list[Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for _ in range(600):
+            if (await client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(*(client.post("/predict", json={"x": x}) for x in xs))
+
+
+def _readyz(url: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{url}/readyz", timeout=10).json())
+
+
+def test_workers_run_the_model_in_pinned_processes_behind_the_batcher() -> None:
+    app, _ = make_app(init_offset, workers=2)
+    with run_server(app) as url:
+        answers = asyncio.run(_post_all(url, list(range(40))))
+        assert [a.status_code for a in answers] == [200] * 13 + [500] + [200] * 26
+        ok = [a.json() for a in answers if a.status_code == 200]
+        assert [o["y"] for o in ok] == [x + 100 for x in range(40) if x != 13]
+        assert {o["pid"] for o in ok} - {os.getpid()}, "the model ran in worker processes"
+        assert os.getpid() not in {o["pid"] for o in ok}
+        serving = _readyz(url)["serving"]["model"]
+        assert serving["processes"] == 2 and "workers=2" in serving["choice"]
+        assert "PinnedPool" in serving["reason"]
+        admission = _readyz(url)["admission"]["model"]
+        assert admission["buffered"] == 2  # each worker holds its next batch ready
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "fastinfer_model_pool_" in metrics and "fastinfer_batch_size_count" in metrics
+
+
+def test_workers_zero_keeps_the_model_in_the_server_process() -> None:
+    app, svc = make_app(init_offset, workers=0)
+    with run_server(app) as url:
+        answers = asyncio.run(_post_all(url, [1, 2, 3]))
+        assert [a.json() for a in answers] == [
+            {"y": x + 100, "pid": os.getpid()} for x in (1, 2, 3)
+        ]
+        serving = _readyz(url)["serving"]["model"]
+        assert serving["processes"] == 0 and "server process" in serving["choice"]
+        assert svc.ready
+
+
+def test_auto_uses_one_worker_per_physical_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CorePlan, "default_workers", lambda self: 4)
+    assert choose_workers(init_offset, add_offset, "auto") == (
+        4,
+        "auto: 4 physical cores: one pinned single-thread worker process each",
+    )
+    monkeypatch.setattr(CorePlan, "default_workers", lambda self: 1)
+    n, why = choose_workers(init_offset, add_offset, "auto")
+    assert n == 0 and "in the server process" in why
+
+
+def test_auto_with_a_closure_stays_in_process_and_says_how_to_get_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(CorePlan, "default_workers", lambda self: 2)
+    offset = 7
+    n, why = choose_workers(lambda: {"offset": offset, "pid": 0}, add_offset, "auto")
+    assert n == 0 and "cannot be pickled" in why and "module level" in why
+    app, _ = make_app(lambda: {"offset": offset, "pid": 0})  # auto
+    with run_server(app) as url:
+        answers = asyncio.run(_post_all(url, [5]))
+        assert answers[0].json() == {"y": 12, "pid": 0}
+        assert "cannot be pickled" in _readyz(url)["serving"]["model"]["choice"]
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True, "all"])
+def test_bad_workers_value_names_the_choices(workers: Any) -> None:
+    with pytest.raises(ConfigError, match="'auto', 0"):
+        choose_workers(init_offset, add_offset, workers)
+
+
+def test_a_worker_whose_init_fails_fails_setup_with_its_error() -> None:
+    app, _ = make_app(init_fails, workers=1)
+    with run_server(app) as url:
+        for _ in range(600):
+            body = _readyz(url)
+            if body.get("error") == "setup_failed":
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        assert body["error"] == "setup_failed"
+        assert "checkpoint is missing" in body["detail"]
+        answer = httpx.post(f"{url}/predict", json={"x": 1}, timeout=10)
+        assert answer.status_code == 503
+
+
+def test_batcher_options_reach_the_batcher() -> None:
+    async def main() -> None:
+        svc = FastInferService()
+        batcher = await asyncio.to_thread(
+            svc.serve_model, init_offset, add_offset, list(range(4)), latency_target_ms=500,
+            workers=0, policy="fixed", max_wait_ms=2,
+        )  # fmt: skip
+        assert isinstance(batcher, fastinfer.DynamicBatcher)
+        assert batcher._config.policy == "fixed" and batcher._config.max_batch_size == 4
+        async with batcher:
+            assert await batcher.submit(1) == {"y": 101, "pid": os.getpid()}
+
+    asyncio.run(main())
