@@ -451,6 +451,40 @@ def test_select_backend_respects_its_budget_on_a_fake_clock(tmp_path: Path) -> N
         select_backend(model, _x(), candidates=["eager"], budget_seconds=0)
 
 
+@pytest.mark.parametrize(("budget", "rounds"), [(5.0, 9), (None, 3)])
+def test_select_backend_spends_what_is_left_of_its_budget_on_a_close_call(
+    tmp_path: Path, budget: float | None, rounds: int
+) -> None:
+    clock = ft.ManualClock()
+    model = ft.tiny_mlp()
+    model.register_forward_pre_hook(lambda m, a: clock.advance(0.1))
+    twin = ft.tiny_mlp()  # the same weights, no hook: the candidates cost what they say
+    calls = {"a": 0, "b": 0}
+
+    def costs(name: str, seconds: float) -> Any:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            calls[name] += 1
+            clock.advance(seconds)
+            return twin(x)
+
+        return fn
+
+    # 7% apart: neither is dropped, so with a budget both get 3x the rounds (not past it)
+    report = select_backend(
+        model,
+        _x(),
+        candidates=["eager", ("a", costs("a", 0.010)), ("b", costs("b", 0.0107))],
+        batch_sizes=(4,),
+        budget_seconds=budget,
+        repeat=3,
+        clock=clock.time,
+        cache_dir=tmp_path,
+    )
+    assert calls == {"a": 1 + rounds, "b": 1 + rounds}  # the verification call, then the rounds
+    assert report.winner == "a"
+    assert budget is None or report.selection_seconds <= budget
+
+
 def test_select_backend_skips_compiling_an_opaque_fused_model(tmp_path: Path) -> None:
     model = ft.bert_like_classifier(num_layers=1, d_model=32, dim_feedforward=64)
     ids, mask = ft.text_batch(batch_size=2, seq_len=8)

@@ -61,6 +61,7 @@ DEFAULT_CANDIDATES = (
 )
 #: The default time budget of one selection (seconds); None measures everything.
 DEFAULT_BUDGET_SECONDS = 10.0
+CLOSE_CALL_ROUNDS = 3
 Candidate = str | tuple[str, Callable[..., Any]]
 _RUNTIMES = {"onnxruntime": "onnxruntime", "onnxrt": "onnxruntime", "openvino": "openvino"}
 
@@ -157,7 +158,8 @@ def select_backend(
     ``budget_seconds`` (default 10 s; None: unbounded) bounds the whole selection on ``clock``: a
     candidate is built only when its estimated build time fits in what is left, timing rounds stop
     at the deadline (shared evenly by the batch sizes) and clearly slower candidates are dropped
-    after each round. The decision is stored under ``cache_dir`` (default
+    after each round; the candidates still racing after ``repeat`` rounds (a close call) get up
+    to three times the rounds while the budget lasts. The decision is stored under ``cache_dir`` (default
     ``$FASTINFER_CACHE_DIR``) in ``decisions/``, keyed by the model's structure (not its weights),
     the inputs' shape class, the batch sizes, the candidates and the environment, so a restart
     reuses it without building or timing anything (``refresh=True`` measures again); exported
@@ -352,7 +354,10 @@ def _time(
         number = max(1, min(1000, int(0.01 / max(eager_one, 1e-6))))  # ~10 ms per sample
         timing = race(
             {n: call(fn) for n, fn in built.items()},
-            rounds=repeat,
+            # Within a budget, what is left of it goes to close calls: the candidates that are
+            # still racing get up to CLOSE_CALL_ROUNDS x the rounds (a 7% gap between two
+            # finalists is within one round's noise on a shared machine).
+            rounds=repeat if deadline is None else CLOSE_CALL_ROUNDS * repeat,
             clock=clock,
             deadline=share,
             estimate={n: one_call[n][b] for n in built},
