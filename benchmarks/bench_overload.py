@@ -247,12 +247,13 @@ def main() -> None:
                 return {"text": TEXTS[i % len(TEXTS)]}
 
             if capacity is None:
-                target_ms = svc.readiness["admission"]["model"]["latency_target_ms"]
-                queue = svc.readiness["admission"]["model"]["max_queue_size"]
+                admission = next(iter(svc.readiness["admission"].values()))
+                serving = next(iter(svc.readiness["serving"].values()))
+                target_ms = admission["latency_target_ms"]
                 bench.note(
-                    f"example service: latency target {target_ms:g} ms, admission queue {queue} "
-                    f"(measured batch of 32: "
-                    f"{svc.readiness['admission']['model']['batch_seconds'] * 1e3:.1f} ms)"
+                    f"example service: {serving.get('choice', serving['reason'])}; latency "
+                    f"target {target_ms:g} ms, admission queue {admission['max_queue_size']} "
+                    f"(measured batch of 32: {admission['batch_seconds'] * 1e3:.1f} ms)"
                 )
                 asyncio.run(closed_loop(url, payload, concurrency=64, requests=128))  # warm
                 res = asyncio.run(
