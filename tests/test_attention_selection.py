@@ -63,6 +63,31 @@ def test_a_budget_is_respected_and_the_likely_winners_are_measured_first() -> No
     fastinfer.undo_attention_swap_(model)
 
 
+def test_when_a_round_of_all_does_not_fit_the_fastest_paths_are_raced() -> None:
+    clock = FakeClock()
+    model = _timed_encoder(clock)
+    report = fastinfer.swap_attention_(
+        model, example_inputs=_inputs(), clock=clock, budget_seconds=20.0, sample_rows=4
+    )
+    # reference 4, one call each: torch:packed 1, torch:fastpath-nested 4, torch:fastpath 4
+    # (13 s). A round of all four (13 s) does not fit in the 7 s left; the original and the
+    # fastest by one call (5 s) do: one interleaved round, and the choice is made on it.
+    assert clock.t == 18.0
+    assert report.chosen == "torch:packed"
+    assert any("timed 2 of 4 paths" in n for n in report.notes)
+    assert not any("one call per path" in n for n in report.notes)
+    assert report.path("torch:fastpath").reason.startswith("not timed: one call (4000.0 ms)")
+    fastinfer.undo_attention_swap_(model)
+
+
+def test_finalists_keep_the_original_and_the_fastest_that_fit() -> None:
+    est = {"original": 4.0, "a": 1.0, "b": 2.0, "c": 3.0}
+    assert _select.finalists(est, est, None) == ["original", "a", "b", "c"]
+    assert _select.finalists(est, est, 10.0) == ["original", "a", "b", "c"]
+    assert _select.finalists(est, est, 7.0) == ["original", "a", "b"]
+    assert _select.finalists(est, est, 1.0) == ["original", "a"]  # always one to race
+
+
 def test_clearly_slower_paths_are_dropped_after_one_round() -> None:
     clock = FakeClock()
     model = _timed_encoder(clock)
