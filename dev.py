@@ -105,7 +105,9 @@ def ensure_venv(extras: list[str]) -> Path:
     if have_digest != digest or not set(wanted) <= have_extras:
         union = sorted(set(wanted) | (have_extras if have_digest == digest else set()))
         spec = f"{ROOT}[{','.join(union)}]" if union else str(ROOT)
-        _run([str(py), "-m", "pip", "install", "-q", "-e", spec])
+        # setuptools' build backend warns about every editable install; nothing a user can act on
+        quiet = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        _run([str(py), "-m", "pip", "install", "-q", "-e", spec], env=quiet)
         stamp.write_text(" ".join([digest, *union]))
     return py
 
