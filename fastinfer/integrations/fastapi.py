@@ -24,6 +24,10 @@ Imported only from here (``import fastinfer`` never imports FastAPI). Needs the 
     async def predict(body: dict, request: Request):
         return {"label": await svc.submit(svc.state.batcher, body["text"], request)}
 
+:meth:`FastInferService.serve_model` builds the measured serving path in one call (the model in
+pinned worker processes, one per physical core, behind a batcher sized through them; in-process on
+one core): ``svc.state.batcher = svc.serve_model(init, fn, example_batch, latency_target_ms=500)``.
+
 What :meth:`FastInferService.install` adds:
 
 - ``GET /healthz`` (alive: 200 as soon as the server runs) and ``GET /readyz`` (200 only once every
