@@ -72,7 +72,17 @@ def serve_model(
     name: str = "model",
     **batcher_options: Any,
 ) -> DynamicBatcher[Any, Any]:
-    """See :meth:`FastInferService.serve_model`."""
+    """The fastest measured serving path, built and sized: returns the (managed) batcher.
+
+    ``init()`` builds the model's state (load, swap, compile); ``fn(state, batch)`` runs one
+    batch. ``workers="auto"`` (the one knob): on a machine with 2+ physical cores, one
+    :class:`fastinfer.PinnedPool` worker per core, pinned, one thread each, each running
+    ``init`` once, fed by an adaptive :class:`fastinfer.DynamicBatcher` whose limits come
+    from ``svc.admission`` through the pool; on one core, or when ``init``/``fn`` cannot be
+    pickled (a lambda, a closure), ``init`` runs here and slots x threads are measured.
+    ``workers=0`` forces the server process (a GPU model, one process owning the device);
+    ``workers=n`` forces ``n`` processes. ``/readyz`` shows the choice and why under
+    ``"serving"``. Call it from the setup function; ``batcher_options`` go to the batcher."""
     from fastinfer.batching import DynamicBatcher
     from fastinfer.pool import PinnedPool
 

@@ -96,7 +96,6 @@ from fastinfer.integrations._sizing import ServingPlan, measure_serving, pool_pl
 from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
 
 if TYPE_CHECKING:
-    from fastinfer.batching import DynamicBatcher
     from fastinfer.pool import PinnedPool
 
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
@@ -365,50 +364,23 @@ class FastInferService:
         # taken from the queue's share (they wait the same way, in the worker's pipe).
         buffered = fn.workers * fn.prefetch if isinstance(fn, PinnedPool) else 0
         queue = max(report.max_queue_size - buffered * size, size)
+        concurrent = plan.slots + buffered
         self._admission[name] = {
             **report.to_dict(),
             "max_queue_size": queue,
-            "max_concurrent_batches": plan.slots + buffered,
+            "max_concurrent_batches": concurrent,
             "buffered": buffered,
         }
-        if self.door is not None:  # at most this many requests past the door at once
-            running = report.batch_size * report.max_concurrent_batches
-            self.door.limit = (self.door.limit or 0) + max(report.max_queue_size, buffered * size)
-            self.door.limit += running
-            self.door.floor += running
+        if self.door is not None:  # at most what the batcher holds past the door at once
+            self.door.limit = (self.door.limit or 0) + queue + size * concurrent
+            self.door.floor += size * plan.slots  # never below what the slots run
             target = latency_target_ms / 1000
             self.door.target_seconds = min(target, self.door.target_seconds or target)
         logger.info("admission for %s: %s", name, report)
-        return {"max_concurrent_batches": plan.slots + buffered, "max_queue_size": queue}
+        return {"max_concurrent_batches": concurrent, "max_queue_size": queue}
 
-    def serve_model(
-        self,
-        init: Callable[[], Any],
-        fn: Callable[[Any, Any], Any],
-        example_batch: Any,
-        *,
-        latency_target_ms: float,
-        workers: int | Literal["auto"] = "auto",
-        max_batch_size: int | None = None,
-        max_wait_ms: float = 5.0,
-        name: str = "model",
-        **batcher_options: Any,
-    ) -> DynamicBatcher[Any, Any]:
-        """The fastest measured serving path, built and sized: returns the (managed) batcher.
-
-        ``init()`` builds the model's state (load, swap, compile); ``fn(state, batch)`` runs one
-        batch. ``workers="auto"`` (the one knob): on a machine with 2+ physical cores, one
-        :class:`fastinfer.PinnedPool` worker per core, pinned, one thread each, each running
-        ``init`` once, fed by an adaptive :class:`fastinfer.DynamicBatcher` whose limits come
-        from :meth:`admission` through the pool; on one core, or when ``init``/``fn`` cannot be
-        pickled (a lambda, a closure), ``init`` runs here and slots x threads are measured.
-        ``workers=0`` forces the server process (a GPU model, one process owning the device);
-        ``workers=n`` forces ``n`` processes. ``/readyz`` shows the choice and why under
-        ``"serving"``. Call it from the setup function; ``batcher_options`` go to the batcher."""
-        return serve_model(
-            self, init, fn, example_batch, latency_target_ms=latency_target_ms, workers=workers,
-            max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, name=name, **batcher_options,
-        )  # fmt: skip
+    #: the fastest measured serving path in one call (``_model.py``; its docstring says how)
+    serve_model = serve_model
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until setup finished; re-raise its error if it failed."""
