@@ -399,6 +399,42 @@ def test_packed_dense_weights_follow_a_new_state_dict(kind: str) -> None:
     assert all("_fastinfer_cache" not in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("kind", ["torch", "hf"])
+def test_packed_weights_are_reordered_at_swap_time_not_in_the_first_call(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request does not pay the reorder, and a path's first timed call is not cold
+    (a cold first call had put hf:packed behind the original on BERT-base, unpadded)."""
+    if not fastinfer.attention._packing.onednn_available():
+        pytest.skip("this torch has no prepacked oneDNN linear")
+    if kind == "hf":
+        pytest.importorskip("transformers")
+        model = _small_bert()
+        inputs = _hf_inputs(padding=0.5)
+        run: Any = lambda: _hidden(model, inputs)  # noqa: E731
+        path = "hf:packed"
+    else:
+        model = testing.bert_like_classifier(enable_nested_tensor=False)
+        ids, mask = testing.text_batch(4, 16, padding=0.5)
+        run = lambda: model(ids, mask)  # noqa: E731
+        path = "torch:packed"
+    fastinfer.swap_attention_(model, prefer=path)
+    cached = {
+        k.replace(".", "") for m in model.modules() for k in m.__dict__.get("_fastinfer_cache", {})
+    }
+    for layer in range(2):
+        assert {f"{layer}{n}" for n in ("qkv", "out", "ffn_in", "ffn_out")} <= cached
+    reorders = []
+    real = fastinfer._torch_compat.mkldnn_reorder_linear_weight
+    monkeypatch.setattr(
+        fastinfer._torch_compat,
+        "mkldnn_reorder_linear_weight",
+        lambda w: reorders.append(w.shape) or real(w),
+    )
+    run()
+    assert reorders == []
+
+
 def test_packed_cache_sees_weights_replaced_twice_between_calls() -> None:
     """A replaced weight cannot land at the old one's address and pass for it."""
     model = testing.bert_like_classifier(enable_nested_tensor=False)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastinfer import _torch_compat
-from fastinfer.attention._packing import Packing, cached_cat, dense, drop_cache
+from fastinfer.attention._packing import Packing, cached_cat, dense, drop_cache, prepack
 
 __all__ = [
     "HF_LAYER_PARTS",
@@ -171,6 +171,14 @@ class FastHFLayer:
         b = cached_cat(o, f"{i}b", [p.q.bias, p.k.bias, p.v.bias])  # type: ignore[list-item]
         return w, b
 
+    def prepack(self) -> None:
+        """Build the cached weights of the packed path now (at swap time, not in a request)."""
+        p, o, i = self.parts, self.owner, self.prefix
+        w, b = self._qkv()
+        prepack(o, f"{i}qkv", w, b, sources=[p.q.weight, p.k.weight, p.v.weight])
+        for name, lin in (("out", p.out), ("ffn_in", p.ffn_in), ("ffn_out", p.ffn_out)):
+            prepack(o, f"{i}{name}", lin.weight, lin.bias)
+
     def packed(self, h: torch.Tensor, packing: Packing) -> torch.Tensor:
         """``(N, D)`` valid tokens in, ``(N, D)`` out."""
         p, o, i = self.parts, self.owner, self.prefix
@@ -260,6 +268,11 @@ class FastHFEncoder(nn.Module):
         self.__dict__["_fast"] = [FastHFLayer(lyr, self, i) for i, lyr in enumerate(encoder.layer)]
         self.training = encoder.training
         self.fallbacks = 0  # forwards that ran the original encoder
+        for fast in self.__dict__["_fast"]:
+            if mode == "packed":
+                fast.prepack()
+            else:
+                fast._qkv()
 
     def __getattr__(self, name: str) -> Any:
         try:

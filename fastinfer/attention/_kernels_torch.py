@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastinfer.attention._kernels_hf import act_name
-from fastinfer.attention._packing import Packing, dense, drop_cache
+from fastinfer.attention._packing import Packing, dense, drop_cache, prepack
 
 __all__ = ["PackedTorchEncoder", "torch_layer_unsupported"]
 
@@ -66,6 +66,12 @@ class PackedTorchEncoder(nn.Module):
         self.training = encoder.training
         self.batch_first = encoder.layers[0].self_attn.batch_first
         self.fallbacks = 0
+        for i, layer in enumerate(self.layers):  # reorder the weights now, not in a request
+            a = layer.self_attn
+            prepack(self, f"{i}.qkv", a.in_proj_weight, a.in_proj_bias)
+            prepack(self, f"{i}.out", a.out_proj.weight, a.out_proj.bias)
+            prepack(self, f"{i}.ffn_in", layer.linear1.weight, layer.linear1.bias)
+            prepack(self, f"{i}.ffn_out", layer.linear2.weight, layer.linear2.bias)
 
     def __getattr__(self, name: str) -> Any:
         try:
