@@ -127,6 +127,46 @@ def test_runtime_model_maps_positional_and_keyword_tensors() -> None:
         m(torch.ones(2))
 
 
+@pytest.mark.transformers
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_runtime_is_called_and_answers_like_the_model(runtime: str, tmp_path: Path) -> None:
+    """Code written against eager keeps working when a runtime wins: eager's output type
+    (``.last_hidden_state``), positional inputs in forward's order, other batch sizes and lengths;
+    a tensor the graph was built without is refused rather than silently ignored."""
+    pytest.importorskip(runtime, reason=f"needs the {runtime} extra")
+    model = _small_bert()
+    served = build_backend(runtime, model, _bert_inputs(), batch_sizes=(4,), cache_dir=tmp_path)
+    other = _bert_inputs(batch=3, seq=11, padding=0.3)
+    with torch.inference_mode():
+        want = model(**other)
+    for got in (served(**other), served(other["input_ids"], other["attention_mask"])):
+        assert type(got) is type(want)
+        torch.testing.assert_close(
+            got.last_hidden_state, want.last_hidden_state, rtol=1e-3, atol=1e-4
+        )
+        torch.testing.assert_close(got["pooler_output"], want.pooler_output, rtol=1e-3, atol=1e-4)
+    with pytest.raises(
+        fastinfer.CompileError, match=r"built without the tensor input.*token_type_ids"
+    ):
+        served(**other, token_type_ids=torch.ones_like(other["input_ids"]))
+    with pytest.raises(fastinfer.CompileError, match=r"at most .* positional"):
+        served(*[other["input_ids"]] * 20)
+
+
+def test_output_structure_rebuilds_dicts_and_nested_tuples() -> None:
+    from fastinfer.compiling._runtimes import OutputStructure
+
+    a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
+    rebuild = OutputStructure({"y": a, "parts": (b, [c]), "n": 3, "none": None})
+    got = rebuild((a + 1, b + 1, c + 1))
+    assert set(got) == {"y", "parts", "n", "none"} and got["n"] == 3 and got["none"] is None
+    assert torch.equal(got["parts"][1][0], c + 1) and isinstance(got["parts"], tuple)
+    one = OutputStructure(a)((b,))
+    assert one is b
+    # A count that does not match eager's (a graph that dropped an output): the flat tensors.
+    assert OutputStructure((a, b))((c,)) is c
+
+
 def test_build_backend_says_why_a_backend_cannot_be_built_here() -> None:
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only message")

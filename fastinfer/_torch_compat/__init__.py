@@ -26,7 +26,9 @@ from fastinfer._torch_compat._compiling import (
     inductor_cpu_vec_isa,
     mark_dynamic,
     torch_dispatch_mode,
+    tree_flatten,
     tree_leaves,
+    tree_unflatten,
 )
 from fastinfer._torch_compat._kernels import (
     canonical_masks,
@@ -67,5 +69,7 @@ __all__ = [
     "spend_nested_prototype_warning",
     "torch_dispatch_mode",
     "transformer_encoder_layer_fwd",
+    "tree_flatten",
     "tree_leaves",
+    "tree_unflatten",
 ]

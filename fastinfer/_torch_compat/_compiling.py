@@ -304,13 +304,32 @@ def tree_leaves(tree: Any) -> list[Any]:
     return list(leaves(tree))
 
 
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    from torch.utils._pytree import tree_flatten as flatten
+
+    leaves, spec = flatten(tree)
+    return list(leaves), spec
+
+
+def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
+    from torch.utils._pytree import tree_unflatten as unflatten
+
+    return unflatten(leaves, spec)
+
+
 @entry(
     "pytree",
-    "torch.utils._pytree.tree_leaves",
-    "compiling: compares every output tensor of nested outputs with eager",
+    "torch.utils._pytree.tree_leaves / tree_flatten / tree_unflatten",
+    "compiling: compares every output tensor of nested outputs with eager; ONNX Runtime and "
+    "OpenVINO give back eager's output structure",
     "2.0 - 2.13",
 )
 def _probe_pytree() -> str:
     a, b = torch.ones(1), torch.zeros(1)
-    got = tree_leaves({"x": (a, [b]), "y": 3})
-    return "" if len(got) == 3 and got[0] is a and got[1] is b else f"tree_leaves gave {got}"
+    tree = {"x": (a, [b]), "y": 3}
+    got = tree_leaves(tree)
+    if not (len(got) == 3 and got[0] is a and got[1] is b):
+        return f"tree_leaves gave {got}"
+    leaves, spec = tree_flatten(tree)
+    back = tree_unflatten(leaves, spec)
+    return "" if back["x"][1][0] is b and back["y"] == 3 else f"tree_unflatten gave {back}"

@@ -30,6 +30,7 @@ class BuildContext:
     rtol: float | None = None
     atol: float | None = None
     notes: list[str] = field(default_factory=list)  # what a builder wants in its report row
+    reference: Any = None  # eager's output on the example (its structure is what callers get)
 
     @property
     def params_millions(self) -> float:

@@ -184,7 +184,7 @@ def build_backend(
     root = cache_dir if cache_dir is not None else _env.get("FASTINFER_CACHE_DIR")
     args, kwargs = inputs_for(example_inputs, sizes[-1])
     on_gpu = any(t.is_cuda for t in tensors(args, kwargs))
-    _, opaque = opaque_ops(model, args, kwargs)
+    reference, opaque = opaque_ops(model, args, kwargs)
     with tempfile.TemporaryDirectory(prefix="fastinfer-build-") as tmp:
         ctx = BuildContext(
             model,
@@ -195,6 +195,7 @@ def build_backend(
             on_gpu,
             opaque,
             artifacts=Path(root).expanduser() if root else None,
+            reference=reference,
         )
         builder = builder_for(name)
         why = builder.skip(ctx)

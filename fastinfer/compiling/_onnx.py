@@ -38,6 +38,7 @@ __all__ = [
     "dynamic_axes",
     "export_onnx",
     "named_tensors",
+    "positional_names",
 ]
 
 #: Bumped when the export recipe changes (part of the artefact key).
@@ -48,7 +49,8 @@ _BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "disti
 BertShape = tuple[int, int]  # (num_heads, hidden_size)
 
 
-def arg_names(model: Any, n: int) -> list[str]:
+def positional_names(model: Any) -> list[str]:
+    """The names of ``model``'s (or its ``forward``'s) positional parameters, in order."""
     try:
         params = list(
             inspect.signature(
@@ -57,7 +59,11 @@ def arg_names(model: Any, n: int) -> list[str]:
         )
     except (TypeError, ValueError):
         params = []
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def arg_names(model: Any, n: int) -> list[str]:
+    names = positional_names(model)
     return [names[i] if i < len(names) else f"input_{i}" for i in range(n)]
 
 

@@ -16,8 +16,9 @@ Both start from one ONNX export of the model (:mod:`._onnx`), cached as an artef
 Each built runtime is checked like every candidate (against eager at every batch size, shared
 tolerances) and, when the export made the sequence axis dynamic, once more at half the sequence
 length, so a graph that baked the example's length in is rejected rather than served. The callable
-returns the output tensors flattened (a tuple; one tensor when there is one) and ignores non-tensor
-arguments (they were baked in at export).
+takes the tensors by name or positionally in ``forward``'s order, returns eager's output structure
+(a transformers ``ModelOutput`` with ``.logits``, a dict, a tuple: :class:`OutputStructure`) and
+ignores non-tensor arguments (they were baked in at export).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastinfer import _torch_compat
 from fastinfer._common.keys import structure_key, weights_fingerprint
 from fastinfer._common.manifest import environment_manifest
 from fastinfer._optional import available, require
@@ -45,11 +47,18 @@ from fastinfer.compiling._onnx import (
     dynamic_axes,
     export_onnx,
     named_tensors,
+    positional_names,
 )
-from fastinfer.compiling._verify import check_close
+from fastinfer.compiling._verify import check_close, leaves
 from fastinfer.errors import CompileError
 
-__all__ = ["NOT_INSTALLED", "OnnxRuntimeBuilder", "OpenVinoBuilder", "RuntimeModel"]
+__all__ = [
+    "NOT_INSTALLED",
+    "OnnxRuntimeBuilder",
+    "OpenVinoBuilder",
+    "OutputStructure",
+    "RuntimeModel",
+]
 
 NOT_INSTALLED = "not installed (pip install 'fastinfer[{extra}]')"
 
@@ -63,34 +72,89 @@ def _version(dist: str) -> str | None:
         return None
 
 
+class OutputStructure:
+    """Eager's output structure, given back to a runtime's flat output tensors: a model that
+    returns a transformers ``ModelOutput`` (``.logits``), a dict or nested tuples returns the same
+    from ONNX Runtime and OpenVINO, so code written against eager does not break when a runtime
+    wins. Non-tensor leaves are eager's values (they were constants in the exported graph)."""
+
+    def __init__(self, reference: Any) -> None:
+        flat, self._spec = _torch_compat.tree_flatten(reference)
+        self._slots = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+        self._template = [None if isinstance(x, torch.Tensor) else x for x in flat]
+        # The exported graph's outputs are leaves() of eager's output: the same tensors, in order.
+        self.usable = len(self._slots) == len(leaves(reference))
+
+    def __call__(self, tensors: tuple[torch.Tensor, ...]) -> Any:
+        if not self.usable or len(tensors) != len(self._slots):
+            return tensors[0] if len(tensors) == 1 else tensors
+        flat = list(self._template)
+        for slot, t in zip(self._slots, tensors):
+            flat[slot] = t
+        return _torch_compat.tree_unflatten(flat, self._spec)
+
+
 class RuntimeModel:
-    """A runtime session called like the model: tensors in (by the export's input names), the
-    flattened output tensors out. Thread-safe (one call at a time per session)."""
+    """A runtime session called like the model: tensors in (by the export's input names, or
+    positionally in the order of the model's ``forward``), eager's output structure out.
+    Thread-safe (one call at a time per session)."""
 
     def __init__(
         self,
         run: Callable[[dict[str, Any]], list[Any]],
         input_names: list[str],
         arg_names: list[str],
+        structure: OutputStructure | None = None,
+        exported: list[str] | None = None,
     ) -> None:
         self._run = run
         self._inputs = input_names
         self.arg_names = arg_names
+        self._structure = structure
+        self._exported = set(input_names if exported is None else exported) | set(input_names)
         self._lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(self.arg_names):
+            raise CompileError(
+                f"the exported model takes at most {len(self.arg_names)} positional arguments "
+                f"({', '.join(self.arg_names) or 'none'}), got {len(args)}; pass inputs by name"
+            )
         named = dict(zip(self.arg_names, args))
         named.update(kwargs)
+        extra = [
+            k for k, v in named.items() if isinstance(v, torch.Tensor) and k not in self._exported
+        ]
+        if extra:  # the graph would ignore them: eager would not
+            raise CompileError(
+                f"the exported model was built without the tensor input(s) {', '.join(map(repr, extra))}; "
+                "include them in example_inputs when it is built (select_backend / build_backend) "
+                "so that the graph takes them"
+            )
         feed = {}
         for n in self._inputs:
             t = named.get(n)
             if not isinstance(t, torch.Tensor):
-                raise CompileError(f"the exported model needs the tensor input {n!r}")
+                raise CompileError(
+                    f"the exported model needs the tensor input {n!r} (it takes "
+                    f"{', '.join(map(repr, self._inputs))}, by name or in forward's order)"
+                )
             feed[n] = t.detach().cpu().contiguous().numpy()
         with self._lock:
             outs = self._run(feed)
         tensors = tuple(torch.from_numpy(o) for o in outs)
+        if self._structure is not None:
+            return self._structure(tensors)
         return tensors[0] if len(tensors) == 1 else tensors
+
+
+def _structure(ctx: BuildContext) -> OutputStructure:
+    reference = ctx.reference
+    if reference is None:  # the caller ran no eager pass: one at the smallest batch size
+        args, kwargs = inputs_for(ctx.example_inputs, min(ctx.sizes))
+        with torch.inference_mode():
+            reference = ctx.model(*args, **kwargs)
+    return OutputStructure(reference)
 
 
 @dataclass(frozen=True)
@@ -256,7 +320,13 @@ class OnnxRuntimeBuilder(Builder):
             str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
         inputs = [i.name for i in session.get_inputs()]
-        runner = RuntimeModel(lambda feed: session.run(None, feed), inputs, ex.arg_names)
+        runner = RuntimeModel(
+            lambda feed: session.run(None, feed),
+            inputs,
+            positional_names(ctx.model),
+            _structure(ctx),
+            [n for n, _ in ex.named],
+        )
         _check_other_length(ctx, ex, runner)
         ctx.notes.extend(
             n for n in [f"export: {exporter}", "cached artefact" if hit else "", *notes] if n
@@ -306,7 +376,9 @@ class OpenVinoBuilder(Builder):
             request.infer(dict(feed))
             return [request.get_output_tensor(i).data.copy() for i in range(count)]
 
-        runner = RuntimeModel(run, inputs, ex.arg_names)
+        runner = RuntimeModel(
+            run, inputs, positional_names(ctx.model), _structure(ctx), [n for n, _ in ex.named]
+        )
         _check_other_length(ctx, ex, runner)
         ctx.notes.extend(n for n in [f"export: {exporter}", "cached artefact" if hit else ""] if n)
         wrapped = _wrap("openvino", ctx, runner)

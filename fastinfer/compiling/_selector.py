@@ -227,6 +227,7 @@ def select_backend(
                 artifacts=root,
                 rtol=rtol,
                 atol=atol,
+                reference=expected[sizes[-1]],
             )
             skip = builder.skip(ctx)
             if skip:
