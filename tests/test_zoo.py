@@ -37,12 +37,13 @@ from fastinfer.batching import PadCollate, StackCollate
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT_PAGE = ROOT / "docs" / "support.md"
-PRIMITIVES = ("load", "swap", "compile", "batch")
+PRIMITIVES = ("load", "swap", "compile", "batch", "runtime")
 HEADERS = {
     "load": "`load_pretrained` / `load_model`",
     "swap": "`swap_attention_`",
     "compile": "`compile_model`",
     "batch": "`DynamicBatcher`",
+    "runtime": "ONNX Runtime / OpenVINO (`select_backend`)",
 }
 BERT_PATHS = ("hf:packed", "hf:fused", "hf:sdpa", "hf:eager")
 HF_PATHS = ("hf:sdpa", "hf:eager")
@@ -75,6 +76,7 @@ def _text(paths: tuple[str, ...], *, tied: bool = False, converted: str = "") ->
         "swap": Cell("supported", paths=paths),
         "compile": Cell("supported"),
         "batch": Cell("supported"),
+        "runtime": Cell("supported"),
     }
 
 
@@ -104,18 +106,28 @@ SUPPORT: dict[str, dict[str, Cell]] = {
     "gpt2": _text(HF_PATHS, tied=True),
     "llama": _text(HF_PATHS),
     "qwen2": _text(HF_PATHS),
-    "mixtral": _text(HF_PATHS, converted="per-expert weights fused into `gate_up_proj`"),
+    "mixtral": {
+        **_text(HF_PATHS, converted="per-expert weights fused into `gate_up_proj`"),
+        "runtime": Cell(
+            "declined",
+            "ONNX export fails (TorchScript: `aten::histc` has no ONNX op; dynamo: "
+            "`torch.export` fails on the expert routing): a `CompileError` row, the other "
+            "candidates still run",
+        ),
+    },
     "resnet50": {
         "load": Cell("supported"),
         "swap": Cell("declined", _NO_ATTENTION),
         "compile": Cell("supported"),
         "batch": Cell("supported"),
+        "runtime": Cell("supported"),
     },
     "vit-b-16": {
         "load": Cell("supported"),
         "swap": Cell("supported", paths=("torch:fastpath",)),
         "compile": Cell("supported"),
         "batch": Cell("supported"),
+        "runtime": Cell("supported"),
     },
     "mobilenet-v3": {
         "load": Cell("supported"),
@@ -127,6 +139,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
             batch_dim="static",
         ),
         "batch": Cell("supported"),
+        "runtime": Cell("supported"),
     },
 }
 CELLS = [(arch, prim) for arch in SUPPORT for prim in PRIMITIVES]
@@ -356,6 +369,33 @@ def test_batch(arch: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# ONNX Runtime / OpenVINO
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", list(SUPPORT))
+def test_runtime(arch: str, tmp_path: Path) -> None:
+    entry, cell = _entry(arch), SUPPORT[arch]["runtime"]
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    from fastinfer.compiling import build_backend
+
+    model = entry.build()
+    example, other = entry.inputs(4), entry.inputs(3)
+    for runtime in ("onnxruntime", "openvino"):
+        if cell.status == "declined":
+            with pytest.raises(fastinfer.CompileError, match="aten::histc"):
+                build_backend(runtime, model, example, batch_sizes=(1, 4), cache_dir=tmp_path)
+            continue
+        served = build_backend(runtime, model, example, batch_sizes=(1, 4), cache_dir=tmp_path)
+        with torch.inference_mode():
+            assert type(_call(served, other)) is type(_call(model, other)), runtime
+            _close(entry.call(served, other), entry.call(model, other))
+    if cell.status != "declined":  # one export, shared by both runtimes
+        assert len(list((tmp_path / "artifacts").glob("onnx-*"))) == 1
+
+
+# --------------------------------------------------------------------------------------------
 # The support table in the docs
 # --------------------------------------------------------------------------------------------
 
@@ -381,6 +421,10 @@ def _cell_text(arch: str, prim: str) -> str:
         graphs = cell.detail or "one dynamic graph for 2..max"
         text = f"yes: sizes {', '.join(map(str, cell.batch_sizes))}; {graphs}"
         return text + ("; also with inductor" if arch in INDUCTOR else "")
+    if prim == "runtime":
+        return "yes: both, eager's output type, other batch sizes" + (
+            " and lengths" if entry.kind == "text" else ""
+        )
     if cell.status == "declared":
         return f"with a declaration: {cell.detail}"
     if entry.kind == "text":
@@ -428,6 +472,12 @@ def render_support() -> str:
             "(the same tracing, guards and recompile checks, without code generation); the rows "
             "marked *also with inductor* compile with inductor too (a representative subset: "
             "compiling is the slow part of the matrix).",
+            "- **runtime**: the `onnxruntime` and `openvino` candidates of `select_backend`, "
+            "built for batch sizes 1 and 4 (`build_backend`: one ONNX export shared by both, "
+            "checked against eager, at half the length where the sequence axis is dynamic), "
+            "then called like the model on a batch of 3: the same output type as eager (a "
+            "`ModelOutput` stays one) and the main output within the tolerances. A model that "
+            "cannot be exported is declined with the exporters' reasons.",
             "- **DynamicBatcher**: concurrent single requests batched (`collate=PadCollate()` "
             "for token dicts, `StackCollate()` for images and audio features); every caller "
             "gets what the model gives its request alone (same shape, values within the "

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastinfer._common.files import atomic_dir
 from fastinfer._common.keys import digest
+from fastinfer.errors import CompileError
 
 __all__ = ["MANIFEST", "artifact"]
 
@@ -26,12 +27,21 @@ logger = logging.getLogger("fastinfer.compiling")
 MANIFEST = "manifest.json"
 
 
+#: Builds that failed in this process, by (kind, key): not retried by the next candidate.
+_failed: dict[tuple[str, str], str] = {}
+
+
 def artifact(
     root: Path, kind: str, key_doc: Mapping[str, Any], build: Callable[[Path], None]
 ) -> tuple[Path, bool]:
     """The folder of the ``kind`` artefact for ``key_doc`` under ``root``, built by
     ``build(folder)`` when missing: ``(folder, True when it came from the cache)``."""
     key = digest(dict(key_doc))
+    if (kind, key) in _failed:  # ONNX Runtime and OpenVINO share one export: fail it once
+        raise CompileError(
+            f"{_failed[(kind, key)]} (this build failed earlier in this process and is not "
+            "retried; a new process retries it)"
+        )
     target = root / f"{kind}-{key[:32]}"
     manifest = target / MANIFEST
     if manifest.is_file():
@@ -45,7 +55,12 @@ def artifact(
         )
         shutil.rmtree(target, ignore_errors=True)
     with atomic_dir(target) as tmp:
-        build(tmp)
+        try:
+            build(tmp)
+        except CompileError as exc:  # deterministic (same model, inputs, tools): remember it
+            if len(_failed) < 64:
+                _failed[(kind, key)] = str(exc)
+            raise
         (tmp / MANIFEST).write_text(
             json.dumps({"key": key, "kind": kind, **dict(key_doc)}, indent=2, default=str)
         )

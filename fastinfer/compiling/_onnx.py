@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -136,6 +137,11 @@ def _eager_attention(model: Any) -> Iterator[None]:
             model.set_attn_implementation(old)
 
 
+def _plain(exc: BaseException) -> str:
+    """An exporter's message without terminal colour codes, cut to its start."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))[:300]
+
+
 def export_onnx(
     model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], path: Path
 ) -> str:
@@ -161,10 +167,11 @@ def export_onnx(
                     opset_version=_OPSET,
                     do_constant_folding=True,
                     dynamo=False,
+                    verbose=False,  # else a failure prints the whole TorchScript graph
                 )
             return "torchscript"
         except Exception as exc:
-            errors.append(f"TorchScript exporter: {type(exc).__name__}: {str(exc)[:300]}")
+            errors.append(f"TorchScript exporter: {type(exc).__name__}: {_plain(exc)}")
         try:
             from torch.export import Dim
 
@@ -176,12 +183,13 @@ def export_onnx(
                 dynamic_shapes=tuple(shapes.get(n, {}) for n in names),
                 dynamo=True,
                 external_data=False,
+                verbose=False,  # no progress lines on stdout
             )
             assert program is not None
             program.save(str(path), external_data=False)
             return "dynamo"
         except Exception as exc:
-            errors.append(f"dynamo exporter: {type(exc).__name__}: {str(exc)[:300]}")
+            errors.append(f"dynamo exporter: {type(exc).__name__}: {_plain(exc)}")
     raise CompileError(
         f"exporting {type(model).__name__} to ONNX failed with both exporters: "
         + "; ".join(errors)

@@ -369,16 +369,20 @@ class OpenVinoBuilder(Builder):
             config["INFERENCE_PRECISION_HINT"] = "f32"  # eager computes in float32
         compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
         request = compiled.create_infer_request()
-        inputs = [i.get_any_name() for i in compiled.inputs]
+        exported = [n for n, _ in ex.named]
+        # A port can carry several tensor names (the ONNX input's and, after OpenVINO's own
+        # passes, an internal one such as '/embeddings/Cast_output_0'): take the exported one.
+        inputs = [
+            next((n for n in exported if n in port.get_names()), port.get_any_name())
+            for port in compiled.inputs
+        ]
         count = len(compiled.outputs)
 
         def run(feed: Mapping[str, Any]) -> list[Any]:
-            request.infer(dict(feed))
+            request.infer({i: feed[n] for i, n in enumerate(inputs)})  # by port: names may differ
             return [request.get_output_tensor(i).data.copy() for i in range(count)]
 
-        runner = RuntimeModel(
-            run, inputs, positional_names(ctx.model), _structure(ctx), [n for n, _ in ex.named]
-        )
+        runner = RuntimeModel(run, inputs, positional_names(ctx.model), _structure(ctx), exported)
         _check_other_length(ctx, ex, runner)
         ctx.notes.extend(n for n in [f"export: {exporter}", "cached artefact" if hit else ""] if n)
         wrapped = _wrap("openvino", ctx, runner)
