@@ -17,7 +17,7 @@ from pydantic import BaseModel  # noqa: E402
 
 import fastinfer  # noqa: E402
 from fastinfer.errors import ConfigError  # noqa: E402
-from fastinfer.integrations._model import choose_workers  # noqa: E402
+from fastinfer.integrations._model import auto_call_timeout, choose_workers  # noqa: E402
 from fastinfer.integrations.fastapi import FastInferService, run_server  # noqa: E402
 from fastinfer.pool import CorePlan  # noqa: E402
 
@@ -30,6 +30,14 @@ def add_offset(state: dict[str, int], batch: list[int]) -> list[dict[str, int]]:
     if 13 in batch:
         raise ValueError("13 is unlucky")
     return [{"y": x + state["offset"], "pid": state["pid"]} for x in batch]
+
+
+def add_or_hang(state: dict[str, int], batch: list[int]) -> list[dict[str, int]]:
+    if 99 in batch:
+        import time
+
+        time.sleep(3600)  # a model call that never returns (a deadlock, a stuck driver)
+    return add_offset(state, batch)
 
 
 def init_fails() -> None:
@@ -88,6 +96,41 @@ def test_workers_run_the_model_in_pinned_processes_behind_the_batcher() -> None:
         assert admission["buffered"] == 2  # each worker holds its next batch ready
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert "fastinfer_model_pool_" in metrics and "fastinfer_batch_size_count" in metrics
+
+
+def test_a_hung_call_is_stopped_its_request_answered_504_and_the_rest_served() -> None:
+    """A worker stuck in one batch is killed and replaced after call_timeout; the requests that
+    shared the batch are retried apart from the stuck one, and the service keeps serving."""
+    app, _ = make_app(init_offset, add_or_hang, workers=2, call_timeout=1.0)
+    with run_server(app) as url:
+        answers = asyncio.run(_post_all(url, [1, 2, 99, 3, 4]))
+        assert [a.status_code for a in answers] == [200, 200, 504, 200, 200]
+        assert answers[2].json()["error"] == "worker_timeout"
+        assert "timeout of 1s" in answers[2].json()["detail"]
+        assert "replaced" in answers[2].json()["detail"]
+        after = asyncio.run(_post_all(url, list(range(10))))
+        assert [a.json()["y"] for a in after] == [x + 100 for x in range(10)]
+        assert _readyz(url)["serving"]["model"]["call_timeout_s"] == 1.0
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "fastinfer_model_pool_worker_restarts_total" in metrics
+
+
+def test_the_auto_call_timeout_follows_the_target_and_the_measured_cost() -> None:
+    assert auto_call_timeout(500, 0.01) == 5.0  # floor
+    assert auto_call_timeout(2000, 0.01) == 20.0  # 10x the latency target
+    assert auto_call_timeout(500, 1.5) == 75.0  # 50x a full batch
+    app, _ = make_app(init_offset, workers=2)
+    with run_server(app) as url:
+        asyncio.run(_post_all(url, [1]))
+        serving = _readyz(url)["serving"]["model"]
+        assert serving["call_timeout_s"] == auto_call_timeout(500, serving["batch_seconds"])
+
+
+@pytest.mark.parametrize("bad", [0, -1, "never", True])
+def test_bad_call_timeout_names_the_choices(bad: Any) -> None:
+    svc = FastInferService()
+    with pytest.raises(ConfigError, match=r"call_timeout must be 'auto', None"):
+        svc.serve_model(init_offset, add_offset, [1, 2], latency_target_ms=500, call_timeout=bad)
 
 
 def test_workers_zero_keeps_the_model_in_the_server_process() -> None:

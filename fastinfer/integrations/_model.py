@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fastinfer.batching import DynamicBatcher
     from fastinfer.integrations.fastapi import FastInferService
 
-__all__ = ["choose_workers", "serve_model"]
+__all__ = ["auto_call_timeout", "choose_workers", "serve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ def choose_workers(
     return cores, f"auto: {cores} physical cores: one pinned single-thread worker process each"
 
 
+def auto_call_timeout(latency_target_ms: float, batch_seconds: float) -> float:
+    """Seconds after which a batch is taken as stuck: 5 s, 10x the target, 50x a full batch."""
+    return round(max(5.0, 10 * latency_target_ms / 1000, 50 * batch_seconds), 3)
+
+
 def serve_model(
     svc: FastInferService,
     init: Callable[[], Any],
@@ -69,6 +74,7 @@ def serve_model(
     workers: int | Literal["auto"] = "auto",
     max_batch_size: int | None = None,
     max_wait_ms: float = 5.0,
+    call_timeout: float | Literal["auto"] | None = "auto",
     name: str = "model",
     **batcher_options: Any,
 ) -> DynamicBatcher[Any, Any]:
@@ -82,10 +88,30 @@ def serve_model(
     pickled (a lambda, a closure), ``init`` runs here and slots x threads are measured.
     ``workers=0`` forces the server process (a GPU model, one process owning the device);
     ``workers=n`` forces ``n`` processes. ``/readyz`` shows the choice and why under
-    ``"serving"``. Call it from the setup function; ``batcher_options`` go to the batcher."""
+    ``"serving"``. Call it from the setup function; ``batcher_options`` go to the batcher.
+
+    ``call_timeout`` (seconds) is the longest one batch may run in a worker: past it the worker
+    is killed and replaced, the batch's requests fail with ``WorkerTimeout`` (504), and the
+    batcher retries the others of that batch apart from the one that hangs. ``"auto"``: the
+    largest of 5 s, 10x the latency target and 50x the measured full-batch cost (a batch that
+    slow is stuck, not slow); None: no limit. In the server process (``workers=0``) nothing can
+    stop a running call, so it applies to workers only (the batcher's ``batch_timeout`` abandons
+    a call that runs here)."""
     from fastinfer.batching import DynamicBatcher
     from fastinfer.pool import PinnedPool
 
+    if (
+        call_timeout is not None
+        and call_timeout != "auto"
+        and not (
+            isinstance(call_timeout, int | float)
+            and not isinstance(call_timeout, bool)
+            and call_timeout > 0
+        )
+    ):
+        raise ConfigError(
+            f"call_timeout must be 'auto', None (no limit) or seconds > 0, got {call_timeout!r}"
+        )
     processes, reason = choose_workers(init, fn, workers)
     size = max_batch_size if max_batch_size is not None else batch_len(example_batch)
     call: Callable[[Any], Any]
@@ -105,7 +131,15 @@ def serve_model(
         limits = svc.admission(
             sized, example_batch, latency_target_ms=latency_target_ms, batch_size=size, name=name
         )
-    svc._serving.setdefault(name, {}).update(processes=processes, choice=reason)
+    serving = svc._serving.setdefault(name, {})
+    serving.update(processes=processes, choice=reason)
+    if processes:
+        pool.timeout = (
+            auto_call_timeout(latency_target_ms, serving.get("batch_seconds") or 0.0)
+            if call_timeout == "auto"
+            else call_timeout
+        )
+        serving["call_timeout_s"] = pool.timeout
     logger.info("serving %s: %s", name, reason)
     options = {"policy": "adaptive", **limits, **svc.batcher_hooks(), **batcher_options}
     batcher: DynamicBatcher[Any, Any] = DynamicBatcher(

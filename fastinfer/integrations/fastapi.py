@@ -34,7 +34,8 @@ What :meth:`FastInferService.install` adds:
   setup phase finished: loaded, compiled, warmed up; 503 before, with the current phase);
 - exception handlers: ``QueueFull`` → 503 with ``Retry-After``, ``DeadlineExceeded`` → 504,
   invalid input (``InvalidInput``, request validation) → 422 naming the problem, ``WorkerCrashed``
-  / ``ClosedError`` / not ready → 503; any other error → 500 with no traceback in the response;
+  / ``ClosedError`` / not ready → 503, ``WorkerTimeout`` → 504; any other error → 500 with no
+  traceback in the response;
 - ``GET /metrics``: Prometheus text from the service's :class:`fastinfer.MetricsRecorder` through
   ``prometheus_client``, with request latency, queue wait, batch size, batch execution time,
   outcomes, queue depth and startup phase times recorded automatically;
@@ -74,6 +75,7 @@ from fastinfer.errors import (
     NotReady,
     QueueFull,
     WorkerCrashed,
+    WorkerTimeout,
 )
 from fastinfer.integrations._admission import (
     AdmissionLimits,
@@ -541,6 +543,7 @@ class FastInferService:
             HTTPException: http_error,
             NotReady: lambda r, e: _error(503, "not_ready", str(e), retry_after(e)),
             WorkerCrashed: lambda r, e: _error(503, "worker_crashed", str(e), retry_after(e)),
+            WorkerTimeout: lambda r, e: _error(504, "worker_timeout", str(e)),
             ClosedError: lambda r, e: _error(503, "shutting_down", str(e), retry_after(e)),
             DeadlineExceeded: lambda r, e: _error(504, "deadline_exceeded", str(e)),
             InvalidInput: lambda r, e: _error(422, "invalid_input", str(e)),
