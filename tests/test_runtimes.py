@@ -165,6 +165,53 @@ def test_output_structure_rebuilds_dicts_and_nested_tuples() -> None:
     assert one is b
     # A count that does not match eager's (a graph that dropped an output): the flat tensors.
     assert OutputStructure((a, b))((c,)) is c
+    # An object that is not a constant (a KV cache built on the example) is not eager's to give.
+    cache = object()
+    assert OutputStructure({"y": a, "past": cache})((b,)) == {"y": b, "past": None}
+
+
+class _Sum(torch.nn.Module):
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return xs[0] + 2 * xs[1]
+
+
+def test_a_forward_with_star_args_is_called_positionally(tmp_path: Path) -> None:
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    served = build_backend("onnxruntime", _Sum(), (a, b), batch_sizes=(4,), cache_dir=tmp_path)
+    torch.testing.assert_close(served(a[:2], b[:2]), a[:2] + 2 * b[:2])
+
+
+def test_a_failed_export_is_tried_once_per_selection(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ONNX Runtime and OpenVINO share one export: when it fails, the second candidate reports
+    the first one's reason instead of exporting again; the next selection tries again."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    from fastinfer.compiling import _runtimes
+
+    calls: list[int] = []
+
+    def fails(*args: Any, **kwargs: Any) -> str:
+        calls.append(1)
+        raise fastinfer.CompileError("exporting Mlp to ONNX failed: aten::strange has no ONNX op")
+
+    monkeypatch.setattr(_runtimes, "export_onnx", fails)
+    for attempt in (1, 2):
+        report = select_backend(
+            testing.tiny_mlp(),
+            torch.randn(4, 32),
+            candidates=["eager", "onnxruntime", "openvino"],
+            batch_sizes=(4,),
+            repeat=1,
+            cache_dir=tmp_path,
+            budget_seconds=None,
+            refresh=True,  # measure again rather than reuse the cached decision
+        )
+        assert len(calls) == attempt
+        for name in ("onnxruntime", "openvino"):
+            r = report.result(name)
+            assert r.status == "failed" and "aten::strange" in r.reason, r.reason
+        assert "failed for another candidate" in report.result("openvino").reason
 
 
 def test_build_backend_says_why_a_backend_cannot_be_built_here() -> None:

@@ -126,7 +126,7 @@ def test_the_auto_call_timeout_follows_the_target_and_the_measured_cost() -> Non
         assert serving["call_timeout_s"] == auto_call_timeout(500, serving["batch_seconds"])
 
 
-@pytest.mark.parametrize("bad", [0, -1, "never", True])
+@pytest.mark.parametrize("bad", [0, -1, "never", True, float("inf"), 1e12])
 def test_bad_call_timeout_names_the_choices(bad: Any) -> None:
     svc = FastInferService()
     with pytest.raises(ConfigError, match=r"call_timeout must be 'auto', None"):

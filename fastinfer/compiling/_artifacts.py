@@ -27,21 +27,21 @@ logger = logging.getLogger("fastinfer.compiling")
 MANIFEST = "manifest.json"
 
 
-#: Builds that failed in this process, by (kind, key): not retried by the next candidate.
-_failed: dict[tuple[str, str], str] = {}
-
-
 def artifact(
-    root: Path, kind: str, key_doc: Mapping[str, Any], build: Callable[[Path], None]
+    root: Path,
+    kind: str,
+    key_doc: Mapping[str, Any],
+    build: Callable[[Path], None],
+    failed: dict[tuple[str, str], str] | None = None,
 ) -> tuple[Path, bool]:
     """The folder of the ``kind`` artefact for ``key_doc`` under ``root``, built by
-    ``build(folder)`` when missing: ``(folder, True when it came from the cache)``."""
+    ``build(folder)`` when missing: ``(folder, True when it came from the cache)``.
+
+    ``failed`` (one per ``select_backend`` call) remembers builds that raised, so ONNX Runtime and
+    OpenVINO, which share one export, do not attempt a failing export twice."""
     key = digest(dict(key_doc))
-    if (kind, key) in _failed:  # ONNX Runtime and OpenVINO share one export: fail it once
-        raise CompileError(
-            f"{_failed[(kind, key)]} (this build failed earlier in this process and is not "
-            "retried; a new process retries it)"
-        )
+    if failed is not None and (kind, key) in failed:
+        raise CompileError(f"{failed[(kind, key)]} (the same build failed for another candidate)")
     target = root / f"{kind}-{key[:32]}"
     manifest = target / MANIFEST
     if manifest.is_file():
@@ -57,9 +57,9 @@ def artifact(
     with atomic_dir(target) as tmp:
         try:
             build(tmp)
-        except CompileError as exc:  # deterministic (same model, inputs, tools): remember it
-            if len(_failed) < 64:
-                _failed[(kind, key)] = str(exc)
+        except CompileError as exc:
+            if failed is not None:
+                failed[(kind, key)] = str(exc)
             raise
         (tmp / MANIFEST).write_text(
             json.dumps({"key": key, "kind": kind, **dict(key_doc)}, indent=2, default=str)

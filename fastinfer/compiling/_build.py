@@ -31,6 +31,7 @@ class BuildContext:
     atol: float | None = None
     notes: list[str] = field(default_factory=list)  # what a builder wants in its report row
     reference: Any = None  # eager's output on the example (its structure is what callers get)
+    failed: dict[tuple[str, str], str] = field(default_factory=dict)  # artefacts that failed
 
     @property
     def params_millions(self) -> float:

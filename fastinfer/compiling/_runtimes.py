@@ -72,16 +72,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
 class OutputStructure:
     """Eager's output structure, given back to a runtime's flat output tensors: a model that
     returns a transformers ``ModelOutput`` (``.logits``), a dict or nested tuples returns the same
     from ONNX Runtime and OpenVINO, so code written against eager does not break when a runtime
-    wins. Non-tensor leaves are eager's values (they were constants in the exported graph)."""
+    wins. Plain constants among the leaves (None, numbers, strings) are eager's; any other object
+    (a KV cache built on the example, say) is not in the graph and comes back as None, never as
+    the example's object."""
 
     def __init__(self, reference: Any) -> None:
         flat, self._spec = _torch_compat.tree_flatten(reference)
         self._slots = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
-        self._template = [None if isinstance(x, torch.Tensor) else x for x in flat]
+        self._template = [x if isinstance(x, _CONSTANTS) else None for x in flat]
         # The exported graph's outputs are leaves() of eager's output: the same tensors, in order.
         self.usable = len(self._slots) == len(leaves(reference))
 
@@ -148,6 +153,11 @@ class RuntimeModel:
         return tensors[0] if len(tensors) == 1 else tensors
 
 
+def _call_names(ctx: BuildContext, ex: _Export) -> list[str]:
+    """Positional parameter names, in forward's order; ``input_<i>`` past them (``*args``)."""
+    return arg_names(ctx.model, max(len(positional_names(ctx.model)), len(ex.args)))
+
+
 def _structure(ctx: BuildContext) -> OutputStructure:
     reference = ctx.reference
     if reference is None:  # the caller ran no eager pass: one at the smallest batch size
@@ -210,7 +220,7 @@ def _onnx_file(ctx: BuildContext, ex: _Export, root: Path) -> tuple[Path, str, b
     def build(folder: Path) -> None:
         used.append(export_onnx(model, ex.args, ex.kwargs, folder / "model.onnx"))
 
-    folder, hit = artifact(root, "onnx", key_doc, build)
+    folder, hit = artifact(root, "onnx", key_doc, build, ctx.failed)
     return folder / "model.onnx", (used[0] if used else "cached"), hit
 
 
@@ -323,7 +333,7 @@ class OnnxRuntimeBuilder(Builder):
         runner = RuntimeModel(
             lambda feed: session.run(None, feed),
             inputs,
-            positional_names(ctx.model),
+            _call_names(ctx, ex),
             _structure(ctx),
             [n for n, _ in ex.named],
         )
@@ -382,7 +392,7 @@ class OpenVinoBuilder(Builder):
             request.infer({i: feed[n] for i, n in enumerate(inputs)})  # by port: names may differ
             return [request.get_output_tensor(i).data.copy() for i in range(count)]
 
-        runner = RuntimeModel(run, inputs, positional_names(ctx.model), _structure(ctx), exported)
+        runner = RuntimeModel(run, inputs, _call_names(ctx, ex), _structure(ctx), exported)
         _check_other_length(ctx, ex, runner)
         ctx.notes.extend(n for n in [f"export: {exporter}", "cached artefact" if hit else ""] if n)
         wrapped = _wrap("openvino", ctx, runner)

@@ -212,6 +212,7 @@ def select_backend(
     outcome: dict[str, CandidateResult] = {}
     one_call: dict[str, dict[int, float]] = {}  # seconds of each verification call
     notes: list[str] = []
+    failed: dict[tuple[str, str], str] = {}  # artefact builds that failed, shared by candidates
     tmp = tempfile.TemporaryDirectory(prefix="fastinfer-select-")
     try:
         for name, spec in named:
@@ -228,6 +229,7 @@ def select_backend(
                 rtol=rtol,
                 atol=atol,
                 reference=expected[sizes[-1]],
+                failed=failed,
             )
             skip = builder.skip(ctx)
             if skip:

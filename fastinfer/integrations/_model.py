@@ -28,6 +28,8 @@ __all__ = ["auto_call_timeout", "choose_workers", "serve_model"]
 
 logger = logging.getLogger(__name__)
 
+MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: longer is no limit (None), and inf breaks wait()
+
 
 def choose_workers(
     init: Callable[[], Any], fn: Callable[[Any, Any], Any], workers: int | Literal["auto"]
@@ -106,11 +108,12 @@ def serve_model(
         and not (
             isinstance(call_timeout, int | float)
             and not isinstance(call_timeout, bool)
-            and call_timeout > 0
+            and 0 < call_timeout <= MAX_TIMEOUT
         )
     ):
         raise ConfigError(
-            f"call_timeout must be 'auto', None (no limit) or seconds > 0, got {call_timeout!r}"
+            f"call_timeout must be 'auto', None (no limit) or seconds in (0, {MAX_TIMEOUT:g}], "
+            f"got {call_timeout!r}"
         )
     processes, reason = choose_workers(init, fn, workers)
     size = max_batch_size if max_batch_size is not None else batch_len(example_batch)

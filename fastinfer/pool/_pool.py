@@ -118,10 +118,14 @@ class PinnedPool(Supervisor):
                 continue
             if not callable(f):
                 raise ConfigError(f"{name} must be callable, got {f!r}")
-        if timeout is not None and not timeout > 0:
-            raise ConfigError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-        if not startup_timeout > 0:
-            raise ConfigError(f"startup_timeout must be > 0, got {startup_timeout!r}")
+        if timeout is not None and not 0 < timeout <= 7 * 24 * 3600:
+            raise ConfigError(
+                f"timeout must be > 0 seconds (at most a week) or None, got {timeout!r}"
+            )
+        if not 0 < startup_timeout <= 7 * 24 * 3600:
+            raise ConfigError(
+                f"startup_timeout must be > 0 seconds (at most a week), got {startup_timeout!r}"
+            )
         if numa not in _NUMA_MODES:
             raise ConfigError(f"numa must be one of {_NUMA_MODES}, got {numa!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
