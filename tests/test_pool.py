@@ -261,6 +261,22 @@ def test_hang_past_timeout_fails_and_the_worker_is_replaced(fragile: PinnedPool)
     assert after.worker_restarts_total == before.worker_restarts_total + 1
 
 
+def test_every_worker_runs_the_warmup_batch_before_its_first_call() -> None:
+    """A replacement (after a crash) is warmed too, so its first call is never a cold one."""
+    with PinnedPool(h.init_model, h.predict, workers=1, warmup=("echo", "warm")) as p:
+        assert p.submit("calls").result(timeout=60) == 2  # the warm-up, then this call
+        with pytest.raises(WorkerCrashed):
+            p.submit("exit").result(timeout=60)
+        assert p.submit("calls").result(timeout=60) == 2  # the new worker was warmed as well
+
+
+def test_a_failing_warmup_fails_the_start_with_its_traceback() -> None:
+    with pytest.raises(
+        WorkerStartupError, match=r"(?s)init\(\) or its warm-up call raised.*KeyError"
+    ):
+        PinnedPool(h.init_model, h.predict, workers=1, warmup="raise", startup_timeout=60)
+
+
 def test_idempotent_calls_are_retried_once(tmp_path: Path) -> None:
     marker = tmp_path / "crashed-once"
     with PinnedPool(

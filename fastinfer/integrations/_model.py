@@ -121,7 +121,10 @@ def serve_model(
     if processes:
         with svc.phase("workers"):  # each worker runs init once, pinned, its threads set
             pool = svc.manage(
-                PinnedPool(init, fn, workers=processes), name=f"{name}_pool", standard=False
+                # warmup: a replacement worker (after a crash or a timeout) starts warm too
+                PinnedPool(init, fn, workers=processes, warmup=example_batch),
+                name=f"{name}_pool",
+                standard=False,
             )
             pool.wait_ready()  # a worker whose init failed: the measurement below raises why
         sized: Any = pool

@@ -86,6 +86,10 @@ class PinnedPool(Supervisor):
             busy-cores warning at start; None skips the check.
         prefetch: calls sent to a worker ahead of the one it runs (default 1), so it never
             waits for the parent between calls; 0 sends one call at a time.
+        warmup: a picklable batch each worker runs through ``fn`` once after ``init``, before it
+            reports ready (its result dropped; an error fails the start like one in ``init``):
+            every worker, a replacement after a crash or a timeout included, takes its first call
+            warm, so a lazy first call (kernel selection, a compile) never meets ``timeout``.
 
     Raises :class:`WorkerStartupError` (with the worker's traceback) when a worker fails to start.
     """
@@ -112,6 +116,7 @@ class PinnedPool(Supervisor):
         startup_timeout: float = 300.0,
         load_warning_threshold: float | None = 50.0,
         prefetch: int = 1,
+        warmup: Any = None,
     ) -> None:
         for name, f in (("init", init), ("fn", fn), ("worker_report", worker_report)):
             if f is None and name == "worker_report":
@@ -157,6 +162,11 @@ class PinnedPool(Supervisor):
                     "nested function"
                 ) from exc
 
+        try:
+            blobs["warmup"] = None if warmup is None else pickle.dumps(warmup)
+        except Exception as exc:
+            raise ConfigError(f"warmup cannot be pickled for the worker processes ({exc})") from exc
+
         self.plan = plan if plan is not None else CorePlan.detect()
         n = self.plan.default_workers() if workers is None else workers
         self.split = self.plan.split(n, smt=smt)
@@ -167,6 +177,7 @@ class PinnedPool(Supervisor):
         self._on_report, self._on_call = on_worker_report, on_call
         self._startup_timeout = startup_timeout
         self.prefetch = prefetch
+        self._warms = warmup is not None
         import multiprocessing.spawn
 
         prep = multiprocessing.spawn.get_preparation_data("fastinfer-pool-worker")
@@ -180,6 +191,7 @@ class PinnedPool(Supervisor):
                 "fn": blobs["fn"],
                 "report": blobs["report"],
                 "report_interval": report_interval_seconds,
+                "warmup": blobs["warmup"],
             }
         )
         self._notes: list[str] = list(self.split.notes)

@@ -81,6 +81,7 @@ class Supervisor:
     _on_report: Callable[[int, Any], None] | None
     _on_call: Callable[[CallRecord], None] | None
     _startup_timeout: float
+    _warms: bool  # workers run fn on a warm-up batch after init
     _setup: bytes
     _notes: list[str]
     _lock: threading.Lock
@@ -292,7 +293,8 @@ class Supervisor:
                 self._changed.notify_all()
         elif kind == "init_error":
             self._kill(w)
-            self._start_failed(w, f"worker {w.index}'s init() raised:\n{msg[1]}")
+            what = "init() or its warm-up call" if self._warms else "init()"
+            self._start_failed(w, f"worker {w.index}'s {what} raised:\n{msg[1]}")
         elif kind in ("ok", "err"):
             if not w.calls or w.calls[0].id != msg[1]:
                 logger.error("PinnedPool: worker %d answered an unknown call %r", w.index, msg[1])

@@ -11,7 +11,8 @@ library at top level, and the order below matters:
    OMP_NUM_THREADS / MKL_NUM_THREADS and the user's ``env=`` are already in the environment;
 3. only now ``import torch`` and set its intra/inter-op thread counts;
 4. apply the parent's preparation data (sys.path, cwd, ``__main__``, authkey), unpickle
-   ``init``/``fn`` and call ``init()`` once; report ready (or the traceback of the failure);
+   ``init``/``fn`` and call ``init()`` once (then ``fn`` on the ``warmup`` batch, if given);
+   report ready (or the traceback of the failure);
 5. serve calls until the connection closes, while a watchdog thread exits if the parent goes away.
 
 Whatever ``fn`` raises, ``SystemExit`` and ``KeyboardInterrupt`` included, is caught, sent back and
@@ -122,6 +123,8 @@ def main(argv: list[str]) -> None:
         report = pickle.loads(setup["report"]) if setup["report"] is not None else None
         report_interval = float(setup["report_interval"])
         state = init()
+        if setup.get("warmup") is not None:  # the first real call finds the worker warm
+            fn(state, pickle.loads(setup["warmup"]))
         from fastinfer.pool import _wire  # as a module, so pickles name its functions
 
         _wire.set_worker_state(state)
