@@ -86,7 +86,7 @@ class OutputStructure:
     def __init__(self, reference: Any) -> None:
         flat, self._spec = _torch_compat.tree_flatten(reference)
         self._slots = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
-        self._template = [x if isinstance(x, _CONSTANTS) else None for x in flat]
+        self._template: list[Any] = [x if isinstance(x, _CONSTANTS) else None for x in flat]
         # The exported graph's outputs are leaves() of eager's output: the same tensors, in order.
         self.usable = len(self._slots) == len(leaves(reference))
 
