@@ -181,6 +181,37 @@ def test_a_forward_with_star_args_is_called_positionally(tmp_path: Path) -> None
     torch.testing.assert_close(served(a[:2], b[:2]), a[:2] + 2 * b[:2])
 
 
+class _SelfAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def test_a_model_on_pytorchs_mha_fastpath_exports(tmp_path: Path) -> None:
+    """Under no_grad nn.MultiheadAttention takes its fastpath, a fused op no ONNX exporter
+    handles (torchvision's ViT failed so); the export runs the plain path, which computes the
+    same, and leaves the fastpath setting as it was."""
+    model = _SelfAttention().eval()
+    x = torch.randn(4, 10, 16)
+    served = build_backend("onnxruntime", model, x, batch_sizes=(1, 4), cache_dir=tmp_path)
+    assert torch.backends.mha.get_fastpath_enabled()
+    other = torch.randn(3, 10, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(served(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+def test_a_graph_that_fails_on_a_shape_says_so_with_the_shapes() -> None:
+    def run(feed: dict[str, Any]) -> list[Any]:
+        raise RuntimeError("Reshape: input_shape_size == requested_shape_size was false")
+
+    m = RuntimeModel(run, ["x"], ["x"])
+    with pytest.raises(fastinfer.CompileError, match=r"failed on x\(3, 5\).*fixed a size"):
+        m(torch.ones(3, 5))
+
+
 def test_a_failed_export_is_tried_once_per_selection(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ from fastinfer._torch_compat._compiling import (
 )
 from fastinfer._torch_compat._kernels import (
     canonical_masks,
+    mha_fastpath_disabled,
     mha_fastpath_enabled,
     mkldnn_linear_pointwise,
     mkldnn_reorder_linear_weight,
@@ -60,6 +61,7 @@ __all__ = [
     "inductor_config_patch",
     "inductor_cpu_vec_isa",
     "mark_dynamic",
+    "mha_fastpath_disabled",
     "mha_fastpath_enabled",
     "mkldnn_linear_pointwise",
     "mkldnn_reorder_linear_weight",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -196,6 +198,19 @@ def _probe_nested() -> str:
 
 def mha_fastpath_enabled() -> bool:
     return bool(torch.backends.mha.get_fastpath_enabled())
+
+
+@contextlib.contextmanager
+def mha_fastpath_disabled() -> Iterator[None]:
+    """``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` on their plain path while inside
+    (process-wide: other threads lose the fastpath meanwhile, not correctness). The ONNX exporters
+    cannot export the fused ops the fastpath calls."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def canonical_masks(

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastinfer import _torch_compat
 from fastinfer.compiling._verify import leaves
 from fastinfer.errors import CompileError
 
@@ -154,7 +155,9 @@ def export_onnx(
     names = [n for n, _ in named]
     axes = dynamic_axes(named)
     errors = []
-    with _eager_attention(model), warnings.catch_warnings():
+    # The MHA / TransformerEncoderLayer fastpath (taken under no_grad) calls fused ops that no
+    # exporter handles; the plain path computes the same.
+    with _eager_attention(model), _torch_compat.mha_fastpath_disabled(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated and chatty
         try:
             with torch.no_grad():

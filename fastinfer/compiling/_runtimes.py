@@ -146,7 +146,16 @@ class RuntimeModel:
                 )
             feed[n] = t.detach().cpu().contiguous().numpy()
         with self._lock:
-            outs = self._run(feed)
+            try:
+                outs = self._run(feed)
+            except Exception as exc:
+                shapes = ", ".join(f"{n}{tuple(v.shape)}" for n, v in feed.items())
+                raise CompileError(
+                    f"the exported graph failed on {shapes}: {type(exc).__name__}: "
+                    f"{str(exc)[:300]}. The export may have fixed a size the example had (a "
+                    "Python int computed from a tensor's shape); leave this candidate out or "
+                    "serve the example's shapes"
+                ) from exc
         tensors = tuple(torch.from_numpy(o) for o in outs)
         if self._structure is not None:
             return self._structure(tensors)
