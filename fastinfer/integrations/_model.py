@@ -98,7 +98,9 @@ def serve_model(
     largest of 5 s, 10x the latency target and 50x the measured full-batch cost (a batch that
     slow is stuck, not slow); None: no limit. In the server process (``workers=0``) nothing can
     stop a running call, so it applies to workers only (the batcher's ``batch_timeout`` abandons
-    a call that runs here)."""
+    a call that runs here). Every worker, a replacement included, runs ``fn`` on
+    ``example_batch`` once before it takes calls (``PinnedPool(warmup=...)``), so no first call
+    is a cold one."""
     from fastinfer.batching import DynamicBatcher
     from fastinfer.pool import PinnedPool
 
