@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import ROOT, run_python
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_ceiling
@@ -55,3 +55,15 @@ def test_gpu_check_reports_why_and_the_table_renders() -> None:
     rows = gpu_check.run(limit_seconds=0)  # past the deadline: every step is reported, none run
     assert [r["status"] for r in rows] == ["not run"] * 5
     assert "compile cache on GPU" in gpu_check.table(rows)
+
+
+def test_every_benchmark_script_imports() -> None:
+    """A module a benchmark imports can move (the layout change did, and bench_dense.py kept the
+    old path): every script is imported in a fresh interpreter, its main() left unrun."""
+    names = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
+    assert "bench_dense" in names and len(names) >= 10
+    code = (
+        "import importlib, sys; sys.path.insert(0, 'benchmarks'); "
+        f"[importlib.import_module(n) for n in {names!r}]; print('ok')"
+    )
+    assert run_python(code, timeout=240).stdout.strip().endswith("ok")
