@@ -582,14 +582,7 @@ def _autocast() -> Iterator[None]:
         torch.is_autocast_enabled = real  # type: ignore[assignment]
 
 
-@contextmanager
-def _fastpath_disabled() -> Iterator[None]:
-    old = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(old)
+_fastpath_disabled = fastinfer._torch_compat.mha_fastpath_disabled
 
 
 def _layer(**kw: Any) -> nn.TransformerEncoderLayer:

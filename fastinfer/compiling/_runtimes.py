@@ -116,7 +116,7 @@ class RuntimeModel:
         self._inputs = input_names
         self.arg_names = arg_names
         self._structure = structure
-        self._exported = set(input_names if exported is None else exported) | set(input_names)
+        self._exported = set(input_names) | set(exported or ())
         self._lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -167,13 +167,9 @@ def _call_names(ctx: BuildContext, ex: _Export) -> list[str]:
     return arg_names(ctx.model, max(len(positional_names(ctx.model)), len(ex.args)))
 
 
-def _structure(ctx: BuildContext) -> OutputStructure:
-    reference = ctx.reference
-    if reference is None:  # the caller ran no eager pass: one at the smallest batch size
-        args, kwargs = inputs_for(ctx.example_inputs, min(ctx.sizes))
-        with torch.inference_mode():
-            reference = ctx.model(*args, **kwargs)
-    return OutputStructure(reference)
+def _structure(ctx: BuildContext) -> OutputStructure | None:
+    """Eager's output structure from the builder's eager pass (None: flat tensors)."""
+    return None if ctx.reference is None else OutputStructure(ctx.reference)
 
 
 @dataclass(frozen=True)

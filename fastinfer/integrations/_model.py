@@ -28,8 +28,6 @@ __all__ = ["auto_call_timeout", "choose_workers", "serve_model"]
 
 logger = logging.getLogger(__name__)
 
-MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: longer is no limit (None), and inf breaks wait()
-
 
 def choose_workers(
     init: Callable[[], Any], fn: Callable[[Any, Any], Any], workers: int | Literal["auto"]
@@ -103,6 +101,7 @@ def serve_model(
     is a cold one."""
     from fastinfer.batching import DynamicBatcher
     from fastinfer.pool import PinnedPool
+    from fastinfer.pool._pool import MAX_TIMEOUT
 
     if (
         call_timeout is not None

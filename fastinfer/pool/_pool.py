@@ -21,7 +21,7 @@ from fastinfer.pool._plan import CorePlan
 from fastinfer.pool._records import CallRecord, PoolStatistics, WorkerStatistics
 from fastinfer.pool._supervisor import Call, Supervisor, Worker
 
-__all__ = ["PinnedPool"]
+__all__ = ["MAX_TIMEOUT", "PinnedPool"]
 
 logger = logging.getLogger("fastinfer.pool")
 
@@ -50,6 +50,9 @@ def _foreign_load_message(load: Mapping[int, float], threshold: float) -> str | 
 
 
 _NUMA_MODES = ("off", "preferred", "bind")
+
+#: Longest timeout accepted (a week): longer is no limit (None), and inf would break wait().
+MAX_TIMEOUT = 7 * 24 * 3600.0
 
 
 class PinnedPool(Supervisor):
@@ -123,11 +126,11 @@ class PinnedPool(Supervisor):
                 continue
             if not callable(f):
                 raise ConfigError(f"{name} must be callable, got {f!r}")
-        if timeout is not None and not 0 < timeout <= 7 * 24 * 3600:
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
             raise ConfigError(
                 f"timeout must be > 0 seconds (at most a week) or None, got {timeout!r}"
             )
-        if not 0 < startup_timeout <= 7 * 24 * 3600:
+        if not 0 < startup_timeout <= MAX_TIMEOUT:
             raise ConfigError(
                 f"startup_timeout must be > 0 seconds (at most a week), got {startup_timeout!r}"
             )
