@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastinfer import RecompileError, compile_model
+from fastinfer import ConfigError, RecompileError, compile_model
 from fastinfer import testing as ft
 
 SIZES = (1, 4, 8)
@@ -96,6 +96,34 @@ def test_guard_failures_are_classified() -> None:
     assert kinds == ["grad mode", "device", "shape", "Python value"]  # duplicates merged
     assert GuardFailure("tensor 'x' dtype mismatch. expected Float").kind == "dtype"
     assert guard_failures("no list here") == []
+    inference = "expected DispatchKeySet(CPU, BackendSelect, ADInplaceOrView), actual DispatchKeySet(CPU, BackendSelect)"
+    meta = "expected DispatchKeySet(CPU, BackendSelect), actual DispatchKeySet(Meta, BackendSelect)"
+    assert GuardFailure(f"tensor 'x' dispatch key set mismatch. {inference}").kind == "grad mode"
+    assert GuardFailure(f"tensor 'x' dispatch key set mismatch. {meta}").kind == "device"
+    assert GuardFailure("tensor 'x' stride mismatch at index 0. expected 8, actual 1").kind == (
+        "memory layout"
+    )
+
+
+def test_recompile_error_for_a_meta_or_transposed_input_names_that_cause() -> None:
+    compiled = compile_model(_Flagged().eval(), (_x(),), backend="eager", batch_sizes=SIZES)
+    with pytest.raises(RecompileError) as meta:
+        compiled(torch.empty(4, 32, device="meta"))
+    assert "the device changed" in str(meta.value) and "grad" not in str(meta.value).split("\n")[0]
+    with pytest.raises(RecompileError) as view:
+        compiled(torch.rand(32, 4).t())  # the same shape, transposed strides
+    assert "the memory layout changed" in str(view.value) and ".contiguous()" in str(view.value)
+    assert "add the batch size" not in str(view.value)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [torch.empty(4, 32, device="meta"), torch.ones(4, 32, dtype=torch.int32)],
+    ids=["meta", "int"],
+)
+def test_example_inputs_the_model_cannot_run_are_a_config_error(bad: torch.Tensor) -> None:
+    with pytest.raises(ConfigError, match="fails on example_inputs"):
+        compile_model(_Flagged().eval(), (bad,), backend="eager", batch_sizes=SIZES)
 
 
 class _PointwiseConv(nn.Module):

@@ -443,3 +443,75 @@ def test_the_door_lowers_its_limit_while_admitted_requests_miss_the_target() -> 
     for _ in range(5000):
         door.finished(0.1)
     assert door.allowed() == 1000  # never above the sized limit
+
+
+# -------------------------------------------------------------------------------- handler bugs
+
+
+@pytest.fixture
+def buggy() -> Iterator[str]:
+    """A service whose routes have the bugs user code has: one raises, one returns a tensor."""
+    import torch
+
+    svc = FastInferService()
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+
+    @app.get("/boom")
+    async def boom() -> Any:
+        raise RuntimeError("a bug in the handler")
+
+    @app.get("/tensor")
+    async def tensor():  # type: ignore[no-untyped-def]  # unannotated: FastAPI's own encoder
+        return {"y": torch.tensor([2.0, 2.5]), "n": torch.tensor(3)}
+
+    @app.get("/tensor_any")
+    async def tensor_any() -> Any:  # annotated: pydantic serialises, and refuses a tensor
+        return {"y": torch.tensor([2.0, 2.5])}
+
+    with run_server(app) as url:
+        until(lambda: svc.ready, "setup")
+        yield url
+
+
+def test_a_handler_bug_answers_500_and_keeps_the_connection(buggy: str) -> None:
+    """A route that raised got a 500, then the server dropped the keep-alive connection without
+    ``Connection: close`` (Starlette re-raises after the 500): the next request on it was lost."""
+    sock = connect(buggy)
+    try:  # two pipelined requests on one connection: the route that raises, then another
+        sock.sendall(
+            b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        status, headers, body = read_response(sock)
+        assert status == 500, body
+        assert json.loads(body) == {
+            "error": "internal_error",
+            "detail": "internal error; see the server log",
+        }
+        assert headers.get("connection") != "close"
+        status, _, body = read_response(sock)  # the same connection still answers
+        assert status == 200 and json.loads(body) == {"status": "alive"}
+    finally:
+        sock.close()
+    with httpx.Client(base_url=buggy, timeout=10) as client:
+        assert [client.get("/boom").status_code for _ in range(3)] == [500] * 3
+        count = (
+            "fastinfer_http_request_seconds_count",
+            (("route", "/boom"), ("status", "5xx")),
+        )
+        assert metric_samples(client)[count] == 4  # the HTTP metrics saw every 500
+
+
+def test_a_tensor_in_a_response_is_its_values_not_an_empty_object(buggy: str) -> None:
+    with httpx.Client(base_url=buggy, timeout=10) as client:
+        resp = client.get("/tensor")
+        assert resp.status_code == 200 and resp.json() == {"y": [2.0, 2.5], "n": 3}
+        refused = client.get("/tensor_any")  # not silent either way: an error, not {}
+        assert refused.status_code == 500 and refused.json()["error"] == "internal_error"
+
+
+def test_health_readiness_and_metrics_answer_head(buggy: str) -> None:
+    with httpx.Client(base_url=buggy, timeout=10) as client:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            resp = client.head(path)
+            assert resp.status_code == 200 and resp.content == b"", path

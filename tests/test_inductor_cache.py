@@ -124,6 +124,8 @@ def test_default_path_comes_from_fastinfer_cache_dir(tmp_path: Path) -> None:
     assert InductorCache().path == (tmp_path / "persist").resolve()
     with pytest.raises(ConfigError, match="on_mismatch"):
         InductorCache(tmp_path, on_mismatch="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="empty path"):
+        InductorCache("")  # not the working directory
 
 
 def test_not_reentrant(tmp_path: Path) -> None:

@@ -129,6 +129,13 @@ class InductorCache:
                     "InductorCache needs a path: pass one or set FASTINFER_CACHE_DIR to a persistent "
                     "folder (not the temporary directory, which a restart wipes)"
                 )
+        elif not os.fspath(path):
+            # Path("") is the working directory: a cache there would fill whatever folder the
+            # service happens to start in.
+            raise ConfigError(
+                "InductorCache got an empty path; pass a persistent folder (or None to use "
+                "FASTINFER_CACHE_DIR)"
+            )
         if on_mismatch not in ("error", "replace"):
             raise ConfigError(f"on_mismatch must be 'error' or 'replace', got {on_mismatch!r}")
         if tag is not None and (not isinstance(tag, str) or not tag):

@@ -38,8 +38,14 @@ _KINDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         "move the inputs to the device the model was compiled on",
     ),
     (
+        "memory layout",
+        ("stride mismatch", "stride()"),
+        "pass contiguous tensors (x.contiguous()), laid out like the example inputs: a "
+        "transposed or sliced view has other strides, and the graphs were warmed for those",
+    ),
+    (
         "shape",
-        ("size mismatch", "stride mismatch", "rank mismatch", "size()", "stride()", "sizes"),
+        ("size mismatch", "rank mismatch", "size()", "sizes"),
         "add the batch size to compile_model(batch_sizes=...), pad requests to a warmed size "
         "(DynamicBatcher(preferred_batch_sizes=..., pad_to_preferred=True)), keep other "
         "dimensions (sequence length, image size) as in the example inputs, or pass "
@@ -53,6 +59,22 @@ _VALUE_FIX = (
 
 
 _IDENTITY = re.compile(r"___check_(obj|type)_id\(")
+_KEY_SETS = re.compile(r"expected DispatchKeySet\(([^)]*)\), actual DispatchKeySet\(([^)]*)\)")
+_DEVICE_FIX = (
+    "pass real tensors on the device the model was compiled on (a meta, sparse or other-backend "
+    "tensor cannot run the compiled graphs): move them with .to(device) or build them there"
+)
+
+
+def _backend_changed(text: str) -> bool:
+    """A dispatch-key-set guard that failed on the tensor's backend (CPU -> Meta, a sparse
+    layout), not on its autograd or inference-mode keys (which the "grad mode" kind covers)."""
+    match = _KEY_SETS.search(text)
+    if match is None:
+        return False
+    expected, actual = ({k.strip() for k in g.split(",") if k.strip()} for g in match.groups())
+    grad_keys = ("Autograd", "ADInplaceOrView", "Python", "Functionalize", "Inference")
+    return any(not k.startswith(grad_keys) for k in expected ^ actual)
 
 
 class GuardFailure:
@@ -63,6 +85,9 @@ class GuardFailure:
         self.text = text
         lowered = text.lower()
         self.kind, self.fix = "Python value", _VALUE_FIX
+        if _backend_changed(text):
+            self.kind, self.fix = "device", _DEVICE_FIX
+            return
         for kind, markers, fix in _KINDS:
             if any(m in lowered for m in markers):
                 self.kind, self.fix = kind, fix

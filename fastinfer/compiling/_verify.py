@@ -18,7 +18,7 @@ import torch
 from fastinfer import _torch_compat
 from fastinfer._common.tolerances import tolerance_for
 from fastinfer.compiling._inputs import inputs_for
-from fastinfer.errors import VerificationError
+from fastinfer.errors import ConfigError, VerificationError
 
 __all__ = [
     "NO_COMPILER",
@@ -125,11 +125,20 @@ def eager_reference(
     opaque: tuple[str, ...] = ()
     for b in sizes:
         t0 = clock()
-        if b == sizes[-1]:
-            expected[b], opaque = opaque_ops(model, *batches[b])
-        else:
-            with torch.inference_mode():
-                expected[b] = model(*batches[b][0], **batches[b][1])
+        try:
+            if b == sizes[-1]:
+                expected[b], opaque = opaque_ops(model, *batches[b])
+            else:
+                with torch.inference_mode():
+                    expected[b] = model(*batches[b][0], **batches[b][1])
+        except Exception as exc:
+            # The example inputs are the caller's: a model that cannot run on them (a meta
+            # tensor, the wrong dtype) is a configuration problem, not a compiler failure.
+            raise ConfigError(
+                f"the model fails on example_inputs at batch size {b} ({type(exc).__name__}: "
+                f"{str(exc)[:300]}); pass example inputs the model runs on eagerly (real tensors "
+                "on its device, of the dtype it serves), like one request's batch"
+            ) from exc
         if seconds is not None:
             seconds[b] = max(clock() - t0, 0.0)
     return batches, expected, opaque

@@ -35,6 +35,7 @@ __all__ = [
     "Door",
     "HTTPMetrics",
     "RequestLimits",
+    "encode_tensors",
     "error_code",
     "on_event_loop",
     "retry_after_header",
@@ -196,6 +197,7 @@ class RequestLimits:
         door: Door | None,
         on_reject: Callable[[str], None],
         retry_after: Callable[[float], str],
+        on_error: Callable[[dict[str, Any], Exception], None] | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -203,6 +205,7 @@ class RequestLimits:
         self.door = door
         self.on_reject = on_reject
         self.retry_after = retry_after
+        self.on_error = on_error
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -256,7 +259,7 @@ class RequestLimits:
     async def _limited(self, scope: Any, receive: Any, send: Any) -> None:
         length = _header(scope, b"content-length")
         if length is None and _header(scope, b"transfer-encoding") is None:
-            await self.app(scope, receive, send)  # no body (GET, HEAD, ...)
+            await self._app(scope, receive, send)  # no body (GET, HEAD, ...)
             return
         limit = self.max_body_bytes
         if limit is not None and length is not None and length.isdigit() and int(length) > limit:
@@ -274,7 +277,31 @@ class RequestLimits:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        await self._app(scope, replay, send)
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        """The app, with an exception it did not handle answered here as a 500 (``on_error``
+        logs it). Left to Starlette, the 500 is sent and the exception re-raised to the server,
+        which then drops the keep-alive connection without ``Connection: close``: the client's
+        next request on it is lost. Once the response has started, the exception goes on up
+        (the connection must close: the response is incomplete)."""
+        if self.on_error is None:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            self.on_error(scope, exc)
+            await send_error(send, 500, "internal_error", "internal error; see the server log")
 
     async def _read_body(self, receive: Any, send: Any) -> bytes | None:
         loop = asyncio.get_running_loop()
@@ -353,6 +380,22 @@ class HTTPMetrics:
             self.histogram.labels(route=template, status=f"{status[0] // 100}xx").observe(
                 time.perf_counter() - t0
             )
+
+
+def _tensor_to_list(t: Any) -> Any:
+    return t.detach().cpu().tolist()
+
+
+def encode_tensors() -> None:
+    """Teach FastAPI's ``jsonable_encoder`` torch tensors: a tensor in a response becomes its
+    nested list (a 0-d tensor its number). Without this FastAPI falls back to ``vars(tensor)``
+    and answers ``{}`` with a 200, silently (``return {"y": result}`` where the batcher's
+    result is a tensor). NaN or inf in one still fails the response, as for any float."""
+    import torch
+    from fastapi.encoders import ENCODERS_BY_TYPE
+
+    for cls in (torch.Tensor, torch.nn.Parameter):
+        ENCODERS_BY_TYPE.setdefault(cls, _tensor_to_list)
 
 
 def retry_after_header(seconds: float) -> str:

@@ -87,6 +87,7 @@ from fastinfer.integrations._limits import (
     Door,
     HTTPMetrics,
     RequestLimits,
+    encode_tensors,
     error_code,
     on_event_loop,
     retry_after_header,
@@ -496,17 +497,19 @@ class FastInferService:
     def install(self, app: Any) -> None:
         """Add the health, readiness and metrics routes, the error handlers and the HTTP metrics."""
         svc = self
+        encode_tensors()  # a tensor in a response is its list, not a silent {}
+        probe = {"methods": ["GET", "HEAD"], "include_in_schema": False}  # HEAD: probes, curl -I
 
-        @app.get(self.paths["health"], include_in_schema=False)
+        @app.api_route(self.paths["health"], **probe)
         async def healthz() -> dict[str, str]:
             return {"status": "alive"}
 
-        @app.get(self.paths["ready"], include_in_schema=False)
+        @app.api_route(self.paths["ready"], **probe)
         async def readyz() -> Any:
             body = svc.readiness()
             return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
-        @app.get(self.paths["metrics"], include_in_schema=False)
+        @app.api_route(self.paths["metrics"], **probe)
         async def metrics() -> Any:
             text = await asyncio.to_thread(svc.metrics_text)
             return Response(text, media_type=prometheus_client.CONTENT_TYPE_LATEST)
@@ -557,7 +560,10 @@ class FastInferService:
 
         async def internal(request: Any, exc: Exception) -> Any:
             logger.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
-            return _error(500, "internal_error", "internal error; see the server log")
+            # Anything but a FastInferError got here past the middleware (which answers the
+            # app's own errors): the server closes this connection after it, so say so.
+            close = None if isinstance(exc, FastInferError) else {"Connection": "close"}
+            return _error(500, "internal_error", "internal error; see the server log", close)
 
         app.add_exception_handler(Exception, internal)
         app.add_exception_handler(FastInferError, internal)
@@ -569,5 +575,8 @@ class FastInferService:
             door=self.door,
             on_reject=lambda reason: self._http_refused.labels(reason=reason).inc(),
             retry_after=retry_after_header,
+            on_error=lambda scope, exc: logger.error(
+                "unhandled %s on %s", type(exc).__name__, scope.get("path"), exc_info=exc
+            ),
         )
         app.add_middleware(HTTPMetrics, histogram=self._http_latency, skip=set(self.paths.values()))
