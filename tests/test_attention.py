@@ -1059,3 +1059,67 @@ def test_gpu_fp16_hf_bert_flash_or_sdpa() -> None:
     assert report.path("hf:sdpa").verified
     assert report.chosen != "hf:eager" or report.path("hf:eager").verified
     fastinfer.undo_attention_swap_(model)
+
+
+class _EncoderHolder(nn.Module):
+    def __init__(self, encoder: nn.TransformerEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, src: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(src, src_key_padding_mask=src_key_padding_mask)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("path", ["hf:packed", "hf:fused", "torch:packed"])
+def test_under_autocast_the_original_encoder_runs(path: str) -> None:
+    """The fused kernel raised a raw dtype error under CPU autocast, and the packed path ran its
+    float32 weights where the caller asked for bfloat16: both now run the original encoder."""
+    if path.startswith("hf:"):
+        pytest.importorskip("transformers")
+        entry = testing.zoo_model("bert")
+        model, example = entry.build(), entry.inputs(3)
+
+        def run(m: nn.Module) -> torch.Tensor:
+            return m(**example).last_hidden_state
+
+    else:
+        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        model = _EncoderHolder(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+        x, pad = torch.randn(3, 10, 32), torch.zeros(3, 10, dtype=torch.bool)
+        pad[1, 6:] = True
+        example = {"src": x, "src_key_padding_mask": pad}
+
+        def run(m: nn.Module) -> torch.Tensor:
+            return m(**example)
+
+    swapped = copy.deepcopy(model)
+    report = fastinfer.swap_attention_(swapped, example_inputs=example, prefer=path)
+    assert report.chosen == path
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = run(model), run(swapped)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_model_holding_inference_tensors_gets_the_inference_mode_fix() -> None:
+    """BEiT caches its relative position bias on the first call; made under inference_mode, it
+    breaks a later grad-mode call, and the error blamed the example inputs."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BeitConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        use_relative_position_bias=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.BeitModel(cfg).eval()
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    with torch.inference_mode():
+        model(**x)
+    with pytest.raises(ConfigError, match=r"under torch.inference_mode\(\) or torch.no_grad\(\)"):
+        fastinfer.swap_attention_(model, example_inputs=x, repeat=1)
+    with torch.inference_mode():  # the fix the message gives works
+        fastinfer.swap_attention_(model, example_inputs=x, repeat=1)

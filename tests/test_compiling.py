@@ -616,3 +616,34 @@ def test_reduce_overhead_on_gpu_is_measured(tmp_path: Path) -> None:
         )
     assert report.result("reduce-overhead").status == "ok", report.result("reduce-overhead")
     assert cache.statistics().active is False
+
+
+def test_a_swapped_model_is_compared_with_eager_on_valid_positions_only() -> None:
+    """The attention swap leaves zeros in padded positions, eager leaves other values there:
+    select_backend compared every position, so the swapped candidate was rejected on exactly the
+    padded inputs where it wins, blamed on "a cache built for another CPU ISA"."""
+    import copy
+
+    pytest.importorskip("transformers")
+    entry = ft.zoo_model("bert")
+    model = entry.build()
+    example = entry.inputs(3)
+    assert not bool(example["attention_mask"].bool().all())  # padded
+    swapped = copy.deepcopy(model)
+    fastinfer.swap_attention_(swapped, example_inputs=example, prefer="hf:packed")
+    with torch.inference_mode():  # the padded positions differ: what made it fail before
+        padded = ~example["attention_mask"].bool()
+        a, b = swapped(**example).last_hidden_state, model(**example).last_hidden_state
+        assert float((a[padded] - b[padded]).abs().max()) > 1e-3
+    report = fastinfer.select_backend(
+        model,
+        example,
+        candidates=["eager", ("swapped", swapped)],
+        batch_sizes=(1, 3),
+        budget_seconds=None,
+        repeat=1,
+        cache_dir=None,
+    )
+    result = report.result("swapped")
+    assert result.status == "ok", result.reason
+    assert result.max_error is not None and result.max_error < 1e-4

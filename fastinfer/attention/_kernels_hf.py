@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastinfer import _torch_compat
-from fastinfer.attention._packing import Packing, cached_cat, dense, drop_cache, prepack
+from fastinfer.attention._packing import (
+    Packing,
+    autocast_enabled,
+    cached_cat,
+    dense,
+    drop_cache,
+    prepack,
+)
 
 __all__ = [
     "HF_LAYER_PARTS",
@@ -303,6 +310,7 @@ class FastHFEncoder(nn.Module):
             or (torch.is_grad_enabled() and hidden_states.requires_grad)
             or not isinstance(hidden_states, torch.Tensor)
             or hidden_states.dim() != 3
+            or autocast_enabled(hidden_states)
             # transformers records hidden states/attentions with hooks on its own layers: run them
             or _capturing_outputs()
         ):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastinfer.attention._kernels_hf import act_name
-from fastinfer.attention._packing import Packing, dense, drop_cache, prepack
+from fastinfer.attention._packing import Packing, autocast_enabled, dense, drop_cache, prepack
 
 __all__ = ["PackedTorchEncoder", "torch_layer_unsupported"]
 
@@ -99,6 +99,7 @@ class PackedTorchEncoder(nn.Module):
             or grad
             or src.dim() != 3
             or src.is_nested
+            or autocast_enabled(src)
         ):
             self.fallbacks += 1
             return self._original(src, mask, src_key_padding_mask, is_causal)  # type: ignore[no-any-return]

@@ -7,13 +7,13 @@ different values in padding compare equal.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from fastinfer._common.padding import valid_mask, zero_padded
 from fastinfer._common.tolerances import tolerance_for
 
 __all__ = ["call", "compare", "output_tensors", "sync", "valid_mask"]
@@ -27,35 +27,6 @@ def call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def valid_mask(model: nn.Module, inputs: Any) -> torch.Tensor | None:
-    """The ``(B, T)`` bool validity of the example batch, from its padding/attention mask."""
-    if isinstance(inputs, Mapping):
-        named = dict(inputs)
-    else:
-        args = inputs if isinstance(inputs, tuple | list) else (inputs,)
-        try:
-            named = dict(inspect.signature(model.forward).bind_partial(*args).arguments)
-        except (TypeError, ValueError):
-            return None
-    found = _mask_in(named)
-    if found is None:  # a wrapper taking one dict of features (sentence-transformers)
-        for value in named.values():
-            if isinstance(value, Mapping) and (found := _mask_in(value)) is not None:
-                break
-    return found
-
-
-def _mask_in(named: Mapping[str, Any]) -> torch.Tensor | None:
-    mask = named.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask != 0
-    for key in ("src_key_padding_mask", "key_padding_mask", "padding_mask"):
-        mask = named.get(key)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            return ~mask if mask.dtype == torch.bool else mask == 0
-    return None
-
-
 def output_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out.to_padded_tensor(0.0) if out.is_nested else out]
@@ -66,19 +37,6 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, tuple | list):
         return [t for v in out for t in output_tensors(v)]
     return []
-
-
-def _normalised(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Padded positions set to zero, so paths with different padded semantics compare equal."""
-    if valid is None or t.dim() < 2:
-        return t
-    v = valid.to(t.device)
-    if tuple(t.shape[:2]) == tuple(v.shape):
-        return t.masked_fill(~v.view(*v.shape, *([1] * (t.dim() - 2))), 0)
-    if tuple(t.shape[:2]) == tuple(v.shape[::-1]):  # (T, B, ...) sequence-first outputs
-        vt = v.t()
-        return t.masked_fill(~vt.reshape(*vt.shape, *([1] * (t.dim() - 2))), 0)
-    return t
 
 
 def compare(
@@ -102,7 +60,7 @@ def compare(
             if not torch.equal(r, o):
                 return float("inf"), f"output {i} ({r.dtype}) differs"
             continue
-        rn, on = _normalised(r, valid).float(), _normalised(o, valid).float()
+        rn, on = zero_padded(r, valid).float(), zero_padded(o, valid).float()
         both_nan = rn.isnan() & on.isnan()
         diff = (rn - on).abs().masked_fill(both_nan, 0)
         err = float(diff.max()) if diff.numel() else 0.0

@@ -17,7 +17,28 @@ import torch.nn.functional as F
 
 from fastinfer import _torch_compat
 
-__all__ = ["Packing", "cached_cat", "dense", "drop_cache", "onednn_available", "prepack"]
+__all__ = [
+    "Packing",
+    "autocast_enabled",
+    "cached_cat",
+    "dense",
+    "drop_cache",
+    "onednn_available",
+    "prepack",
+]
+
+
+def autocast_enabled(t: torch.Tensor) -> bool:
+    """Whether autocast is on for ``t``'s device. The packed and fused paths run the layers'
+    weights in their own dtype and were verified that way; under autocast the original encoder
+    runs instead, in the dtypes autocast asks for (PyTorch's fused encoder kernel refuses mixed
+    dtypes outright)."""
+    try:
+        return bool(torch.is_autocast_enabled(t.device.type))
+    except TypeError:  # torch < 2.4: no device_type argument
+        if t.device.type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
 
 
 @dataclass

@@ -209,10 +209,20 @@ def reference(
         reasons, out = diagnose_call(model, inputs)
         return [t.detach().clone() for t in output_tensors(out)], reasons
     except Exception as exc:
+        fix = (
+            "pass what the model takes: a dict of keyword arguments, a tuple of positional "
+            "arguments, or one tensor"
+        )
+        if "inference tensor" in str(exc).lower():
+            # a tensor the model cached during an earlier call under inference_mode (BEiT's
+            # relative position bias) cannot take part in a grad-mode call
+            fix = (
+                "call swap_attention_ under torch.inference_mode() or torch.no_grad(), as the "
+                "model is served: it holds tensors made under inference_mode by an earlier call"
+            )
         raise ConfigError(
             f"calling {type(model).__name__} with example_inputs failed ({type(exc).__name__}: "
-            f"{exc}); pass what the model takes: a dict of keyword arguments, a tuple of "
-            "positional arguments, or one tensor"
+            f"{exc}); {fix}"
         ) from exc
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fastinfer import _torch_compat
+from fastinfer._common.padding import zero_padded
 from fastinfer._common.tolerances import tolerance_for
 from fastinfer.compiling._inputs import inputs_for
 from fastinfer.errors import ConfigError, VerificationError
@@ -60,13 +61,15 @@ def leaves(out: Any) -> list[torch.Tensor]:
     return [x for x in _torch_compat.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
-def max_error(actual: Any, expected: Any) -> float:
-    """Largest absolute difference between two outputs' tensors (inf when the structure differs)."""
+def max_error(actual: Any, expected: Any, valid: torch.Tensor | None = None) -> float:
+    """Largest absolute difference between two outputs' tensors (inf when the structure differs),
+    on valid positions only when ``valid`` (the batch's ``(B, T)`` padding validity) is given."""
     a, e = leaves(actual), leaves(expected)
     if len(a) != len(e) or any(x.shape != y.shape for x, y in zip(a, e)):
         return math.inf
     err = 0.0
     for x, y in zip(a, e):
+        x, y = zero_padded(x, valid), zero_padded(y, valid)
         if x.numel() and (x.is_floating_point() or y.is_floating_point()):
             err = max(err, (x.double() - y.double()).abs().max().item())
         elif x.numel() and not torch.equal(x, y):
@@ -75,12 +78,22 @@ def max_error(actual: Any, expected: Any) -> float:
 
 
 def check_close(
-    actual: Any, expected: Any, *, rtol: float | None, atol: float | None, where: str
+    actual: Any,
+    expected: Any,
+    *,
+    rtol: float | None,
+    atol: float | None,
+    where: str,
+    valid: torch.Tensor | None = None,
 ) -> None:
+    """Raise VerificationError unless the outputs agree within tolerance; with ``valid``, on
+    valid positions only (a padding-free path leaves other values in padded positions)."""
     a, e = leaves(actual), leaves(expected)
     if len(a) != len(e):
         raise VerificationError(f"{where}: {len(a)} output tensors, eager gives {len(e)}")
     for i, (x, y) in enumerate(zip(a, e)):
+        if valid is not None and x.shape == y.shape:
+            x, y = zero_padded(x, valid), zero_padded(y, valid)
         rt, at = tolerance_for(y.dtype, rtol=rtol, atol=atol)
         try:
             torch.testing.assert_close(x, y, rtol=rt, atol=at, equal_nan=True)

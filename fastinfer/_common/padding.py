@@ -1,0 +1,63 @@
+"""Which positions of a padded batch are real: found from the inputs' padding mask, and used to
+compare two models' outputs on valid positions only (what a padding-free path leaves in padded
+positions differs, by design, from what the original model leaves there)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["valid_mask", "zero_padded"]
+
+
+def valid_mask(
+    model: Any, inputs: Any, kwargs: Mapping[str, Any] | None = None
+) -> torch.Tensor | None:
+    """The ``(B, T)`` bool validity of a batch, from its padding/attention mask (None: none).
+
+    ``inputs`` is a dict of keyword arguments, a tuple of positional ones, or one tensor;
+    ``kwargs`` adds keyword arguments to positional ones."""
+    if isinstance(inputs, Mapping):
+        named = dict(inputs)
+    else:
+        args = inputs if isinstance(inputs, tuple | list) else (inputs,)
+        try:
+            forward = getattr(model, "forward", model)
+            named = dict(inspect.signature(forward).bind_partial(*args).arguments)
+        except (TypeError, ValueError):
+            named = {}
+    named.update(kwargs or {})
+    found = _mask_in(named)
+    if found is None:  # a wrapper taking one dict of features (sentence-transformers)
+        for value in named.values():
+            if isinstance(value, Mapping) and (found := _mask_in(value)) is not None:
+                break
+    return found
+
+
+def _mask_in(named: Mapping[str, Any]) -> torch.Tensor | None:
+    mask = named.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask != 0
+    for key in ("src_key_padding_mask", "key_padding_mask", "padding_mask"):
+        mask = named.get(key)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return ~mask if mask.dtype == torch.bool else mask == 0
+    return None
+
+
+def zero_padded(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``t`` with padded positions set to zero, where its leading dims are the mask's ``(B, T)``
+    (or ``(T, B)``, sequence-first); otherwise ``t`` itself."""
+    if valid is None or t.dim() < 2:
+        return t
+    v = valid.to(t.device)
+    if tuple(t.shape[:2]) == tuple(v.shape):
+        return t.masked_fill(~v.view(*v.shape, *([1] * (t.dim() - 2))), 0)
+    if tuple(t.shape[:2]) == tuple(v.shape[::-1]):  # (T, B, ...) sequence-first outputs
+        vt = v.t()
+        return t.masked_fill(~vt.reshape(*vt.shape, *([1] * (t.dim() - 2))), 0)
+    return t
