@@ -8,6 +8,7 @@ the file through a hook at a fixed point of the load (no timing involved).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -343,3 +344,338 @@ def test_a_dangling_symlink_names_its_target(tmp_path: Path) -> None:
         CheckpointError, match=r"is a symbolic link to .*gone.safetensors', which does not exist"
     ):
         fastinfer.load_weights_(Pair(), link)
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes: what dtype= cannot resolve, and every dtype of the safetensors format
+# --------------------------------------------------------------------------------------------
+
+
+class Lin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 2)
+        self.register_buffer("position_ids", torch.arange(6))  # int64 in model and file
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x)
+
+
+@pytest.mark.parametrize(
+    "src_dtype",
+    [torch.int8, torch.bool, torch.int64, torch.complex64],
+    ids=["int8", "bool", "int64", "complex64"],
+)
+@pytest.mark.parametrize("dtype", [None, torch.float32], ids=["dtype-None", "dtype-float32"])
+def test_a_non_floating_checkpoint_is_refused_for_floating_parameters(
+    src_dtype: torch.dtype, dtype: torch.dtype | None, tmp_path: Path
+) -> None:
+    """dtype= casts floating tensors only: an int8 export never becomes a float weight silently."""
+    sd = {
+        k: (v * 10).to(src_dtype) if v.is_floating_point() else v
+        for k, v in Lin().state_dict().items()
+    }
+    path = fastinfer.save_weights(sd, tmp_path / "q.safetensors")
+    with pytest.raises(fastinfer.StateDictMismatch) as info:
+        fastinfer.load_model(Lin, path, dtype=dtype)
+    msg = str(info.value)
+    assert f"l.weight: checkpoint dtype {src_dtype} vs model dtype torch.float32" in msg
+    assert "position_ids" not in msg  # int64 in both: fits
+    assert "casts floating-point tensors only" in msg and "pass dtype=" not in msg
+
+
+def test_a_floating_checkpoint_is_refused_for_an_integer_buffer_even_with_dtype(
+    tmp_path: Path,
+) -> None:
+    sd = dict(Lin().state_dict())
+    sd["position_ids"] = sd["position_ids"].float()
+    path = fastinfer.save_weights(sd, tmp_path / "f.safetensors")
+    with pytest.raises(
+        fastinfer.StateDictMismatch,
+        match=r"position_ids: checkpoint dtype torch.float32 vs model dtype torch.int64",
+    ):
+        fastinfer.load_model(Lin, path, dtype=torch.float16)
+
+
+def test_integer_buffers_keep_their_dtype_when_floats_are_cast(tmp_path: Path) -> None:
+    eager = Lin()
+    path = fastinfer.save_weights(eager, tmp_path / "m.safetensors")
+    model = fastinfer.load_model(Lin, path, dtype=torch.float16)
+    assert model.l.weight.dtype == torch.float16 and model.l.weight.requires_grad
+    assert model.position_ids.dtype == torch.int64
+    assert torch.equal(model.position_ids, eager.position_ids)
+
+
+def test_a_dtype_mismatch_between_floats_still_suggests_dtype(tmp_path: Path) -> None:
+    path = fastinfer.save_weights(Lin().half(), tmp_path / "h.safetensors")
+    with pytest.raises(fastinfer.StateDictMismatch, match="pass dtype= to cast"):
+        fastinfer.load_model(Lin, path)
+
+
+def _st_dtypes() -> list[Any]:
+    names = [
+        "bool", "uint8", "int8", "int16", "uint16", "float16", "bfloat16", "int32", "uint32",
+        "float32", "complex64", "float64", "int64", "uint64", "float8_e5m2", "float8_e4m3fn",
+        "float8_e8m0fnu", "float8_e4m3fnuz", "float8_e5m2fnuz", "float4_e2m1fn_x2",
+    ]  # fmt: skip
+    return [
+        pytest.param(getattr(torch, n), id=n)
+        if hasattr(torch, n)
+        else pytest.param(None, id=n, marks=pytest.mark.skip(reason=f"torch has no {n}"))
+        for n in names
+    ]
+
+
+@pytest.mark.parametrize("dtype", _st_dtypes())
+def test_every_safetensors_dtype_torch_has_round_trips(dtype: torch.dtype, tmp_path: Path) -> None:
+    """save_weights writes it; the loader reads it bit for bit, as the safetensors library does."""
+    raw = torch.arange(24, dtype=torch.uint8).reshape(3, 8)
+    value = raw.view(dtype) if dtype.itemsize == 1 else torch.arange(24).reshape(3, 8).to(dtype)
+    eager = nn.Module()
+    eager.register_buffer("x", value)
+    path = fastinfer.save_weights(eager, tmp_path / "x.safetensors")
+    model = nn.Module()
+    model.register_buffer("x", torch.empty(value.shape, dtype=dtype))
+    fastinfer.load_weights_(model, path)
+    assert model.x.dtype == dtype and model.x.shape == value.shape
+    assert torch.equal(model.x.view(torch.uint8), value.view(torch.uint8))
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(path))["x"].view(torch.uint8), value.view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["F6_E2M3", "F6_E3M2", "F33"])
+def test_a_dtype_the_loader_cannot_hold_is_unsupported_not_corrupt(
+    name: str, tmp_path: Path
+) -> None:
+    path = _write_safetensors(
+        tmp_path / "x.safetensors",
+        {"a": {"dtype": name, "shape": [4], "data_offsets": [0, 3]}, "b": _entry([4], 16, 32)},
+        bytes(32),
+    )
+    with pytest.raises(CheckpointError, match=f"tensor 'a' has .*dtype '{name}'") as info:
+        fastinfer.load_weights_(Pair(), path)
+    msg = str(info.value)
+    assert "corrupt" not in msg and "not supported" in msg
+    if name.startswith("F6"):
+        assert "torch" in msg and "safetensors format defines" in msg
+
+
+def test_an_f4_tensor_with_an_odd_last_dimension_is_refused(tmp_path: Path) -> None:
+    path = _write_safetensors(
+        tmp_path / "x.safetensors",
+        {"a": {"dtype": "F4", "shape": [2, 3], "data_offsets": [0, 3]}, "b": _entry([4], 16, 32)},
+        bytes(32),
+    )
+    with pytest.raises(CheckpointError, match=r"tensor 'a' .*F4.*last dimension"):
+        fastinfer.load_weights_(Pair(), path)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters that share storage (two Parameters, one tensor) through safetensors
+# --------------------------------------------------------------------------------------------
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4, bias=False)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "not-strict"])
+@pytest.mark.parametrize("view", ["same", "transposed"])
+def test_parameters_sharing_storage_survive_a_safetensors_round_trip(
+    strict: bool, view: str, tmp_path: Path
+) -> None:
+    eager = Two()
+    eager.b.weight.data = eager.a.weight.data if view == "same" else eager.a.weight.data.t()
+    path = fastinfer.save_weights(eager, tmp_path / "two.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert keys == ({"a.weight"} if view == "same" else {"a.weight", "b.weight"})
+    model = fastinfer.load_model(Two, path, strict=strict)
+    assert torch.equal(model.a.weight, eager.a.weight)
+    assert torch.equal(model.b.weight, eager.b.weight)
+    if view == "same":  # one storage again, two Parameters as in the eager model
+        assert model.a.weight is not model.b.weight
+        assert model.a.weight.data_ptr() == model.b.weight.data_ptr()
+
+
+def test_a_file_without_the_alias_record_still_reports_the_key_missing(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.ones(4, 4)}, str(tmp_path / "one.safetensors"))
+    with pytest.raises(
+        fastinfer.StateDictMismatch, match=r"missing from the checkpoint \(1\):\s+b.weight"
+    ):
+        fastinfer.load_model(Two, tmp_path / "one.safetensors")
+
+
+def test_a_malformed_alias_record_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"a.weight": torch.ones(4, 4)}, str(path), metadata={"fastinfer.aliases": "[1]"})
+    with pytest.raises(CheckpointError, match=r"'fastinfer\.aliases' is not a JSON object"):
+        fastinfer.load_model(Two, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Shard indexes: an index names files in its own folder, nowhere else
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "dotdot-inside"])
+def test_a_shard_index_cannot_name_files_outside_its_folder(where: str, tmp_path: Path) -> None:
+    (tmp_path / "ckpt" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    lin = nn.Linear(4, 2)
+    fastinfer.save_weights({"weight": lin.weight}, tmp_path / "ckpt" / "w.safetensors")
+    fastinfer.save_weights({"bias": lin.bias}, tmp_path / "elsewhere" / "b.safetensors")
+    name = {
+        "dotdot": "../elsewhere/b.safetensors",
+        "absolute": str(tmp_path / "elsewhere" / "b.safetensors"),
+        "dotdot-inside": "sub/../../elsewhere/b.safetensors",
+    }[where]
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"weight": "w.safetensors", "bias": name}})
+    )
+    with pytest.raises(CheckpointError, match="outside its folder") as info:
+        fastinfer.load_model(nn.Linear, tmp_path / "ckpt", 4, 2)
+    assert repr(name) in str(info.value)
+
+
+def test_a_symlinked_shard_inside_the_folder_still_loads(tmp_path: Path) -> None:
+    """The Hugging Face cache layout: snapshots/<rev>/<shard> -> ../../blobs/<hash>."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    lin = nn.Linear(4, 2)
+    fastinfer.save_weights(lin, blobs / "0123abcd", format="safetensors")
+    os.symlink("../../blobs/0123abcd", snap / "model-00001.safetensors")
+    (snap / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"weight": "model-00001.safetensors", "bias": "model-00001.safetensors"}}
+        )
+    )
+    model = fastinfer.load_model(nn.Linear, snap, 4, 2)
+    assert torch.equal(model.weight, lin.weight) and torch.equal(model.bias, lin.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# save_weights on a full disk
+# --------------------------------------------------------------------------------------------
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["safetensors", "torch", "fsync"])
+def test_save_weights_on_a_full_disk_names_the_path_and_keeps_the_old_file(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the new file is written (simulated): a CheckpointError naming the
+    path, the cause and the fix; the previous checkpoint is untouched and no temp file is left."""
+    suffix = "pt" if where == "torch" else "safetensors"
+    target = tmp_path / f"m.{suffix}"
+    old = nn.Linear(8, 8)
+    fastinfer.save_weights(old, target)
+    if where == "safetensors":
+        import safetensors.torch
+        from safetensors import SafetensorError
+
+        def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+            Path(filename).write_bytes(b"\0" * 100)  # part of the file made it to disk
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    elif where == "torch":
+
+        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            f.write(b"PK\x03\x04" + b"\0" * 100)
+            try:  # what torch does: the OSError from write() becomes the context of its own error
+                raise _enospc()
+            except OSError:
+                raise RuntimeError(  # noqa: B904 (torch chains it implicitly)
+                    "[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662"
+                )
+
+        monkeypatch.setattr(torch, "save", save)
+    else:
+
+        def fsync(fd: int) -> None:
+            raise _enospc()
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(CheckpointError) as info:
+        fastinfer.save_weights(nn.Linear(256, 256), target)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert repr(str(target)) in msg
+    assert "No space left on device" in msg and "ENOSPC" in msg
+    assert "free space" in msg and "save it elsewhere" in msg
+    assert os.listdir(tmp_path) == [target.name]  # no temporary file left behind
+    model = fastinfer.load_model(nn.Linear, target, 8, 8)
+    assert torch.equal(model.weight, old.weight)
+
+
+_FSIZE_CHILD = r"""
+import os, resource, signal, sys
+import torch
+import fastinfer
+from torch import nn
+
+root = sys.argv[1]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+old = nn.Linear(8, 8)
+for suffix in ("safetensors", "pt"):
+    fastinfer.save_weights(old, os.path.join(root, "m." + suffix))
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+for suffix in ("safetensors", "pt"):
+    target = os.path.join(root, "m." + suffix)
+    try:
+        fastinfer.save_weights(nn.Linear(256, 256), target)
+        print("SAVED", suffix)
+    except fastinfer.CheckpointError as exc:
+        print("ERROR", suffix, repr(target) in str(exc), "EFBIG" in str(exc), str(exc).replace("\n", " "))
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print("LEFT", sorted(os.listdir(root)))
+for suffix in ("safetensors", "pt"):
+    m = fastinfer.load_model(nn.Linear, os.path.join(root, "m." + suffix), 8, 8)
+    print("OLD", suffix, torch.equal(m.weight, old.weight))
+"""
+
+
+def test_save_weights_past_a_file_size_limit_uses_the_real_writers(tmp_path: Path) -> None:
+    """Unprivileged and real: RLIMIT_FSIZE makes the real safetensors and torch writers fail with
+    EFBIG part way through (as ENOSPC does on a full disk)."""
+    proc = run_python(_FSIZE_CHILD.replace("sys.argv[1]", repr(str(tmp_path))), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for suffix in ("safetensors", "pt"):
+        err = next(x for x in lines if x.startswith(f"ERROR {suffix} ") or x == f"SAVED {suffix}")
+        assert err.startswith(f"ERROR {suffix} True True"), err
+        assert f"OLD {suffix} True" in lines
+    assert "LEFT ['m.pt', 'm.safetensors']" in lines, proc.stdout
+
+
+def test_a_safetensors_header_whose_length_starts_with_0x80_is_not_taken_for_a_pickle(
+    tmp_path: Path,
+) -> None:
+    """A header of 128 bytes (mod 256) begins with the byte of a pickle's PROTO opcode."""
+    key = "k" * 68  # save_file pads this header to 128 bytes
+    from safetensors.torch import save_file
+
+    save_file({key: torch.arange(2.0)}, str(tmp_path / "x.safetensors"))
+    assert (tmp_path / "x.safetensors").read_bytes()[:1] == b"\x80"
+    assert fmt.sniff(tmp_path / "x.safetensors") == "safetensors"
+    model = nn.Module()
+    model.register_buffer(key, torch.zeros(2))
+    report = fastinfer.load_weights_(model, tmp_path / "x.safetensors")
+    assert report.format == "safetensors" and torch.equal(getattr(model, key), torch.arange(2.0))

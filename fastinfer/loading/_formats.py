@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -37,23 +37,44 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# Every dtype the safetensors format defines (its ``Dtype`` enum, safetensors 0.8) and the torch
+# dtype that holds it; None where torch has none (the 6-bit floats). A name outside this table is
+# unsupported (a newer format or another tool), not a sign of corruption.
+_ST_FORMAT: dict[str, str | None] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "C64": "complex64",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F4": "float4_e2m1fn_x2",  # 4-bit: the header counts values, torch packs two per byte
+    "F6_E2M3": None,
+    "F6_E3M2": None,
 }
+_ST_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in _ST_FORMAT.items()
+    if attr is not None and isinstance(getattr(torch, attr, None), torch.dtype)
+}
+_ST_PACKED = {"F4": 2}  # values per byte (per torch element) of the sub-byte dtypes
+
+# save_weights writes a tensor that several keys share once and records the other keys here, in
+# the header's __metadata__ (a JSON object alias -> stored key), so the loader gives them the same
+# tensor again. Other readers see only the stored key.
+ALIASES_METADATA = "fastinfer.aliases"
 
 # Wrapper keys some training loops put around the state dict ({"state_dict": {...}}).
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
@@ -186,11 +207,19 @@ def _index_files(index: Path) -> list[Path]:
             f"shard index {str(index)!r} is unreadable ({type(exc).__name__}: {why}); "
             "it must be JSON with a 'weight_map' object mapping keys to shard files"
         ) from None
-    bad_names = [v for v in weight_map.values() if not isinstance(v, str) or not v]
+    bad_names = [v for v in weight_map.values() if not isinstance(v, str) or not v or "\0" in v]
     if bad_names:
         raise CheckpointError(
             f"shard index {str(index)!r} maps keys to {len(bad_names)} values that are not file "
             f"names ({preview([repr(v) for v in bad_names])}); re-save the checkpoint"
+        )
+    outside = sorted({v for v in weight_map.values() if _outside(v)})
+    if outside:
+        raise CheckpointError(
+            f"shard index {str(index)!r} names {len(outside)} shard files outside its folder "
+            f"({preview([str(v) for v in outside])}); an index may only name files in its own "
+            "folder (relative names without '..'), so these were not read. Fix: put the shards "
+            "beside the index and name them relative to it"
         )
     files = list(dict.fromkeys(index.parent / str(name) for name in weight_map.values()))
     missing = [str(f.name) for f in files if not f.exists() and not f.is_symlink()]
@@ -202,6 +231,17 @@ def _index_files(index: Path) -> list[Path]:
     for f in files:
         _refuse_special(f, _stat(f, "shard"), "shard")
     return files
+
+
+def _outside(name: str) -> bool:
+    """Whether an index entry leaves the index's folder: an absolute path or a '..' component.
+
+    The index is data: it names files, it does not get to point anywhere on disk. A symbolic link
+    *inside* the folder is followed (the Hugging Face cache links every snapshot file to
+    ``../../blobs/``): whoever wrote the folder chose the link, not the index.
+    """
+    pure = PurePosixPath(name.replace("\\", "/"))
+    return pure.is_absolute() or os.path.isabs(name) or ".." in pure.parts
 
 
 def sniff(path: Path) -> str:
@@ -216,10 +256,13 @@ def sniff(path: Path) -> str:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or empty ({len(head)} bytes): re-save or re-download it"
         )
-    if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+    if head[:4] == b"PK\x03\x04":
         return "torch"
+    # Before the pickle check: a safetensors header length of 128 mod 256 starts with 0x80 too.
     if len(head) > 8 and head[8:9] == b"{":
         return "safetensors"
+    if head[:1] == b"\x80":  # a pickle protocol opcode: a legacy torch.save file
+        return "torch"
     if path.suffix == ".safetensors":
         return "safetensors"
     raise CheckpointError(
@@ -388,7 +431,7 @@ def read_safetensors(path: Path, *, mmap: bool) -> Mapped:
             f"safetensors file {str(path)!r} is truncated or corrupt: bad header ({exc}); "
             "re-save or re-download it"
         ) from None
-    header.pop("__metadata__", None)
+    aliases = _aliases(path, header.pop("__metadata__", None))
     data_start = 8 + n
     specs = [_entry(path, key, info) for key, info in header.items()]
     _refuse_overlaps(path, specs)
@@ -435,7 +478,31 @@ def read_safetensors(path: Path, *, mmap: bool) -> Mapped:
         if mmap:
             populate([raw], sources=out.sources, whole_storage=False)  # EFAULT, not SIGBUS
         out.tensors[key] = raw.clone().view(dtype).reshape(shape)
+    for alias, stored in aliases.items():  # keys save_weights wrote once: the same tensor again
+        if alias not in out.tensors and stored in out.tensors:
+            out.tensors[alias] = out.tensors[stored]
+            if stored in out.zero_copy:
+                out.zero_copy.add(alias)
     return out
+
+
+def _aliases(path: Path, metadata: Any) -> dict[str, str]:
+    """The alias record save_weights leaves in ``__metadata__`` (alias key -> stored key)."""
+    if not isinstance(metadata, dict) or ALIASES_METADATA not in metadata:
+        return {}
+    try:
+        aliases = json.loads(metadata[ALIASES_METADATA])
+    except (TypeError, ValueError, RecursionError):
+        aliases = None
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CheckpointError(
+            f"safetensors file {str(path)!r} is corrupt: its __metadata__ entry "
+            f"{ALIASES_METADATA!r} is not a JSON object of key names "
+            f"({str(metadata[ALIASES_METADATA])[:200]!r}); re-save it (fastinfer.save_weights)"
+        )
+    return aliases
 
 
 _Spec = tuple[str, torch.dtype, list[int], int, int]
@@ -456,8 +523,24 @@ def _entry(path: Path, key: str, info: Any) -> _Spec:
     if missing:
         raise bad(f"has no {', '.join(repr(m) for m in missing)} in its header entry")
     name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(name, str) or name not in _ST_DTYPES:
-        raise bad(f"has an unknown dtype {name!r} (known: {', '.join(_ST_DTYPES)})")
+    if not isinstance(name, str):
+        raise bad(f"has a dtype of type {type(name).__name__}, not a string: {name!r}")
+    if name not in _ST_DTYPES:
+        if name in _ST_FORMAT:
+            why = (
+                f"dtype {name!r}, which the safetensors format defines but torch "
+                f"{torch.__version__} has no dtype for"
+            )
+        else:
+            why = (
+                f"an unknown dtype {name!r}, not one the safetensors format defines (written by "
+                "a newer safetensors version or another tool)"
+            )
+        raise CheckpointError(
+            f"safetensors file {str(path)!r}: tensor {key!r} has {why}, so it is not supported "
+            f"(supported: {', '.join(_ST_DTYPES)}). Fix: convert that tensor to a supported "
+            "dtype and re-save the checkpoint"
+        )
     dtype = _ST_DTYPES[name]
     if not isinstance(shape, list):
         raise bad(f"has a shape of type {type(shape).__name__}, not a list: {shape!r}")
@@ -479,8 +562,22 @@ def _entry(path: Path, key: str, info: Any) -> _Spec:
     numel = 1
     for dim in shape:
         numel *= dim
-    if end - begin != numel * dtype.itemsize:
+    per_byte = _ST_PACKED.get(name, 1)
+    if numel % per_byte:
+        raise bad(
+            f"has {numel} values of {name} in shape {tuple(shape)}: not a whole number of bytes"
+        )
+    if end - begin != numel // per_byte * dtype.itemsize:
         raise bad(f"has {end - begin} bytes for shape {tuple(shape)} of {dtype}")
+    if per_byte > 1:  # torch's packed dtype holds `per_byte` values along the last dimension
+        if not shape or shape[-1] % per_byte:
+            raise CheckpointError(
+                f"safetensors file {str(path)!r}: tensor {key!r} of dtype {name} has shape "
+                f"{tuple(shape)}, whose last dimension is not a multiple of {per_byte}, so {dtype} "
+                f"(which packs {per_byte} values along the last dimension) cannot hold it: it is "
+                "not supported. Fix: pad the last dimension and re-save the checkpoint"
+            )
+        shape = [*shape[:-1], shape[-1] // per_byte]
     return key, dtype, list(shape), begin, end
 
 

@@ -320,7 +320,13 @@ def load_weights(
         msg += "\n  fix: load a checkpoint saved from this model class, or pass strict=False"
         raise StateDictMismatch(msg)
 
+    def dtype_for(key: str) -> torch.dtype | None:
+        if dtype is not None and keep_fp32 and set(key.split(".")) & set(keep_fp32):
+            return torch.float32  # transformers' _keep_in_fp32_modules convention
+        return dtype
+
     mismatches: list[str] = []
+    castable = uncastable = False  # dtype mismatches that dtype= would / would not resolve
     for group, ck in plan:
         src = mapped.tensors[ck]
         target = slots[group[0]].tensor
@@ -328,13 +334,25 @@ def load_weights(
             mismatches.append(
                 f"    {group[0]}: checkpoint {tuple(src.shape)} vs model {tuple(target.shape)}"
             )
-        elif dtype is None and src.dtype != target.dtype:
+        elif src.dtype != target.dtype:
+            # dtype= casts floating tensors only (as module.to(dtype)): an integer, bool or
+            # complex tensor keeps its dtype, so it never fits a floating slot, nor the reverse.
+            both_float = src.is_floating_point() and target.is_floating_point()
+            if both_float and dtype_for(group[0]) is not None:
+                continue
+            castable, uncastable = castable or both_float, uncastable or not both_float
             mismatches.append(
                 f"    {group[0]}: checkpoint dtype {src.dtype} vs model dtype {target.dtype}"
             )
     if mismatches:
         hint = ""
-        if any("dtype" in m for m in mismatches):
+        if uncastable:
+            hint = (
+                "; dtype= casts floating-point tensors only, so it cannot turn an integer, bool "
+                "or complex checkpoint tensor into a floating-point one or the reverse: convert "
+                "those tensors first (e.g. dequantize an int8 export) or fix the model's dtypes"
+            )
+        elif castable:
             hint = "; pass dtype= to cast floating tensors while loading"
         raise StateDictMismatch(
             f"{len(mismatches)} tensors in {str(checkpoint)!r} do not fit the model:\n"
@@ -346,11 +364,7 @@ def load_weights(
     bytes_mapped = bytes_copied = 0
     loaded: list[torch.Tensor] = []
     keys_tied = 0
-
-    def dtype_for(key: str) -> torch.dtype | None:
-        if dtype is not None and keep_fp32 and set(key.split(".")) & set(keep_fp32):
-            return torch.float32  # transformers' _keep_in_fp32_modules convention
-        return dtype
+    counted: set[int] = set()  # mapped tensors already counted (one stored under two names)
 
     with torch.no_grad():
         for group, ck in plan:
@@ -359,11 +373,15 @@ def load_weights(
                 _prefault(mapped, [src])  # the cast / move reads every page of it
             t, copied = _convert(src, dtype_for(group[0]), dev)
             nbytes = t.numel() * t.element_size()
-            if copied or ck not in mapped.zero_copy:
+            if copied:
                 bytes_copied += nbytes
-            else:
-                bytes_mapped += nbytes
-                loaded.append(t)
+            elif id(t) not in counted:
+                counted.add(id(t))
+                if ck in mapped.zero_copy:
+                    bytes_mapped += nbytes
+                    loaded.append(t)
+                else:
+                    bytes_copied += nbytes
             lead = slots[group[0]]
             new: torch.Tensor = _make_param(t, lead.tensor) if lead.kind == "parameter" else t
             keys_tied += len(group) - 1
