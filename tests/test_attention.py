@@ -1123,3 +1123,16 @@ def test_a_model_holding_inference_tensors_gets_the_inference_mode_fix() -> None
         fastinfer.swap_attention_(model, example_inputs=x, repeat=1)
     with torch.inference_mode():  # the fix the message gives works
         fastinfer.swap_attention_(model, example_inputs=x, repeat=1)
+
+
+def test_only_a_padding_mask_is_taken_for_padding() -> None:
+    """A 4-D float mask of 1s and 0s (an HF additive mask used wrongly) or any other bias changes
+    the scores of valid keys: the fast paths must run the original, not drop keys as padding."""
+    from fastinfer.attention._kernels_hf import valid_from_hf_mask
+
+    keys = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    for masked in (torch.finfo(torch.float32).min, float("-inf"), -10000.0):
+        additive = torch.zeros(2, 1, 1, 6).masked_fill(~keys[:, None, None, :], masked)
+        assert torch.equal(valid_from_hf_mask(additive, 2, 6), keys)
+    assert valid_from_hf_mask(keys[:, None, None, :].float(), 2, 6) is None  # 1/0, not additive
+    assert valid_from_hf_mask(torch.full((2, 1, 1, 6), -0.5), 2, 6) is None  # a bias

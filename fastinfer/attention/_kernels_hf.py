@@ -250,6 +250,12 @@ def valid_from_hf_mask(mask: Any, batch: int, seq: int) -> torch.Tensor | None:
     allowed = mask if mask.dtype == torch.bool else mask == 0  # eager: 0 = attend, min = masked
     if allowed.shape[-1] != seq or allowed.shape[0] != batch:
         return None
+    # An additive float mask is a padding mask only if every entry is 0 (attend) or so negative
+    # that softmax gives exactly 0 (finfo.min, -inf; -1e4 in older transformers). Anything else
+    # (a bias, a 0/1 mask passed where an additive one is expected) changes the scores of valid
+    # keys: not ours to drop.
+    if mask.dtype != torch.bool and not bool((allowed | (mask <= -1e4)).all()):
+        return None
     keys = allowed[:, 0, 0, :]  # (B, T)
     if allowed.shape[2] > 1 and not bool((allowed[:, 0] == keys[:, None, :]).all()):
         return None  # a per-query mask (causal, custom): not a key-padding mask
