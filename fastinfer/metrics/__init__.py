@@ -22,7 +22,8 @@ Design notes (why it is fast and exact):
 - Worker processes ship *deltas* (:meth:`MetricsRecorder.collect_delta`): plain, picklable data
   holding only what changed since the last ship. The parent adds them (:meth:`MetricsRecorder.merge`),
   so a worker that dies loses only what it never shipped and leaves no file behind; duplicates are
-  ignored by (source, sequence number).
+  ignored by (source, sequence number). A recorder inherited through ``fork()`` ships as a new
+  source in each child, from what the child records after the fork.
 
 See docs/metrics.md for the standard metric names and the Grafana dashboard.
 

@@ -11,7 +11,10 @@ import itertools
 import logging
 import math
 import os
+import sys
 import threading
+import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -30,9 +33,40 @@ from fastinfer.metrics._series import (
 )
 from fastinfer.metrics._snapshot import MetricSnapshot, MetricsSnapshot, SeriesSnapshot
 
-__all__ = ["Merging"]
+__all__ = ["Merging", "watch_forks"]
 
 logger = logging.getLogger("fastinfer.metrics")
+
+_MAX = sys.float_info.max
+
+# Recorders that get a new delta identity in a forked child. The at-fork hook is registered when
+# the first recorder is created, never at import (``import fastinfer`` changes no global state).
+_recorders: weakref.WeakSet[Merging] = weakref.WeakSet()
+_hook_lock = threading.Lock()
+_hook_registered = False
+
+
+def watch_forks(rec: Merging) -> None:
+    """Give ``rec`` its own delta source in every child forked from this process."""
+    global _hook_registered
+    with _hook_lock:
+        if not _hook_registered and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _hook_registered = True
+        _recorders.add(rec)
+
+
+def _after_fork_in_child() -> None:
+    global _hook_lock
+    _hook_lock = threading.Lock()  # another parent thread may have held it at the fork
+    for rec in list(_recorders):
+        try:
+            rec._forked()
+        except Exception:  # never fail a fork; this recorder's deltas may then be dropped
+            logger.exception(
+                "a MetricsRecorder could not take a new delta source after fork(); the parent "
+                "may ignore this child's deltas as already merged"
+            )
 
 
 class Merging(MetricRegistry):
@@ -54,71 +88,14 @@ class Merging(MetricRegistry):
 
         Counters and histograms carry increments; gauges carry their current value when it was set
         since the last ship; histogram min/max are lifetime values (merging them is idempotent).
+
+        A recorder inherited through ``fork()`` (a module-level recorder under gunicorn's prefork
+        or multiprocessing's fork start method) ships as a new source in each child, starting from
+        what the child records after the fork: what the parent had recorded is the parent's.
         """
         self._refresh_tracked()
         with self._delta_lock:
-            shipped = self._shipped
-            metrics: dict[str, MetricSnapshot] = {}
-            for metric in list(self._metrics.values()):
-                names = metric.label_names
-                series: list[SeriesSnapshot] = []
-                for key, child in metric._series_items():
-                    skey = (metric.name, key)
-                    labels = dict(zip(names, key))
-                    if isinstance(child, _HistogramSeries):
-                        counts, total, lo, hi = child._read()
-                        prev = shipped.get(skey)
-                        if prev is None:
-                            pairs = [(i, c) for i, c in enumerate(counts) if c]
-                            dsum = total
-                        else:
-                            if prev[0] == counts:
-                                continue
-                            pairs = [
-                                (i, c - p)
-                                for i, c, p in zip(itertools.count(), counts, prev[0])
-                                if c != p
-                            ]
-                            dsum = total - prev[1]
-                        shipped[skey] = (counts, total)
-                        series.append(
-                            SeriesSnapshot(
-                                labels=labels,
-                                count=sum(c for _, c in pairs),
-                                sum=dsum,
-                                min=lo,
-                                max=hi,
-                                bucket_deltas=tuple(pairs),
-                            )
-                        )
-                    elif isinstance(child, _CounterSeries):
-                        value = child.value
-                        prev = shipped.get(skey, 0)
-                        if value == prev:
-                            continue
-                        # a tracked source that restarted reports a smaller total: ship it whole
-                        delta = value - prev if value >= prev else value
-                        shipped[skey] = value
-                        series.append(SeriesSnapshot(labels=labels, value=delta))
-                    else:
-                        stamp = child._stamp
-                        if not stamp or shipped.get(skey) == stamp:
-                            continue
-                        shipped[skey] = stamp
-                        series.append(SeriesSnapshot(labels=labels, value=child.value))
-                if series:
-                    metrics[metric.name] = MetricSnapshot(
-                        metric.name,
-                        metric.kind,
-                        metric.help,
-                        metric.unit,
-                        names,
-                        tuple(series),
-                        getattr(metric, "bounds", ()),
-                        getattr(metric, "export_bounds", None),
-                        getattr(metric, "midpoint", False),
-                        getattr(metric, "merge_mode", "worker"),
-                    )
+            metrics = self._changes()
             self._seq += 1
             return MetricsSnapshot(
                 metrics=metrics,
@@ -128,6 +105,91 @@ class Merging(MetricRegistry):
                 delta=True,
                 pid=os.getpid(),
             )
+
+    def _changes(self) -> dict[str, MetricSnapshot]:
+        """What changed since the last ship, marked as shipped (the caller holds _delta_lock)."""
+        shipped = self._shipped
+        metrics: dict[str, MetricSnapshot] = {}
+        for metric in list(self._metrics.values()):
+            names = metric.label_names
+            series: list[SeriesSnapshot] = []
+            for key, child in metric._series_items():
+                skey = (metric.name, key)
+                labels = dict(zip(names, key))
+                if isinstance(child, _HistogramSeries):
+                    counts, total, lo, hi = child._read()
+                    prev = shipped.get(skey)
+                    if prev is None:
+                        pairs = [(i, c) for i, c in enumerate(counts) if c]
+                        dsum = total
+                    else:
+                        if prev[0] == counts:
+                            continue
+                        pairs = [
+                            (i, c - p)
+                            for i, c, p in zip(itertools.count(), counts, prev[0])
+                            if c != p
+                        ]
+                        dsum = total - prev[1]
+                    shipped[skey] = (counts, total)
+                    series.append(
+                        SeriesSnapshot(
+                            labels=labels,
+                            count=sum(c for _, c in pairs),
+                            sum=dsum,
+                            min=lo,
+                            max=hi,
+                            bucket_deltas=tuple(pairs),
+                        )
+                    )
+                elif isinstance(child, _CounterSeries):
+                    value = child.value
+                    prev = shipped.get(skey, 0)
+                    if value == prev:
+                        continue
+                    # a tracked source that restarted reports a smaller total: ship it whole
+                    delta = value - prev if value >= prev else value
+                    shipped[skey] = value
+                    series.append(SeriesSnapshot(labels=labels, value=delta))
+                else:
+                    stamp = child._stamp
+                    if not stamp or shipped.get(skey) == stamp:
+                        continue
+                    shipped[skey] = stamp
+                    series.append(SeriesSnapshot(labels=labels, value=child.value))
+            if series:
+                metrics[metric.name] = MetricSnapshot(
+                    metric.name,
+                    metric.kind,
+                    metric.help,
+                    metric.unit,
+                    names,
+                    tuple(series),
+                    getattr(metric, "bounds", ()),
+                    getattr(metric, "export_bounds", None),
+                    getattr(metric, "midpoint", False),
+                    getattr(metric, "merge_mode", "worker"),
+                )
+        return metrics
+
+    def _forked(self) -> None:
+        """In a forked child (run by the at-fork hook): a new source identity, and everything
+        recorded so far counts as shipped, so the child's first delta holds only its own counts.
+
+        The child is single-threaded here, but a lock that another parent thread held at the fork
+        (a shipper mid-``collect_delta``, a scrape) stays held forever in the child: every lock is
+        replaced first, or this hook (and the child's next observation) would hang.
+        """
+        self._lock = threading.RLock()
+        self._merge_lock = threading.Lock()
+        self._delta_lock = threading.Lock()
+        for metric in self._metrics.values():
+            metric._lock = threading.Lock()
+            for child in metric._children.values():
+                child._lock = threading.Lock()
+        self._source = uuid.uuid4().hex
+        self._seq = 0
+        self._changes()  # the baseline: the parent's values, merged ones included, are not ours
 
     def merge(self, delta: MetricsSnapshot, *, worker: str | None = None) -> bool:
         """Add a worker's :meth:`collect_delta` output into this recorder, all or nothing.
@@ -225,6 +287,8 @@ class Merging(MetricRegistry):
             have: Any = metric._children
             if isinstance(metric, Gauge):
                 have = {} if restart else metric._workers.get(worker, {})
+            if isinstance(metric, Counter):
+                self._check_totals(metric, m, keys, worker, delta.seq)
             new = {k for k in keys if k not in have}
             if new and len(have) + len(new) > metric.max_series:
                 raise CardinalityError(
@@ -239,6 +303,21 @@ class Merging(MetricRegistry):
                 )
             plan.append((metric, m, keys))
         return plan
+
+    @staticmethod
+    def _check_totals(
+        metric: Counter, m: MetricSnapshot, keys: list[tuple[str, ...]], worker: str, seq: int
+    ) -> None:
+        """ConfigError when adding the delta would take a counter past the float range."""
+        for s, key in zip(m.series, keys):
+            child = metric._children.get(key)
+            if child is not None and not child.value + finite(metric.name, s.value) <= _MAX:
+                raise ConfigError(
+                    f"cannot merge the delta from worker {worker!r} (seq {seq}): counter "
+                    f"{metric.name!r}{dict(zip(metric.label_names, key))} would pass the float "
+                    "range (+-1.8e308) and could not be exported. Nothing of the delta was merged; "
+                    "a counter this large is most likely fed a wrong value in the worker."
+                )
 
     def _merge_target(self, m: MetricSnapshot) -> Metric:
         """The metric ``m`` merges into: the existing one, or a new one not registered yet."""

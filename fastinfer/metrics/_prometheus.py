@@ -1,7 +1,8 @@
 """The prometheus_client bridge: a custom collector that reads a fresh snapshot per scrape.
 
 A scrape never fails because of one series: each series is checked before it is handed to
-prometheus_client (label values that are text that UTF-8 can encode, numbers where numbers go),
+prometheus_client (label values that are text that UTF-8 can encode, numbers that convert to a
+float where numbers go),
 and one that is not exportable is left out of that scrape, logged once and counted
 (``RecorderStatistics.series_dropped``); every other series is exported. Values are validated
 where they enter (see ``_series``), so this is the guard for what got past that: a subclass, a
@@ -18,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastinfer._optional import require
-from fastinfer.metrics._series import bad_label_value
+from fastinfer.metrics._series import _shown, bad_label_value
 from fastinfer.metrics._snapshot import MetricSnapshot, SeriesSnapshot, metric_snapshot
 
 if TYPE_CHECKING:
@@ -32,7 +33,15 @@ _LOGGED_MAX = 1000  # series remembered as already logged (the log line is once 
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, int | float)
+    """A number prometheus_client can render: an int or float that converts to a float (an int
+    past the float range, such as 10**400, raises OverflowError when the scrape is rendered)."""
+    if not isinstance(value, int | float):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _problem(snap: MetricSnapshot, s: SeriesSnapshot) -> str | None:
@@ -45,7 +54,7 @@ def _problem(snap: MetricSnapshot, s: SeriesSnapshot) -> str | None:
             return why
     if snap.kind != "histogram":
         if not _number(s.value):
-            return f"its value {s.value!r} is not a number"
+            return f"its value {_shown(s.value)} is not a number that converts to a float"
         return None
     counts: Sequence[Any] = s.bucket_counts
     if len(counts) != len(snap.buckets) + 1 or not all(
@@ -53,7 +62,7 @@ def _problem(snap: MetricSnapshot, s: SeriesSnapshot) -> str | None:
     ):
         return f"its bucket counts {counts!r} do not fit its {len(snap.buckets)} buckets"
     if not _number(s.sum) or math.isnan(s.sum):
-        return f"its sum {s.sum!r} is not a number"
+        return f"its sum {_shown(s.sum)} is not a number that converts to a float"
     return None
 
 
@@ -76,7 +85,12 @@ class PrometheusCollector:
             except Exception as e:  # a series that cannot even be read: the family is left out
                 self._drop(metric.name, None, f"reading it failed ({type(e).__name__}: {e})")
                 continue
-            yield self._family(snap)
+            try:
+                family = self._family(snap)
+            except Exception as e:  # a bug past the per-series checks: still not the whole scrape
+                self._drop(metric.name, None, f"building it failed ({type(e).__name__}: {e})")
+                continue
+            yield family
 
     def _family(self, snap: MetricSnapshot) -> Any:
         from prometheus_client.core import (
@@ -114,9 +128,9 @@ class PrometheusCollector:
                 cum = list(itertools.accumulate(s.bucket_counts))
                 buckets = [(floatToGoString(snap.buckets[i]), cum[i]) for i in idx]
                 buckets.append(("+Inf", cum[-1]))
-                fam.add_metric(values, buckets, s.sum)
+                fam.add_metric(values, buckets, float(s.sum))
             else:
-                fam.add_metric(values, s.value)
+                fam.add_metric(values, float(s.value))  # type: ignore[arg-type]  # _problem checked it
         return fam
 
     def _drop(self, name: str, labels: Mapping[str, Any] | None, why: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any, cast
 from fastinfer._common.export import counter, gauge
 from fastinfer._optional import require
 from fastinfer.errors import ConfigError
-from fastinfer.metrics._merge import Merging
+from fastinfer.metrics._merge import Merging, watch_forks
 from fastinfer.metrics._snapshot import MetricSnapshot, MetricsSnapshot, metric_snapshot
 from fastinfer.metrics._tracking import Tracking
 
@@ -84,6 +84,7 @@ class MetricsRecorder(Merging, Tracking):
         self._refused = 0
         self._series_dropped = 0
         self._drops_logged = set()
+        watch_forks(self)  # a forked child ships its own deltas, as a new source
 
     # -- snapshots ------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ thread's shard is folded into the series. Counters and gauges use a per-series l
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
+import sys
 import threading
 import weakref
 from bisect import bisect_left
@@ -25,28 +27,59 @@ if TYPE_CHECKING:
 __all__ = ["STAMPS", "Counter", "Gauge", "Histogram", "Metric", "bad_label_value", "finite"]
 
 _INF = float("inf")
+_MAX = sys.float_info.max  # ints compare with floats exactly: 10**400 > _MAX
+_MIN = -_MAX
+_MAX_INT = int(_MAX)  # the same bound for ints: int-to-int comparisons are the cheaper ones
+_MIN_INT = -_MAX_INT
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message: short, and never raising (the repr of an int past 4300
+    digits raises ValueError, and the value may be anything)."""
+    if isinstance(value, int) and not -(10**18) < value < 10**18:
+        exp = math.floor(math.log10(abs(value)))
+        return f"{'-' if value < 0 else ''}~1e{exp} (a {exp + 1}-digit int)"
+    try:
+        shown = repr(value)
+    except Exception:
+        return f"<a {type(value).__name__}>"
+    return shown if len(shown) <= 80 else f"{shown[:77]}..."
 
 
 def _bad_value(metric: str, value: object) -> ConfigError:
     return ConfigError(
-        f"metric {metric!r} got {value!r} ({type(value).__name__}); record a finite real Python "
-        "number (use tensor.item() for a tensor), not NaN or an infinity: either would make a "
-        "histogram's sum, a counter or a merged gauge meaningless for good"
+        f"metric {metric!r} got {_shown(value)} ({type(value).__name__}); record a finite real "
+        "Python number within the float range (+-1.8e308; use tensor.item() for a tensor), not "
+        "NaN or an infinity: either would make a histogram's sum, a counter or a merged gauge "
+        "meaningless for good, and a value past the float range cannot be exported"
+    )
+
+
+def _real(value: object) -> bool:
+    # numbers.Real, plus Decimal (a Number that is not Complex; not imported: import cost)
+    return isinstance(value, numbers.Real) or (
+        isinstance(value, numbers.Number) and not isinstance(value, numbers.Complex)
     )
 
 
 def finite(metric: str, value: object) -> float:
-    """``value`` as a finite number, or ConfigError (None, strings, tensors, NaN, ±inf).
+    """``value`` as a finite number, or ConfigError (None, strings, tensors, NaN, ±inf, and numbers
+    past the float range, such as ``10**400``, which could never be exported).
 
     Python ints and floats pass as they are; other real numbers (numpy scalars, bools,
-    fractions) are converted to float.
+    fractions, decimals) are converted to float.
     """
-    if value.__class__ is not float and value.__class__ is not int:
-        if not isinstance(value, numbers.Real):
+    cls = value.__class__
+    if cls is int:
+        if _MIN_INT <= value <= _MAX_INT:  # type: ignore[operator]
+            return value  # type: ignore[return-value]
+        raise _bad_value(metric, value)
+    if cls is not float:
+        if not _real(value):
             raise _bad_value(metric, value)
         try:
-            value = float(value)
-        except (TypeError, ValueError, OverflowError):
+            value = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError, ArithmeticError):  # ArithmeticError: OverflowError
             raise _bad_value(metric, value) from None
     if value - value:  # type: ignore[operator]  # NaN or ±inf (x - x is NaN for both)
         raise _bad_value(metric, value)
@@ -86,22 +119,41 @@ class _CounterSeries:
 
     def inc(self, amount: float = 1) -> None:
         """Add ``amount`` (a finite number >= 0) to the counter."""
-        try:
-            amount = finite(self._metric, amount)
-            ok = amount >= 0
-        except ConfigError:
-            ok = False
+        cls = amount.__class__
+        if cls is int:
+            ok = 0 <= amount <= _MAX_INT
+        elif cls is float:
+            ok = 0.0 <= amount <= _MAX  # False for NaN and ±inf
+        else:
+            try:
+                amount = finite(self._metric, amount)
+                ok = amount >= 0
+            except ConfigError:
+                ok = False
         if not ok:
-            raise ConfigError(
-                f"counter {self._metric!r} can only go up, by a finite number: inc({amount!r}) "
-                "refused; use a gauge for values that go down"
-            )
+            raise self._refused(amount, "")
         lock = self._lock
         lock.acquire()
         try:
-            self._value += amount
+            total = self._value + amount
+            if total <= _MAX:  # 1e308 + 1e308 is inf; ints compare exactly
+                self._value = total
         finally:
             lock.release()
+        if not total <= _MAX:
+            raise self._refused(
+                amount,
+                f" (it is at {_shown(self._value)}: the total would pass the float range, "
+                "+-1.8e308, and could not be exported; a counter this large is most likely fed "
+                "a wrong value)",
+            )
+
+    def _refused(self, amount: object, why: str) -> ConfigError:
+        return ConfigError(
+            f"counter {self._metric!r} can only go up, by a finite number: inc({_shown(amount)}) "
+            f"refused{why}; the counter keeps its value. Fix: pass a finite number >= 0 within "
+            "the float range (+-1.8e308), and use a gauge for values that go down"
+        )
 
     @property
     def value(self) -> float:
@@ -131,10 +183,19 @@ class _GaugeSeries:
         lock = self._lock
         lock.acquire()
         try:
-            self._value += amount
-            self._stamp = next(STAMPS)
+            value = self._value + amount
+            ok = _MIN <= value <= _MAX  # 1e308 + 1e308 is inf; ints compare exactly
+            if ok:
+                self._value = value
+                self._stamp = next(STAMPS)
         finally:
             lock.release()
+        if not ok:
+            raise ConfigError(
+                f"gauge {self._metric!r} is at {_shown(self._value)}: inc({_shown(amount)}) would "
+                "take it past the float range (+-1.8e308), refused; the gauge keeps its value. "
+                "Fix: set() the value the gauge should have"
+            )
 
     def dec(self, amount: float = 1) -> None:
         self.inc(-finite(self._metric, amount))
@@ -198,18 +259,27 @@ class _HistogramSeries:
 
     def observe(self, value: float) -> None:
         """Record one observation (seconds for latencies): a finite number."""
-        if value.__class__ is not float and value.__class__ is not int:
+        cls = value.__class__
+        if cls is float:
+            if value - value:  # NaN or ±inf would poison the sum for good
+                raise _bad_value(self._metric, value)
+        elif cls is not int or not _MIN_INT <= value <= _MAX_INT:  # 10**400 cannot join the sum
             value = finite(self._metric, value)
-        elif value - value:  # NaN or ±inf would poison the sum for good
-            raise _bad_value(self._metric, value)
         # bisect_left: a value equal to a bound belongs to that bucket (Prometheus "le").
         i = bisect_left(self._bounds, value)
         try:
             shard = self._local.shard
         except AttributeError:
             shard = self._new_shard()
+        total = shard.sum + value
+        if total - total:  # the sum would overflow to ±inf: refused before anything is counted
+            raise ConfigError(
+                f"histogram {self._metric!r}: observe({_shown(value)}) would take its sum past "
+                "the float range (+-1.8e308), refused; nothing was recorded. Fix: record values "
+                "in the metric's base unit, which keeps them far from 1e308"
+            )
         shard.counts[i] += 1
-        shard.sum += value
+        shard.sum = total
         if value < shard.min:
             shard.min = value
         if value > shard.max:

@@ -358,7 +358,10 @@ def gauge_series(
     for k, items in groups.items():
         values = [v for v, _ in items]
         if g.merge_mode == "sum":
-            value = math.fsum(values)
+            try:
+                value = math.fsum(values)
+            except OverflowError:  # finite values whose sum passes 1.8e308: exported as ±inf
+                value = sum(values)
         elif g.merge_mode == "max":
             value = max(values)
         elif g.merge_mode == "min":

@@ -37,6 +37,14 @@ class _Tracked:
     failed: bool = False
 
 
+def _as_float(value: float) -> float:
+    """``float(value)``, or NaN for an int past the float range (skipped like NaN, not raised)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.nan
+
+
 def declared_export(f: Any) -> Export:
     """A field's export declaration; a dataclass that declares none (a user's own statistics) is
     exported by its field names: numbers become gauges, ``*_total`` counters, ``*_ms`` seconds."""
@@ -134,10 +142,10 @@ class Tracking(MetricRegistry):
             value = getattr(stats, f.name)
             items: list[tuple[dict[str, str], float]]
             if isinstance(value, bool | int | float):
-                items = [({}, float(value))]
+                items = [({}, _as_float(value))]
             elif isinstance(value, Mapping):
                 items = [
-                    ({exp.key_label: str(k)}, float(v))
+                    ({exp.key_label: str(k)}, _as_float(v))
                     for k, v in value.items()
                     if isinstance(v, bool | int | float)
                 ]
@@ -164,7 +172,7 @@ class Tracking(MetricRegistry):
                     continue  # e.g. compile_seconds: the standard histogram is fed by callbacks
             for lab, v in items:
                 if not math.isfinite(v):
-                    continue  # NaN or inf right now (an idle rate): the metric keeps its last value
+                    continue  # NaN, inf or past 1.8e308 right now: the metric keeps its last value
                 key = tuple(sorted({**t.labels, **extra, **lab}.items()))
                 plan.append((mname, kind, key, v))
         return plan
