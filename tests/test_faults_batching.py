@@ -1,15 +1,20 @@
 """DynamicBatcher under faults (issue 17): slow, hung, exiting and re-entrant ``fn``, priorities
-without end; each fault reproduced with a fake clock (ManualClock) and events, no sleeping."""
+without end, and ``fn`` results asyncio cannot deliver as they are (``StopIteration``, coroutines,
+tuples); each fault reproduced with a fake clock (ManualClock) and events, no sleeping."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import math
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 from fastinfer import (
     BatcherConfig,
@@ -463,3 +468,247 @@ def test_abandoned_threads_are_bounded_and_replaced_when_one_returns() -> None:
     gates[1].set()
     pool.shutdown(wait=True)
     assert calls[0].future.result(10) == 0  # abandoned results are dropped by the batcher
+
+
+# ------------------------------------------------------------------------ 6. what fn gives back
+
+
+@pytest.mark.parametrize("exc", [StopIteration, StopAsyncIteration], ids=lambda e: e.__name__)
+@pytest.mark.parametrize("kind", ["thread", "inline", "async"])
+def test_stop_iteration_raised_by_fn_fails_its_item_instead_of_hanging(
+    exc: type[Exception], kind: str
+) -> None:
+    """asyncio cannot raise StopIteration into a future: a sync fn's next() on an exhausted
+    iterator left its callers, batches_in_flight and aclose() waiting for good."""
+
+    async def main() -> None:
+        errors = no_loop_errors()
+
+        def sync_fn(items: list[int]) -> list[int]:
+            if 0 in items:
+                raise exc()
+            return [x * 2 for x in items]
+
+        async def async_fn(items: list[int]) -> list[int]:
+            return sync_fn(items)
+
+        fn: Callable[[list[int]], Any] = async_fn if kind == "async" else sync_fn
+        # one batch of exactly 3 ("full"), however slowly the loop schedules the submits
+        b = DynamicBatcher(fn, max_batch_size=3, max_wait_ms=60_000, run_in_thread=kind != "inline")
+        results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        b.configure(max_wait_ms=1)
+        assert results[1:] == [2, 4]  # bisected as any raising fn: only its item fails
+        err = results[0]
+        assert isinstance(err, RuntimeError) and isinstance(err.__cause__, exc), repr(err)
+        if not (kind == "async" and exc is StopIteration):  # Python makes that a RuntimeError
+            assert isinstance(err, BatchError)
+            assert f"fn raised {exc.__name__}" in str(err)
+            assert "on an exhausted" in str(err) and "Fix" in str(err)
+        assert await b.submit(4) == 8  # the batcher keeps serving
+        st = b.statistics()
+        assert (st.requests_failed, st.batches_in_flight) == (1, 0)
+        await b.aclose()
+        assert errors == []
+
+    run(main())
+
+
+@pytest.mark.parametrize("exc", [StopIteration, StopAsyncIteration], ids=lambda e: e.__name__)
+def test_stop_iteration_raised_by_cost_fn_is_a_clear_error(exc: type[Exception]) -> None:
+    async def main() -> None:
+        def cost(x: int) -> float:
+            if x == 1:
+                raise exc()
+            return 1.0
+
+        b = DynamicBatcher(
+            lambda xs: xs, max_batch_size=4, max_wait_ms=0, cost_fn=cost, max_batch_cost=4
+        )
+        with pytest.raises(BatchError, match=f"cost_fn raised {exc.__name__}") as info:
+            await b.submit(1)
+        assert isinstance(info.value.__cause__, exc)
+        assert await b.submit(2) == 2
+        await b.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "exc", [StopIteration, StopAsyncIteration, asyncio.CancelledError], ids=lambda e: e.__name__
+)
+def test_a_stop_iteration_returned_at_a_position_fails_only_that_item(
+    exc: type[BaseException],
+) -> None:
+    """An exception instance among fn's results fails its item; a StopIteration one killed the
+    batch task (set_exception refuses it) and every caller of the batch hung; a CancelledError
+    one read as the caller's own task being cancelled."""
+
+    async def main() -> None:
+        errors = no_loop_errors()
+        stop = exc("done")
+
+        def fn(items: list[int]) -> list[Any]:
+            return [stop if x == 1 else x * 2 for x in items]
+
+        b = DynamicBatcher(fn, max_batch_size=3, max_wait_ms=60_000)
+        results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        b.configure(max_wait_ms=1)
+        assert results[0] == 0 and results[2] == 4
+        assert isinstance(results[1], BatchError) and results[1].__cause__ is stop
+        assert f"fn returned a {exc.__name__} instance" in str(results[1])
+        assert await b.submit(5) == 10
+        st = b.statistics()
+        assert (st.requests_ok, st.requests_failed, st.batches_in_flight) == (3, 1, 0)
+        await b.aclose()
+        assert errors == []
+
+    run(main())
+
+
+def test_a_future_that_refuses_its_result_leaves_the_rest_of_the_batch_resolved() -> None:
+    """An on_request callback cancels a caller under the batcher's feet: set_result on that
+    future raises, which used to end the resolution loop and leave the later callers hanging."""
+
+    async def main() -> None:
+        errors = no_loop_errors()
+        tasks: list[asyncio.Task[Any]] = []
+
+        def on_request(record: Any) -> None:
+            if not tasks[0].done():
+                tasks[0].cancel()  # cancels the future the batcher is about to resolve
+
+        b = DynamicBatcher(
+            lambda xs: [x * 2 for x in xs],
+            max_batch_size=3,
+            max_wait_ms=60_000,
+            on_request=on_request,
+        )
+        tasks.extend(asyncio.create_task(b.submit(i)) for i in range(3))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert results[1:] == [2, 4]
+        assert b.statistics().batches_in_flight == 0
+        await b.aclose()
+        assert errors == []
+
+    run(main())
+
+
+def test_a_failure_inside_the_batch_task_still_resolves_every_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever goes wrong in a batch task after fn returned, no caller is left waiting."""
+
+    async def main() -> None:
+        errors = no_loop_errors()
+        b = DynamicBatcher(lambda xs: xs, max_batch_size=3, max_wait_ms=60_000)
+        schedule, broken = b._schedule, [True]
+
+        def failing_schedule(notify: bool = True) -> None:
+            if not notify and broken:  # the batch task's own call, before it wakes its callers
+                broken.clear()
+                raise RuntimeError("boom")
+            schedule(notify)
+
+        b._schedule = failing_schedule  # type: ignore[method-assign]
+        results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, BatchError) for r in results), results
+        assert "RuntimeError: boom" in str(results[0])
+        b.configure(max_wait_ms=1)
+        assert await b.submit(7) == 7  # the slot was freed: the batcher keeps serving
+        assert b.statistics().batches_in_flight == 0
+        await b.aclose()
+        assert errors == []  # the task's exception was retrieved (and logged below)
+
+    with caplog.at_level(logging.ERROR, logger="fastinfer.batching"):
+        run(main())
+    assert any("batch task failed (RuntimeError: boom)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("n", [2, 3], ids=["batch_of_2", "batch_of_3"])
+def test_a_tuple_of_batched_outputs_is_split_element_wise(n: int) -> None:
+    """(logits, embedding) without a collator was read as one result per item: with a batch of
+    2 each caller got the other's data; with 3 the BatchError blamed the result count."""
+
+    async def main() -> None:
+        def model(xs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.tensor(xs, dtype=torch.float32)
+            return x * 10, x * 100  # each (B,)
+
+        b = DynamicBatcher(model, max_batch_size=n, max_wait_ms=60_000)
+        results = await asyncio.gather(*(b.submit(i + 1) for i in range(n)))
+        assert [(float(a), float(e)) for a, e in results] == [
+            ((i + 1) * 10.0, (i + 1) * 100.0) for i in range(n)
+        ]
+        await b.aclose()
+
+    run(main())
+
+
+def test_a_tuple_output_is_read_one_way_or_refused() -> None:
+    async def main() -> None:
+        async def submit3(fn: Callable[[list[int]], Any]) -> list[Any]:
+            async with DynamicBatcher(fn, max_batch_size=3, max_wait_ms=60_000) as b:
+                return await asyncio.gather(
+                    *(b.submit(i) for i in range(3)), return_exceptions=True
+                )
+
+        # plain values, one per item (nothing in it could be split): per-item results, as before
+        assert await submit3(lambda xs: tuple(x * 2 for x in xs)) == [0, 2, 4]
+        # a tuple that is neither: refused, never handed out the wrong way
+        for fn in (
+            lambda xs: (torch.tensor(xs), None),  # an output that is not batched
+            lambda xs: tuple(torch.zeros(2) for _ in xs),  # per-item tensors: return a list
+        ):
+            results = await submit3(fn)
+            assert all(isinstance(r, BatchError) for r in results), results
+            assert "tuple" in str(results[0]) and "return a list" in str(results[0])
+        results = await submit3(lambda xs: ())  # not a tuple of zero outputs for each caller
+        assert all(isinstance(r, BatchError) for r in results), results
+        assert "fn returned 0 results for a batch of 3 items" in str(results[0])
+
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_list_of_coroutines_from_fn_is_refused(kind: str) -> None:
+    """Results are handed out as they are: coroutines reached the callers unawaited."""
+
+    async def main() -> None:
+        async def triple(x: int) -> int:
+            return x * 3
+
+        def sync_fn(items: list[int]) -> list[Any]:
+            return [triple(x) for x in items]
+
+        async def async_fn(items: list[int]) -> list[Any]:
+            return sync_fn(items)
+
+        fn: Callable[[list[int]], Any] = async_fn if kind == "async" else sync_fn
+        b = DynamicBatcher(fn, max_batch_size=3, max_wait_ms=60_000)
+        results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, BatchError) for r in results), results
+        assert "coroutine" in str(results[0]) and "async def" in str(results[0])
+        assert b.statistics().bisections == 0  # fn's contract, not an item's fault
+        await b.aclose()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(main())
+        gc.collect()  # an unawaited coroutine warns when it is collected
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+def test_close_on_a_closed_batcher_is_a_no_op_even_on_its_loop_thread() -> None:
+    async def main() -> None:
+        b = DynamicBatcher(lambda xs: xs, max_batch_size=2, max_wait_ms=0)
+        assert await b.submit(1) == 1
+        with pytest.raises(WouldBlockError, match="aclose"):
+            b.close()  # open: closing would wait on the thread that has to do the work
+        await b.aclose()
+        b.close()  # already closed: nothing to wait for (close is idempotent)
+        b.close(cancel_pending=True, timeout=1)
+        await b.aclose()
+        assert b.statistics().closed
+
+    run(main())

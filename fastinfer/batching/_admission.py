@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any
 
 from fastinfer.batching._config import optional_positive
-from fastinfer.batching._core import HEADROOM, OPEN, BatcherCore
+from fastinfer.batching._core import HEADROOM, OPEN, BatcherCore, stop_error
 from fastinfer.batching._records import RequestRecord
 from fastinfer.batching._request import Request
 from fastinfer.errors import ConfigError, QueueFull
@@ -66,9 +66,14 @@ class Admission(BatcherCore):
                     retry_after=retry,
                 )
         assert self._loop is not None
+        who = "cost_fn"
         try:
             cost = float(self._cost_fn(item)) if self._cost_fn is not None else 1.0
+            who = "length_fn"
             length = self._length_fn(item) if self._bucket_window is not None else 0
+        except (StopIteration, StopAsyncIteration) as e:  # would end the caller's iteration
+            self._counts["failed"] += 1
+            raise stop_error(self._name, who, e) from e
         except BaseException:
             self._counts["failed"] += 1
             raise

@@ -40,6 +40,11 @@ def _is_array(x: Any) -> bool:
     return np is not None and isinstance(x, np.ndarray)
 
 
+def is_tensor_or_array(x: Any) -> bool:
+    """A tensor or a numpy array: what :func:`split_output` splits along dim 0."""
+    return _is_tensor(x) or _is_array(x)
+
+
 __all__ = [
     "Collator",
     "PadCollate",

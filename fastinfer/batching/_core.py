@@ -22,9 +22,9 @@ from fastinfer.batching._loop import Clock, Handle, LoopThread
 from fastinfer.batching._records import BatchRecord, RequestRecord
 from fastinfer.batching._request import DONE, QUEUED, RUNNING, BatchRun, Request
 from fastinfer.batching._threads import SlotPool
-from fastinfer.errors import ClosedError, DeadlineExceeded
+from fastinfer.errors import BatchError, ClosedError, DeadlineExceeded
 
-__all__ = ["CLOSED", "CLOSING", "HEADROOM", "IN_FN", "OPEN", "WINDOW", "BatcherCore"]
+__all__ = ["CLOSED", "CLOSING", "HEADROOM", "IN_FN", "OPEN", "WINDOW", "BatcherCore", "stop_error"]
 
 logger = logging.getLogger("fastinfer.batching")
 
@@ -35,6 +35,37 @@ HEADROOM = 0.95  # latency_target_ms: admission and dispatch plan for this share
 #: The batcher whose async ``fn`` this task is running: ``submit()`` to it from there would wait
 #: for a slot that the caller itself holds (a sync ``fn`` is recognised by its worker thread).
 IN_FN: contextvars.ContextVar[object] = contextvars.ContextVar("fastinfer_in_fn", default=None)
+
+
+def stop_error(
+    name: str, who: str, e: StopIteration | StopAsyncIteration, *, returned: bool = False
+) -> BatchError:
+    """The ``BatchError`` a caller gets instead of ``e`` (the original is its ``__cause__``).
+
+    asyncio refuses to raise ``StopIteration`` into a future (the batch never resolved), and a
+    ``StopAsyncIteration`` at a caller's ``await`` would silently end an async iterator around it.
+    """
+    kind = type(e).__name__
+    if returned:
+        what = f"{who} returned a {kind} instance ({e!r}) as this item's result"
+        fix = "return another exception instance (e.g. a ValueError) for an item it cannot answer"
+    elif isinstance(e, StopIteration):
+        what = f"{who} raised {e!r}, typically next() on an exhausted iterator"
+        fix = f"give next() a default (next(it, None)) or catch StopIteration inside {who}"
+    else:
+        what = f"{who} raised {e!r}, typically __anext__() on an exhausted async iterator"
+        fix = f"give anext() a default (anext(it, None)) or catch StopAsyncIteration inside {who}"
+    why = (
+        "asyncio cannot raise a StopIteration into a caller's future"
+        if isinstance(e, StopIteration)
+        else "raised at a caller's await it would silently end an async iterator around it"
+    )
+    err = BatchError(
+        f"{name}: {what}; {why}, so it comes as this BatchError (the original is its "
+        f"__cause__). Fix: {fix}"
+    )
+    err.__cause__ = e
+    return err
 
 
 class BatcherCore:
@@ -205,14 +236,40 @@ class BatcherCore:
         req.future.set_exception(error)
 
     def _resolve(self, req: Request, value: Any, batch_size: int) -> None:
+        """Hand a running request its outcome (an exception instance fails it). Never raises: a
+        batch's callers are resolved in a loop, and one that cannot be must not strand the rest.
+        """
         if req.state != RUNNING or req.future.done():
             return  # cancelled or expired while running: discard
         req.state = DONE
         now = self._clock.time()
         self._latencies.append(now - req.arrival)
-        if isinstance(value, BaseException):
-            self._count("failed", req, batch_size)
-            req.future.set_exception(value)
-        else:
-            self._count("ok", req, batch_size)
-            req.future.set_result(value)
+        failed = isinstance(value, BaseException)
+        if isinstance(value, StopIteration | StopAsyncIteration):  # fn returned one
+            value = stop_error(self._name, "fn", value, returned=True)
+        elif isinstance(value, asyncio.CancelledError):
+            # returned, not raised: raised at the caller's await it would read as the caller's
+            # own task being cancelled
+            cause, value = (
+                value,
+                BatchError(
+                    f"{self._name}: fn returned a CancelledError instance as this item's result; "
+                    "return another exception instance (e.g. a ValueError) for an item it cannot answer"
+                ),
+            )
+            value.__cause__ = cause
+        self._count("failed" if failed else "ok", req, batch_size)
+        try:
+            if failed:
+                req.future.set_exception(value)
+            else:
+                req.future.set_result(value)
+        except Exception as e:
+            if req.future.done():
+                return  # resolved meanwhile (an on_request callback cancelled its caller)
+            err = BatchError(
+                f"{self._name}: could not hand this request its {'error' if failed else 'result'} "
+                f"(a {type(value).__name__}): {type(e).__name__}: {e}"
+            )
+            err.__cause__ = e
+            req.future.set_exception(err)

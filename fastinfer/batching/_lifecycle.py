@@ -52,8 +52,9 @@ class Lifecycle(BatcherCore):
         self._finish_close()
 
     def close(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
-        """Blocking :meth:`aclose` (same ``cancel_pending`` and ``timeout``), for sync code. On
-        the batcher's own running loop use ``await aclose()`` instead (``WouldBlockError``)."""
+        """Blocking :meth:`aclose` (same ``cancel_pending`` and ``timeout``), for sync code.
+        Idempotent. On the batcher's own running loop use ``await aclose()`` instead
+        (``WouldBlockError``, unless it is already closed: then it returns at once)."""
         _check_timeout(timeout)
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -64,6 +65,8 @@ class Lifecycle(BatcherCore):
         except RuntimeError:
             running = None
         if loop is running:
+            if self._state == CLOSED:
+                return  # already closed and drained: nothing to wait for (idempotent)
             raise WouldBlockError(
                 f"close() was called on the thread running this {self._name}'s event loop, "
                 "where blocking would deadlock; use `await batcher.aclose()` (or `async with`)"

@@ -1,10 +1,12 @@
 """Running fn on a sealed batch: hand-off, splitting, error isolation, giving up (private part).
 
 Faults stay inside the batch that met them: an ``Exception`` is bisected to the items that cause
-it; a ``BaseException`` that is not a cancellation (``SystemExit``, ``KeyboardInterrupt``...)
-fails that batch's callers with a ``BatchError`` and never reaches the event loop; a call that
-outlives ``batch_timeout`` is given up: an async ``fn`` is cancelled, a sync one's thread is
-abandoned and replaced, its callers get ``DeadlineExceeded`` and its slot is free at once.
+it (a ``StopIteration`` or ``StopAsyncIteration``, which asyncio cannot hand to a caller as it is,
+first becomes a ``BatchError``); a ``BaseException`` that is not a cancellation (``SystemExit``,
+``KeyboardInterrupt``...) fails that batch's callers with a ``BatchError`` and never reaches the
+event loop; a call that outlives ``batch_timeout`` is given up: an async ``fn`` is cancelled, a
+sync one's thread is abandoned and replaced, its callers get ``DeadlineExceeded`` and its slot is
+free at once. Whatever goes wrong, every caller of a batch is resolved.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import bisect
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fastinfer.batching._collate import split_output
-from fastinfer.batching._core import IN_FN, BatcherCore
+from fastinfer.batching._collate import is_tensor_or_array, split_output
+from fastinfer.batching._core import IN_FN, BatcherCore, stop_error
 from fastinfer.batching._records import BatchRecord
 from fastinfer.batching._request import DISCARD, BatchRun, ContractError, Request, Started
 from fastinfer.batching._threads import Aborted, SlotPool
@@ -29,6 +32,7 @@ __all__ = ["Running"]
 logger = logging.getLogger("fastinfer.batching")
 
 PROBE_BACKOFF_MAX = 30.0  # seconds between cost probes that keep confirming a high estimate
+_PENDING = (types.CoroutineType, asyncio.Future)  # results that would reach callers unawaited
 
 
 class Running(BatcherCore):
@@ -62,14 +66,27 @@ class Running(BatcherCore):
 
     def _batch_task_done(self, run: BatchRun, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if run.finished:
-            return  # resolved by _run_batch's finally, or given up
-        # Cancelled before its first step (the loop shut down): its finally never ran.
-        self._release(run)
-        for r in run.reqs:
-            self._resolve(
-                r, BatchError(f"{self._name}: the batch was cancelled before it ran"), len(run.reqs)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:  # a bug in the batcher: its callers must not wait for good
+            logger.error(
+                "%s: a batch task failed (%s: %s); its unresolved callers get a BatchError",
+                self._name,
+                type(error).__name__,
+                error,
+                exc_info=error,
             )
+        elif run.finished:
+            return  # resolved by _run_batch's finally, or given up
+        # Cancelled before its first step (the loop shut down: its finally never ran), or failed.
+        if not run.finished:
+            self._release(run)
+        why = (
+            "was cancelled before it ran"
+            if error is None
+            else f"failed inside the batcher ({type(error).__name__}: {error})"
+        )
+        for r in run.reqs:
+            self._resolve(r, BatchError(f"{self._name}: the batch {why}"), len(run.reqs))
         self._schedule()  # the slot is free again, as at the end of _run_batch
 
     async def _run_batch(self, run: BatchRun, started: float, call: Started | None) -> None:
@@ -259,7 +276,7 @@ class Running(BatcherCore):
         try:
             arg, ctx, size = self._prepare(run.reqs)
             t0 = self._clock.time()
-            call = run.call = self._pool().submit(self._fn, arg)
+            call = run.call = self._pool().submit(self._run_fn, arg)
         except BaseException:  # the task tries again and contains it
             return None
         future = asyncio.wrap_future(call.future, loop=self._loop)
@@ -276,9 +293,12 @@ class Running(BatcherCore):
         seq = run.calls
         timer = None
         token = IN_FN.set(self)  # submit() to this batcher from inside fn would deadlock
+        who = "fn"
         try:
             if call is None:
+                who = "the collator's collate()"
                 arg, ctx, size = self._prepare(group)
+                who = "fn"
                 t0 = self._clock.time()
                 output: Any = self._invoke(run, arg)
             else:
@@ -294,6 +314,8 @@ class Running(BatcherCore):
             output = await output
             if inspect.isawaitable(output):
                 output = await output
+        except (StopIteration, StopAsyncIteration) as e:  # never handed to a caller as it is
+            raise stop_error(self._name, who, e) from e
         except (Exception, asyncio.CancelledError):
             raise  # a cancellation keeps its meaning; an Exception is isolated by the caller
         except BaseException as e:  # SystemExit, KeyboardInterrupt...: contained to this batch
@@ -310,6 +332,8 @@ class Running(BatcherCore):
                 results = self._collator.split(output, ctx, size)
             except BatchError as e:
                 raise ContractError(f"{self._name}: {e}") from None
+            except (StopIteration, StopAsyncIteration) as e:
+                raise stop_error(self._name, "the collator's split()", e) from e
             if len(results) != size:
                 raise ContractError(
                     f"{self._name}: the collator split fn's output into {len(results)} results for "
@@ -322,17 +346,51 @@ class Running(BatcherCore):
         return list(results[:n])
 
     def _split_plain(self, output: Any, size: int) -> Sequence[Any]:
-        if isinstance(output, list | tuple):
+        """fn's output (no collator) -> one result per item, as :func:`split_output` reads it.
+
+        A list is one result per item; a tuple is batched outputs such as ``(logits, hidden)``,
+        split element-wise; only a tuple of plain values (no tensor, array, list, tuple or dict
+        in it, so it cannot be split so) with one per item is read as per-item results.
+        """
+        if isinstance(output, list) or (isinstance(output, tuple) and not output):
             if len(output) != size:
                 raise ContractError(
                     f"{self._name}: fn returned {len(output)} results for a batch of {size} items; "
                     "it must return exactly one result per item, in order"
                 )
-            return output
+            return self._refuse_pending(output)
+        if isinstance(output, tuple):
+            try:
+                return split_output(output, size)
+            except BatchError as e:
+                if len(output) == size and not any(_splittable(v) for v in output):
+                    return self._refuse_pending(output)
+                raise ContractError(
+                    f"{self._name}: fn returned a tuple of {len(output)} elements, read as "
+                    "batched outputs (like (logits, hidden), each with the batch on dim 0) and "
+                    f"split element-wise, but {e}. To return one result per item, return a list"
+                ) from None
         try:
             return split_output(output, size)
         except BatchError as e:
             raise ContractError(f"{self._name}: {e}") from None
+
+    def _refuse_pending(self, results: Sequence[Any]) -> Sequence[Any]:
+        """Results go to the callers as they are: a coroutine among them would never run."""
+        pending = [r for r in results if isinstance(r, _PENDING)]
+        if not pending:
+            return results
+        for r in pending:
+            if isinstance(r, types.CoroutineType):
+                r.close()  # never started: closing it spares the "never awaited" warning
+        first = pending[0]
+        raise ContractError(
+            f"{self._name}: fn returned {len(pending)} unawaited "
+            f"{type(first).__name__}{'s' if len(pending) > 1 else ''} "
+            f"({getattr(first, '__qualname__', first)!s:.80}) among its {len(results)} results; "
+            "a result goes to its caller as it is, so it would never run. Fix: declare fn "
+            "`async def` and await them inside it (results = await asyncio.gather(*coroutines))"
+        )
 
     def _pool(self) -> SlotPool:
         if self._executor is None:
@@ -343,15 +401,29 @@ class Running(BatcherCore):
             )
         return self._executor
 
+    def _run_fn(self, arg: Any) -> Any:
+        """Call a sync ``fn`` (in a worker thread, or inline). A StopIteration it raises becomes
+        a BatchError here: asyncio cannot copy one from the thread's future into its own (the
+        batch hung), and inline, Python would make it a bare RuntimeError."""
+        try:
+            return self._fn(arg)
+        except (StopIteration, StopAsyncIteration) as e:
+            raise stop_error(self._name, "fn", e) from e
+
     async def _invoke(self, run: BatchRun, arg: Any) -> Any:
         if self._is_async:
             result = await self._fn(arg)
         elif self._run_in_thread:
             assert self._loop is not None
-            call = run.call = self._pool().submit(self._fn, arg)
+            call = run.call = self._pool().submit(self._run_fn, arg)
             result = await asyncio.wrap_future(call.future, loop=self._loop)
         else:
-            result = self._fn(arg)
+            result = self._run_fn(arg)
         if inspect.isawaitable(result):
             result = await result
         return result
+
+
+def _splittable(value: Any) -> bool:
+    """Could be (part of) a batched output: never read as one item's plain result."""
+    return isinstance(value, list | tuple | Mapping) or is_tensor_or_array(value)
