@@ -6,8 +6,14 @@ Kept apart from the test module so a worker does not import pytest and the tests
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class NeedsTwo(Exception):
@@ -51,4 +57,34 @@ def serve(state: dict[str, int], item: Any) -> Any:
         return OnlyHere()
     if kind == "who":
         return os.getpid(), state["calls"]
+    if kind == "scale-in-place":  # (kind, x[, marker]): fn changes its input, then crashes once
+        x = item[1]
+        x.mul_(2)
+        if len(item) > 2 and not Path(item[2]).exists():
+            Path(item[2]).write_text("crashed")
+            os._exit(9)
+        return x
+    if kind == "table":  # a tensor the worker keeps, returned as is
+        return state.setdefault("table", torch.arange(1 << 17, dtype=torch.float32))
+    if kind in ("fork-then-die", "fork-then-hang"):  # (kind, pidfile, how)
+        start_child_holding_the_socket(Path(item[1]), item[2])
+        if kind == "fork-then-die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)
     return item
+
+
+def start_child_holding_the_socket(pidfile: Path, how: str) -> None:
+    """Start a long-lived child that inherits this worker's socket; write its pid to ``pidfile``."""
+    if how == "fork":
+        pid = os.fork()
+        if pid == 0:  # the child: lives until killed
+            try:
+                time.sleep(3600)
+            finally:
+                os._exit(0)
+    else:  # a subprocess that inherits the descriptors
+        pid = subprocess.Popen(["sleep", "3600"], close_fds=False).pid
+    tmp = pidfile.with_suffix(".tmp")
+    tmp.write_text(str(pid))
+    tmp.rename(pidfile)  # whole or absent

@@ -1,21 +1,29 @@
-"""PinnedPool under faults: BaseExceptions raised in ``fn``, answers the parent cannot rebuild.
+"""PinnedPool under faults: BaseExceptions raised in ``fn``, answers the parent cannot rebuild,
+workers that die leaving a child holding their socket, ``fn`` changing its input in place.
 
-Each outcome is checked three ways: what the caller gets, that the worker is the same process
-afterwards (same pid, its call counter continuing: it was neither killed nor restarted), and that
-the call ran exactly once (no retry, even with ``idempotent=True``).
+Each contained failure is checked three ways: what the caller gets, that the worker is the same
+process afterwards (same pid, its call counter continuing: it was neither killed nor restarted),
+and that the call ran exactly once (no retry, even with ``idempotent=True``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import _pool_fault_helpers as h
+import psutil
 import pytest
+import torch
 
 from fastinfer import PinnedPool, WorkerCrashed, WorkerError
+from fastinfer.pool import _link as pool_link
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,3 +132,128 @@ def test_a_result_the_parent_cannot_rebuild_fails_that_call_only(pool: PinnedPoo
     assert isinstance(got, WorkerError) and not isinstance(got, WorkerCrashed), repr(got)
     assert "cannot be rebuilt in this process (RuntimeError" in str(got)
     _same_worker_ran_once(pool, before)
+
+
+# ---------------------------------------------------------------- a worker that forked, then died
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has ended (a zombie waiting for its new parent counts: it is dead)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _read_pid(pidfile: Path) -> int:
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return int(pidfile.read_text())
+
+
+def _kill_if_left(pidfile: Path) -> None:
+    """Cleanup for a run where the pool did not kill it (a failing run)."""
+    if pidfile.exists():
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize(
+    ("how", "pidfd"),
+    [("fork", True), ("popen-close_fds-False", True), ("fork", False)],
+    ids=["fork", "popen-close_fds-False", "fork-no-pidfd"],
+)
+def test_a_worker_that_dies_while_its_child_holds_its_socket_is_seen_dead_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, pidfd: bool
+) -> None:
+    # The child inherits the worker's socket, so no EOF comes when the worker dies: before, the
+    # call (and every later one) hung as long as the child lived, the worker a zombie that
+    # statistics() called alive. Without a pidfd (a kernel before 5.3) the exit is polled.
+    if not pidfd:
+        monkeypatch.setattr(pool_link, "_pidfd", lambda pid: None)
+    pidfile = tmp_path / "child.pid"
+    with PinnedPool(h.init, h.serve, workers=1, load_warning_threshold=None) as pool:
+        try:
+            worker, _ = pool.submit("who").result(timeout=60)
+            fds = psutil.Process().num_fds()
+            got = _outcome(pool.submit(("fork-then-die", str(pidfile), how)))
+            assert isinstance(got, WorkerCrashed), repr(got)
+            assert f"worker 0 (pid {worker}, " in str(got) and "killed by SIGKILL" in str(got)
+            assert _gone(_read_pid(pidfile)), "the dead worker's child was left running"
+            # the replacement serves on a connection of its own; the old one is closed here
+            replacement, calls = pool.submit("who").result(timeout=60)
+            assert replacement != worker and calls == 1
+            assert psutil.Process().num_fds() == fds, "descriptors of the dead worker leaked"
+            s = pool.statistics()
+            assert (s.crashes, s.worker_restarts_total, s.workers_alive) == (1, 1, 1)
+        finally:
+            _kill_if_left(pidfile)
+
+
+def test_a_large_call_sent_ahead_to_a_worker_that_dies_holding_a_child_is_not_lost(
+    tmp_path: Path,
+) -> None:
+    # The second call is prefetched to a worker busy with the first: its 4 MB (inline tensors)
+    # cannot all enter the socket until the worker reads, which it never does. Before, the pool's
+    # thread blocked in that send, for good once the worker died with a child holding the socket.
+    pidfile = tmp_path / "child.pid"
+    with PinnedPool(h.init, h.serve, workers=1, prefetch=1, load_warning_threshold=None) as pool:
+        try:
+            worker, _ = pool.submit("who").result(timeout=60)
+            first = pool.submit(("fork-then-hang", str(pidfile), "fork"))
+            _read_pid(pidfile)
+            batch = [torch.full((1 << 16,), float(i)) for i in range(16)]  # 256 KB each: inline
+            second = pool.submit(("echo", batch))
+            os.kill(worker, signal.SIGKILL)
+            assert isinstance(_outcome(first), WorkerCrashed)
+            kind, back = second.result(timeout=60)  # it never started: re-queued, run once
+            assert kind == "echo" and all(torch.equal(a, b) for a, b in zip(back, batch))
+            assert pool.submit("who").result(timeout=60) == (pool.statistics().per_worker[0].pid, 2)
+        finally:
+            _kill_if_left(pidfile)
+
+
+# ---------------------------------------------------------------- fn changing its input in place
+
+
+@pytest.mark.parametrize("n", [16, 1 << 18], ids=["inline", "shared-memory"])
+def test_fn_changing_its_input_in_place_leaves_the_callers_tensor_alone(
+    pool: PinnedPool, n: int
+) -> None:
+    # Before, a tensor over 256 KB (sent through shared memory) was the caller's own memory in
+    # the worker: x.mul_(2) there doubled the caller's x, and sending it again doubled it again.
+    x = torch.ones(n)
+    for _ in range(2):
+        y = pool.submit(("scale-in-place", x)).result(timeout=60)
+        assert torch.equal(y, torch.full((n,), 2.0)) and torch.equal(x, torch.ones(n))
+    assert not x.is_shared()  # the caller's storage stays its own
+
+
+def test_a_result_is_the_callers_own_not_the_workers_tensor(pool: PinnedPool) -> None:
+    # The worker returns a tensor it keeps (1 MB: shared memory): changing the result here must
+    # not change the worker's copy, which the next call returns again.
+    first = pool.submit("table").result(timeout=60)
+    first.add_(1)
+    again = pool.submit("table").result(timeout=60)
+    assert torch.equal(again, torch.arange(1 << 17, dtype=torch.float32))
+
+
+def test_an_idempotent_retry_runs_on_the_original_input(tmp_path: Path) -> None:
+    # fn doubles its input in place, then its worker dies; the retry must see the input as
+    # submitted (before: the doubled one, and a silently wrong 4.0 instead of 2.0).
+    x = torch.ones(1 << 18)  # 1 MB: shared memory
+    with PinnedPool(
+        h.init, h.serve, workers=1, idempotent=True, load_warning_threshold=None
+    ) as pool:
+        y = pool.submit(("scale-in-place", x, str(tmp_path / "crashed"))).result(timeout=60)
+        assert pool.statistics().retries == 1
+    assert torch.equal(y, torch.full((1 << 18,), 2.0)), f"the retry saw a changed input: {y[0]}"
+    assert torch.equal(x, torch.ones(1 << 18))

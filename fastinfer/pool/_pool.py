@@ -61,7 +61,8 @@ class PinnedPool(Supervisor):
     Each worker pins itself (``sched_setaffinity``), sets OMP/MKL variables and torch's thread
     count *before* importing torch, then calls ``init()`` once and serves calls one at a time.
     Calls wait in one queue and go to the next free worker (least loaded). Tensors in arguments
-    and results travel through shared memory, not pickled bytes.
+    and results travel by value through shared memory, not pickled bytes: ``fn`` changing its
+    input in place never changes the caller's tensor.
 
     Args:
         init: zero-argument, picklable (module-level) function returning the worker's state
@@ -258,8 +259,9 @@ class PinnedPool(Supervisor):
                 raise ClosedError("cannot submit to a closed PinnedPool")
             call = Call(next(self._ids), kind, payload, fut)
         try:
-            # Pickle here, on the caller's thread: tensors move to shared memory (one copy the
-            # first time a tensor is sent, none after) and only a handle is sent.
+            # Pickle here, on the caller's thread: a large tensor is copied (one memcpy) into a
+            # fresh shared-memory segment that only this call holds, so the worker gets a copy,
+            # not the caller's memory, and only a handle is sent.
             call.data = self._dumps(call)
         except Exception as exc:
             what = "item" if kind == "fn" else "call"

@@ -4,6 +4,11 @@ Everything here runs on one thread per pool (the children's ``PR_SET_PDEATHSIG``
 it spawns workers by path, dispatches queued calls to the least loaded ready worker, reads their
 answers, enforces call timeouts and startup deadlines, and turns a worker's death into failed (or,
 with ``idempotent=True``, retried) calls and a restart.
+
+A death is seen from the process itself (a pidfd, see ``_link``), not only from EOF on its socket,
+which a child the worker forked can hold open. Each worker leads its own process group, so what
+it leaves behind (such a child, holding the old socket and pinned to the same cores) is killed
+when it ends, before its replacement starts.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -20,11 +26,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Literal
 
 from fastinfer.errors import WorkerCrashed, WorkerError, WorkerStartupError, WorkerTimeout
+from fastinfer.pool._link import Link
 from fastinfer.pool._plan import CorePlan, Split, WorkerCores, cpus_str
 from fastinfer.pool._records import CallRecord
 from fastinfer.pool._threads import THREAD_VARS
@@ -35,6 +41,12 @@ __all__ = ["Call", "Supervisor", "Worker"]
 logger = logging.getLogger("fastinfer.pool")
 
 _WORKER_ENTRY = Path(__file__).with_name("_worker.py")
+_EXIT_POLL_S = 0.5  # how often a worker's exit is polled where the OS has no pidfd
+# Each worker leads a process group of its own (also keeps a terminal's Ctrl+C, meant for the
+# parent, from reaching the workers mid-call): ``process_group`` is Python 3.11+.
+_OWN_GROUP: dict[str, Any] = (
+    {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+)
 
 
 class Call:
@@ -52,7 +64,7 @@ class Worker:
     def __init__(self, index: int, cores: WorkerCores):
         self.index, self.cores = index, cores
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conn: Connection | None = None
+        self.link: Link | None = None  # the socket and the exit watch of the current process
         self.state = "new"  # new -> starting -> ready -> dead/failed
         self.calls: collections.deque[Call] = collections.deque()  # head is running
         self.pid: int | None = None
@@ -126,30 +138,28 @@ class Supervisor:
         env = {**os.environ, **self._env}
         for name in THREAD_VARS:
             env[name] = str(threads)
-        parent, child = socket.socketpair()
+        parent, child = socket.socketpair()  # a fresh pair per process: never a dead one's
         try:
             w.proc = subprocess.Popen(
                 [sys.executable, str(_WORKER_ENTRY), str(child.fileno()), json.dumps(cfg)],
                 pass_fds=(child.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
+                **_OWN_GROUP,
             )
         except OSError as exc:  # out of memory or pids: a start failure, not a pool failure
             parent.close()
-            w.proc, w.conn, w.state = None, None, "starting"
+            w.proc, w.link, w.state = None, None, "starting"
             self._start_failed(w, f"cannot start worker {w.index}: {exc}", reaped=True)
             return
         finally:
             child.close()
-        w.conn = Connection(parent.detach())
+        w.link = Link(parent, w.proc)
         w.pid = w.proc.pid
         w.state = "starting"
         w.info = {}
         w.deadline = time.monotonic() + self._startup_timeout
-        try:
-            w.conn.send_bytes(self._setup)
-        except OSError:
-            pass  # it died at once; the EOF path reports it
+        w.link.send(self._setup)  # if it died at once, its exit reports it
 
     def _run(self) -> None:
         try:
@@ -172,6 +182,12 @@ class Supervisor:
             self._wake_w.close()
 
     def _loop(self) -> None:
+        with selectors.PollSelector() as sel:
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            self._serve(sel)
+
+    def _serve(self, sel: selectors.BaseSelector) -> None:
+        watched: dict[Link, tuple[int, int | None, int]] = {}  # socket fd, pidfd, events
         while True:
             # Housekeeping first, so every state change (including ones made while spawning)
             # is acted on before the thread sleeps.
@@ -196,27 +212,74 @@ class Supervisor:
                 return
 
             with self._lock:
-                conns = {w.conn: w for w in self._workers if w.conn is not None}
+                links = [(w, w.link) for w in self._workers if w.link is not None]
                 deadline = self._next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = wait([*conns, self._wake_r], timeout)
-            if self._wake_r in ready:
-                try:
-                    while self._wake_r.recv(4096):
+            if any(link.exit_fd is None for _, link in links):
+                timeout = _EXIT_POLL_S if timeout is None else min(timeout, _EXIT_POLL_S)
+            self._watch(sel, watched, links)
+            events = sel.select(timeout)
+            exited = []
+            for key, mask in events:
+                if key.data is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
                         pass
-                except (BlockingIOError, OSError):
-                    pass
-            for conn in ready:
-                if conn is self._wake_r:
                     continue
-                w = conns[conn]  # type: ignore[index]
-                try:
-                    raw = conn.recv_bytes()  # type: ignore[union-attr]
-                except (EOFError, OSError):
-                    self._on_exit(w)
-                    continue
-                self._on_message(w, raw)
+                w, link, what = key.data
+                if what == "exit":  # the pidfd: handled once the sockets have been read
+                    exited.append((w, link))
+                elif w.link is link:
+                    if mask & selectors.EVENT_WRITE:
+                        link.flush()
+                    if mask & selectors.EVENT_READ:
+                        self._receive(w, link)
+            exited += [(w, link) for w, link in links if link.exit_fd is None and link.exited()]
+            for w, link in exited:
+                if w.link is link:
+                    # What it sent before dying (a result, an init error) counts; then its exit.
+                    self._receive(w, link, ended=True)
             self._check_deadlines()
+
+    @staticmethod
+    def _watch(
+        sel: selectors.BaseSelector,
+        watched: dict[Link, tuple[int, int | None, int]],
+        links: list[tuple[Worker, Link]],
+    ) -> None:
+        """Bring ``sel`` up to date: each current link's socket (readable; writable while bytes
+        wait) and pidfd. Closed links go first, as a new one may have reused their numbers."""
+        current = {link for _, link in links}
+        for link in [link for link in watched if link not in current]:
+            fd, exit_fd, _ = watched.pop(link)
+            sel.unregister(fd)
+            if exit_fd is not None:
+                sel.unregister(exit_fd)
+        for w, link in links:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.wants_write else 0)
+            if link not in watched:
+                fd = link.fileno()
+                sel.register(fd, events, (w, link, "socket"))
+                if link.exit_fd is not None:
+                    sel.register(link.exit_fd, selectors.EVENT_READ, (w, link, "exit"))
+                watched[link] = (fd, link.exit_fd, events)
+            elif watched[link][2] != events:
+                fd, exit_fd, _ = watched[link]
+                sel.modify(fd, events, (w, link, "socket"))
+                watched[link] = (fd, exit_fd, events)
+
+    def _receive(self, w: Worker, link: Link, *, ended: bool = False) -> None:
+        """Handle the messages ``w`` has sent, then its exit at EOF (or ``ended``: the process
+        has exited, and a child it forked may hold its socket open, so no EOF may ever come)."""
+        messages, eof = link.receive(everything=ended)
+        for raw in messages:
+            if w.link is not link:
+                return  # a message showed the worker dead (and it was restarted)
+            self._on_message(w, raw)
+        if (eof or ended) and w.link is link:
+            self._on_exit(w)
 
     def _next_deadline(self) -> float | None:
         ds = [w.deadline for w in self._workers if w.state == "starting"]
@@ -254,9 +317,7 @@ class Supervisor:
         try:
             msg = ForkingPickler.loads(raw)
         except Exception as exc:
-            gone = isinstance(exc, (OSError, EOFError)) and (
-                w.proc is None or w.proc.poll() is not None
-            )
+            gone = isinstance(exc, (OSError, EOFError)) and (w.link is None or w.link.exited())
             if w.state != "ready" or not w.calls or gone:
                 # A result whose shared-memory handles cannot be fetched because the worker died
                 # between sending and our fetching, or a garbled start: a crash of that call.
@@ -357,24 +418,32 @@ class Supervisor:
                 logger.exception("PinnedPool: on_call raised")
 
     def _kill(self, w: Worker) -> None:
-        if w.proc is not None and w.proc.poll() is None:
-            try:
-                w.proc.kill()
-            except OSError:
-                pass
+        if w.link is not None:  # else it was reaped already
+            w.link.kill()
 
-    def _reap(self, w: Worker) -> str:
-        """Close the connection, wait for the process, and describe how it ended."""
-        if w.conn is not None:
-            w.conn.close()
-            w.conn = None
+    def _reap(self, w: Worker, wait_s: float = 10.0) -> str:
+        """Close the connection, wait for the process (killing it after ``wait_s``), kill what
+        is left of its process group, and describe how it ended."""
+        link, w.link = w.link, None
         code = None
         if w.proc is not None:
-            try:
-                code = w.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                code = w.proc.wait()
+            exited = link.wait_exit(wait_s) if link is not None else False
+            if not exited:
+                self._kill(w)
+                if link is not None:
+                    link.wait_exit(60.0)
+            if link is not None:
+                # Processes it started and left in its group (a forked child holding its socket
+                # and pinned to its cores): killed now, while the unreaped leader keeps the group
+                # id this pool's (without a pidfd the leader may be reaped already; a pid is not
+                # handed out again before the pid counter wraps).
+                try:
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+                except OSError:  # none left (ESRCH), or not ours to signal
+                    pass
+            code = w.proc.wait()
+        if link is not None:
+            link.close()
         if code is None:
             return "ended"
         if code < 0:
@@ -385,7 +454,7 @@ class Supervisor:
         return f"exited with code {code}"
 
     def _on_exit(self, w: Worker) -> None:
-        """The worker's connection hit EOF: it died (or exited during startup)."""
+        """The worker died (EOF on its socket, or its exit seen), or exited during startup."""
         how = self._reap(w)
         if w.state == "starting":
             self._start_failed(w, f"worker {w.index} {how} during startup", reaped=True)
@@ -400,7 +469,9 @@ class Supervisor:
                 call.retries += 1
                 self._counts["retries"] += 1
                 try:
-                    call.data = self._dumps(call)  # handles are single-use: pickle again
+                    # Handles are single-use: pickle again, copying the caller's tensors afresh
+                    # (the worker that died may have changed its copy in place).
+                    call.data = self._dumps(call)
                     with self._lock:
                         self._pending.appendleft(call)
                 except Exception as exc:
@@ -477,12 +548,10 @@ class Supervisor:
             if not w.calls:
                 call.started = time.monotonic()
             w.calls.append(call)
-            assert call.data is not None
-            try:
-                assert w.conn is not None
-                w.conn.send_bytes(call.data)
-            except OSError:
-                pass  # it died; EOF follows and the call fails (or is retried) with the crash
+            assert call.data is not None and w.link is not None
+            # Never blocks: what the socket cannot take now goes when the worker reads. If the
+            # worker died, its exit is seen next and the call fails (or is retried) with the crash.
+            w.link.send(call.data)
 
     def _fail_everything(self, error: WorkerError) -> None:
         with self._lock:
@@ -504,21 +573,26 @@ class Supervisor:
         for w in self._workers:
             if self._startup_error is not None:
                 self._kill(w)  # a failed start: do not wait for the others' init()
-            elif w.conn is not None and w.state in ("ready", "starting"):
-                try:
-                    w.conn.send_bytes(bytes(ForkingPickler.dumps(("close",))))
-                except OSError:
-                    pass
+            elif w.link is not None and w.state in ("ready", "starting"):
+                w.link.send(bytes(ForkingPickler.dumps(("close",))))
         end = time.monotonic() + 5.0
+        # Let queued bytes (a start's setup, then "close") reach workers still reading them.
+        while time.monotonic() < end:
+            behind = [
+                w.link
+                for w in self._workers
+                if w.link is not None and w.link.wants_write and not w.link.exited()
+            ]
+            if not behind:
+                break
+            with selectors.PollSelector() as sel:
+                for link in behind:
+                    sel.register(link.sock, selectors.EVENT_WRITE)
+                sel.select(min(_EXIT_POLL_S, max(0.0, end - time.monotonic())))
+            for link in behind:
+                link.flush()
         for w in self._workers:
             if w.proc is not None:
-                try:
-                    w.proc.wait(timeout=max(0.0, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    w.proc.kill()
-                    w.proc.wait()
-            if w.conn is not None:
-                w.conn.close()
-                w.conn = None
+                self._reap(w, wait_s=end - time.monotonic())
             if w.state != "failed":
                 w.state = "stopped"

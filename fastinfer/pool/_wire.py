@@ -3,7 +3,12 @@
 Both sides import this module: the pool to encode calls, the worker process (after it has pinned
 itself and imported torch) to encode results and to publish the state its ``init()`` returned.
 Tensors above :data:`SMALL_TENSOR_BYTES` travel through shared memory (torch's own reduction),
-smaller CPU tensors inline as bytes. Imports only the standard library at module level.
+smaller CPU tensors inline as bytes. Either way a tensor travels *by value*: the receiver gets its
+own copy, never the sender's memory. A large CPU tensor is copied (one memcpy, on the sending side)
+into a fresh shared-memory segment that only the message holds, not moved there as torch's
+reduction alone would do (``share_memory_()`` swaps the sender's own storage into the segment, so a
+worker changing its input in place would change the caller's tensor, and an idempotent retry would
+run on the changed input). Imports only the standard library at module level.
 """
 
 from __future__ import annotations
@@ -53,9 +58,33 @@ def rebuild_small_tensor(data: bytes, dtype: str, shape: tuple[int, ...], grad: 
     return t.requires_grad_(grad) if grad else t
 
 
+def shared_copy(t: Any) -> Any:
+    """A copy of CPU tensor ``t`` in a fresh shared-memory segment (one memcpy); ``t`` itself is
+    left as it was (its storage is not moved to shared memory)."""
+    import torch
+
+    src = t.detach()
+    if src.is_contiguous() and not (src.is_conj() or src.is_neg()):
+        try:
+            # A second storage over t's bytes (numpy's buffer): share_memory_() allocates the
+            # segment, copies into it and swaps *that* storage over, so the copy is the only one.
+            raw = torch.from_numpy(src.reshape(-1).view(torch.uint8).numpy())
+        except (RuntimeError, TypeError, ValueError):
+            pass  # no numpy, or a tensor numpy cannot view: below
+        else:
+            out = raw.share_memory_().view(src.dtype).view(src.shape)
+            return out.requires_grad_(t.requires_grad) if t.requires_grad else out
+    # Strided and conjugate/negative views: an empty tensor moved into shared memory (the move
+    # reads untouched pages, about half a copy more), then one strided copy.
+    out = torch.empty_like(src).share_memory_()
+    out.copy_(src)
+    return out.requires_grad_(t.requires_grad) if t.requires_grad else out
+
+
 def make_dumps() -> Any:
-    """A ``dumps(obj) -> bytes`` that sends tensors through shared memory (torch's reductions),
-    small CPU tensors inline. Imports torch: call it only after pinning."""
+    """A ``dumps(obj) -> bytes`` that sends tensors by value: through a fresh shared-memory
+    segment (torch's reductions, after :func:`shared_copy`), small CPU tensors inline. Imports
+    torch: call it only after pinning."""
     import io
     from multiprocessing.reduction import ForkingPickler
 
@@ -80,6 +109,16 @@ def make_dumps() -> Any:
                 return rebuild_small_tensor, (raw, name, tuple(c.shape), t.requires_grad)
             except (RuntimeError, TypeError):
                 pass  # a dtype numpy or view() cannot take: share it instead
+        if (
+            t.device.type == "cpu"
+            and t.layout == torch.strided
+            and (t.is_leaf or not t.requires_grad)
+        ):
+            # By value: the receiver changing it in place must not reach the sender's tensor.
+            # (Sparse and nested tensors reach here through their strided parts.)
+            return shared(t.clone() if t.is_quantized else shared_copy(t))
+        # A non-leaf that requires grad: torch's reduction refuses it with its own message.
+        # Other devices: torch's IPC handles (by reference; see docs/pool.md).
         return shared(t)
 
     class _Pickler(ForkingPickler):
