@@ -355,6 +355,133 @@ def test_load_pretrained_in_bfloat16_matches_from_pretrained(tmp_path: Path) -> 
     assert reports[0].bytes_mapped == 0 and reports[0].bytes_copied > 0  # fp32 file -> bf16
 
 
+# Tiny configs: (model class, config class, config kwargs). Each builds a tensor in the default
+# dtype or in float32 on purpose, which from_pretrained keeps as built under the model's dtype.
+_BUILT_IN_DTYPE = {
+    # sinusoidal position tables, non-persistent, made in the default dtype
+    "xglm": (
+        "XGLMForCausalLM",
+        "XGLMConfig",
+        {"d_model": 32, "num_layers": 1, "attention_heads": 2, "ffn_dim": 64},
+    ),
+    "m2m_100": (
+        "M2M100ForConditionalGeneration",
+        "M2M100Config",
+        {
+            "d_model": 32,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+        },
+    ),
+    # the causal mask ``attn.bias``, non-persistent
+    "openai-gpt": (
+        "OpenAIGPTLMHeadModel",
+        "OpenAIGPTConfig",
+        {"n_embd": 32, "n_layer": 1, "n_head": 2},
+    ),
+    # a float32 sinusoidal table whose values _init_weights recomputes after the build
+    "gptj": (
+        "GPTJForCausalLM",
+        "GPTJConfig",
+        {"n_embd": 32, "n_layer": 1, "n_head": 2, "rotary_dim": 8},
+    ),
+    # parameters made in float32 on purpose (q_bias, v_bias) stay float32
+    "deberta": (
+        "DebertaModel",
+        "DebertaConfig",
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    ),
+    # rotary inv_freq stays float32
+    "llama": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    ),
+}
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("how", ["bf16-folder", "dtype-argument"])
+@pytest.mark.parametrize("arch", list(_BUILT_IN_DTYPE))
+def test_load_pretrained_builds_tensors_in_the_dtype_from_pretrained_gives_them(
+    arch: str, how: str, tmp_path: Path
+) -> None:
+    import transformers
+
+    model_name, config_name, kwargs = _BUILT_IN_DTYPE[arch]
+    cls = getattr(transformers, model_name)
+    config = getattr(transformers, config_name)(
+        vocab_size=100, max_position_embeddings=64, **kwargs
+    )
+    with testing.seeded(0):
+        eager = cls(config).eval()
+    if how == "bf16-folder":
+        eager.to(torch.bfloat16).save_pretrained(tmp_path)
+        options: dict[str, Any] = {}
+    else:
+        eager.save_pretrained(tmp_path)
+        options = {"dtype": torch.bfloat16}
+    ref = cls.from_pretrained(tmp_path, **options).eval()
+    fast = fastinfer.load_pretrained(tmp_path, **options)
+    assert torch.get_default_dtype() == torch.float32  # restored after the build
+    want = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    got = {**dict(fast.named_parameters()), **dict(fast.named_buffers())}
+    assert got.keys() == want.keys()
+    wrong = [
+        f"{k}: {got[k].dtype} vs {want[k].dtype}" for k in want if got[k].dtype != want[k].dtype
+    ]
+    assert not wrong, wrong
+    assert all(torch.equal(got[k], want[k]) for k in want), [
+        k for k in want if not torch.equal(got[k], want[k])
+    ]
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    if arch == "m2m_100":
+        inputs["decoder_input_ids"] = ids[:, :4]
+    try:
+        with torch.inference_mode():
+            expected = ref(**inputs)[0]
+    except RuntimeError:  # DeBERTa mixes float32 and bfloat16 weights: transformers' fails too
+        return
+    with torch.inference_mode():
+        assert torch.equal(fast(**inputs)[0], expected)
+
+
+@pytest.mark.transformers
+def test_load_pretrained_restores_the_default_dtype_when_the_build_fails(tmp_path: Path) -> None:
+    import transformers
+
+    testing.hf_llama(hidden_size=32, num_hidden_layers=1, intermediate_size=64).save_pretrained(
+        tmp_path
+    )
+    seen: list[torch.dtype] = []
+
+    class Broken(transformers.LlamaForCausalLM):  # type: ignore[misc]
+        def __init__(self, config: Any) -> None:
+            seen.append(torch.get_default_dtype())
+            raise RuntimeError("broken")
+
+    with pytest.raises(RuntimeError, match="broken"):
+        fastinfer.load_pretrained(tmp_path, model_class=Broken, dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16]  # built under the model's dtype, as from_pretrained builds
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.ones(1).dtype == torch.float32
+
+
 @pytest.mark.transformers
 def test_hf_llama_from_a_torch_checkpoint_with_both_tied_keys(tmp_path: Path) -> None:
     ref = testing.hf_llama()

@@ -182,3 +182,127 @@ def test_the_encoder_of_an_encoder_decoder_loads_from_the_whole_folder(tmp_path:
     got = t5_encoder.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in got)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights the model class computes instead of saving; parts whose weights the saved model ties
+# --------------------------------------------------------------------------------------------
+
+_S2S = {
+    "vocab_size": 100,
+    "d_model": 32,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "decoder_start_token_id": 2,
+}
+
+
+def _marian(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    transformers = _transformers()
+    with testing.seeded(0):
+        model = transformers.MarianMTModel(transformers.MarianConfig(**_S2S)).eval().to(dtype)
+    model.save_pretrained(folder)  # without the sinusoidal embed_positions (not saved)
+    return model
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "not-strict"])
+def test_weights_the_class_computes_instead_of_saving_are_computed(
+    strict: bool, dtype: torch.dtype, tmp_path: Path
+) -> None:
+    transformers = _transformers()
+    eager = _marian(tmp_path, dtype)
+    reference = transformers.MarianMTModel.from_pretrained(tmp_path).eval()
+    reports: list[fastinfer.LoadReport] = []
+    model = fastinfer.load_pretrained(tmp_path, strict=strict, on_report=reports.append)
+    _same_state(model, reference)
+    _same_state(model, eager)
+    assert model.model.encoder.embed_positions.weight.dtype == dtype
+    assert reports[0].missing_keys == ()
+    assert any("computed by MarianMTModel._init_weights" in n for n in reports[0].notes)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+        assert torch.equal(got, eager(input_ids=ids, decoder_input_ids=ids[:, :3]).logits)
+
+
+@pytest.mark.transformers
+def test_a_declared_missing_weight_initialised_at_random_is_still_reported(
+    tmp_path: Path,
+) -> None:
+    transformers = _transformers()
+
+    class Lenient(transformers.MarianMTModel):  # type: ignore[misc]
+        # from_pretrained would initialise it at random without a word: fastinfer never does
+        _keys_to_ignore_on_load_missing = (
+            *transformers.MarianMTModel._keys_to_ignore_on_load_missing,
+            r"encoder\.layers\.0\.fc1\.weight",
+        )
+
+    from safetensors.torch import load_file, save_file
+
+    _marian(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.encoder.layers.0.fc1.weight"]
+    save_file(state, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(fastinfer.StateDictMismatch, match=r"missing from the checkpoint \(1\)"):
+        fastinfer.load_pretrained(tmp_path, model_class=Lenient)
+    with pytest.raises(
+        fastinfer.StateDictMismatch,
+        match=r"'model\.encoder\.layers\.0\.fc1\.weight' \(not in the checkpoint\)",
+    ):
+        fastinfer.load_pretrained(tmp_path, model_class=Lenient, strict=False)
+
+
+# family -> (model class, config class, its parts); T5's decoder stack is built as an encoder
+# from the folder's config, so only its encoder is a part that class can load.
+_PARTS = {
+    "bart": ("BartForConditionalGeneration", "BartConfig", ["model.encoder", "model.decoder"]),
+    "mbart": ("MBartForConditionalGeneration", "MBartConfig", ["model.encoder", "model.decoder"]),
+    "marian": ("MarianMTModel", "MarianConfig", ["model.encoder", "model.decoder"]),
+    "t5": ("T5ForConditionalGeneration", "T5Config", ["encoder"]),
+}
+
+
+def _s2s(name: str) -> nn.Module:
+    transformers = _transformers()
+    model_name, config_name, _ = _PARTS[name]
+    if name == "t5":
+        config = transformers.T5Config(
+            vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2
+        )
+    else:
+        config = getattr(transformers, config_name)(**_S2S)
+    with testing.seeded(0):
+        return getattr(transformers, model_name)(config).eval()
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("name", list(_PARTS))
+def test_a_part_whose_embeddings_the_saved_model_ties_loads_from_that_part(
+    name: str, tmp_path: Path
+) -> None:
+    whole, parts = _s2s(name), _PARTS[name][2]
+    whole.save_pretrained(tmp_path)  # encoder.embed_tokens is saved once, as shared.weight
+    for path in parts:
+        part = whole.get_submodule(path)
+        reports: list[fastinfer.LoadReport] = []
+        loaded = fastinfer.load_pretrained(
+            tmp_path, model_class=type(part), on_report=reports.append
+        )
+        _same_state(loaded, part)
+        assert any(f"'{path}.' part" in n for n in reports[0].notes), reports[0].notes
+        assert any("embed_tokens.weight from" in n for n in reports[0].notes), reports[0].notes
+    encoder = whole.get_submodule(parts[0])
+    loaded = fastinfer.load_pretrained(tmp_path, model_class=type(encoder))
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # use_cache=False: T5's stack refuses it as an encoder
+        expected = encoder(input_ids=ids, use_cache=False).last_hidden_state
+        assert torch.equal(loaded(input_ids=ids, use_cache=False).last_hidden_state, expected)

@@ -11,15 +11,19 @@ keeps its memory-mapped tensor (no copy); only weights an operation changes (a f
 are computed.
 
 It also reads what the model class declares: checkpoint keys it ignores on load
-(``_keys_to_ignore_on_load_unexpected``, e.g. the decoder for ``T5EncoderModel``), and, for a class
-that is one part of the saved model (``WhisperEncoder`` from a ``WhisperModel`` folder), the part of
-the checkpoint that holds its weights.
+(``_keys_to_ignore_on_load_unexpected``, e.g. the decoder for ``T5EncoderModel``); weights it does
+not save because ``_init_weights`` computes them (Marian's sinusoidal position embeddings), which
+are computed the same way (only where that is deterministic: a random one is reported missing);
+and, for a class that is one part of the saved model (``WhisperEncoder`` from a ``WhisperModel``
+folder, ``BartEncoder`` from a BART folder whose ``encoder.embed_tokens`` is saved as the tied
+``shared.weight``), the part of the checkpoint that holds its weights.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from copy import deepcopy
 from types import SimpleNamespace
 from typing import Any
@@ -27,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastinfer.loading._formats import Mapped
+from fastinfer.loading._formats import Mapped, preview
 
-__all__ = ["hf_remap"]
+__all__ = ["hf_remap", "recompute_buffers_"]
 
 logger = logging.getLogger("fastinfer.loading")
 
@@ -148,40 +152,221 @@ def _drop_ignored(model: Any, mapped: Mapped, model_keys: set[str]) -> Mapped:
     return mapped
 
 
-def _subtree(model: Any, mapped: Mapped, model_keys: set[str]) -> Mapped:
-    """For a class that is one part of the saved model, the part of the checkpoint it is in."""
+def _declared_missing(model: Any, keys: set[str]) -> set[str]:
+    """The ``keys`` the model class declares it may lack in a checkpoint (transformers' rules:
+    ``_keys_to_ignore_on_load_missing`` patterns, ``_keys_to_ignore_on_save`` names)."""
+    import re
+
+    if not keys:
+        return set()
+    info = SimpleNamespace(missing_keys=set(keys), unexpected_keys=set())
+    try:
+        model._adjust_missing_and_unexpected_keys(info)
+    except Exception as exc:  # another transformers: only the declared patterns
+        logger.debug("transformers' key adjustment unavailable: %s", exc)
+        patterns = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+        info.missing_keys = {k for k in keys if not any(re.search(p, k) for p in patterns)}
+    unsaved = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    return (set(keys) - set(info.missing_keys)) | (set(keys) & unsaved)
+
+
+def _find_part(available: set[str], required: set[str], model_keys: set[str]) -> str | None:
+    """The one prefix under which ``available`` holds every ``required`` key, or None. Where
+    several do (an encoder's keys are also a decoder's), the one holding nothing else wins."""
+    probe = min(required)
+    prefixes = {k[: -len(probe)] for k in available if k.endswith("." + probe)}
+    fits = sorted(p for p in prefixes if all(p + k in available for k in required))
+    exact = [
+        p for p in fits if all(k[len(p) :] in model_keys for k in available if k.startswith(p))
+    ]
+    if len(exact) == 1:
+        return exact[0]
+    return fits[0] if len(fits) == 1 else None  # none, or several: not ours to pick
+
+
+def _subtree(
+    model: Any,
+    mapped: Mapped,
+    model_keys: set[str],
+    saved: Callable[[], Any] | None,
+    regenerated: set[str],
+) -> Mapped:
+    """For a class that is one part of the saved model, the part of the checkpoint it is in.
+
+    The saved model does not write the copies of its tied weights (BART's ``encoder.embed_tokens``
+    is saved as ``shared.weight``) nor the weights it computes (Marian's sinusoidal position
+    embeddings): when the part is not found in the file as it is, it is looked for again with the
+    saved class's ties and declared regenerated keys (``saved()`` builds that class on meta). The
+    part's keys that the saved class regenerates are added to ``regenerated``.
+    """
     tied = getattr(model, "all_tied_weights_keys", None)
     required = model_keys - set(tied or {})  # tied copies are not saved
     if not required or required <= mapped.tensors.keys():
         return mapped
-    probe = min(required)
-    prefixes = {k[: -len(probe)] for k in mapped.tensors if k.endswith("." + probe)}
-    fits = [p for p in prefixes if all(p + k in mapped.tensors for k in required)]
-    if len(fits) != 1:
-        return mapped  # none, or several parts that could hold it: not ours to pick (strict says)
-    prefix = fits[0]
+    tensors = dict(mapped.tensors)
+    zero_copy = set(mapped.zero_copy)
+    aliases: dict[str, str] = {}
+    computed: set[str] = set()
+    prefix = _find_part(set(tensors), required, model_keys)
+    whole = saved() if prefix is None and saved is not None else None
+    if whole is not None:
+        saved_ties = getattr(whole, "all_tied_weights_keys", None) or {}
+        for target, source in dict(saved_ties).items():
+            if target not in tensors and source in tensors:
+                tensors[target] = tensors[source]
+                aliases[target] = source
+                if source in zero_copy:
+                    zero_copy.add(target)
+        saved_keys = set(whole.state_dict().keys())
+        computed = _declared_missing(whole, saved_keys - tensors.keys())
+        prefix = _find_part(set(tensors) | computed, required, model_keys)
+    if prefix is None:
+        return mapped
     out = Mapped(files=mapped.files, format=mapped.format, notes=list(mapped.notes))
-    for key, tensor in mapped.tensors.items():
+    for key, tensor in tensors.items():
         if key.startswith(prefix):
             out.tensors[key[len(prefix) :]] = tensor
-            if key in mapped.zero_copy:
+            if key in zero_copy:
                 out.zero_copy.add(key[len(prefix) :])
-    left = len(mapped.tensors) - len(out.tensors)
+    regenerated.update(k[len(prefix) :] for k in computed if k.startswith(prefix))
+    used = sum(1 for k in mapped.tensors if k.startswith(prefix))
+    via = [f"{k[len(prefix) :]} from {aliases[k]}" for k in sorted(aliases) if k.startswith(prefix)]
     out.notes.append(
-        f"loaded {type(model).__name__} from the checkpoint's {prefix!r} part; {left} keys of "
-        "the other parts were not used"
+        f"loaded {type(model).__name__} from the checkpoint's {prefix!r} part; "
+        f"{len(mapped.tensors) - used} keys of the other parts were not used"
+        + (f"; tied in the saved model: {', '.join(via)}" if via else "")
     )
     return out
 
 
-def hf_remap(model: nn.Module) -> Callable[[Mapped], Mapped]:
+def _initialised(model: Any, key: str) -> torch.Tensor | None:
+    """``key`` as transformers' ``_init_weights`` computes it, or None where that is random or
+    does not set every element (two runs under different seeds, from different fill values, must
+    agree). ``_init_weights`` runs on the owning module and then each module above it, each with
+    its nearest ``PreTrainedModel``'s method, as ``initialize_weights`` does; the other tensors are
+    still on meta (marked initialised), so nothing else is written."""
+    from transformers import PreTrainedModel
+
+    from fastinfer.loading._empty_init import empty_init
+
+    guard: Callable[[], AbstractContextManager[Any]] = nullcontext
+    try:
+        from transformers.initialization import guard_torch_init_functions as guard
+    except ImportError:  # another transformers: its init functions as they are
+        pass
+
+    path, _, name = key.rpartition(".")
+    chain = [model]
+    for part in path.split(".") if path else ():
+        chain.append(getattr(chain[-1], part))
+    owner = chain[-1]
+    store = owner._parameters if name in owner._parameters else owner._buffers
+    current = store.get(name)
+    if current is None or not isinstance(model, PreTrainedModel):
+        return None
+    runs: list[torch.Tensor] = []
+    for seed in (1, 2):
+        fresh = torch.empty_like(current, device="cpu").fill_(seed % 2)
+        grad = bool(current.requires_grad) and fresh.is_floating_point()
+        value = nn.Parameter(fresh, requires_grad=grad) if name in owner._parameters else fresh
+        store[name] = value
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), guard(), empty_init():
+                torch.manual_seed(seed)
+                for depth in range(len(chain) - 1, -1, -1):
+                    init = next(
+                        m for m in reversed(chain[: depth + 1]) if isinstance(m, PreTrainedModel)
+                    )
+                    init._init_weights(chain[depth])
+        except Exception as exc:  # an initialiser that needs more of the model than this key
+            logger.debug("could not initialise %s with _init_weights: %s", key, exc)
+            return None
+        finally:
+            store[name] = current
+        runs.append(value.detach())
+    return runs[0] if torch.equal(runs[0], runs[1]) else None
+
+
+def recompute_buffers_(model: nn.Module) -> int:
+    """Recompute the model's floating non-persistent buffers with ``_init_weights``, as
+    ``from_pretrained`` does after building under the model's dtype: a buffer keeps the dtype it
+    was built in, with the values ``_init_weights`` computes under torch's usual default dtype
+    (GPT-J's sinusoidal table built under bfloat16 rounds its frequencies; the recomputed one
+    does not). A buffer ``_init_weights`` does not compute keeps its value. Returns the number
+    of buffers changed."""
+    new: dict[int, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            buffer = module._buffers.get(name)
+            if buffer is None or buffer.is_meta or not buffer.is_floating_point():
+                continue
+            if id(buffer) in new:
+                continue
+            value = _initialised(model, f"{prefix}.{name}" if prefix else name)
+            if value is not None and not torch.equal(value, buffer):
+                new[id(buffer)] = value
+    if new:  # a buffer two modules share stays shared
+        for module in model.modules():
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and id(buffer) in new:
+                    module._buffers[name] = new[id(buffer)]
+    return len(new)
+
+
+def _regenerate(model: Any, mapped: Mapped, model_keys: set[str], regenerated: set[str]) -> Mapped:
+    """Add the weights the checkpoint lacks because the model class computes them (declared in
+    ``_keys_to_ignore_on_load_missing`` / ``_keys_to_ignore_on_save``, or by the saved class for a
+    part): each computed by ``_init_weights`` as ``from_pretrained`` computes it. A declared key
+    whose ``_init_weights`` is random stays missing (reported, never silently random)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    base = getattr(model, "base_model_prefix", "") or ""
+    missing = {
+        k
+        for k in model_keys - tied
+        if k not in mapped.tensors and not (base and f"{base}.{k}" in mapped.tensors)
+    }
+    declared = _declared_missing(model, missing) | (regenerated & missing)
+    if not declared:
+        return mapped
+    made: list[str] = []
+    random: list[str] = []
+    for key in sorted(declared):
+        value = _initialised(model, key)
+        if value is None:
+            random.append(key)
+            continue
+        mapped.tensors[key] = value
+        made.append(key)
+    name = type(model).__name__
+    if made:
+        mapped.notes.append(
+            f"{len(made)} weights the checkpoint does not hold (the model class computes them) "
+            f"were computed by {name}._init_weights, as from_pretrained computes them: "
+            + preview(made)
+        )
+    if random:
+        mapped.notes.append(
+            f"{len(random)} weights the model class declares it may lack are initialised at "
+            f"random by {name}._init_weights, so they are reported missing: " + preview(random)
+        )
+        logger.warning("%s", mapped.notes[-1])
+    return mapped
+
+
+def hf_remap(
+    model: nn.Module, *, saved: Callable[[], Any] | None = None
+) -> Callable[[Mapped], Mapped]:
     """The key conversion ``from_pretrained`` would apply for ``model``, as a function of the
-    mapped checkpoint (for :func:`fastinfer.loading._load.load_weights`)."""
+    mapped checkpoint (for :func:`fastinfer.loading._load.load_weights`), with the weights the
+    model class computes instead of saving added. ``saved`` builds the class the checkpoint was
+    saved from (on meta), when ``model`` may be one part of it; it is called only if needed."""
 
     def remap(mapped: Mapped) -> Mapped:
         model_keys = set(model.state_dict().keys())
+        regenerated: set[str] = set()
         out = _convert(model, mapped)
-        out = _subtree(model, out, model_keys)
-        return _drop_ignored(model, out, model_keys)
+        out = _subtree(model, out, model_keys, saved, regenerated)
+        out = _drop_ignored(model, out, model_keys)
+        return _regenerate(model, out, model_keys, regenerated)
 
     return remap

@@ -249,8 +249,13 @@ def load_weights(
     extra_prefixes: Sequence[str] = (),
     cast_unsaved_buffers: bool = True,
     keep_fp32: Sequence[str] = (),
+    dtype_as_built: bool = False,
     remap: Callable[[fmt.Mapped], fmt.Mapped] | None = None,
 ) -> LoadReport:
+    """:func:`load_weights_` with the options of the loaders built on it. ``dtype_as_built``:
+    with a ``dtype``, each floating tensor takes the dtype the model built its slot in (the model
+    was built in ``dtype``; a tensor its module makes in float32 on purpose stays float32), as
+    ``from_pretrained`` loads."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     dev = _validate_options(dtype, device)
@@ -323,6 +328,8 @@ def load_weights(
     def dtype_for(key: str) -> torch.dtype | None:
         if dtype is not None and keep_fp32 and set(key.split(".")) & set(keep_fp32):
             return torch.float32  # transformers' _keep_in_fp32_modules convention
+        if dtype is not None and dtype_as_built and slots[key].tensor.is_floating_point():
+            return slots[key].tensor.dtype  # from_pretrained: the dtype the model built it in
         return dtype
 
     mismatches: list[str] = []

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +20,7 @@ from fastinfer._optional import require
 from fastinfer.errors import CheckpointError, ConfigError
 from fastinfer.loading import _formats as fmt
 from fastinfer.loading._empty_init import empty_init
-from fastinfer.loading._hf import hf_remap
+from fastinfer.loading._hf import hf_remap, recompute_buffers_
 from fastinfer.loading._load import load_weights
 from fastinfer.loading._report import LoadReport
 
@@ -26,6 +29,10 @@ __all__ = ["load_model", "load_pretrained"]
 logger = logging.getLogger("fastinfer.loading")
 
 M = TypeVar("M", bound=nn.Module)
+
+# torch's default dtype is process-wide: two load_pretrained calls building at once take turns.
+_default_dtype_lock = threading.Lock()
+_DEFAULT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def load_model(
@@ -78,6 +85,14 @@ def load_model(
     return model.eval()
 
 
+def _record_dtype(config: Any, dtype: torch.dtype) -> None:
+    config.dtype = dtype
+    for name in getattr(config, "sub_configs", None) or ():
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "dtype"):
+            sub.dtype = dtype
+
+
 def _architecture(transformers: Any, config: Any, name: str) -> Any:
     """The class ``config.architectures`` names: exported by transformers, or only defined in its
     model's module (``WhisperEncoder``, saved from ``WhisperModel().encoder``)."""
@@ -90,6 +105,24 @@ def _architecture(transformers: Any, config: Any, name: str) -> Any:
     except ImportError:
         return None
     return getattr(module, name, None)
+
+
+@contextmanager
+def _built_in(dtype: torch.dtype | None) -> Iterator[None]:
+    """Build with torch's default dtype set to ``dtype``, as ``from_pretrained`` builds a model:
+    tensors a module creates in the default dtype (the sinusoidal position tables of XGLM and
+    M2M100, GPT's causal-mask ``bias``) are made in the model's dtype, while those it computes in
+    float32 on purpose (rotary ``inv_freq``) stay float32. Restored in ``finally``."""
+    if dtype not in _DEFAULT_DTYPES or dtype == torch.get_default_dtype():
+        yield
+        return
+    with _default_dtype_lock:
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(before)
 
 
 def load_pretrained(
@@ -114,7 +147,12 @@ def load_pretrained(
     under :func:`empty_init` and loaded by the same zero-copy path as :func:`load_weights_`, with
     the key conversions ``from_pretrained`` applies (transformers' own conversion mapping: renamed
     keys, fused experts, weight-norm parametrizations); only converted weights are copied.
-    ``dtype=None`` uses the ``dtype`` recorded in ``config.json``.
+    ``dtype=None`` uses the ``dtype`` recorded in ``config.json``; the model is built in that dtype
+    as ``from_pretrained`` builds it (computed buffers such as sinusoidal position tables follow
+    it, rotary ``inv_freq`` stays float32). Weights the model class declares it does not save and
+    computes in ``_init_weights`` (Marian's sinusoidal position embeddings) are computed as
+    ``from_pretrained`` computes them; any other missing weight is reported, never initialised
+    at random.
 
         model = fastinfer.load_pretrained("./my-bert")
     """
@@ -128,20 +166,35 @@ def load_pretrained(
     mem0 = fmt.memory()["anonymous"]
     t0 = time.perf_counter()
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, **config_kwargs)
-    cls = model_class
+    archs = getattr(config, "architectures", None) or []
+    saved_cls = _architecture(transformers, config, archs[0]) if archs else None
+    cls = model_class if model_class is not None else saved_cls
     if cls is None:
-        archs = getattr(config, "architectures", None) or []
-        cls = _architecture(transformers, config, archs[0]) if archs else None
-        if cls is None:
-            cls = transformers.AutoModel
+        cls = transformers.AutoModel
     if dtype is None:
         recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if isinstance(recorded, str):
             recorded = getattr(torch, recorded, None)
         dtype = recorded if isinstance(recorded, torch.dtype) else None
-    with empty_init():  # Auto* classes build through from_config
+    elif dtype in _DEFAULT_DTYPES:
+        _record_dtype(config, dtype)  # as from_pretrained(dtype=...): Auto* builds in it too
+    with _built_in(dtype), empty_init():  # Auto* classes build through from_config
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    if dtype in _DEFAULT_DTYPES and dtype != torch.get_default_dtype():
+        recompute_buffers_(model)  # as from_pretrained: values from _init_weights
     construct_seconds = time.perf_counter() - t0
+
+    def build_saved() -> Any:
+        """The class the folder was saved from, built on meta: what it ties and regenerates."""
+        if saved_cls is None or type(model) is saved_cls:
+            return None
+        try:
+            with _built_in(dtype), empty_init():
+                return saved_cls(copy.deepcopy(config))
+        except Exception as exc:  # a class that cannot be built from this config: no part info
+            logger.debug("could not build %s to read its ties: %s", saved_cls.__name__, exc)
+            return None
+
     extra: list[str] = []
     base = getattr(model, "base_model_prefix", "")
     if base and not hasattr(model, base):
@@ -163,10 +216,12 @@ def load_pretrained(
         construct_seconds=construct_seconds,
         memory_before=mem0,
         extra_prefixes=extra,
-        # As from_pretrained: buffers keep the dtype they were computed in (RoPE inv_freq stays fp32).
+        # Every tensor takes the dtype it was built in (see _built_in), as from_pretrained loads:
+        # RoPE inv_freq, DeBERTa's q_bias (made in float32 on purpose) stay float32.
         cast_unsaved_buffers=False,
         keep_fp32=sorted(keep),
-        remap=hf_remap(model),
+        dtype_as_built=dtype in _DEFAULT_DTYPES,
+        remap=hf_remap(model, saved=build_saved),
     )
     gen = folder / "generation_config.json"
     if gen.is_file() and getattr(model, "generation_config", None) is not None:
