@@ -88,3 +88,42 @@ def start_child_holding_the_socket(pidfile: Path, how: str) -> None:
     tmp = pidfile.with_suffix(".tmp")
     tmp.write_text(str(pid))
     tmp.rename(pidfile)  # whole or absent
+
+
+# ---------------------------------------------------------------- replacements (after a crash)
+
+
+def _first_start(marker: str) -> bool:
+    """True in the first worker to start (it writes ``marker``); False in every later one."""
+    try:
+        with open(marker, "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        return False
+    return True
+
+
+def init_slow_replacement(marker: str, pidfile: str) -> dict[str, int]:
+    """The first worker starts at once; a replacement starts a child (in its process group),
+    writes both pids to ``pidfile`` and sleeps in init far past any test's patience."""
+    if not _first_start(marker):
+        child = subprocess.Popen(["sleep", "3600"])
+        tmp = Path(pidfile).with_suffix(".tmp")
+        tmp.write_text(f"{os.getpid()} {child.pid}")
+        tmp.rename(pidfile)  # whole or absent
+        time.sleep(3600)
+    return init()
+
+
+def init_fails_in_replacements(marker: str) -> dict[str, int]:
+    """The first worker starts; every replacement's init raises."""
+    if not _first_start(marker):
+        raise RuntimeError(f"model.bin vanished (replacement pid {os.getpid()})")
+    return init()
+
+
+def crash(state: dict[str, int], item: Any) -> Any:
+    """``fn`` that kills its worker on "die" and serves everything else."""
+    if item == "die":
+        os._exit(3)
+    return serve(state, item)

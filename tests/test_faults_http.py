@@ -12,11 +12,18 @@ Each test reproduces one fault found on 75b60b0 and asserts the fix:
   the route is shed at the door, before its body is read, until the batcher's retry estimate);
 - the services admitted far more than could finish (now: ``svc.admission`` sizes the queue
   from the measured batch cost; every flooded request resolves exactly once, 200 or 503).
+
+And lifecycle faults found on 4d24f48: a shutdown during a slow setup waited for it and let it
+build what nothing closed; a failed setup left what it managed running and told clients to retry;
+``/readyz`` said ready while a managed pool had no live worker or had given up.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
@@ -36,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from pydantic import BaseModel  # noqa: E402
 
 import fastinfer  # noqa: E402
+from fastinfer._common.export import gauge  # noqa: E402
 from fastinfer.integrations.fastapi import FastInferService, run_server  # noqa: E402
 
 
@@ -515,3 +523,150 @@ def test_health_readiness_and_metrics_answer_head(buggy: str) -> None:
         for path in ("/healthz", "/readyz", "/metrics"):
             resp = client.head(path)
             assert resp.status_code == 200 and resp.content == b"", path
+
+
+# -------------------------------------------------------------------------------- lifecycle
+
+
+def test_shutdown_during_a_slow_setup_does_not_wait_and_closes_what_setup_registers_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A SIGTERM during a 40 s ``init`` waited the 40 s, then setup went on building a pool and a
+    batcher nothing closed, and each signal logged an ERROR with a CancelledError traceback."""
+    caplog.set_level(logging.INFO, logger="fastinfer")
+    slow_init, built, reached = threading.Event(), [], []
+    svc = FastInferService()
+    svc.setup_grace_seconds = 0.2
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        with svc.phase("load"):  # serve_model's shape: the pool is built and managed here
+            slow_init.wait(10)  # a slow init(): not interrupted, not waited for
+            batcher = fastinfer.DynamicBatcher(lambda xs: xs, max_batch_size=4, max_wait_ms=1)
+            built.append(batcher)
+            svc.manage(batcher, name="model")  # shutdown began: closed at once, setup stopped
+            reached.append("after manage")
+        with svc.phase("measure"):
+            reached.append("measure")
+
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+    with run_server(app) as url:
+        until(lambda: httpx.get(url + "/readyz").json()["phase"] == "load", "the load phase")
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 5  # the server stopped without waiting for the setup
+    slow_init.set()
+    until(lambda: bool(built) and built[0].closed, "the late batcher closed")
+    assert reached == [] and not svc.ready and svc._managed == []
+    fastinfer_logs = [r for r in caplog.records if r.name.startswith("fastinfer")]
+    assert [r for r in fastinfer_logs if r.levelno >= logging.ERROR] == []
+    said = [r.getMessage() for r in fastinfer_logs if "during setup" in r.getMessage()]
+    assert len(said) == 1 and "phase 'load'" in said[0], said
+
+
+def test_phase_refuses_to_start_once_shutdown_began() -> None:
+    svc = FastInferService()
+    asyncio.run(svc._shutdown())
+    with pytest.raises(asyncio.CancelledError, match="shutting down"), svc.phase("compile"):
+        pytest.fail("the phase ran after shutdown began")
+
+
+def test_a_failed_setup_closes_what_it_managed_and_says_so_without_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Setup failed after a PinnedPool's workers started: they stayed alive while the service sat
+    in setup_failed, and requests were told ``not_ready ... retry shortly``."""
+    caplog.set_level(logging.INFO, logger="fastinfer")
+    managed = []
+    svc = FastInferService()
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        batcher = fastinfer.DynamicBatcher(lambda xs: xs, max_batch_size=4, max_wait_ms=1)
+        managed.append(svc.manage(batcher, name="model"))
+        raise RuntimeError("the bundle has no weights.pt\n(second line)")
+
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+
+    @app.post("/predict")
+    async def predict(body: Body, request: Request) -> dict[str, int]:
+        return {"y": await svc.submit(svc.state.batcher, body.x, request)}
+
+    with run_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        until(lambda: svc.readiness().get("error") == "setup_failed", "the setup failure")
+        until(lambda: managed[0].closed, "the managed batcher closed")
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"] == "setup_failed"
+        assert "no weights.pt" in ready.json()["detail"]
+        resp = client.post("/predict", json={"x": 1})
+        assert resp.status_code == 503 and "retry-after" not in resp.headers
+        body = resp.json()
+        assert body["error"] == "setup_failed" and "retry" not in body["detail"]
+        assert "RuntimeError: the bundle has no weights.pt)" in body["detail"]
+        assert "second line" not in body["detail"]
+    closing = [r for r in caplog.records if "after the setup failure" in r.getMessage()]
+    assert len(closing) == 1 and "model" in closing[0].getMessage()
+
+
+@dataclasses.dataclass
+class FakePoolStats:
+    """What a PinnedPool's statistics() says about its health (duck-typed by readiness)."""
+
+    workers: int = gauge(default=2)
+    workers_alive: int = gauge(default=2)
+    closed: bool = gauge(default=False)
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.stats = FakePoolStats()
+
+    def statistics(self) -> FakePoolStats:
+        return dataclasses.replace(self.stats)
+
+    def run(self, xs: list[int]) -> list[int]:
+        if self.stats.closed:
+            raise fastinfer.ClosedError("cannot submit to a closed PinnedPool")
+        return [x * 2 for x in xs]
+
+    def close(self) -> None:
+        pass
+
+
+def test_readiness_fails_while_a_managed_pool_has_no_worker_or_gave_up(served: Any) -> None:
+    """/readyz said 200 while a PinnedPool crash-looped with no live worker, and after it gave up
+    and closed itself; requests then got 503 ``shutting_down``, though nothing was shutting down."""
+    pool = FakePool()
+    svc = FastInferService(retry_after_seconds=2.0)
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        svc.manage(pool, name="m_pool", standard=False)
+        svc.state.batcher = svc.manage(
+            fastinfer.DynamicBatcher(pool.run, max_batch_size=4, max_wait_ms=1), name="model"
+        )
+
+    app = FastAPI(lifespan=svc.lifespan)
+    svc.install(app)
+
+    @app.post("/predict")
+    async def predict(body: Body, request: Request) -> dict[str, int]:
+        return {"y": await svc.submit(svc.state.batcher, body.x, request)}
+
+    with run_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        until(lambda: svc.ready, "setup")
+        assert client.get("/readyz").status_code == 200
+        pool.stats.workers_alive = 0  # crash loop: every worker dead, being restarted
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"] == "unhealthy"
+        assert ready.json()["detail"].startswith("pool m_pool: 0 of 2 workers alive")
+        pool.stats.closed = True  # gave up: its replacements' init kept failing
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "pool m_pool: gave up" in ready.json()["detail"]
+        resp = client.post("/predict", json={"x": 1})
+        assert resp.status_code == 503 and "retry-after" not in resp.headers
+        assert resp.json()["error"] == "unhealthy"
+        assert "closed PinnedPool" in resp.json()["detail"] and "m_pool" in resp.json()["detail"]
+        pool.stats = FakePoolStats()  # healthy again
+        assert client.get("/readyz").status_code == 200

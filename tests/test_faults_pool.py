@@ -1,5 +1,6 @@
 """PinnedPool under faults: BaseExceptions raised in ``fn``, answers the parent cannot rebuild,
-workers that die leaving a child holding their socket, ``fn`` changing its input in place.
+workers that die leaving a child holding their socket, ``fn`` changing its input in place, and
+replacements that are slow to start, keep crashing or never start.
 
 Each contained failure is checked three ways: what the caller gets, that the worker is the same
 process afterwards (same pid, its call counter continuing: it was neither killed nor restarted),
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import signal
 import time
@@ -22,8 +24,9 @@ import psutil
 import pytest
 import torch
 
-from fastinfer import PinnedPool, WorkerCrashed, WorkerError
+from fastinfer import ClosedError, PinnedPool, WorkerCrashed, WorkerError
 from fastinfer.pool import _link as pool_link
+from fastinfer.pool import _slots as pool_slots
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -257,3 +260,98 @@ def test_an_idempotent_retry_runs_on_the_original_input(tmp_path: Path) -> None:
         assert pool.statistics().retries == 1
     assert torch.equal(y, torch.full((1 << 18,), 2.0)), f"the retry saw a changed input: {y[0]}"
     assert torch.equal(x, torch.ones(1 << 18))
+
+
+# ---------------------------------------------------------------- replacements: slow, crashing, failing
+
+
+def test_close_kills_a_replacement_still_in_a_slow_init(tmp_path: Path) -> None:
+    # Before: the replacement was never killed (its link was dropped before the kill), so close()
+    # waited out 5 s of grace and then 60 s more for an init that would take an hour.
+    pidfile = tmp_path / "replacement.pids"
+    init = functools.partial(h.init_slow_replacement, str(tmp_path / "first"), str(pidfile))
+    pool = PinnedPool(init, h.crash, workers=1, load_warning_threshold=None)
+    pids: list[int] = []
+    try:
+        with pytest.raises(WorkerCrashed, match="exited with code 3"):
+            pool.submit("die").result(timeout=60)
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pids = [int(p) for p in pidfile.read_text().split()]  # the replacement, its child
+        assert pool.statistics().per_worker[0].state == "starting"
+        started = time.monotonic()
+        pool.close(timeout=30)
+        took = time.monotonic() - started
+        assert pool.statistics().closed, f"close() still waiting after {took:.0f}s"
+        assert took < 15, f"close() took {took:.1f}s"
+        assert all(_gone(pid) for pid in pids), "the replacement (or its child) was left running"
+    finally:
+        pool.close()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_worker_that_keeps_crashing_restarts_with_backoff_and_calls_fail_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: every crash was followed by an immediate restart (a torch import), and every call
+    # queued behind it to crash the next one: a restart storm, 503s taking seconds each.
+    monkeypatch.setattr(pool_slots, "_RESTART_BACKOFF_S", (30.0, 60.0), raising=False)
+    pool = PinnedPool(h.init, h.crash, workers=1, load_warning_threshold=None)
+    try:
+        # one crash: replaced at once, as ever; a call that succeeds clears the count
+        with pytest.raises(WorkerCrashed, match="exited with code 3"):
+            pool.submit("die").result(timeout=60)
+        assert pool.submit(("echo", 1)).result(timeout=60) == ("echo", 1)
+        # three in a row (two are replaced at once: a crash and an idempotent retry's): the next
+        # restart waits 30 s, and calls fail at once meanwhile
+        dying = [pool.submit("die") for _ in range(3)]
+        queued = pool.submit(("echo", 2))
+        for fut in dying:
+            with pytest.raises(WorkerCrashed, match="exited with code 3"):
+                fut.result(timeout=60)
+        with pytest.raises(WorkerCrashed, match="keep crashing"):
+            queued.result(timeout=20)  # it was queued behind the restart; it is failed instead
+        late = pool.submit(("echo", 3))
+        assert late.done(), "a call waited for a restart that is 30 s away"
+        error = late.exception()
+        assert isinstance(error, WorkerCrashed), repr(error)
+        message = str(error)
+        assert "worker 0: 3 crashes in a row" in message and "exited with code 3" in message
+        assert "the next restart is in " in message
+        assert 20 < getattr(error, "retry_after", 0) <= 30
+        s = pool.statistics()
+        assert (s.consecutive_crashes, s.workers_alive, s.worker_restarts_total) == (3, 0, 3)
+        assert 20 < s.restart_backoff_seconds <= 30 and s.per_worker[0].state == "backoff"
+        assert s.per_worker[0].consecutive_crashes == 3 and not s.gave_up
+        started = time.monotonic()
+        pool.close()  # does not wait for the restart
+        assert time.monotonic() - started < 10
+    finally:
+        pool.close()
+
+
+def test_a_pool_whose_replacements_never_start_says_it_gave_up_and_why(tmp_path: Path) -> None:
+    # Before: the pool closed itself and calls got "cannot submit to a closed PinnedPool", which
+    # an HTTP service reports as shutting down.
+    init = functools.partial(h.init_fails_in_replacements, str(tmp_path / "first"))
+    with PinnedPool(init, h.crash, workers=1, load_warning_threshold=None) as pool:
+        with pytest.raises(WorkerCrashed, match="exited with code 3"):
+            pool.submit("die").result(timeout=60)
+        assert not pool.wait_ready(timeout=60)  # its replacement failed to start, 3 times
+        try:
+            fut = pool.submit(("echo", 1))
+        except ClosedError as exc:
+            pytest.fail(f"submit said {exc!r}, as after close()")
+        error = fut.exception(timeout=10)
+        assert isinstance(error, WorkerCrashed), repr(error)
+        message = str(error)
+        assert "gave up" in message and "failed to start 3 times in a row" in message
+        assert "model.bin vanished" in message  # the last error
+        s = pool.statistics()
+        assert s.gave_up and "model.bin vanished" in (s.gave_up_reason or "")
+        assert s.workers_alive == 0

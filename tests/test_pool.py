@@ -98,7 +98,9 @@ def test_results_match_eager_and_tensors_travel_in_shared_memory(pool: PinnedPoo
     big = torch.randn(1 << 18)  # 1 MB: above the inline limit
     assert not big.is_shared()
     back = pool.submit(("echo", big)).result(timeout=60)
-    assert not big.is_shared(), "the caller's tensor stays its own (a copy went through shared memory)"
+    assert not big.is_shared(), (
+        "the caller's tensor stays its own (a copy went through shared memory)"
+    )
     assert back.is_shared(), "the result came back through shared memory"
     torch.testing.assert_close(back, big, rtol=0, atol=0)
 

@@ -17,9 +17,11 @@ from pydantic import BaseModel  # noqa: E402
 
 import fastinfer  # noqa: E402
 from fastinfer.errors import ConfigError  # noqa: E402
+from fastinfer.integrations._admission import fill_batch  # noqa: E402
 from fastinfer.integrations._model import auto_call_timeout, choose_workers  # noqa: E402
 from fastinfer.integrations.fastapi import FastInferService, run_server  # noqa: E402
 from fastinfer.pool import CorePlan  # noqa: E402
+from fastinfer.pool._pool import MAX_TIMEOUT  # noqa: E402
 
 
 def init_offset() -> dict[str, int]:  # in each worker (or here, in-process)
@@ -44,6 +46,32 @@ def init_fails() -> None:
     raise RuntimeError("the checkpoint is missing: /nowhere.pt")
 
 
+def init_must_not_run() -> None:  # a slow init must not run before a bad argument is reported
+    raise AssertionError("init ran before the arguments were checked")
+
+
+def init_slow() -> dict[str, int]:
+    import time
+
+    time.sleep(5)
+    return init_offset()
+
+
+def add_slowly(state: dict[str, int], batch: list[int]) -> list[dict[str, int]]:
+    import time
+
+    time.sleep(0.2)  # one batch costs 0.2 s
+    return add_offset(state, batch)
+
+
+SEEN: list[int] = []  # the sizes of the batches add_and_count ran (in the server process)
+
+
+def add_and_count(state: dict[str, int], batch: list[int]) -> list[dict[str, int]]:
+    SEEN.append(len(batch))
+    return add_offset(state, batch)
+
+
 class Body(BaseModel):
     x: int
 
@@ -54,7 +82,7 @@ def make_app(init: Any, fn: Any = add_offset, **kw: Any) -> tuple[FastAPI, FastI
     @svc.setup
     def build(svc: FastInferService) -> None:
         svc.state.batcher = svc.serve_model(
-            init, fn, list(range(8)), latency_target_ms=500, max_wait_ms=1, **kw
+            init, fn, list(range(8)), **{"latency_target_ms": 500, "max_wait_ms": 1, **kw}
         )
 
     app = FastAPI(lifespan=svc.lifespan)
@@ -203,3 +231,156 @@ def test_batcher_options_reach_the_batcher() -> None:
             assert await batcher.submit(1) == {"y": 101, "pid": os.getpid()}
 
     asyncio.run(main())
+
+
+def _setup_error(url: str) -> str:
+    for _ in range(1200):
+        body = _readyz(url)
+        if body.get("error") == "setup_failed":
+            return str(body["detail"])
+        asyncio.run(asyncio.sleep(0.05))
+    raise AssertionError(f"setup did not fail: {body}")
+
+
+# ---- every argument is checked before init runs (and before any worker starts)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"latency_target_ms": 0}, "latency_target_ms must be"),
+        ({"latency_target_ms": -5}, "latency_target_ms must be"),
+        ({"latency_target_ms": float("nan")}, "latency_target_ms must be"),
+        ({"startup_timeoutt": 600}, r"'startup_timeoutt' \(did you mean 'startup_timeout'\?\)"),
+        ({"polcy": "fixed"}, r"unknown keyword argument\(s\) 'polcy' \(did you mean 'policy'"),
+        ({"policy": "bogus"}, "policy"),
+        ({"startup_timeout": 0}, "startup_timeout must be"),
+        ({"startup_timeout": "10m"}, "startup_timeout must be"),
+        ({"max_batch_size": 0}, "max_batch_size must be"),
+        ({"name": "my-model"}, "name must be"),
+    ],
+    ids=[
+        "target0", "target_neg", "target_nan", "typo_startup_timeout", "typo_policy",
+        "bad_policy", "startup_timeout0", "startup_timeout_str", "mbs0", "name_dash",
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_argument_is_refused_before_init_runs(
+    kw: dict[str, Any], match: str, workers: int
+) -> None:
+    svc = FastInferService()
+    with pytest.raises(ConfigError, match=match):
+        svc.serve_model(
+            init_must_not_run, add_offset, [1, 2], **{"latency_target_ms": 500, "workers": workers,
+            **kw},
+        )  # fmt: skip
+    assert svc._managed == [], "nothing was started"
+
+
+@pytest.mark.parametrize(
+    ("example", "match"),
+    [([], "example_batch is empty"), ((), "example_batch is empty"),
+     ({}, "example_batch is empty"), (object(), "example_batch must be a batch"),
+     ({"a": [1, 2], "b": [1]}, "example_batch must be a batch")],
+    ids=["empty_list", "empty_tuple", "empty_mapping", "opaque", "mapping_disagrees"],
+)  # fmt: skip
+def test_an_empty_or_uncountable_example_batch_is_refused_by_name(example: Any, match: str) -> None:
+    svc = FastInferService()
+    with pytest.raises(ConfigError, match=match):
+        svc.serve_model(init_must_not_run, add_offset, example, latency_target_ms=500, workers=1)
+    assert svc._managed == []
+
+
+def test_serving_two_models_under_one_name_is_refused_before_init_runs() -> None:
+    svc = FastInferService()
+    svc.serve_model(init_offset, add_offset, [1, 2], latency_target_ms=500, workers=0, name="m")
+    with pytest.raises(ConfigError) as info:
+        svc.serve_model(
+            init_must_not_run, add_offset, [1, 2], latency_target_ms=500, workers=1, name="m"
+        )
+    assert str(info.value) == (
+        "a model named 'm' is already served by this service; give each serve_model call its "
+        "own name="
+    )
+    assert [n for n, _ in svc._managed] == ["m"]
+
+
+# ---- the measured figures
+
+
+def test_a_huge_latency_target_caps_the_call_timeout_at_a_week() -> None:
+    assert auto_call_timeout(1e9, 0.01) == MAX_TIMEOUT
+    assert auto_call_timeout(1e12, 1e9) == MAX_TIMEOUT
+    app, _ = make_app(init_offset, workers=1, latency_target_ms=1e12)
+    with run_server(app) as url:
+        answers = asyncio.run(_post_all(url, [1, 2]))
+        assert [a.status_code for a in answers] == [200, 200]
+        assert _readyz(url)["serving"]["model"]["call_timeout_s"] == MAX_TIMEOUT
+
+
+def test_max_batch_size_above_the_example_measures_a_full_batch_of_cycled_items(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    svc = FastInferService()
+    SEEN.clear()
+    with caplog.at_level("INFO", logger="fastinfer"):
+        batcher = svc.serve_model(
+            init_offset, add_and_count, [1, 2], latency_target_ms=500, workers=0, max_batch_size=8
+        )
+    assert SEEN and set(SEEN) == {8}, "every measured batch held max_batch_size items"
+    assert batcher.max_batch_size == 8
+    assert svc._admission["model"]["batch_size"] == 8
+    note = svc._serving["model"]["example_batch"]
+    assert note == "2 item(s), measured as a batch of max_batch_size=8: its items cycled"
+    assert "example_batch has 2 item(s), max_batch_size=8" in caplog.text
+    assert "counted as a batch" not in caplog.text  # nothing was miscounted
+
+
+def test_an_example_that_cannot_be_filled_to_max_batch_size_names_both() -> None:
+    class Texts:  # countable, but neither a list, a tuple nor a tensor
+        def __len__(self) -> int:
+            return 2
+
+    svc = FastInferService()
+    with pytest.raises(ConfigError, match=r"example_batch has 2 item\(s\) but max_batch_size=8"):
+        svc.serve_model(
+            init_must_not_run, add_offset, Texts(), latency_target_ms=500, max_batch_size=8
+        )
+
+
+def test_fill_batch_cycles_or_cuts_along_the_first_dimension() -> None:
+    torch = pytest.importorskip("torch")
+    assert fill_batch([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]
+    assert fill_batch((1, 2, 3), 2) == (1, 2)
+    t = torch.arange(6).reshape(3, 2)  # (3, 2)
+    torch.testing.assert_close(fill_batch(t, 4), torch.tensor([[0, 1], [2, 3], [4, 5], [0, 1]]))
+    enc = fill_batch({"ids": t, "mask": torch.ones(3, 2)}, 5)
+    assert enc["ids"].shape == (5, 2) and enc["mask"].shape == (5, 2)
+
+
+def test_measuring_an_example_counted_as_another_size_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastinfer.integrations._sizing import measure_serving
+
+    with caplog.at_level("WARNING", logger="fastinfer"):
+        measure_serving(len, [1, 2], batch_size=8, cores=1, seconds=0.01)
+    assert "has 2 item(s) but is counted as a batch of batch_size=8" in caplog.text
+
+
+def test_a_call_timeout_below_two_measured_batches_fails_setup_naming_both() -> None:
+    app, _ = make_app(init_offset, add_slowly, workers=1, call_timeout=0.1)
+    with run_server(app) as url:
+        detail = _setup_error(url)
+        assert "ConfigError: call_timeout=0.1s is below 2x the measured cost of one full batch" in (
+            detail
+        )
+        assert "call_timeout='auto'" in detail
+
+
+def test_startup_timeout_reaches_the_pool_and_its_error_names_the_fix() -> None:
+    app, _ = make_app(init_slow, workers=1, startup_timeout=1)
+    with run_server(app) as url:
+        detail = _setup_error(url)
+        assert "did not start within 1s" in detail
+        assert "Fix: serve_model(..., startup_timeout=<seconds>)" in detail

@@ -20,7 +20,14 @@ from typing import Any, TypedDict
 from fastinfer._common.quantiles import quantile
 from fastinfer.errors import ConfigError
 
-__all__ = ["AdmissionLimits", "AdmissionReport", "batch_len", "measure_admission"]
+__all__ = [
+    "AdmissionLimits",
+    "AdmissionReport",
+    "batch_len",
+    "fill_batch",
+    "measure_admission",
+    "warn_if_miscounted",
+]
 
 logger = logging.getLogger("fastinfer.integrations.fastapi")
 
@@ -88,6 +95,7 @@ def measure_admission(
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {size!r}")
     if batch_seconds is None:
+        warn_if_miscounted(example_batch, size)
         fn(example_batch)  # first calls pay one-time costs (lazy kernel loads, allocator growth)
         times = []
         for _ in range(repeat):
@@ -127,3 +135,50 @@ def batch_len(batch: Any) -> int:
         raise ConfigError(
             f"cannot tell the batch size of a {type(batch).__name__}: pass batch_size="
         ) from None
+
+
+def warn_if_miscounted(example_batch: Any, batch_size: int) -> None:
+    """Log when a timed example holds another number of items than the batch size it counts as
+    (the measured cost per item, and so the queue sized from it, would be off by that ratio)."""
+    try:
+        n = batch_len(example_batch)
+    except ConfigError:  # a mapping or an opaque batch: its items cannot be counted
+        return
+    if n != batch_size:
+        logger.warning(
+            "the example batch has %d item(s) but is counted as a batch of batch_size=%d: the "
+            "cost per item and the queue sized from it are off by %.3gx; pass an example of "
+            "batch_size items",
+            n,
+            batch_size,
+            batch_size / n if n else float("inf"),
+        )
+
+
+def fill_batch(batch: Any, size: int) -> Any:
+    """``batch`` with exactly ``size`` items: its items cycled to fill it, or its first ``size``.
+
+    Works on a list, a tuple, a tensor or array (indexed along its first dimension) and a mapping
+    of those that all hold the same number of items (tokenizer output). Raises
+    :class:`~fastinfer.ConfigError` on anything else."""
+    if isinstance(batch, Mapping):
+        filled = {k: fill_batch(v, size) for k, v in batch.items()}
+        try:  # a tokenizer's BatchEncoding stays one
+            return type(batch)(filled)  # type: ignore[call-arg]
+        except Exception:
+            return filled
+    n = batch_len(batch)
+    if n < 1:
+        raise ConfigError("cannot fill a batch of no items")
+    if n == size:
+        return batch
+    index = [i % n for i in range(size)]
+    if isinstance(batch, list | tuple):
+        items = [batch[i] for i in index]
+        return tuple(items) if type(batch) is tuple else items
+    if hasattr(batch, "shape") and hasattr(batch, "__getitem__"):
+        return batch[index]  # (size, ...): advanced indexing along the first dimension
+    raise ConfigError(
+        f"cannot resize a batch of type {type(batch).__name__} to {size} items; pass one of "
+        f"exactly {size} items"
+    )

@@ -11,18 +11,24 @@ batcher.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import logging
+import math
 import pickle
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+import re
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
-from fastinfer.errors import ConfigError
-from fastinfer.integrations._admission import batch_len
+from fastinfer.errors import ConfigError, WorkerStartupError
+from fastinfer.integrations._admission import batch_len, fill_batch
 
 if TYPE_CHECKING:
     from fastinfer.batching import DynamicBatcher
+    from fastinfer.integrations._admission import AdmissionLimits
     from fastinfer.integrations.fastapi import FastInferService
+    from fastinfer.pool import PinnedPool
 
 __all__ = ["auto_call_timeout", "choose_workers", "serve_model"]
 
@@ -60,8 +66,80 @@ def choose_workers(
 
 
 def auto_call_timeout(latency_target_ms: float, batch_seconds: float) -> float:
-    """Seconds after which a batch is taken as stuck: 5 s, 10x the target, 50x a full batch."""
-    return round(max(5.0, 10 * latency_target_ms / 1000, 50 * batch_seconds), 3)
+    """Seconds after which a batch is taken as stuck: 5 s, 10x the target, 50x a full batch;
+    at most a week (``MAX_TIMEOUT``: longer cannot be waited on)."""
+    from fastinfer.pool._pool import MAX_TIMEOUT
+
+    return round(min(MAX_TIMEOUT, max(5.0, 10 * latency_target_ms / 1000, 50 * batch_seconds)), 3)
+
+
+#: a call_timeout below this many measured full batches is refused (every call would time out)
+MIN_TIMEOUT_BATCHES = 2.0
+
+_NAME = re.compile(r"[A-Za-z0-9_:]+")
+
+
+def _seconds(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _example_items(example_batch: Any) -> int:
+    """How many items ``example_batch`` holds (a mapping: its values', which must agree)."""
+    values = list(example_batch.values()) if isinstance(example_batch, Mapping) else [example_batch]
+    try:
+        counts = {batch_len(v) for v in values}
+    except ConfigError:
+        counts = set()
+    if len(counts) == 1:
+        return counts.pop()
+    if isinstance(example_batch, Mapping) and not example_batch:
+        return 0
+    raise ConfigError(
+        f"example_batch must be a batch as fn receives it, with items that can be counted (a "
+        f"list, a tuple, a tensor, or a mapping of those that agree on the count), got "
+        f"{type(example_batch).__name__} {_short(example_batch)}. Fix: pass a list of "
+        "representative inputs"
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_batcher_options(
+    options: dict[str, Any], size: int, max_wait_ms: float, call: Callable[[Any], Any]
+) -> None:
+    """Refuse a keyword DynamicBatcher does not take, or a value it refuses, before any worker
+    starts (a slow ``init`` must not run before a typo is reported)."""
+    from fastinfer.batching import DynamicBatcher
+
+    if "config" in options:
+        raise ConfigError(
+            "serve_model builds the batcher's config itself: pass its options as keywords "
+            "(policy=..., timeout=...), not config="
+        )
+    own = set(inspect.signature(serve_model).parameters) - {"svc", "batcher_options"}
+    taken = set(inspect.signature(DynamicBatcher.__init__).parameters) - {"self", "fn", "config"}
+    unknown = sorted(set(options) - taken)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, own | taken, 1)
+            hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+        raise ConfigError(
+            f"serve_model got unknown keyword argument(s) {', '.join(hints)}. Fix: use "
+            f"serve_model's own ({', '.join(sorted(own))}) or DynamicBatcher's, which the "
+            f"others go to ({', '.join(sorted(taken - own))})"
+        )
+    # A dry run: the batcher built here checks every value the way the real one will (nothing
+    # starts until it is bound to a loop); the measured limits replace these placeholders.
+    DynamicBatcher(
+        call,
+        max_batch_size=size,
+        max_wait_ms=max_wait_ms,
+        **{"policy": "adaptive", "max_concurrent_batches": 1, "max_queue_size": size, **options},
+    )
 
 
 def serve_model(
@@ -75,6 +153,7 @@ def serve_model(
     max_batch_size: int | None = None,
     max_wait_ms: float = 5.0,
     call_timeout: float | Literal["auto"] | None = "auto",
+    startup_timeout: float = 300.0,
     name: str = "model",
     **batcher_options: Any,
 ) -> DynamicBatcher[Any, Any]:
@@ -94,36 +173,155 @@ def serve_model(
     is killed and replaced, the batch's requests fail with ``WorkerTimeout`` (504), and the
     batcher retries the others of that batch apart from the one that hangs. ``"auto"``: the
     largest of 5 s, 10x the latency target and 50x the measured full-batch cost (a batch that
-    slow is stuck, not slow); None: no limit. In the server process (``workers=0``) nothing can
-    stop a running call, so it applies to workers only (the batcher's ``batch_timeout`` abandons
-    a call that runs here). Every worker, a replacement included, runs ``fn`` on
-    ``example_batch`` once before it takes calls (``PinnedPool(warmup=...)``), so no first call
-    is a cold one."""
+    slow is stuck, not slow), at most a week; None: no limit. A number below twice the measured
+    full-batch cost is refused (``ConfigError``) once measured: every batch would time out. In
+    the server process (``workers=0``) nothing can stop a running call, so it applies to
+    workers only (the batcher's ``batch_timeout`` abandons a call that runs here).
+    ``startup_timeout`` (seconds, default 300) is how long each worker's ``init`` may take.
+
+    The cost is measured on a full batch of ``max_batch_size`` items (default: the example's
+    size): a smaller ``example_batch`` is filled by cycling its items (a larger one is cut), and
+    the log and ``/readyz`` say so. Every worker, a replacement included, runs ``fn`` on that
+    batch once before it takes calls (``PinnedPool(warmup=...)``), so no first call is a cold
+    one. Every argument, ``batcher_options`` included, is checked before any worker starts;
+    a bad one raises :class:`~fastinfer.ConfigError` naming it."""
     from fastinfer.batching import DynamicBatcher
-    from fastinfer.pool import PinnedPool
     from fastinfer.pool._pool import MAX_TIMEOUT
 
-    if (
-        call_timeout is not None
-        and call_timeout != "auto"
-        and not (
-            isinstance(call_timeout, int | float)
-            and not isinstance(call_timeout, bool)
-            and 0 < call_timeout <= MAX_TIMEOUT
+    # Every argument is checked here, before the first worker starts: a slow init must not run
+    # before a typo is reported.
+    if not (isinstance(name, str) and _NAME.fullmatch(name)):
+        raise ConfigError(
+            f"name must be letters, digits and '_' (it names the metrics fastinfer_<name>_*), "
+            f"got {name!r}"
         )
+    taken = {n for n, _ in svc._managed} | set(svc._serving) | set(svc._admission)
+    if {name, f"{name}_pool"} & taken:
+        raise ConfigError(
+            f"a model named {name!r} is already served by this service; give each serve_model "
+            "call its own name="
+        )
+    if not (_seconds(latency_target_ms) and 0 < latency_target_ms < math.inf):
+        raise ConfigError(
+            f"latency_target_ms must be a number of milliseconds > 0, got {latency_target_ms!r}"
+        )
+    if call_timeout not in (None, "auto") and not (
+        _seconds(call_timeout) and 0 < call_timeout <= MAX_TIMEOUT
     ):
         raise ConfigError(
             f"call_timeout must be 'auto', None (no limit) or seconds in (0, {MAX_TIMEOUT:g}], "
             f"got {call_timeout!r}"
         )
+    if not (_seconds(startup_timeout) and 0 < startup_timeout <= MAX_TIMEOUT):
+        raise ConfigError(
+            f"startup_timeout must be the seconds a worker's init may take, in "
+            f"(0, {MAX_TIMEOUT:g}], got {startup_timeout!r}"
+        )
+    if max_batch_size is not None and (
+        isinstance(max_batch_size, bool)
+        or not isinstance(max_batch_size, int)
+        or max_batch_size < 1
+    ):
+        raise ConfigError(f"max_batch_size must be an int >= 1 or None, got {max_batch_size!r}")
+    items = _example_items(example_batch)
+    if items < 1:
+        raise ConfigError(
+            f"example_batch is empty ({type(example_batch).__name__} of 0 items): the batch "
+            "cost is measured on it and every worker warms up on it. Fix: pass a few "
+            "representative inputs (ideally max_batch_size of them)"
+        )
+    size = max_batch_size if max_batch_size is not None else items
+    # The cost is measured (and every worker warmed) on a full batch of `size` items: an example
+    # of another size would be timed as one and counted as the other, sizing the queue wrongly.
+    try:
+        batch = fill_batch(example_batch, size)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"example_batch has {items} item(s) but max_batch_size={size}, and {exc}. Fix: pass "
+            f"an example_batch of {size} items (a list, a tuple or a tensor can be filled)"
+        ) from None
     processes, reason = choose_workers(init, fn, workers)
-    size = max_batch_size if max_batch_size is not None else batch_len(example_batch)
+
+    async def _pool_call(xs: Any) -> Any:  # stands for pool.run in the dry run
+        return xs
+
+    dry: Callable[[Any], Any] = _pool_call if processes else functools.partial(fn, None)
+    _check_batcher_options(batcher_options, size, max_wait_ms, dry)
+    how = "its items cycled" if items < size else f"its first {size} items"
+    if items != size:
+        logger.info(
+            "serving %s: example_batch has %d item(s), max_batch_size=%d: measuring and warming "
+            "up on a batch of %d, %s",
+            name,
+            items,
+            size,
+            size,
+            how,
+        )
+    try:
+        call, limits, pool = _start_and_measure(
+            svc, init, fn, batch, size, processes, latency_target_ms, startup_timeout, name
+        )
+    except WorkerStartupError as exc:
+        if "did not start within" not in str(exc):
+            raise
+        raise WorkerStartupError(
+            f"{exc}. Fix: serve_model(..., startup_timeout=<seconds>) gives each worker's init "
+            f"longer (it was {startup_timeout:g}s)"
+        ) from exc
+    serving = svc._serving.setdefault(name, {})
+    serving.update(processes=processes, choice=reason)
+    if items != size:
+        serving["example_batch"] = (
+            f"{items} item(s), measured as a batch of max_batch_size={size}: {how}"
+        )
+    if processes:
+        batch_seconds = serving.get("batch_seconds") or 0.0
+        assert pool is not None
+        if call_timeout == "auto":
+            pool.timeout = auto_call_timeout(latency_target_ms, batch_seconds)
+        else:
+            if call_timeout is not None and call_timeout < MIN_TIMEOUT_BATCHES * batch_seconds:
+                raise ConfigError(
+                    f"call_timeout={call_timeout:g}s is below {MIN_TIMEOUT_BATCHES:g}x the "
+                    f"measured cost of one full batch ({batch_seconds:.3g}s for "
+                    f"{size} items): every batch would time out and restart its worker. Fix: "
+                    f"raise call_timeout above {MIN_TIMEOUT_BATCHES * batch_seconds:.3g}s, pass "
+                    "call_timeout='auto', or lower max_batch_size"
+                )
+            pool.timeout = call_timeout
+        serving["call_timeout_s"] = pool.timeout
+    logger.info("serving %s: %s", name, reason)
+    options = {"policy": "adaptive", **limits, **svc.batcher_hooks(), **batcher_options}
+    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+        call, max_batch_size=size, max_wait_ms=max_wait_ms, **options
+    )
+    return svc.manage(batcher, name=name)
+
+
+def _start_and_measure(
+    svc: FastInferService,
+    init: Callable[[], Any],
+    fn: Callable[[Any, Any], Any],
+    batch: Any,
+    size: int,
+    processes: int,
+    latency_target_ms: float,
+    startup_timeout: float,
+    name: str,
+) -> tuple[Callable[[Any], Any], AdmissionLimits, PinnedPool | None]:
+    """Start the workers (or run ``init`` here) and measure a full batch: (call, limits, pool)."""
+    from fastinfer.pool import PinnedPool
+
+    pool: PinnedPool | None = None
     call: Callable[[Any], Any]
     if processes:
         with svc.phase("workers"):  # each worker runs init once, pinned, its threads set
             pool = svc.manage(
                 # warmup: a replacement worker (after a crash or a timeout) starts warm too
-                PinnedPool(init, fn, workers=processes, warmup=example_batch),
+                PinnedPool(
+                    init, fn, workers=processes, warmup=batch, startup_timeout=startup_timeout
+                ),
                 name=f"{name}_pool",
                 standard=False,
             )
@@ -136,20 +334,6 @@ def serve_model(
         call = sized = functools.partial(fn, state)
     with svc.phase("measure"):  # a full batch's cost, through the workers (also the warm-up)
         limits = svc.admission(
-            sized, example_batch, latency_target_ms=latency_target_ms, batch_size=size, name=name
+            sized, batch, latency_target_ms=latency_target_ms, batch_size=size, name=name
         )
-    serving = svc._serving.setdefault(name, {})
-    serving.update(processes=processes, choice=reason)
-    if processes:
-        pool.timeout = (
-            auto_call_timeout(latency_target_ms, serving.get("batch_seconds") or 0.0)
-            if call_timeout == "auto"
-            else call_timeout
-        )
-        serving["call_timeout_s"] = pool.timeout
-    logger.info("serving %s: %s", name, reason)
-    options = {"policy": "adaptive", **limits, **svc.batcher_hooks(), **batcher_options}
-    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
-        call, max_batch_size=size, max_wait_ms=max_wait_ms, **options
-    )
-    return svc.manage(batcher, name=name)
+    return call, limits, pool

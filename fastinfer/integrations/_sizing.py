@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastinfer.errors import ConfigError, RecompileError
+from fastinfer.integrations._admission import warn_if_miscounted
 
 if TYPE_CHECKING:
     from fastinfer.pool import PinnedPool
@@ -125,6 +126,7 @@ def measure_serving(
         options = [(slots, max(1, budget // slots))]
     if not seconds > 0:
         raise ConfigError(f"seconds must be > 0, got {seconds!r}")
+    warn_if_miscounted(example_batch, batch_size)
     measured: dict[str, float] = {}
     refused: dict[str, str] = {}
     for s, t in options:

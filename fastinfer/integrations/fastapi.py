@@ -58,10 +58,10 @@ import inspect
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastinfer._optional import require
@@ -82,6 +82,18 @@ from fastinfer.integrations._admission import (
     AdmissionReport,
     batch_len,
     measure_admission,
+)
+from fastinfer.integrations._lifecycle import (
+    SetupCancelled,
+    State,
+    close_all,
+    close_now,
+    health_problems,
+    not_ready_detail,
+    run_in_thread,
+    stop_setup,
+    track,
+    unless_disconnected,
 )
 from fastinfer.integrations._limits import (
     Door,
@@ -118,25 +130,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class _State(SimpleNamespace):
-    """``svc.state``: what setup built. Reading an attribute setup has not set yet raises
-    :class:`NotReady` (HTTP 503) while the service is starting, not an ``AttributeError`` (500)."""
-
-    def __init__(self, svc: FastInferService) -> None:
-        super().__init__()
-        object.__setattr__(self, "_svc", svc)
-
-    def __getattr__(self, name: str) -> Any:
-        svc = object.__getattribute__(self, "_svc")
-        if not svc.ready and not name.startswith("__"):
-            raise NotReady(f"the service is not ready yet (phase: {svc._phase}); retry shortly")
-        raise AttributeError(f"svc.state has no {name!r}: set it in the setup function")
-
-    def __repr__(self) -> str:
-        items = {k: v for k, v in vars(self).items() if k != "_svc"}
-        return f"state({', '.join(f'{k}={v!r}' for k, v in items.items())})"
 
 
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Any:
@@ -207,7 +200,7 @@ class FastInferService:
             raise ConfigError(f"dashboard_path must start with '/', got {dashboard_path!r}")
         self.recorder = recorder if recorder is not None else MetricsRecorder()
         self.metrics = standard_metrics(self.recorder)
-        self.state = _State(self)
+        self.state = State(self)
         self.background_setup = background_setup
         self.retry_after_seconds = retry_after_seconds
         self.shutdown_timeout_seconds = shutdown_timeout_seconds
@@ -224,6 +217,8 @@ class FastInferService:
         self._serving: dict[str, Any] = {}
         self._setup_fn: Callable[[FastInferService], Any] | None = None
         self._managed: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()  # manage() runs on the setup thread, shutdown on the loop
+        self._stopping = False
         self._phases: dict[str, float] = {}
         self._phase: str = "not started"
         self._ready = False
@@ -255,9 +250,15 @@ class FastInferService:
         self._setup_fn = fn
         return fn
 
+    #: how long shutdown waits for a setup still running before it closes what is managed
+    setup_grace_seconds = 2.0
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time one setup phase; ``/readyz`` shows it while it runs and its time once done."""
+        """Time one setup phase; ``/readyz`` shows it while it runs and its time once done.
+        Once shutdown has begun, entering or finishing a phase raises :class:`SetupCancelled`
+        (a ``CancelledError``), so a setup the server no longer waits for stops there."""
+        self._check_stopping(name)
         self._phase = name
         t0 = time.perf_counter()
         try:
@@ -266,6 +267,11 @@ class FastInferService:
             elapsed = time.perf_counter() - t0
             self._phases[name] = self._phases.get(name, 0.0) + elapsed
             self._phase_seconds.labels(phase=name).observe(elapsed)
+        self._check_stopping(name)
+
+    def _check_stopping(self, where: str) -> None:
+        if self._stopping:
+            raise SetupCancelled(f"setup stopped at {where!r}: the service is shutting down")
 
     def manage(self, obj: T, *, name: str, standard: bool = True) -> T:
         """Close ``obj`` (draining it) at shutdown, in reverse order, and export its ``statistics()``.
@@ -273,20 +279,22 @@ class FastInferService:
         Its fields go to the standard metrics they declare (queue depth, requests by outcome...)
         and the rest to ``fastinfer_<name>_*``. The standard metrics describe one front stage:
         a second object that feeds the same ones (a :class:`fastinfer.PinnedPool` behind the
-        batcher) takes ``standard=False`` and is exported under ``fastinfer_<name>_*`` only."""
+        batcher) takes ``standard=False`` and is exported under ``fastinfer_<name>_*`` only.
+
+        Once shutdown has begun (a setup still running), ``obj`` is closed at once and
+        :class:`SetupCancelled` raised."""
         if not (hasattr(obj, "aclose") or hasattr(obj, "close")):
             raise ConfigError(f"manage({name!r}): {type(obj).__name__} has no close() or aclose()")
+        with self._lock:
+            if not self._stopping:
+                return self._register(obj, name, standard)
+        close_now(name, obj)
+        self._check_stopping(f"manage({name!r})")
+        return obj
+
+    def _register(self, obj: T, name: str, standard: bool) -> T:
         if hasattr(obj, "statistics"):
-            try:
-                self.recorder.track(obj, prefix=f"fastinfer_{name}", standard=standard)
-            except ConfigError as exc:
-                if "would both write" not in str(exc):
-                    raise
-                raise ConfigError(
-                    f"manage({name!r}): {type(obj).__name__} feeds the same standard metrics as "
-                    f"an object already managed ({exc}). Fix: svc.manage(..., name={name!r}, "
-                    f"standard=False) exports its statistics as fastinfer_{name}_* only"
-                ) from None
+            track(self.recorder, obj, name, standard)
         self._managed.append((name, obj))
         return obj
 
@@ -302,8 +310,12 @@ class FastInferService:
         return self._ready
 
     def readiness(self) -> dict[str, Any]:
-        """What ``/readyz`` returns: ready or not, the current phase, the phase times."""
-        out: dict[str, Any] = {"ready": self._ready, "phase": self._phase, "phases": self._phases}
+        """What ``/readyz`` returns: ready or not, the current phase, the phase times. Once set
+        up, the service is ready only while its managed objects can serve: a worker pool with no
+        live worker, or one that gave up, makes it not ready, the reason naming the pool."""
+        problems = self._problems() if self._ready else []
+        ready = self._ready and not problems
+        out: dict[str, Any] = {"ready": ready, "phase": self._phase, "phases": self._phases}
         if self._serving:
             out["serving"] = self._serving
         if self._admission:
@@ -311,10 +323,20 @@ class FastInferService:
         if self._setup_error is not None:
             out["error"] = "setup_failed"
             out["detail"] = f"{type(self._setup_error).__name__}: {self._setup_error}"
-        elif not self._ready:
-            out["error"] = "not_ready"
-            out["detail"] = f"the service is not ready yet (phase: {self._phase}); retry shortly"
+        elif problems:
+            out["error"], out["detail"] = "unhealthy", "; ".join(problems)
+        elif not ready:
+            out["error"] = "shutting_down" if self._stopping else "not_ready"
+            out["detail"] = self._not_ready_detail()
         return out
+
+    def _problems(self) -> list[str]:
+        with self._lock:
+            managed = list(self._managed)
+        return [] if self._stopping else health_problems(managed)
+
+    def _not_ready_detail(self) -> str:
+        return not_ready_detail(self._setup_error, self._stopping, self._phase)
 
     def admission(
         self,
@@ -399,7 +421,8 @@ class FastInferService:
                 if inspect.iscoroutinefunction(self._setup_fn):
                     await self._setup_fn(self)
                 else:  # a sync setup runs in a thread so /healthz keeps answering
-                    await asyncio.to_thread(self._setup_fn, self)
+                    await run_in_thread(self._setup_fn, self)
+            self._check_stopping("the end of setup")
             if self.freeze_gc:
                 with self.phase("gc freeze"):
                     gc.collect()
@@ -408,26 +431,29 @@ class FastInferService:
             self._ready, self._phase = True, "ready"
             logger.info("fastinfer service ready: %s", self._phases)
         except BaseException as exc:
+            if self._stopping:  # shutdown stopped it: _shutdown says so, in one line
+                return
             self._setup_error, self._phase = exc, "failed"
             logger.exception("fastinfer service setup failed")
+            await self._close_managed("after the setup failure")
             if not isinstance(exc, Exception):
                 raise
 
+    async def _close_managed(self, why: str) -> None:
+        with self._lock:  # from here on, manage() closes what it is given at once
+            items, self._managed = self._managed[::-1], []
+        if items and why:
+            logger.warning("closing %s %s", ", ".join(n for n, _ in items), why)
+        await close_all(items, self.shutdown_timeout_seconds)
+
     async def _shutdown(self) -> None:
-        self._ready, self._phase = False, "shutting down"
+        with self._lock:
+            self._stopping = True
+        phase, self._ready, self._phase = self._phase, False, "shutting down"
         if self._setup_task is not None and not self._setup_task.done():
-            self._setup_task.cancel()
-        for name, obj in reversed(self._managed):
-            try:
-                if hasattr(obj, "aclose"):
-                    await asyncio.wait_for(obj.aclose(), self.shutdown_timeout_seconds)
-                else:
-                    result = await asyncio.to_thread(obj.close)
-                    if inspect.isawaitable(result):
-                        await asyncio.wait_for(result, self.shutdown_timeout_seconds)
-            except Exception:
-                logger.exception("closing %s failed during shutdown", name)
-        self._managed.clear()
+            is_async = inspect.iscoroutinefunction(self._setup_fn)
+            await stop_setup(self._setup_task, is_async, self.setup_grace_seconds, phase)
+        await self._close_managed("")
         if self._gc_frozen:
             gc.unfreeze()
             self._gc_frozen = False
@@ -451,42 +477,32 @@ class FastInferService:
     def check_ready(self) -> None:
         """Raise :class:`NotReady` (HTTP 503) while setup has not finished."""
         if not self._ready:
-            raise NotReady(f"the service is not ready yet (phase: {self._phase}); retry shortly")
+            raise NotReady(self._not_ready_detail())
 
     async def run(self, request: Any, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` unless the HTTP client disconnects first, in which case it is
         cancelled (a queued batcher request is removed and never reaches the model) and
         :class:`ClientDisconnected` is raised."""
         self.check_ready()
-        work = asyncio.ensure_future(awaitable)
-
-        async def disconnected() -> None:
-            # The body has been read by now, so the next ASGI message is the disconnect.
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.ensure_future(disconnected())
-        try:
-            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            work.cancel()
-            watcher.cancel()
-            raise
-        if work in done:
-            watcher.cancel()
-            return work.result()
-        work.cancel()
-        try:
-            await work
-        except (asyncio.CancelledError, Exception):
-            pass
-        raise ClientDisconnected("the client disconnected; its request was cancelled")
+        return await unless_disconnected(request, awaitable)
 
     async def submit(
         self, batcher: Any, item: Any, request: Any, *, timeout: float | None = None
     ) -> Any:
         """``await batcher.submit(item)``, cancelled if the client disconnects first."""
         return await self.run(request, batcher.submit(item, timeout=timeout))
+
+    def _unavailable(self, exc: BaseException, code: str, retry: dict[str, str]) -> Any:
+        """503 for ``NotReady`` / ``ClosedError``, with the code that is true now: a failed
+        setup and a pool that gave up will not clear by retrying (no ``Retry-After``)."""
+        if self._setup_error is not None:
+            return _error(503, "setup_failed", self._not_ready_detail())
+        if self._stopping:
+            return _error(503, "shutting_down", str(exc), retry)
+        if code == "unhealthy":  # closed, though the service is not shutting down
+            problems = self._problems()
+            return _error(503, code, "; ".join([str(exc), *problems]), None if problems else retry)
+        return _error(503, code, str(exc), retry)
 
     # ------------------------------------------------------------------ app wiring
 
@@ -544,10 +560,10 @@ class FastInferService:
         handlers: dict[type[BaseException], Callable[[Any, Any], Any]] = {
             QueueFull: queue_full,
             HTTPException: http_error,
-            NotReady: lambda r, e: _error(503, "not_ready", str(e), retry_after(e)),
+            NotReady: lambda r, e: svc._unavailable(e, "not_ready", retry_after(e)),
             WorkerCrashed: lambda r, e: _error(503, "worker_crashed", str(e), retry_after(e)),
             WorkerTimeout: lambda r, e: _error(504, "worker_timeout", str(e)),
-            ClosedError: lambda r, e: _error(503, "shutting_down", str(e), retry_after(e)),
+            ClosedError: lambda r, e: svc._unavailable(e, "unhealthy", retry_after(e)),
             DeadlineExceeded: lambda r, e: _error(504, "deadline_exceeded", str(e)),
             InvalidInput: lambda r, e: _error(422, "invalid_input", str(e)),
             ClientDisconnected: lambda r, e: _error(499, "client_disconnected", str(e)),

@@ -16,7 +16,8 @@ from torch import nn
 from fastinfer._common.files import atomic_path
 from fastinfer._optional import require
 from fastinfer.errors import CheckpointError, ConfigError, LoadError
-from fastinfer.loading._formats import ALIASES_METADATA, preview
+from fastinfer.loading._formats import preview
+from fastinfer.loading._st_header import ALIASES_METADATA
 
 __all__ = ["save_weights"]
 

@@ -16,10 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from fastinfer._common.quantiles import summary
-from fastinfer.errors import ClosedError, ConfigError
+from fastinfer.errors import ClosedError, ConfigError, WorkerCrashed
 from fastinfer.pool._plan import CorePlan
 from fastinfer.pool._records import CallRecord, PoolStatistics, WorkerStatistics
-from fastinfer.pool._supervisor import Call, Supervisor, Worker
+from fastinfer.pool._slots import Call, Worker, down_error
+from fastinfer.pool._supervisor import Supervisor
 
 __all__ = ["MAX_TIMEOUT", "PinnedPool"]
 
@@ -219,6 +220,7 @@ class PinnedPool(Supervisor):
         self._counts = collections.Counter[str]()
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
+        self._gave_up: str | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="fastinfer-pool", daemon=True)
@@ -240,7 +242,9 @@ class PinnedPool(Supervisor):
 
         ``item`` is data for ``fn`` whatever its type (a callable item included); to run another
         function in a worker use :meth:`submit_call`. Raises :class:`ClosedError` after
-        :meth:`close`.
+        :meth:`close`. While no worker is up and the next restart waits (its workers keep
+        crashing), or after the pool gave up restarting them, the Future fails at once with
+        :class:`WorkerCrashed` saying why.
         """
         return self._submit("fn", item)
 
@@ -255,9 +259,10 @@ class PinnedPool(Supervisor):
     def _submit(self, kind: str, payload: Any) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
-            if self._closing:
-                raise ClosedError("cannot submit to a closed PinnedPool")
+            down = self._refused()
             call = Call(next(self._ids), kind, payload, fut)
+        if down is not None:
+            return self._failed(fut, down)
         try:
             # Pickle here, on the caller's thread: a large tensor is copied (one memcpy) into a
             # fresh shared-memory segment that only this call holds, so the worker gets a copy,
@@ -267,10 +272,29 @@ class PinnedPool(Supervisor):
             what = "item" if kind == "fn" else "call"
             raise ConfigError(f"cannot send this {what} to a worker: {exc}") from exc
         with self._lock:
-            if self._closing:
-                raise ClosedError("cannot submit to a closed PinnedPool")
-            self._pending.append(call)
+            down = self._refused()
+            if down is None:
+                self._pending.append(call)
+        if down is not None:
+            return self._failed(fut, down)
         self._wake()
+        return fut
+
+    def _refused(self) -> WorkerCrashed | None:
+        """Why a call made now fails at once (the pool gave up, or no worker is up and the next
+        restart waits), or None; raises :class:`ClosedError` after :meth:`close`. Lock held."""
+        down = down_error(self._workers, self._gave_up)
+        if down is None and self._closing:
+            raise ClosedError("cannot submit to a closed PinnedPool")
+        return down
+
+    def _failed(
+        self, fut: concurrent.futures.Future[Any], error: WorkerCrashed
+    ) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            self._counts["failed"] += 1
+        fut.set_running_or_notify_cancel()
+        fut.set_exception(error)
         return fut
 
     async def run(self, item: Any, /) -> Any:
@@ -362,11 +386,13 @@ class PinnedPool(Supervisor):
                         calls_ok=w.ok,
                         calls_failed=w.failed,
                         restarts=w.restarts,
+                        consecutive_crashes=w.crashes,
                         busy_ratio=min(1.0, busy / up) if up > 0 else 0.0,
                         latency_seconds=summary(lat),
                     )
                 )
             alive = [p for p in per if p.alive]
+            backoff = [w.restart_at - now for w in self._workers if w.state == "backoff"]
             return PoolStatistics(
                 workers=len(per),
                 workers_alive=len(alive),
@@ -386,6 +412,10 @@ class PinnedPool(Supervisor):
                 foreign_load_warning=self.foreign_load_warning,
                 notes=tuple(self._notes),
                 closed=self._closed,
+                consecutive_crashes=max((p.consecutive_crashes for p in per), default=0),
+                restart_backoff_seconds=max(0.0, min(backoff)) if backoff else 0.0,
+                gave_up=self._gave_up is not None,
+                gave_up_reason=self._gave_up,
             )
 
     def __repr__(self) -> str:

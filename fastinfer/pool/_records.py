@@ -44,6 +44,7 @@ class WorkerStatistics:
     calls_ok: int = gauge()
     calls_failed: int = gauge()
     restarts: int = gauge()
+    consecutive_crashes: int = gauge()
     busy_ratio: float = gauge()
     latency_seconds: Mapping[str, float] = gauge(key_label="key")
 
@@ -72,3 +73,11 @@ class PoolStatistics:
     foreign_load_warning: str | None = not_exported("text")
     notes: tuple[str, ...] = not_exported("text")
     closed: bool = gauge()
+    #: the most crashes in a row of one slot (no call succeeded in between); from 3 on, its
+    #: restart waits (backoff) and, while no worker is up, calls fail at once with WorkerCrashed
+    consecutive_crashes: int = gauge()
+    #: seconds until the next restart of a slot waiting in backoff (the soonest); 0 when none waits
+    restart_backoff_seconds: float = gauge()
+    #: every slot failed to restart and the pool runs no more calls (not ready for good)
+    gave_up: bool = gauge()
+    gave_up_reason: str | None = not_exported("text")

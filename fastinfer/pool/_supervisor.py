@@ -9,17 +9,19 @@ A death is seen from the process itself (a pidfd, see ``_link``), not only from 
 which a child the worker forked can hold open. Each worker leads its own process group, so what
 it leaves behind (such a child, holding the old socket and pinned to the same cores) is killed
 when it ends, before its replacement starts.
+
+Restarts after crashes in a row wait (backoff), and a pool whose slots all failed to restart gives
+up: see ``_slots``.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import functools
 import json
 import logging
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -31,12 +33,22 @@ from typing import Any, Literal
 
 from fastinfer.errors import WorkerCrashed, WorkerError, WorkerStartupError, WorkerTimeout
 from fastinfer.pool._link import Link
-from fastinfer.pool._plan import CorePlan, Split, WorkerCores, cpus_str
+from fastinfer.pool._plan import CorePlan, Split, cpus_str
 from fastinfer.pool._records import CallRecord
+from fastinfer.pool._slots import (
+    START_TRIES,
+    Call,
+    Worker,
+    count_crash,
+    down_error,
+    gave_up_error,
+    kill,
+    reap,
+)
 from fastinfer.pool._threads import THREAD_VARS
 from fastinfer.pool._wire import remote_error
 
-__all__ = ["Call", "Supervisor", "Worker"]
+__all__ = ["Supervisor"]
 
 logger = logging.getLogger("fastinfer.pool")
 
@@ -47,34 +59,6 @@ _EXIT_POLL_S = 0.5  # how often a worker's exit is polled where the OS has no pi
 _OWN_GROUP: dict[str, Any] = (
     {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 )
-
-
-class Call:
-    __slots__ = ("args", "data", "fut", "id", "kind", "queued", "retries", "started", "submitted")
-
-    def __init__(self, call_id: int, kind: str, args: Any, fut: concurrent.futures.Future[Any]):
-        self.id, self.kind, self.args, self.fut = call_id, kind, args, fut
-        self.data: bytes | None = None
-        self.retries = 0
-        self.submitted = self.queued = time.monotonic()
-        self.started = 0.0
-
-
-class Worker:
-    def __init__(self, index: int, cores: WorkerCores):
-        self.index, self.cores = index, cores
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.link: Link | None = None  # the socket and the exit watch of the current process
-        self.state = "new"  # new -> starting -> ready -> dead/failed
-        self.calls: collections.deque[Call] = collections.deque()  # head is running
-        self.pid: int | None = None
-        self.info: dict[str, Any] = {}
-        self.deadline = 0.0  # startup deadline
-        self.first_ready = 0.0
-        self.idle_since = 0.0
-        self.busy = 0.0
-        self.ok = self.failed = self.restarts = self.start_failures = 0
-        self.lat: collections.deque[float] = collections.deque(maxlen=2048)
 
 
 class Supervisor:
@@ -105,6 +89,7 @@ class Supervisor:
     _counts: collections.Counter[str]
     _started: threading.Event
     _startup_error: BaseException | None
+    _gave_up: str | None  # why every slot was given up
     _wake_r: socket.socket
     _wake_w: socket.socket
 
@@ -168,9 +153,10 @@ class Supervisor:
             self._loop()
         except BaseException as exc:  # a bug here must not hang callers
             logger.exception("PinnedPool thread failed")
-            self._fail_everything(WorkerError(f"the pool's thread failed: {exc!r}"))
+            why = f"the pool's thread failed: {exc!r}"
+            self._fail_everything(lambda: WorkerError(why))
             if not self._started.is_set():
-                self._startup_error = WorkerError(f"the pool's thread failed: {exc!r}")
+                self._startup_error = WorkerError(why)
                 self._started.set()
         finally:
             self._shutdown_workers()
@@ -202,12 +188,13 @@ class Supervisor:
                 idle = (
                     self._closing and not self._pending and all(not w.calls for w in self._workers)
                 )
-                no_workers = all(w.state == "failed" for w in self._workers)
-            if no_workers:
-                self._fail_everything(
-                    WorkerCrashed("every PinnedPool worker failed to restart; see the log")
-                )
+                gave_up = self._gave_up
+                down = bool(self._pending) and down_error(self._workers, None) is not None
+            if gave_up is not None:
+                self._fail_everything(functools.partial(gave_up_error, gave_up))
                 return
+            if down:  # queued behind a restart that waits: fail them now, not when it comes
+                self._fail_pending_while_down()
             if idle and self._started.is_set():
                 return
 
@@ -283,6 +270,7 @@ class Supervisor:
 
     def _next_deadline(self) -> float | None:
         ds = [w.deadline for w in self._workers if w.state == "starting"]
+        ds += [w.restart_at for w in self._workers if w.state == "backoff"]
         if self.timeout is not None:
             ds += [w.calls[0].started + self.timeout for w in self._workers if w.calls]
         return min(ds) if ds else None
@@ -290,8 +278,15 @@ class Supervisor:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for w in self._workers:
-            if w.state == "starting" and now >= w.deadline:
-                self._kill(w)
+            if w.state == "backoff" and now >= w.restart_at:
+                if self._closing and not self._pending:
+                    w.state = "dead"  # closing: no restart is needed
+                else:
+                    with self._lock:
+                        w.restarts += 1
+                    self._spawn(w)
+            elif w.state == "starting" and now >= w.deadline:
+                kill(w)
                 self._start_failed(
                     w, f"worker {w.index} did not start within {self._startup_timeout:g}s"
                 )
@@ -308,7 +303,7 @@ class Supervisor:
                         f"(pid {w.pid}, cpus {cpus_str(w.cores.cpus)}); the worker was replaced"
                     ),
                 )
-                self._kill(w)
+                kill(w)
                 self._restart(w)
 
     def _on_message(self, w: Worker, raw: bytes) -> None:
@@ -324,7 +319,7 @@ class Supervisor:
                 logger.warning(
                     "PinnedPool: cannot read a message from worker %d", w.index, exc_info=True
                 )
-                self._kill(w)
+                kill(w)
                 self._on_exit(w)
                 return
             # A healthy worker's answer that this process cannot rebuild (a class it cannot
@@ -346,6 +341,7 @@ class Supervisor:
             w.start_failures = 0
             now = time.monotonic()
             w.idle_since = now
+            w.ready_at = now
             if not w.first_ready:
                 w.first_ready = now
             for note in w.info.get("notes", []):
@@ -353,13 +349,14 @@ class Supervisor:
             with self._changed:
                 self._changed.notify_all()
         elif kind == "init_error":
-            self._kill(w)
+            kill(w)
             what = "init() or its warm-up call" if self._warms else "init()"
             self._start_failed(w, f"worker {w.index}'s {what} raised:\n{msg[1]}")
         elif kind in ("ok", "err"):
             if not w.calls or w.calls[0].id != msg[1]:
                 logger.error("PinnedPool: worker %d answered an unknown call %r", w.index, msg[1])
                 return
+            w.crashes = 0  # it survived a call: whatever crashed it before is not every call
             call = w.calls.popleft()
             if w.calls:  # the prefetched call starts now
                 w.calls[0].started = time.monotonic()
@@ -417,45 +414,9 @@ class Supervisor:
             except Exception:
                 logger.exception("PinnedPool: on_call raised")
 
-    def _kill(self, w: Worker) -> None:
-        if w.link is not None:  # else it was reaped already
-            w.link.kill()
-
-    def _reap(self, w: Worker, wait_s: float = 10.0) -> str:
-        """Close the connection, wait for the process (killing it after ``wait_s``), kill what
-        is left of its process group, and describe how it ended."""
-        link, w.link = w.link, None
-        code = None
-        if w.proc is not None:
-            exited = link.wait_exit(wait_s) if link is not None else False
-            if not exited:
-                self._kill(w)
-                if link is not None:
-                    link.wait_exit(60.0)
-            if link is not None:
-                # Processes it started and left in its group (a forked child holding its socket
-                # and pinned to its cores): killed now, while the unreaped leader keeps the group
-                # id this pool's (without a pidfd the leader may be reaped already; a pid is not
-                # handed out again before the pid counter wraps).
-                try:
-                    os.killpg(w.proc.pid, signal.SIGKILL)
-                except OSError:  # none left (ESRCH), or not ours to signal
-                    pass
-            code = w.proc.wait()
-        if link is not None:
-            link.close()
-        if code is None:
-            return "ended"
-        if code < 0:
-            try:
-                return f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"was killed by signal {-code}"
-        return f"exited with code {code}"
-
     def _on_exit(self, w: Worker) -> None:
         """The worker died (EOF on its socket, or its exit seen), or exited during startup."""
-        how = self._reap(w)
+        how = reap(w)
         if w.state == "starting":
             self._start_failed(w, f"worker {w.index} {how} during startup", reaped=True)
             return
@@ -463,7 +424,13 @@ class Supervisor:
         self._requeue(w)
         self._counts["crashes"] += 1
         where = f"worker {w.index} (pid {w.pid}, cpus {cpus_str(w.cores.cpus)}) {how}"
-        logger.warning("PinnedPool: %s; restarting it on the same cores", where)
+        now = time.monotonic()
+        with self._lock:  # decided before the call fails, so its caller sees the backoff
+            delay = count_crash(w, where, now)
+            if delay > 0:
+                w.state, w.restart_at = "backoff", now + delay
+        then = f"in {delay:.3g}s ({w.crashes} crashes in a row)" if delay else "on the same cores"
+        logger.warning("PinnedPool: %s; restarting it %s", where, then)
         if call is not None:
             if self.idempotent and call.retries == 0 and not self._closed:
                 call.retries += 1
@@ -483,7 +450,8 @@ class Supervisor:
                 self._finish(
                     w, call, "crashed", error=WorkerCrashed(f"{where} while running a call{again}")
                 )
-        self._restart(w, reaped=True)
+        if delay == 0:
+            self._restart(w, reaped=True)
 
     def _requeue(self, w: Worker) -> None:
         """Put a dead worker's prefetched calls back at the front of the queue. They never
@@ -497,7 +465,7 @@ class Supervisor:
 
     def _restart(self, w: Worker, *, reaped: bool = False) -> None:
         if not reaped:
-            self._reap(w)
+            reap(w)
         w.state = "dead"
         if self._closing and not self._pending:
             return
@@ -507,21 +475,47 @@ class Supervisor:
 
     def _start_failed(self, w: Worker, message: str, *, reaped: bool = False) -> None:
         if not reaped:
-            self._reap(w)
+            reap(w)
         if not self._started.is_set():
             if self._startup_error is None:
                 self._startup_error = WorkerStartupError(message)
             w.state = "failed"
             return
         w.start_failures += 1
+        w.start_error = message
         logger.error("PinnedPool: %s", message)
-        if w.start_failures >= 3:
-            logger.error("PinnedPool: worker %d failed to start 3 times; giving up on it", w.index)
-            w.state = "failed"
+        if w.start_failures >= START_TRIES:
+            logger.error(
+                "PinnedPool: worker %d failed to start %d times; giving up on it",
+                w.index,
+                START_TRIES,
+            )
             with self._changed:
+                w.state = "failed"
+                if all(x.state == "failed" for x in self._workers):
+                    self._gave_up = (
+                        f"every worker failed to start {START_TRIES} times in a row after a "
+                        f"crash; the last error: {w.start_error}"
+                    )
+                    logger.error("PinnedPool: gave up: %s", self._gave_up)
                 self._changed.notify_all()
             return
         self._restart(w, reaped=True)
+
+    def _fail_pending_while_down(self) -> None:
+        """Fail the queued calls with :func:`down_error` (workers change state only on this
+        thread, so it holds for them all)."""
+        with self._lock:
+            calls = list(self._pending)
+            self._pending.clear()
+            errors = [down_error(self._workers, self._gave_up) for _ in calls]  # one each
+        for call, error in zip(calls, errors):
+            if error is not None and (
+                call.fut.running() or call.fut.set_running_or_notify_cancel()
+            ):
+                with self._lock:
+                    self._counts["failed"] += 1
+                call.fut.set_exception(error)
 
     def _dispatch(self) -> None:
         while True:
@@ -553,7 +547,8 @@ class Supervisor:
             # worker died, its exit is seen next and the call fails (or is retried) with the crash.
             w.link.send(call.data)
 
-    def _fail_everything(self, error: WorkerError) -> None:
+    def _fail_everything(self, error: Callable[[], WorkerError]) -> None:
+        """Fail every queued and running call, each with an exception of its own."""
         with self._lock:
             calls = list(self._pending)
             self._pending.clear()
@@ -565,15 +560,18 @@ class Supervisor:
             if not call.fut.done() and (
                 call.fut.running() or call.fut.set_running_or_notify_cancel()
             ):
-                call.fut.set_exception(error)
+                call.fut.set_exception(error())
 
     def _shutdown_workers(self) -> None:
         from multiprocessing.reduction import ForkingPickler
 
         for w in self._workers:
-            if self._startup_error is not None:
-                self._kill(w)  # a failed start: do not wait for the others' init()
-            elif w.link is not None and w.state in ("ready", "starting"):
+            if self._startup_error is not None or w.state == "starting":
+                # A failed start (do not wait for the others' init()), or a replacement still in
+                # init(): it holds no call and its init() would be thrown away; _reap kills
+                # what it started in its process group too.
+                kill(w)
+            elif w.link is not None and w.state == "ready":
                 w.link.send(bytes(ForkingPickler.dumps(("close",))))
         end = time.monotonic() + 5.0
         # Let queued bytes (a start's setup, then "close") reach workers still reading them.
@@ -593,6 +591,6 @@ class Supervisor:
                 link.flush()
         for w in self._workers:
             if w.proc is not None:
-                self._reap(w, wait_s=end - time.monotonic())
+                reap(w, wait_s=end - time.monotonic())
             if w.state != "failed":
                 w.state = "stopped"

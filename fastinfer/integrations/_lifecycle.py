@@ -1,0 +1,235 @@
+"""Lifecycle helpers of :class:`~fastinfer.integrations.fastapi.FastInferService`: the setup
+thread, closing managed objects, and the managed objects' health behind ``/readyz``."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+from fastinfer.errors import ClientDisconnected, ConfigError, NotReady
+
+logger = logging.getLogger("fastinfer.integrations.fastapi")
+T = TypeVar("T")
+
+
+class SetupCancelled(asyncio.CancelledError):
+    """Raised inside a setup function (by ``svc.phase()`` and ``svc.manage()``) once shutdown
+    has begun, so that a setup the server no longer waits for stops at its next step. A
+    ``CancelledError``: ``except Exception`` in the setup does not swallow it."""
+
+
+class State(SimpleNamespace):
+    """``svc.state``: what setup built. Reading an attribute setup has not set yet raises
+    :class:`NotReady` (HTTP 503) while the service is starting, not an ``AttributeError`` (500)."""
+
+    def __init__(self, svc: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "_svc", svc)
+
+    def __getattr__(self, name: str) -> Any:
+        svc = object.__getattribute__(self, "_svc")
+        if not svc.ready and not name.startswith("__"):
+            raise NotReady(svc._not_ready_detail())
+        raise AttributeError(f"svc.state has no {name!r}: set it in the setup function")
+
+    def __repr__(self) -> str:
+        items = {k: v for k, v in vars(self).items() if k != "_svc"}
+        return f"state({', '.join(f'{k}={v!r}' for k, v in items.items())})"
+
+
+def not_ready_detail(setup_error: BaseException | None, stopping: bool, phase: str) -> str:
+    """Why requests cannot be served now; retrying is suggested only while setup still runs."""
+    if setup_error is not None:
+        first = (str(setup_error).strip().splitlines() or [""])[0]
+        return (
+            f"setup failed ({type(setup_error).__name__}: {first}); the service cannot serve "
+            "until the cause is fixed and it is restarted"
+        )
+    if stopping:
+        return "the service is shutting down"
+    return f"the service is not ready yet (phase: {phase}); retry shortly"
+
+
+async def stop_setup(task: asyncio.Task[None], is_async: bool, grace: float, phase: str) -> None:
+    """At shutdown, stop a setup still running, waiting at most ``grace`` seconds: an async
+    setup is cancelled at its next await; a sync one (its own thread) stops at its next
+    ``svc.phase()`` or ``svc.manage()``. A 40 s ``init()`` is not waited for. Logs one line."""
+    if is_async:
+        task.cancel()
+    await asyncio.wait({task}, timeout=grace)
+    stopped = task.done()
+    task.cancel()
+    logger.warning(
+        "shutdown began during setup (phase %r): %s",
+        phase,
+        "setup stopped"
+        if stopped
+        else f"not waiting for it past {grace:g} s; what it still registers is closed at once",
+    )
+
+
+async def run_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``await fn(*args)`` run in a daemon thread of its own, not the loop's default executor:
+    the server's event loop, when it closes, joins that executor's threads, so a setup blocked
+    in a 40 s ``init`` would hold the process up; this thread is left behind instead."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(exc: BaseException | None, result: Any) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def target() -> None:
+        try:
+            result, exc = fn(*args), None
+        except BaseException as e:  # handed to the awaiting task, or dropped after shutdown
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(settle, exc, result)
+        except RuntimeError:  # the loop has closed: the server is gone, nobody waits
+            if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                logger.info("the setup, abandoned at shutdown, ended with %r", exc)
+
+    threading.Thread(target=target, name="fastinfer-setup", daemon=True).start()
+    return await fut
+
+
+async def close_all(items: Iterable[tuple[str, Any]], timeout: float) -> None:
+    """Close ``(name, obj)`` pairs in the order given, each drained for at most ``timeout``."""
+    for name, obj in items:
+        try:
+            if hasattr(obj, "aclose"):
+                await asyncio.wait_for(obj.aclose(), timeout)
+            else:
+                result = await asyncio.to_thread(obj.close)
+                if inspect.isawaitable(result):
+                    await asyncio.wait_for(result, timeout)
+        except Exception:
+            logger.exception("closing %s failed during shutdown", name)
+
+
+def close_now(name: str, obj: Any) -> None:
+    """Close ``obj`` from whatever thread registered it (``svc.manage`` after shutdown began):
+    ``close()`` if it has one, else ``aclose()`` (a task when called on a running loop)."""
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    try:
+        result = obj.close() if hasattr(obj, "close") else obj.aclose()
+        if inspect.isawaitable(result):
+            if loop is not None:
+                loop.create_task(_awaited(result))
+            else:
+                asyncio.run(_awaited(result))
+    except Exception:
+        logger.exception("closing %s (registered after shutdown began) failed", name)
+
+
+async def _awaited(awaitable: Any) -> None:
+    await awaitable
+
+
+def health_problems(managed: Iterable[tuple[str, Any]]) -> list[str]:
+    """Why the managed objects cannot serve, one line each (empty: they can).
+
+    A worker pool (its ``statistics()`` has ``workers`` and ``workers_alive``) is unhealthy when
+    it gave up or closed itself, or has no live worker; any object whose statistics say
+    ``closed`` is unhealthy (called only while the service is not shutting down). Fields other
+    than ``workers``, ``workers_alive`` and ``closed`` are read with defaults, so a pool that does
+    not report them still works: ``gave_up`` (bool or the reason), ``gave_up_reason``,
+    ``last_exit`` (on the pool, else on its ``per_worker`` records), ``consecutive_crashes`` and
+    ``restart_backoff_seconds``.
+    """
+    problems = []
+    for name, obj in managed:
+        if not callable(getattr(obj, "statistics", None)):
+            continue
+        try:
+            s = obj.statistics()
+        except Exception as exc:
+            problems.append(f"{name}: statistics() raised {exc!r}")
+            continue
+        closed = bool(getattr(s, "closed", False))
+        if not hasattr(s, "workers_alive"):
+            if closed:
+                problems.append(f"{name}: closed")
+            continue
+        gave_up = getattr(s, "gave_up", None)
+        if gave_up or closed:
+            reason = gave_up if isinstance(gave_up, str) else getattr(s, "gave_up_reason", None)
+            if not reason:
+                states = sorted({getattr(w, "state", "?") for w in getattr(s, "per_worker", ())})
+                reason = f"closed itself (worker states: {', '.join(states) or 'none'})"
+            problems.append(f"pool {name}: gave up: {reason}")
+        elif s.workers_alive == 0:
+            line = f"pool {name}: 0 of {getattr(s, 'workers', '?')} workers alive"
+            last = getattr(s, "last_exit", None) or next(
+                (
+                    w.last_exit
+                    for w in getattr(s, "per_worker", ())
+                    if getattr(w, "last_exit", None)
+                ),
+                None,
+            )
+            if last:
+                line += f"; last exit: {last}"
+            crashes = getattr(s, "consecutive_crashes", 0)
+            if crashes and crashes > 1:
+                line += f"; {crashes} crashes in a row"
+            backoff = getattr(s, "restart_backoff_seconds", None)
+            if backoff:
+                line += f"; next restart in {backoff:.3g} s"
+            problems.append(line)
+    return problems
+
+
+def track(recorder: Any, obj: Any, name: str, standard: bool) -> None:
+    """Export ``obj.statistics()`` through ``recorder`` (``svc.manage``), naming the fix when two
+    managed objects would feed the same standard metrics."""
+    try:
+        recorder.track(obj, prefix=f"fastinfer_{name}", standard=standard)
+    except ConfigError as exc:
+        if "would both write" not in str(exc):
+            raise
+        raise ConfigError(
+            f"manage({name!r}): {type(obj).__name__} feeds the same standard metrics as "
+            f"an object already managed ({exc}). Fix: svc.manage(..., name={name!r}, "
+            f"standard=False) exports its statistics as fastinfer_{name}_* only"
+        ) from None
+
+
+async def unless_disconnected(request: Any, awaitable: Awaitable[T]) -> T:
+    """``svc.run``: await ``awaitable``, cancelled if the HTTP client disconnects first."""
+    work = asyncio.ensure_future(awaitable)
+
+    async def disconnected() -> None:
+        # The body has been read by now, so the next ASGI message is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        watcher.cancel()
+        raise
+    if work in done:
+        watcher.cancel()
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise ClientDisconnected("the client disconnected; its request was cancelled")
