@@ -18,10 +18,14 @@ Tuning", "Configure Ray Serve deployments"):
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import common
@@ -55,9 +59,22 @@ class Classifier:
         return await self.classify(body["text"])
 
 
+def _ray_temp(workdir: Path | None) -> Path | None:
+    """Ray's temp folder: the work folder, unless its path is too long for the Unix sockets Ray
+    creates about 60 characters below it (AF_UNIX paths stop at 107 bytes; a long $TMPDIR made
+    Ray fail to start), then a short folder under /tmp, removed at exit."""
+    if workdir is None:
+        return None
+    if len(str(workdir.resolve())) <= 40:
+        return workdir.resolve()
+    short = Path(tempfile.mkdtemp(prefix="fi-ray-", dir="/tmp"))
+    atexit.register(shutil.rmtree, short, True)
+    return short
+
+
 def main() -> None:
     args = common.server_args(__doc__.splitlines()[0])
-    temp = args.workdir.resolve() if args.workdir else None
+    temp = _ray_temp(args.workdir)
     ray.init(
         address="local",  # a new cluster of our own, never someone else's
         _node_ip_address="127.0.0.1",  # Ray's own traffic stays on loopback too
