@@ -88,6 +88,26 @@ def test_finalists_keep_the_original_and_the_fastest_that_fit() -> None:
     assert _select.finalists(est, est, 1.0) == ["original", "a"]  # always one to race
 
 
+def test_the_favorite_races_when_its_one_call_is_close_to_the_fastest() -> None:
+    """Its one call builds oneDNN kernels for the slice's shapes (BERT-base b8: 497 ms against
+    442 warm), so it lost its place to paths within 5% of it, and a 15%-slower path was served."""
+    est = {"original": 5.0, "hf:sdpa": 5.0, "hf:eager": 5.1, "hf:packed": 5.3}
+    assert _select.finalists(est, est, 15.5) == ["original", "hf:sdpa", "hf:eager"]
+    assert _select.finalists(est, est, 15.5, favorite="hf:packed") == [
+        "original",
+        "hf:sdpa",
+        "hf:packed",
+    ]
+    far = {**est, "hf:packed": 6.0}  # more than 15% slower on its one call: not favoured
+    assert _select.finalists(far, far, 15.5, favorite="hf:packed") == [
+        "original",
+        "hf:sdpa",
+        "hf:eager",
+    ]
+    # never at the expense of the fastest, nor past the budget
+    assert _select.finalists(est, est, 10.5, favorite="hf:packed") == ["original", "hf:sdpa"]
+
+
 def test_clearly_slower_paths_are_dropped_after_one_round() -> None:
     clock = FakeClock()
     model = _timed_encoder(clock)
