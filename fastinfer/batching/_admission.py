@@ -111,16 +111,18 @@ class Admission(BatcherCore):
         return max(self._max_wait, 0.001)
 
     def _slot_free_in(self, now: float) -> float:
-        if self._in_flight < self._max_concurrent or not self._runs:
+        ends = [run.end_at for run in self._runs.values() if run.compute_at is not None]
+        if len(ends) < self._max_concurrent or not ends:
             return 0.0
-        return max(0.0, min(run.end_at for run in self._runs.values()) - now)
+        return max(0.0, min(ends) - now)
 
     def _predict_latency(self, now: float, position: int) -> float | None:
         if not self._cost.ready:
             return None
         cap = self._effective_max()
         batches = math.ceil(position / cap)
-        rounds = math.ceil(batches / self._max_concurrent)
+        prefetched = sum(run.compute_at is None for run in self._runs.values())  # run first
+        rounds = math.ceil((batches + prefetched) / self._max_concurrent)
         last = position - (batches - 1) * cap
         return (
             self._slot_free_in(now)

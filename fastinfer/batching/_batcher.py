@@ -43,6 +43,7 @@ R = TypeVar("R")
 # Keyword defaults of DynamicBatcher: a keyword left at its default may go with config=.
 _DEFAULTS: dict[str, Any] = {
     "max_concurrent_batches": 1,
+    "prefetch_batches": 0,
     "policy": "fixed",
     "pad_to_preferred": False,
     "on_error": "isolate",
@@ -64,6 +65,11 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
         max_wait_ms: longest time the oldest queued request waits for company while a slot is
             free (the adaptive policy's cap).
         max_concurrent_batches: executor slots; a batch is sealed only when one is free.
+        prefetch_batches: batches ``fn`` may hold queued behind the ones it runs (a
+            :class:`fastinfer.PinnedPool`'s ``workers x prefetch``), so a slot never waits for
+            this loop between batches. Such a batch is sealed when full or just before a slot
+            is predicted to free up (dispatch reason ``prefetch``), so it fills with what
+            arrives meanwhile; its execution time is counted from when a slot frees.
         max_queue_size: queued requests beyond which ``submit`` raises ``QueueFull`` at once
             (default unbounded).
         timeout: default per-request deadline in seconds (``submit(timeout=)`` overrides it).
@@ -110,6 +116,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
         max_batch_size: int | None = None,
         max_wait_ms: float | None = None,
         max_concurrent_batches: int = 1,
+        prefetch_batches: int = 0,
         max_queue_size: int | None = None,
         timeout: float | None = None,
         batch_timeout: float | None = None,
@@ -137,6 +144,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
             "max_concurrent_batches": max_concurrent_batches,
+            "prefetch_batches": prefetch_batches,
             "max_queue_size": max_queue_size,
             "timeout": timeout,
             "batch_timeout": batch_timeout,
@@ -253,6 +261,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
         max_batch_size: int | None = None,
         max_wait_ms: float | None = None,
         max_concurrent_batches: int | None = None,
+        prefetch_batches: int | None = None,
         max_queue_size: int | None = None,
         latency_target_ms: float | None = None,
     ) -> None:
@@ -266,6 +275,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
                 "max_batch_size": max_batch_size,
                 "max_wait_ms": max_wait_ms,
                 "max_concurrent_batches": max_concurrent_batches,
+                "prefetch_batches": prefetch_batches,
                 "max_queue_size": max_queue_size,
                 "latency_target_ms": latency_target_ms,
             }.items()
@@ -297,6 +307,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
         self._max_batch_size = config.max_batch_size
         self._max_wait = config.max_wait_seconds
         self._max_concurrent = config.max_concurrent_batches
+        self._prefetch = config.prefetch_batches
         self._max_queue_size = config.max_queue_size
         self._timeout = config.timeout
         self._batch_timeout = config.batch_timeout
@@ -372,6 +383,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
             max_batch_size=self._max_batch_size,
             max_wait_ms=self._max_wait * 1000.0,
             max_concurrent_batches=self._max_concurrent,
+            prefetch_batches=self._prefetch,
             closed=self._state == CLOSED,
         )
 

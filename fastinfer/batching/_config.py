@@ -62,6 +62,7 @@ class BatcherConfig:
     max_batch_size: int
     max_wait_ms: float
     max_concurrent_batches: int = 1
+    prefetch_batches: int = 0
     max_queue_size: int | None = None
     timeout: float | None = None
     batch_timeout: float | None = None
@@ -80,6 +81,12 @@ class BatcherConfig:
         _positive_int("max_batch_size", self.max_batch_size)
         _non_negative("max_wait_ms", self.max_wait_ms, " (milliseconds)")
         _positive_int("max_concurrent_batches", self.max_concurrent_batches)
+        p = self.prefetch_batches
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ConfigError(
+                f"prefetch_batches must be an int >= 0 (batches fn queues behind the ones it "
+                f"runs, such as a PinnedPool's workers x prefetch), got {p!r}"
+            )
         if self.max_queue_size is not None:
             _positive_int("max_queue_size", self.max_queue_size)
         optional_positive("timeout", self.timeout, " (seconds)")

@@ -78,6 +78,7 @@ class BatcherCore:
     _max_batch_size: int
     _max_wait: float
     _max_concurrent: int
+    _prefetch: int  # batches fn queues behind the running ones (a pool's prefetch)
     _max_queue_size: int | None
     _timeout: float | None
     _batch_timeout: float | None

@@ -13,7 +13,7 @@ QUEUE_DEPTH = "fastinfer_queue_depth"
 BATCHES_IN_FLIGHT = "fastinfer_batches_in_flight"
 REQUESTS = "fastinfer_requests_total"
 
-DISPATCH_REASONS = ("full", "wait_expired", "adaptive", "idle")
+DISPATCH_REASONS = ("full", "wait_expired", "adaptive", "idle", "prefetch")
 
 
 @dataclass(frozen=True)
@@ -88,4 +88,5 @@ class BatcherStatistics:
     max_batch_size: int = gauge()
     max_wait_ms: float = gauge(unit="ms")
     max_concurrent_batches: int = gauge()
+    prefetch_batches: int = gauge()
     closed: bool = gauge()

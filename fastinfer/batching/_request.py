@@ -77,6 +77,7 @@ class BatchRun:
         "bid",
         "call",
         "calls",
+        "compute_at",
         "end_at",
         "finished",
         "probe",
@@ -88,6 +89,8 @@ class BatchRun:
     def __init__(self, bid: int, reqs: list[Request], reason: str, end_at: float) -> None:
         self.bid, self.reqs, self.reason = bid, reqs, reason
         self.end_at = end_at  # predicted end, for admission and retry_after
+        # when fn began computing it (None: prefetched, queued in fn behind a running batch)
+        self.compute_at: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.call: Call | None = None  # the sync call running in a worker thread now
         self.calls = 0  # calls of fn started so far (the first, then bisection's)

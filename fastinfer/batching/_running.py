@@ -45,8 +45,10 @@ class Running(BatcherCore):
         self._in_flight += 1
         self._reasons[reason] += 1
         self._batch_ids += 1
-        end = now + self._cost.predict(len(reqs)) if self._cost.ready else now
-        run = BatchRun(self._batch_ids, reqs, reason, end)
+        computing = sum(r.compute_at is not None for r in self._runs.values())
+        run = BatchRun(self._batch_ids, reqs, reason, now)
+        if computing < self._max_concurrent:  # else prefetched: it starts when a slot frees
+            self._compute(run, now)
         self._runs[run.bid] = run
         self._probes += run.probe
         for r in reqs:
@@ -58,11 +60,21 @@ class Running(BatcherCore):
         self._tasks.add(run.task)
         run.task.add_done_callback(functools.partial(self._batch_task_done, run))
 
+    def _compute(self, run: BatchRun, now: float) -> None:
+        """``run`` holds a slot from ``now``: its predicted end (admission, prefetch timing)."""
+        run.compute_at = now
+        run.end_at = now + self._cost.predict(len(run.reqs)) if self._cost.ready else now
+
     def _release(self, run: BatchRun) -> None:
-        """Free the batch's slot (once: by its task, or when it is given up)."""
+        """Free the batch's slot (once: by its task, or when it is given up); the oldest
+        prefetched batch takes it (``fn`` queues them in order, as a pool's workers do)."""
         run.finished = True
         self._runs.pop(run.bid, None)
         self._in_flight -= 1
+        if run.compute_at is not None:
+            waiting = next((r for r in self._runs.values() if r.compute_at is None), None)
+            if waiting is not None:
+                self._compute(waiting, self._clock.time())
 
     def _batch_task_done(self, run: BatchRun, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -342,7 +354,9 @@ class Running(BatcherCore):
         else:
             results = self._split_plain(output, size)
         if not run.finished:  # a call that outlived batch_timeout is no measure of the cost
-            self._cost.observe(size, self._clock.time() - t0)
+            # a prefetched batch waited in fn's queue until a slot freed: that is not its cost
+            start = t0 if run.compute_at is None else max(t0, run.compute_at)
+            self._cost.observe(size, self._clock.time() - start)
         return list(results[:n])
 
     def _split_plain(self, output: Any, size: int) -> Sequence[Any]:
@@ -395,7 +409,7 @@ class Running(BatcherCore):
     def _pool(self) -> SlotPool:
         if self._executor is None:
             self._executor = SlotPool(
-                self._max_concurrent,
+                self._max_concurrent,  # prefetched batches queue in it
                 self._name,
                 max_abandoned=max(8, 4 * self._max_concurrent),
             )

@@ -36,6 +36,7 @@ class AdmissionLimits(TypedDict):
     """Keyword arguments for ``DynamicBatcher(..., **svc.admission(...))``."""
 
     max_concurrent_batches: int
+    prefetch_batches: int
     max_queue_size: int
 
 

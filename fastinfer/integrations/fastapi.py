@@ -357,11 +357,11 @@ class FastInferService:
         the :class:`fastinfer.PinnedPool` the batcher will feed (``DynamicBatcher(pool.run,
         ...)``): its workers are the slots (each pinned, with its own threads), and the cost is
         measured through the pool, every worker busy; nothing in this process is changed; and the
-        batcher may also fill the pool's ``prefetch`` buffers (``workers x (1 + prefetch)``
-        batches at once), so no worker waits for this process between batches. The
+        batcher may also fill the pool's ``prefetch`` buffers (``prefetch_batches``: ``workers x
+        prefetch`` more), so no worker waits for this process between batches. The
         queue is then sized so that a request admitted last still finishes within
-        ``latency_target_ms``. Returns ``{"max_concurrent_batches": n, "max_queue_size": q}`` for
-        ``DynamicBatcher(..., **limits)``; the measurements show in ``/readyz`` under
+        ``latency_target_ms``. Returns ``{"max_concurrent_batches": n, "prefetch_batches": k,
+        "max_queue_size": q}`` for ``DynamicBatcher(..., **limits)``; the measurements show in ``/readyz`` under
         ``"serving"`` and ``"admission"``. With ``shed_at_door``, at most that queue plus what the
         batch slots run is let past the door at once; the next request is answered 503 before it
         is read. Call it in the setup function, once per batcher (the runs double as warm-up)."""
@@ -390,19 +390,17 @@ class FastInferService:
         buffered = fn.workers * fn.prefetch if isinstance(fn, PinnedPool) else 0
         queue = max(report.max_queue_size - buffered * size, size)
         concurrent = plan.slots + buffered
-        self._admission[name] = {
-            **report.to_dict(),
-            "max_queue_size": queue,
-            "max_concurrent_batches": concurrent,
-            "buffered": buffered,
-        }
+        limits = AdmissionLimits(
+            max_concurrent_batches=plan.slots, prefetch_batches=buffered, max_queue_size=queue
+        )
+        self._admission[name] = {**report.to_dict(), **limits}
         if self.door is not None:  # at most what the batcher holds past the door at once
             self.door.limit = (self.door.limit or 0) + queue + size * concurrent
             self.door.floor += size * plan.slots  # never below what the slots run
             target = latency_target_ms / 1000
             self.door.target_seconds = min(target, self.door.target_seconds or target)
         logger.info("admission for %s: %s", name, report)
-        return {"max_concurrent_batches": concurrent, "max_queue_size": queue}
+        return limits
 
     #: the fastest measured serving path in one call (``_model.py``; its docstring says how)
     serve_model = serve_model
