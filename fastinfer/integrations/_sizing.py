@@ -23,12 +23,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastinfer.errors import ConfigError, RecompileError
-from fastinfer.integrations._admission import warn_if_miscounted
+from fastinfer.integrations._admission import (
+    AdmissionLimits,
+    batch_len,
+    measure_admission,
+    warn_if_miscounted,
+)
 
 if TYPE_CHECKING:
+    from fastinfer.integrations.fastapi import FastInferService
     from fastinfer.pool import PinnedPool
 
-__all__ = ["ServingPlan", "measure_serving", "pool_plan", "splits", "through_pool"]
+__all__ = ["ServingPlan", "admission", "measure_serving", "pool_plan", "splits", "through_pool"]
 
 logger = logging.getLogger("fastinfer.integrations.fastapi")
 
@@ -203,3 +209,68 @@ def pool_plan(
         reason=f"a PinnedPool: {pool.workers} worker process(es) x {threads} thread(s), "
         "measured through the pool with every worker busy",
     )
+
+
+def admission(
+    self: FastInferService,
+    fn: Callable[[Any], Any] | PinnedPool,
+    example_batch: Any,
+    *,
+    latency_target_ms: float,
+    max_concurrent_batches: int | Literal["auto"] = "auto",
+    batch_size: int | None = None,
+    name: str = "model",
+) -> AdmissionLimits:
+    """Size a batcher from ``fn``'s measured cost on a full example batch: how many batches
+    run at once and with how many torch threads, and how long its queue may be.
+
+    ``max_concurrent_batches="auto"`` (the one knob) splits the core budget
+    (:class:`fastinfer.CorePlan`) into slots × threads by measuring every split and keeps the
+    fastest (``_sizing.py``); it sets torch's threads for the process. ``fn`` may instead be
+    the :class:`fastinfer.PinnedPool` the batcher will feed (``DynamicBatcher(pool.run,
+    ...)``): its workers are the slots (each pinned, with its own threads), and the cost is
+    measured through the pool, every worker busy; nothing in this process is changed; and the
+    batcher may also fill the pool's ``prefetch`` buffers (``prefetch_batches``: ``workers x
+    prefetch`` more), so no worker waits for this process between batches. The
+    queue is then sized so that a request admitted last still finishes within
+    ``latency_target_ms``. Returns ``{"max_concurrent_batches": n, "prefetch_batches": k,
+    "max_queue_size": q}`` for ``DynamicBatcher(..., **limits)``; the measurements show in ``/readyz`` under
+    ``"serving"`` and ``"admission"``. With ``shed_at_door``, at most that queue plus what the
+    batch slots run is let past the door at once; the next request is answered 503 before it
+    is read. Call it in the setup function, once per batcher (the runs double as warm-up)."""
+    from fastinfer.pool import PinnedPool
+
+    size = batch_size if batch_size is not None else batch_len(example_batch)
+    if isinstance(fn, PinnedPool):
+        plan = pool_plan(fn, example_batch, size, max_concurrent_batches)
+        call = through_pool(fn)
+    else:
+        slots = None if max_concurrent_batches == "auto" else max_concurrent_batches
+        plan = measure_serving(fn, example_batch, batch_size=size, slots=slots)
+        call = fn
+    self._serving[name] = plan.to_dict()
+    report = measure_admission(
+        call,
+        example_batch,
+        latency_target_ms=latency_target_ms,
+        max_concurrent_batches=plan.slots,
+        batch_size=size,
+        batch_seconds=plan.batch_seconds or None,
+    )
+    # A pool holds `prefetch` batches per worker ready behind the one it runs, so a worker
+    # never waits on this process between batches: the batcher may dispatch that many more,
+    # taken from the queue's share (they wait the same way, in the worker's pipe).
+    buffered = fn.workers * fn.prefetch if isinstance(fn, PinnedPool) else 0
+    queue = max(report.max_queue_size - buffered * size, size)
+    concurrent = plan.slots + buffered
+    limits = AdmissionLimits(
+        max_concurrent_batches=plan.slots, prefetch_batches=buffered, max_queue_size=queue
+    )
+    self._admission[name] = {**report.to_dict(), **limits}
+    if self.door is not None:  # at most what the batcher holds past the door at once
+        self.door.limit = (self.door.limit or 0) + queue + size * concurrent
+        self.door.floor += size * plan.slots  # never below what the slots run
+        target = latency_target_ms / 1000
+        self.door.target_seconds = min(target, self.door.target_seconds or target)
+    logger.info("admission for %s: %s", name, report)
+    return limits

@@ -62,7 +62,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastinfer._optional import require
 from fastinfer.errors import (
@@ -78,9 +78,7 @@ from fastinfer.errors import (
     WorkerTimeout,
 )
 from fastinfer.integrations._admission import (
-    AdmissionLimits,
     AdmissionReport,
-    batch_len,
     measure_admission,
 )
 from fastinfer.integrations._lifecycle import (
@@ -107,11 +105,11 @@ from fastinfer.integrations._limits import (
 )
 from fastinfer.integrations._model import serve_model
 from fastinfer.integrations._server import run_server
-from fastinfer.integrations._sizing import ServingPlan, measure_serving, pool_plan, through_pool
+from fastinfer.integrations._sizing import ServingPlan, admission, measure_serving
 from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
 
 if TYPE_CHECKING:
-    from fastinfer.pool import PinnedPool
+    pass
 
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
 prometheus_client = require("prometheus_client", purpose="the /metrics endpoint")
@@ -338,69 +336,8 @@ class FastInferService:
     def _not_ready_detail(self) -> str:
         return not_ready_detail(self._setup_error, self._stopping, self._phase)
 
-    def admission(
-        self,
-        fn: Callable[[Any], Any] | PinnedPool,
-        example_batch: Any,
-        *,
-        latency_target_ms: float,
-        max_concurrent_batches: int | Literal["auto"] = "auto",
-        batch_size: int | None = None,
-        name: str = "model",
-    ) -> AdmissionLimits:
-        """Size a batcher from ``fn``'s measured cost on a full example batch: how many batches
-        run at once and with how many torch threads, and how long its queue may be.
-
-        ``max_concurrent_batches="auto"`` (the one knob) splits the core budget
-        (:class:`fastinfer.CorePlan`) into slots × threads by measuring every split and keeps the
-        fastest (``_sizing.py``); it sets torch's threads for the process. ``fn`` may instead be
-        the :class:`fastinfer.PinnedPool` the batcher will feed (``DynamicBatcher(pool.run,
-        ...)``): its workers are the slots (each pinned, with its own threads), and the cost is
-        measured through the pool, every worker busy; nothing in this process is changed; and the
-        batcher may also fill the pool's ``prefetch`` buffers (``prefetch_batches``: ``workers x
-        prefetch`` more), so no worker waits for this process between batches. The
-        queue is then sized so that a request admitted last still finishes within
-        ``latency_target_ms``. Returns ``{"max_concurrent_batches": n, "prefetch_batches": k,
-        "max_queue_size": q}`` for ``DynamicBatcher(..., **limits)``; the measurements show in ``/readyz`` under
-        ``"serving"`` and ``"admission"``. With ``shed_at_door``, at most that queue plus what the
-        batch slots run is let past the door at once; the next request is answered 503 before it
-        is read. Call it in the setup function, once per batcher (the runs double as warm-up)."""
-        from fastinfer.pool import PinnedPool
-
-        size = batch_size if batch_size is not None else batch_len(example_batch)
-        if isinstance(fn, PinnedPool):
-            plan = pool_plan(fn, example_batch, size, max_concurrent_batches)
-            call = through_pool(fn)
-        else:
-            slots = None if max_concurrent_batches == "auto" else max_concurrent_batches
-            plan = measure_serving(fn, example_batch, batch_size=size, slots=slots)
-            call = fn
-        self._serving[name] = plan.to_dict()
-        report = measure_admission(
-            call,
-            example_batch,
-            latency_target_ms=latency_target_ms,
-            max_concurrent_batches=plan.slots,
-            batch_size=size,
-            batch_seconds=plan.batch_seconds or None,
-        )
-        # A pool holds `prefetch` batches per worker ready behind the one it runs, so a worker
-        # never waits on this process between batches: the batcher may dispatch that many more,
-        # taken from the queue's share (they wait the same way, in the worker's pipe).
-        buffered = fn.workers * fn.prefetch if isinstance(fn, PinnedPool) else 0
-        queue = max(report.max_queue_size - buffered * size, size)
-        concurrent = plan.slots + buffered
-        limits = AdmissionLimits(
-            max_concurrent_batches=plan.slots, prefetch_batches=buffered, max_queue_size=queue
-        )
-        self._admission[name] = {**report.to_dict(), **limits}
-        if self.door is not None:  # at most what the batcher holds past the door at once
-            self.door.limit = (self.door.limit or 0) + queue + size * concurrent
-            self.door.floor += size * plan.slots  # never below what the slots run
-            target = latency_target_ms / 1000
-            self.door.target_seconds = min(target, self.door.target_seconds or target)
-        logger.info("admission for %s: %s", name, report)
-        return limits
+    #: size a batcher from ``fn``'s measured cost (``_sizing.py``; its docstring says how)
+    admission = admission
 
     #: the fastest measured serving path in one call (``_model.py``; its docstring says how)
     serve_model = serve_model
