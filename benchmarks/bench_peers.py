@@ -59,6 +59,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(PEERS))
 
 import common
+import cpu
 import envs
 import load
 import serve_fastinfer
@@ -460,7 +461,10 @@ def run_stack(
             for conc in plan.connections:
                 load.run_wrk(url, script, connections=conc, seconds=plan.warmup_seconds)
                 drain()
-                res.points.append(load.run_wrk(url, script, connections=conc, seconds=plan.seconds))
+                before = cpu.snapshot(proc.pid)
+                point = load.run_wrk(url, script, connections=conc, seconds=plan.seconds)
+                point.detail["cpu"] = cpu.between(before, cpu.snapshot(proc.pid))
+                res.points.append(point)
                 drain()
             for rate in plan.rates:
                 res.points.append(load.run_open(url, bodies, rate=rate, seconds=plan.seconds))
@@ -486,6 +490,16 @@ def _cell(p: load.PointResult | None) -> str:
     return f"{p.rps:.0f} ({_ms(p.p50_s)}/{_ms(p.p99_s)}){few}"
 
 
+def _cpu_cell(p: load.PointResult | None) -> str:
+    c = None if p is None else p.detail.get("cpu")
+    if not c:
+        return "-"
+    return (
+        f"{c['server']:.2f} ({c['root']:.2f} + {c['workers']:.2f}) / "
+        f"{c['load_generator']:.2f} / {c['machine']:.2f}"
+    )
+
+
 def model_table(results: Sequence[StackResult], plan: Plan) -> str:
     """One row per stack: ceiling, each load point as 'req/s (p50/p99 ms)', share, errors."""
     top = max(plan.connections)
@@ -493,6 +507,7 @@ def model_table(results: Sequence[StackResult], plan: Plan) -> str:
     head += [f"c={c} req/s (p50/p99 ms)" for c in plan.connections]
     head += [f"c={top} / ceiling"]
     head += [f"open {r:g}/s: req/s (p50/p99)" for r in plan.rates]
+    head += [f"CPU at c={top}: server (root + rest) / wrk / machine, cores"]
     head += ["non-200 / errors", "answers", "status"]
     rows = []
     for r in results:
@@ -501,6 +516,7 @@ def model_table(results: Sequence[StackResult], plan: Plan) -> str:
         p = r.point("closed", top)
         row.append(f"{p.rps / r.ceiling:.0%}" if p and r.ceiling else "-")
         row += [_cell(r.point("open", rate)) for rate in plan.rates]
+        row.append(_cpu_cell(p))
         non200 = sum(p.non_200 for p in r.points)
         errors = sum(p.errors for p in r.points)
         row += [f"{non200} / {errors}" if r.points else "-", r.answers or "-"]
@@ -542,6 +558,16 @@ def add_targets(bench: Bench, spec: common.ModelSpec, results: Sequence[StackRes
             bench.add_value(
                 f"{m} c={conc}", f"{TARGET_STACK} / its own ceiling", fp.rps / fast.ceiling,
                 unit="x", target=(">=", 0.9),
+            )  # fmt: skip
+        used = fp.detail.get("cpu")
+        if used:  # what bounds the ceiling share: the cores the model's workers got
+            bench.add_value(
+                f"{m} c={conc}", f"{TARGET_STACK} cores left to the model (of {used['cpus']:g})",
+                used["workers"], unit="cores",
+            )  # fmt: skip
+            bench.add_value(
+                f"{m} c={conc}", f"{TARGET_STACK} front end + load generator, cores",
+                used["root"] + used["load_generator"], unit="cores",
             )  # fmt: skip
     plain = by.get("plain")
     if fast and plain:

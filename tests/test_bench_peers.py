@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH / "peers"))
 import bench_peers  # noqa: E402 (after the importorskip)
 import common  # noqa: E402
+import cpu  # noqa: E402
 import load  # noqa: E402
 
 WRK_OUT = """Running 3s test @ http://127.0.0.1:8000/predict
@@ -92,6 +94,36 @@ def test_table_shows_measured_and_missing_stacks() -> None:
     assert "c=64 / ceiling" in lines[0] and "open 50/s" in lines[0]
     assert "100 (20/100)" in lines[2] and "50%" in lines[2]  # 100 req/s of a 200 ceiling
     assert "not installed: pip install failed (1): no Java" in lines[3]
+    assert "CPU at c=64" in lines[0] and lines[2].count(" - ") >= 1  # no CPU measured: "-"
+    ok.points[1].detail["cpu"] = {"server": 1.9, "root": 0.2, "workers": 1.7,
+                                  "load_generator": 0.05, "machine": 2.0, "cpus": 2.0}  # fmt: skip
+    assert "1.90 (0.20 + 1.70) / 0.05 / 2.00" in bench_peers.model_table([ok], plan)
+
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 2: pass"
+SERVER = (
+    "import subprocess, sys, time\n"
+    f"c = subprocess.Popen([sys.executable, '-c', {BURN!r}])\n"
+    "time.sleep(3)\nc.kill()"
+)
+
+
+def test_cpu_accounting_splits_the_servers_root_from_its_workers() -> None:
+    import time
+
+    server = subprocess.Popen([sys.executable, "-c", SERVER])  # sleeps while its child burns
+    try:
+        time.sleep(0.5)  # the child is running
+        before = cpu.snapshot(server.pid)
+        time.sleep(1.0)
+        used = cpu.between(before, cpu.snapshot(server.pid))
+    finally:
+        server.kill()
+        server.wait()
+    assert used["workers"] > 0.2  # the child burned CPU in the window
+    assert used["root"] < 0.1  # the root slept
+    assert used["server"] == pytest.approx(used["root"] + used["workers"])
+    assert used["machine"] >= used["workers"] * 0.9 and used["cpus"] >= 1
 
 
 def test_every_stack_is_selectable_and_fastinfer_stacks_are_not_peers() -> None:
