@@ -158,3 +158,52 @@ def test_a_dynamic_batch_dim_is_reported() -> None:
     compiled = compile_model(ft.tiny_mlp(seed=5), _x(), backend="eager", batch_sizes=SIZES)
     s = compiled.statistics()
     assert (s.batch_dim, s.batch_dim_reason, s.graphs) == ("dynamic", "", 2)
+
+
+# --------------------------------------------------------------------------------------------
+# One size above 1 (select_backend's default (1, 8)) still gets a dynamic batch dimension
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [(1, 8), (8,), (1, 3)], ids=["1-8", "8", "1-3"])
+def test_one_size_above_one_gets_a_dynamic_graph_for_every_size_up_to_it(
+    sizes: tuple[int, ...],
+) -> None:
+    """(1, 8) compiled a static graph for 8 (no reason given), and a batch of 5 raised
+    RecompileError, although the docs promise one dynamic graph for 2..max(batch_sizes)."""
+    model = ft.tiny_mlp(seed=6)
+    compiled = compile_model(model, _x(), backend="eager", batch_sizes=sizes)
+    s = compiled.statistics()
+    assert (s.batch_dim, s.batch_dim_reason, s.graphs) == ("dynamic", "", 2)
+    before = _graphs()
+    for b in range(1, max(sizes) + 1):
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(_x(b)), model(_x(b)))
+    assert _graphs() == before, "a size inside 2..max compiled again"
+    assert compiled.statistics().recompiles_refused == 0
+
+
+@pytest.mark.parametrize(
+    ("sizes", "why"),
+    [((1,), "no size above 1"), ((1, 2), "the only batch size above 1 is 2")],
+    ids=["1", "1-2"],
+)
+def test_a_static_batch_dim_says_why_and_what_to_pass(sizes: tuple[int, ...], why: str) -> None:
+    compiled = compile_model(ft.tiny_mlp(seed=7), _x(), backend="eager", batch_sizes=sizes)
+    s = compiled.statistics()
+    assert s.batch_dim == "static" and why in s.batch_dim_reason
+    assert "batch_sizes=(1, 8)" in s.batch_dim_reason  # the fix
+
+
+def test_select_backends_default_batch_sizes_give_a_dynamic_graph() -> None:
+    import inspect
+
+    from fastinfer import select_backend
+    from fastinfer.compiling import build_backend
+
+    default = inspect.signature(select_backend).parameters["batch_sizes"].default
+    assert default == inspect.signature(build_backend).parameters["batch_sizes"].default
+    compiled = build_backend("aot_eager", ft.tiny_mlp(seed=8), _x())  # (1, 8), as selected
+    assert compiled.statistics().batch_dim == "dynamic"
+    with torch.inference_mode():
+        compiled(_x(5))

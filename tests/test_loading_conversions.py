@@ -306,3 +306,71 @@ def test_a_part_whose_embeddings_the_saved_model_ties_loads_from_that_part(
     with torch.inference_mode():  # use_cache=False: T5's stack refuses it as an encoder
         expected = encoder(input_ids=ids, use_cache=False).last_hidden_state
         assert torch.equal(loaded(input_ids=ids, use_cache=False).last_hidden_state, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint keys from_pretrained leaves out: legacy buffers, a head's keys for a base model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.transformers
+def test_legacy_gpt2_attention_buffers_are_left_out_like_from_pretrained(tmp_path: Path) -> None:
+    """A GPT-2 ``pytorch_model.bin`` from older transformers holds ``attn.masked_bias`` (and
+    ``attn.bias``) per layer: from_pretrained loads it, load_pretrained raised
+    StateDictMismatch."""
+    transformers = _transformers()
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    with testing.seeded(0):
+        gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    gpt2.config.architectures = ["GPT2LMHeadModel"]
+    gpt2.config.save_pretrained(tmp_path)
+    state = dict(gpt2.state_dict())
+    state.pop("lm_head.weight")  # tied to transformer.wte.weight: saved once
+    for i in range(2):
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        state[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64, dtype=torch.bool).tril()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    reports: list[fastinfer.LoadReport] = []
+    model = fastinfer.load_pretrained(tmp_path, on_report=reports.append)
+    _same_state(model, reference)
+    _same_state(model, gpt2)
+    notes = "\n".join(reports[0].notes)
+    assert "legacy buffers" in notes and "transformer.h.0.attn.masked_bias" in notes, notes
+    assert "declares unused" in notes and "transformer.h.0.attn.bias" in notes, notes
+    # Neither declared nor a legacy buffer of a module the model has: still refused.
+    for extra, value in (
+        ("transformer.h.0.attn.extra", torch.zeros(3)),
+        ("transformer.h.7.attn.masked_bias", torch.tensor(-1e4)),  # no layer 7
+    ):
+        torch.save({**state, extra: value}, tmp_path / "pytorch_model.bin")
+        with pytest.raises(fastinfer.StateDictMismatch, match=r"unexpected in the checkpoint \(1"):
+            fastinfer.load_pretrained(tmp_path)
+
+
+@pytest.mark.transformers
+def test_a_base_model_loads_from_the_folder_of_a_model_with_a_head(tmp_path: Path) -> None:
+    """``BertModel`` from a ``BertForSequenceClassification`` folder (``bert.`` prefix plus
+    ``classifier.*``): from_pretrained loads it, load_pretrained raised StateDictMismatch."""
+    transformers = _transformers()
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    with testing.seeded(0):
+        classifier = transformers.BertForSequenceClassification(config).eval()
+    classifier.save_pretrained(tmp_path / "cls")
+    reference = transformers.BertModel.from_pretrained(tmp_path / "cls").eval()
+    reports: list[fastinfer.LoadReport] = []
+    model = fastinfer.load_pretrained(
+        tmp_path / "cls", model_class=transformers.BertModel, on_report=reports.append
+    )
+    _same_state(model, reference)
+    _same_state(model, classifier.bert)
+    assert any("'bert.' part" in n and "classifier.weight" in n for n in reports[0].notes)
+    # The other way round the head's weights are genuinely missing: still an error.
+    classifier.bert.save_pretrained(tmp_path / "base")
+    with pytest.raises(fastinfer.StateDictMismatch, match=r"missing.*\n.*classifier"):
+        fastinfer.load_pretrained(
+            tmp_path / "base", model_class=transformers.BertForSequenceClassification
+        )

@@ -21,7 +21,7 @@ from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._compile import CompiledModel, new_stats, resolve_cache
 from fastinfer.compiling._inputs import Inputs, check_batch_sizes, cpu_inputs, inputs_for
 from fastinfer.compiling._manifest import compiler_path, environment_manifest, manifest_diff
-from fastinfer.compiling._verify import NO_COMPILER, check_close, explain
+from fastinfer.compiling._verify import NO_COMPILER, check_close, explain, swap_refusal
 from fastinfer.errors import CacheMismatchError, CompileError, ConfigError
 
 __all__ = ["export_aot", "load_aot"]
@@ -54,6 +54,9 @@ def export_aot(
         raise ConfigError("export_aot needs an nn.Module (torch.export exports modules)")
     if model.training:
         raise ConfigError("model is in training mode: call model.eval() before export_aot")
+    refused = swap_refusal(model, "an AOTInductor export")
+    if refused:
+        raise ConfigError(refused)
     args, kwargs = inputs_for(example_inputs, max(sizes))
     if cpu_inputs(args, kwargs) and compiler_path() is None:
         raise CompileError(f"export_aot failed: {NO_COMPILER}")

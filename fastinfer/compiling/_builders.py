@@ -24,7 +24,7 @@ from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._compile import compile_model
 from fastinfer.compiling._manifest import compiler_path
 from fastinfer.compiling._runtimes import OnnxRuntimeBuilder, OpenVinoBuilder
-from fastinfer.compiling._verify import NO_COMPILER, OPAQUE_FIX
+from fastinfer.compiling._verify import NO_COMPILER, OPAQUE_FIX, swap_refusal
 from fastinfer.errors import CompileError, ConfigError
 
 __all__ = [
@@ -44,6 +44,9 @@ class _Eager(Builder):
 
 
 def _compiler_skip(ctx: BuildContext) -> str:
+    refused = swap_refusal(ctx.model, "an AOTInductor export")
+    if refused:
+        return refused
     if not ctx.on_gpu and compiler_path() is None:
         return NO_COMPILER
     if ctx.opaque:
@@ -68,6 +71,10 @@ class DynamoBuilder(Builder):
     needs_module: str = ""  # an optional package the backend imports
 
     def skip(self, ctx: BuildContext) -> str:
+        # A model swap_attention_ marked as not worth compiling: no time spent building it.
+        refused = swap_refusal(ctx.model, f"compiling with {self.backend!r}")
+        if refused:
+            return refused
         if self.needs_cuda_graphs and not ctx.on_gpu:
             return (
                 "needs a CUDA GPU and inputs on it (CUDA graphs); no GPU here"

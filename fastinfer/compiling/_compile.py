@@ -38,6 +38,7 @@ from fastinfer.compiling._verify import (
     explain,
     log_once,
     max_error,
+    swap_refusal,
 )
 from fastinfer.errors import CompileError, ConfigError, RecompileError, VerificationError
 
@@ -209,6 +210,23 @@ def new_stats(backend: str, mode: str | None, **values: Any) -> dict[str, Any]:
     return stats
 
 
+def _static_reason(sizes: tuple[int, ...]) -> str:
+    """Why ``dynamic=None`` compiled static graphs for ``sizes`` (no size above 2), and the fix."""
+    fix = (
+        "pass the largest batch size you serve, e.g. batch_sizes=(1, 8), for one dynamic graph "
+        "covering 2..8"
+    )
+    if sizes[-1] == 1:
+        return (
+            "batch_sizes holds no size above 1, so only batch size 1 was compiled (another size "
+            f"would compile at serve time, which is refused): {fix}"
+        )
+    return (
+        f"the only batch size above 1 is {sizes[-1]}, so a dynamic batch dimension "
+        f"(2..max(batch_sizes)) would cover that one size: compiled a static graph for it; {fix}"
+    )
+
+
 def compile_model(
     model: Callable[..., Any],
     example_inputs: Inputs,
@@ -231,16 +249,21 @@ def compile_model(
     ``example_inputs`` is one request batch (a tensor, a tuple of positional args or a dict of
     keyword args); it is resized along dim 0 to each of ``batch_sizes`` (batch size 1 is always
     added: it always gets its own graph). ``dynamic=None`` compiles one graph with a dynamic batch
-    dimension for sizes >= 2 (plus one for size 1); ``dynamic=False`` one graph per size, with a
-    per-model recompile limit that fits them all. ``cache`` (default ``$FASTINFER_CACHE_DIR``)
-    holds inductor's compile cache; one process compiles into it while others wait.
+    dimension covering 2..max(batch_sizes) (plus one for size 1), as soon as that range holds
+    more than one size: ``(1, 8)`` serves every size up to 8; ``dynamic=False`` one graph per
+    size, with a per-model recompile limit that fits them all. ``cache`` (default
+    ``$FASTINFER_CACHE_DIR``) holds inductor's compile cache; one process compiles into it while
+    others wait.
     ``freezing="auto"`` compiles inductor on CPU with freezing (weights as constants: folded,
     laid out once), still FX-graph cacheable; ``"prepack"`` adds oneDNN weight prepacking (not
     cacheable); ``"off"`` is torch.compile's default (see :mod:`._freezing`).
 
     Raises :class:`CompileError` with the cause and the fix (``fallback="eager"`` instead returns
-    the eager model, recorded in ``statistics().fallback`` and logged once), and
-    :class:`VerificationError` when outputs differ from eager beyond the per-dtype tolerance.
+    the eager model, recorded in ``statistics().fallback`` and logged once),
+    :class:`VerificationError` when outputs differ from eager beyond the per-dtype tolerance, and
+    :class:`ConfigError` up front for a model whose attention ``swap_attention_`` swapped to a
+    path it marks as not worth compiling (``fallback="eager"`` returns the swapped model as it
+    is instead).
     """
     if fallback not in ("error", "eager"):
         raise ConfigError(f"fallback must be 'error' or 'eager', got {fallback!r}")
@@ -254,6 +277,10 @@ def compile_model(
     if isinstance(model, nn.Module) and model.training:
         raise ConfigError("model is in training mode: call model.eval() before compile_model")
     backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
+    # A model swap_attention_ marked as not worth compiling: refused before any work.
+    refused = swap_refusal(model, f"compiling with {backend_name!r}")
+    if refused and fallback == "error":
+        raise ConfigError(refused)
     cache = resolve_cache(cache, backend)
 
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
@@ -284,6 +311,8 @@ def compile_model(
             model, model, stats=stats, on_recompile=on_recompile, uses_dynamo=False
         )
 
+    if refused:  # fallback="eager": the swapped model runs as it is
+        return give_up(refused, None)
     if backend_name in ("inductor",) and cpu_inputs(args0, kwargs0) and compiler_path() is None:
         return give_up(NO_COMPILER, None)
 
@@ -303,10 +332,13 @@ def compile_model(
     except Exception as exc:  # bad backend name, unsupported Python...
         return give_up(explain(exc), exc)
 
-    # Largest size first, batch dim marked dynamic: one graph covers 2..max; size 1 gets its own.
+    # Largest size first, batch dim marked dynamic: one graph covers 2..max; size 1 gets its own
+    # (torch specialises a size of 1). A single size above 1 is enough: (1, 8) serves 2..8 too.
     order = sorted(sizes, reverse=True)
-    mark = dynamic is None and len([b for b in sizes if b >= 2]) > 1
+    mark = dynamic is None and sizes[-1] > 2
     stats["batch_dim"] = "dynamic" if mark or dynamic else "static"
+    if dynamic is None and not mark:
+        stats["batch_dim_reason"] = _static_reason(sizes)
 
     first_graphs: list[int | None] = [None]  # graphs made by the first call (not recompiles)
 

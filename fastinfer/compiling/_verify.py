@@ -31,6 +31,7 @@ __all__ = [
     "log_once",
     "max_error",
     "opaque_ops",
+    "swap_refusal",
 ]
 
 logger = logging.getLogger("fastinfer.compiling")
@@ -52,6 +53,9 @@ OPAQUE_FIX = (
     "Fix: call torch.backends.mha.set_fastpath_enabled(False) before compiling so the attention "
     "and feed-forward ops are compiled, or keep the model eager"
 )
+# What fastinfer.swap_attention_ records on a swapped model for compile selectors to read
+# (primitives do not import each other): {"path", "compile_useful", "compile_reason"}.
+SWAP_ATTRIBUTE = "_fastinfer_attention"
 _logged: set[str] = set()
 
 
@@ -121,6 +125,34 @@ def opaque_ops(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     with torch.inference_mode(), _Spy():
         out = model(*args, **kwargs)
     return out, tuple(sorted(seen))
+
+
+def swap_refusal(model: Any, what: str) -> str:
+    """Why ``what`` (compiling with a backend, an AOT export) is refused for ``model``: its
+    attention (or a submodule's) was swapped by ``fastinfer.swap_attention_`` to a path the swap
+    recorded as not worth compiling; "" when there is none. The packed paths run oneDNN linears
+    on weights reordered once, which Inductor cannot lower (a ~35 s compile, then a
+    ``LoweringException``), and their token count changes with every batch."""
+    if not isinstance(model, torch.nn.Module):
+        return ""
+    for name, module in model.named_modules():
+        info = module.__dict__.get(SWAP_ATTRIBUTE)
+        if not isinstance(info, dict) or info.get("compile_useful") is not False:
+            continue
+        where = f"the model's submodule {name!r}" if name else "the model"
+        path = info.get("path", "?")
+        reason = str(info.get("compile_reason") or "the swap says compiling it is not useful")
+        return (
+            f"{where} runs the attention path {path!r} that fastinfer.swap_attention_ put in, "
+            f"and the swap recorded that compiling it is not useful ({reason}), so {what} is "
+            "refused up front: it adds compile time for no gain, and on the packed paths "
+            "inductor fails after a long compile. Fix: serve the "
+            "swapped model as it is, without compiling (it is the fast path already); or "
+            "compile the unswapped model (fastinfer.undo_attention_swap_(model), or a copy "
+            "taken before the swap) and let select_backend measure both side by side "
+            "(candidates=['eager', 'inductor', ('swapped', swapped_model)])"
+        )
+    return ""
 
 
 def eager_reference(

@@ -30,7 +30,17 @@ from fastinfer.errors import CheckpointError, UnsafeCheckpointError
 from fastinfer.loading import _st_header as st_header
 from fastinfer.loading._pages import Source, check_unchanged, memory, populate, snapshot
 
-__all__ = ["Mapped", "memory", "populate", "preview", "read", "resolve", "sniff"]
+__all__ = [
+    "QUANTIZED_FIX",
+    "Mapped",
+    "memory",
+    "not_tensors",
+    "populate",
+    "preview",
+    "read",
+    "resolve",
+    "sniff",
+]
 
 logger = logging.getLogger("fastinfer.loading")
 
@@ -65,6 +75,25 @@ class Mapped:
         self.zero_copy |= other.zero_copy
         self.sources.extend(other.sources)
         self.notes.extend(n for n in other.notes if n not in self.notes)
+
+
+# What a state dict with non-tensor entries usually is, and what to do instead.
+QUANTIZED_FIX = (
+    "this is what the state dict of a torch.ao.quantization model looks like (packed "
+    "parameters, a dtype per layer), and fastinfer checkpoints hold plain tensors only. Fix: "
+    "save and load the float model with fastinfer and quantize after loading "
+    "(torch.ao.quantization.quantize_dynamic(model, ...)), or keep the quantized state dict in "
+    "torch.save and restore it with model.load_state_dict(torch.load(path, weights_only=True))"
+)
+
+
+def not_tensors(entries: dict[Any, Any]) -> list[str]:
+    """The entries of a would-be state dict that are not ``name -> tensor``, each with its type."""
+    return [
+        f"{k!s} ({type(v).__name__})"
+        for k, v in entries.items()
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+    ]
 
 
 def preview(keys: Sequence[str], limit: int = 10) -> str:
@@ -346,14 +375,14 @@ def _unwrap(obj: Any, path: Path, out: Mapped) -> dict[str, torch.Tensor]:
                 out.notes.append(f"{path.name}: used the state dict under {wrapper!r}")
                 obj = inner
                 break
-        bad = [
-            k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
-        ]
+        bad = not_tensors(obj)
         if not bad:
             return dict(obj)
+        quantized = any(isinstance(v, (torch.dtype, tuple)) for v in obj.values())
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a state dict: {len(bad)} entries are not "
-            f"name -> tensor ({preview([str(k) for k in bad])}); save model.state_dict()"
+            f"checkpoint {str(path)!r} is not a state dict of tensors: {len(bad)} entries are "
+            f"not name -> tensor ({preview(bad)}); "
+            + (QUANTIZED_FIX if quantized else "save model.state_dict()")
         )
     if isinstance(obj, torch.nn.Module):
         out.notes.append(f"{path.name} held a whole pickled module; its state_dict() was used")

@@ -11,7 +11,9 @@ keeps its memory-mapped tensor (no copy); only weights an operation changes (a f
 are computed.
 
 It also reads what the model class declares: checkpoint keys it ignores on load
-(``_keys_to_ignore_on_load_unexpected``, e.g. the decoder for ``T5EncoderModel``); weights it does
+(``_keys_to_ignore_on_load_unexpected``, e.g. the decoder for ``T5EncoderModel``; also legacy
+buffers such as GPT-2's ``attn.masked_bias``, and a head's keys when a base model loads from the
+folder of a model with that head, which ``from_pretrained`` loads too); weights it does
 not save because ``_init_weights`` computes them (Marian's sinusoidal position embeddings), which
 are computed the same way (only where that is deterministic: a random one is reported missing);
 and, for a class that is one part of the saved model (``WhisperEncoder`` from a ``WhisperModel``
@@ -22,6 +24,7 @@ folder, ``BartEncoder`` from a BART folder whose ``encoder.embed_tokens`` is sav
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from copy import deepcopy
@@ -124,8 +127,60 @@ def _convert_v4(model: Any, mapped: Mapped) -> Mapped:
     return out
 
 
+# Buffers older transformers saved (persistent then) that today's classes neither have nor all
+# declare: GPT-2's constant mask fill value ``attn.masked_bias`` (-1e4). GPT-J and GPT-NeoX
+# declare it in ``_keys_to_ignore_on_load_unexpected``; GPT-2 declares only ``attn.bias``.
+_LEGACY_BUFFERS = re.compile(r"(^|\.)masked_bias$")
+
+
+def _legacy_buffers(model: Any, mapped: Mapped, keys: set[str]) -> set[str]:
+    """The ``keys`` that are such a legacy buffer: the name, one value, in a module the model has
+    (under the base model's prefix or not)."""
+    base = getattr(model, "base_model_prefix", "") or ""
+    found = set()
+    for key in keys:
+        if not _LEGACY_BUFFERS.search(key) or mapped.tensors[key].numel() != 1:
+            continue
+        owner = key.rpartition(".")[0]
+        for path in dict.fromkeys([owner, owner.removeprefix(f"{base}.") if base else owner]):
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                continue
+            found.add(key)
+            break
+    return found
+
+
+def _drop_head(model: Any, mapped: Mapped, model_keys: set[str], saved_keys: set[str]) -> Mapped:
+    """A base model loaded from the folder of a model with a head (``BertModel`` from a
+    ``BertForSequenceClassification`` folder): the base model's weights are under its prefix
+    (``bert.``), the head's (``classifier.*``) are not, and the base model has no place for them.
+    ``from_pretrained`` loads it and lists them as expected for another architecture; so are they
+    left out here, with a note. Keys under the prefix that fit nowhere are still unexpected."""
+    base = getattr(model, "base_model_prefix", "") or ""
+    if not base or hasattr(model, base):
+        return mapped
+    prefix = f"{base}."
+    if not any(k.startswith(prefix) for k in saved_keys):
+        return mapped
+    head = sorted(k for k in mapped.tensors if k not in model_keys and not k.startswith(prefix))
+    if not head:
+        return mapped
+    for key in head:
+        mapped.tensors.pop(key)
+        mapped.zero_copy.discard(key)
+    mapped.notes.append(
+        f"loaded {type(model).__name__} from the {prefix!r} part of the checkpoint of a model "
+        f"with a head: the head's {len(head)} keys were not used ({preview(head)})"
+    )
+    logger.info("%s", mapped.notes[-1])
+    return mapped
+
+
 def _drop_ignored(model: Any, mapped: Mapped, model_keys: set[str]) -> Mapped:
-    """Drop the checkpoint keys the model class declares it does not load (transformers' rules)."""
+    """Drop the checkpoint keys the model class declares it does not load (transformers' rules),
+    and legacy buffers older transformers saved (:data:`_LEGACY_BUFFERS`)."""
     unexpected = {k for k in mapped.tensors if k not in model_keys}
     if not unexpected:
         return mapped
@@ -134,29 +189,33 @@ def _drop_ignored(model: Any, mapped: Mapped, model_keys: set[str]) -> Mapped:
     try:
         adjust(info)  # type: ignore[misc]
     except Exception as exc:  # another transformers: only the declared patterns
-        import re
-
         logger.debug("transformers' key adjustment unavailable: %s", exc)
         patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
         info.unexpected_keys = {k for k in unexpected if not any(re.search(p, k) for p in patterns)}
     ignored = unexpected - set(info.unexpected_keys)
-    if not ignored:
-        return mapped
-    for key in ignored:
+    legacy = _legacy_buffers(model, mapped, set(info.unexpected_keys))
+    for key in ignored | legacy:
         mapped.tensors.pop(key)
         mapped.zero_copy.discard(key)
-    mapped.notes.append(
-        f"{len(ignored)} checkpoint keys that {type(model).__name__} declares unused were not "
-        f"loaded (e.g. {sorted(ignored)[0]})"
-    )
+    name = type(model).__name__
+    if ignored:
+        mapped.notes.append(
+            f"{len(ignored)} checkpoint keys that {name} declares unused were not loaded "
+            f"({preview(sorted(ignored))})"
+        )
+        logger.info("%s", mapped.notes[-1])
+    if legacy:
+        mapped.notes.append(
+            f"{len(legacy)} legacy buffers that older transformers saved and {name} no longer "
+            f"has were not loaded ({preview(sorted(legacy))})"
+        )
+        logger.info("%s", mapped.notes[-1])
     return mapped
 
 
 def _declared_missing(model: Any, keys: set[str]) -> set[str]:
     """The ``keys`` the model class declares it may lack in a checkpoint (transformers' rules:
     ``_keys_to_ignore_on_load_missing`` patterns, ``_keys_to_ignore_on_save`` names)."""
-    import re
-
     if not keys:
         return set()
     info = SimpleNamespace(missing_keys=set(keys), unexpected_keys=set())
@@ -364,8 +423,10 @@ def hf_remap(
     def remap(mapped: Mapped) -> Mapped:
         model_keys = set(model.state_dict().keys())
         regenerated: set[str] = set()
+        saved_keys = set(mapped.tensors)
         out = _convert(model, mapped)
         out = _subtree(model, out, model_keys, saved, regenerated)
+        out = _drop_head(model, out, model_keys, saved_keys)
         out = _drop_ignored(model, out, model_keys)
         return _regenerate(model, out, model_keys, regenerated)
 

@@ -16,7 +16,7 @@ from torch import nn
 from fastinfer._common.files import atomic_path
 from fastinfer._optional import require
 from fastinfer.errors import CheckpointError, ConfigError, LoadError
-from fastinfer.loading._formats import preview
+from fastinfer.loading._formats import QUANTIZED_FIX, not_tensors, preview
 from fastinfer.loading._st_header import ALIASES_METADATA
 
 __all__ = ["save_weights"]
@@ -38,7 +38,9 @@ def save_weights(
     recorded in the header's metadata; the loader gives them that same tensor again.
 
     Raises:
-        CheckpointError: the file could not be written (disk full, quota, file-size limit, a
+        CheckpointError: the state dict holds entries that are not tensors (a
+            ``torch.ao.quantization`` model's packed parameters and dtypes), named with the fix;
+            the file could not be written (disk full, quota, file-size limit, a
             folder that is not writable), naming the path, the cause and the fix; the previous
             file at ``path`` is left as it was and no temporary file is left behind.
     """
@@ -53,6 +55,20 @@ def save_weights(
     else:
         raise ConfigError(
             f"save_weights takes an nn.Module or a state dict, got {type(model_or_state_dict).__name__}"
+        )
+    bad = not_tensors(sd)
+    if bad:
+        quantized_sd = any(isinstance(v, (torch.dtype, tuple)) for v in sd.values())
+        raise CheckpointError(
+            f"cannot save {str(target)!r}: {len(bad)} state-dict entries are not tensors "
+            f"({preview(bad)}); "
+            + (QUANTIZED_FIX if quantized_sd else "pass a model or a dict of name -> tensor")
+        )
+    quantized = [k for k, v in sd.items() if v.is_quantized]
+    if quantized and fmt_name == "safetensors":
+        raise CheckpointError(
+            f"cannot save {str(target)!r}: safetensors has no quantized tensors, and "
+            f"{len(quantized)} are ({preview(quantized)}); {QUANTIZED_FIX}"
         )
     meta = [k for k, v in sd.items() if v.is_meta]
     if meta:
