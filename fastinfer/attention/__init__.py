@@ -28,6 +28,7 @@ Layout: ``_types`` (the report and the registry: a leaf), ``_swap`` (choose, app
 ``_discover`` with ``_family_hf`` / ``_family_torch`` (candidates by model family),
 ``_outputs`` (calling and comparing), ``_diagnose`` and ``_why`` (PyTorch's fastpath
 conditions), ``_packing`` / ``_kernels_hf`` / ``_kernels_torch`` (the replacement encoders),
+``_guard`` (what they check before each fast call),
 ``_profile`` (synthetic inputs), ``_undo``.
 """
 

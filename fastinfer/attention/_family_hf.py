@@ -10,7 +10,8 @@ from torch import nn
 
 from fastinfer.attention import _kernels_hf as _k
 from fastinfer.attention._candidate import OPAQUE, PACKED, PLAIN, Candidate, Once
-from fastinfer.attention._undo import Undo, find_parent
+from fastinfer.attention._guard import tracing
+from fastinfer.attention._undo import Call, Undo, find_parent
 from fastinfer.errors import AttentionSwapError
 
 __all__ = ["HF_IMPLEMENTATIONS", "hf_candidates", "is_hf", "optimum_status"]
@@ -53,13 +54,16 @@ def _set_attn(model: Any, impl: str, undo: Undo) -> None:
         got = model.config._attn_implementation
         model.set_attn_implementation(old)  # type: ignore[operator]
         raise AttentionSwapError(f"set_attn_implementation({impl!r}) gave {got!r}")
-    undo.push(lambda: model.set_attn_implementation(old))  # type: ignore[operator]
+    undo.push(Call(model.set_attn_implementation, old))
 
 
 def _zero_padded_hook(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
 ) -> Any:
-    """Normalise HF attention-implementation paths: padded positions become exact zeros."""
+    """Normalise HF attention-implementation paths: padded positions become exact zeros (not
+    while tracing or exporting: the original graph, without data-dependent checks)."""
+    if tracing(compiling=False):
+        return out
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     hidden = getattr(out, "last_hidden_state", None)
     if mask is None or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
@@ -132,20 +136,26 @@ def optimum_status(model: nn.Module | None = None) -> tuple[bool, str]:
     return True, ""
 
 
+class _RestoreModules:
+    """Put back every module's children as they were (optimum rebuilt the tree)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.snapshot = [(m, dict(m._modules)) for m in model.modules()]
+
+    def __call__(self) -> None:
+        for m, children in self.snapshot:
+            m._modules.clear()
+            m._modules.update(children)
+        if hasattr(self.model, "use_bettertransformer"):
+            self.model.use_bettertransformer = False
+
+
 def _optimum_apply(model: Any, undo: Undo) -> None:
     from optimum.bettertransformer import BetterTransformer
 
     undo.freeze(model)
-    snapshot = [(m, dict(m._modules)) for m in model.modules()]
-
-    def restore() -> None:
-        for m, children in snapshot:
-            m._modules.clear()
-            m._modules.update(children)
-        if hasattr(model, "use_bettertransformer"):
-            model.use_bettertransformer = False
-
-    undo.push(restore)
+    undo.push(_RestoreModules(model))
     result = BetterTransformer.transform(model, keep_original_model=False)
     if result is not model:
         raise AttentionSwapError("BetterTransformer.transform did not change the model in place")
@@ -179,7 +189,7 @@ def hf_candidates(model: Any, once: Once) -> tuple[str, list[Candidate], list[st
             undo.freeze(model)
             for _, enc in encoders:
                 h = enc.register_forward_hook(_zero_padded_hook, with_kwargs=True)
-                undo.push(h.remove)
+                undo.push(Call(h.remove))
 
         cands.append(Candidate(f"hf:{impl}", apply_impl, True, PLAIN, why))
     if encoders:

@@ -11,7 +11,7 @@ from fastinfer.attention import _why
 from fastinfer.attention._candidate import OPAQUE, PACKED, Candidate, Once
 from fastinfer.attention._diagnose import native_modules
 from fastinfer.attention._kernels_torch import PackedTorchEncoder, torch_layer_unsupported
-from fastinfer.attention._undo import Undo, find_parent
+from fastinfer.attention._undo import SetAttr, Undo, find_parent
 from fastinfer.errors import AttentionSwapError
 
 __all__ = ["torch_candidates"]
@@ -29,7 +29,7 @@ def torch_candidates(model: Any, once: Once) -> list[Candidate]:
         for enc in tencoders:
             old = enc.use_nested_tensor
             enc.use_nested_tensor = nested and not _why.encoder_nested_init_reason(enc)
-            undo.push(lambda enc=enc, old=old: setattr(enc, "use_nested_tensor", old))  # type: ignore[misc]
+            undo.push(SetAttr(enc, "use_nested_tensor", old))
 
     cands.append(Candidate("torch:fastpath", apply_fastpath, False, OPAQUE))
     if tencoders:

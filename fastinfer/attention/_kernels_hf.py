@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastinfer import _torch_compat
+from fastinfer.attention._guard import TreeGuard, tracing
 from fastinfer.attention._packing import (
     Packing,
     autocast_enabled,
@@ -127,6 +128,9 @@ HF_LAYER_PARTS: dict[str, Callable[[Any], LayerParts]] = {
     "TransformerBlock": distilbert_parts,
 }
 
+_PLAIN = (nn.Linear, nn.LayerNorm)
+_TENSORS = (nn.Parameter, torch.Tensor)
+
 
 def hf_layer_unsupported(layer: nn.Module) -> str:
     """Why an HF layer cannot be run by the packed path ("" when it can)."""
@@ -138,6 +142,12 @@ def hf_layer_unsupported(layer: nn.Module) -> str:
     if getattr(layer, "chunk_size_feed_forward", 0):
         return f"{name} chunks its feed-forward (chunk_size_feed_forward != 0)"
     p = HF_LAYER_PARTS[name](layer)
+    lins = (p.q, p.k, p.v, p.out, p.ffn_in, p.ffn_out)
+    odd = [type(m).__name__ for m in (*lins, p.norm1, p.norm2) if type(m) not in _PLAIN]
+    if odd:  # the fast paths read .weight/.bias and run them their own way
+        return f"{name} has a {odd[0]} where the fast paths need a plain nn.Linear / nn.LayerNorm"
+    if any(type(t) not in _TENSORS for m in lins for t in (m.weight, m.bias) if t is not None):
+        return f"{name} has weights of a tensor subclass (quantized?) the fast paths cannot run"
     d = p.q.in_features
     if any(lin.bias is None for lin in (p.q, p.k, p.v, p.out, p.ffn_in, p.ffn_out)):
         return f"{name} has a Linear without bias"
@@ -266,7 +276,9 @@ class FastHFEncoder(nn.Module):
     """Replaces an HF encoder (``BertEncoder``, DistilBERT's ``Transformer``...), same state dict.
 
     ``mode`` is ``"packed"`` or ``"fused"``. Anything the fast path does not handle runs the
-    original encoder, which shares every parameter with this module.
+    original encoder, which shares every parameter (and its very ``_modules`` dict, so a child
+    set on either is set on both) with this module. Before each fast call a :class:`TreeGuard`
+    checks that the layers are still the ones the fast path was built from and carry no hooks.
     """
 
     def __init__(self, encoder: Any, mode: str, output_cls: Any):
@@ -276,11 +288,13 @@ class FastHFEncoder(nn.Module):
         self.__dict__["_original"] = encoder
         self.mode = mode
         self._output_cls = output_cls
-        for name, child in encoder.named_children():  # the original layers, same state dict
-            self._modules[name] = child  # (add_module refuses names __getattr__ resolves)
-        self.__dict__["_fast"] = [FastHFLayer(lyr, self, i) for i, lyr in enumerate(encoder.layer)]
+        # the original layers, same state dict; the same dict, so that a layer replaced through
+        # either module is replaced for both (the fallback must run what the model holds)
+        self.__dict__["_modules"] = encoder._modules
+        self.__dict__["_fast"] = []
         self.training = encoder.training
         self.fallbacks = 0  # forwards that ran the original encoder
+        self._guard().why_not()  # reads the layers into self._fast
         for fast in self.__dict__["_fast"]:
             if mode == "packed":
                 fast.prepack()
@@ -296,26 +310,69 @@ class FastHFEncoder(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         return drop_cache(self)
 
+    @property
+    def fallback_reason(self) -> str:
+        """Why the original encoder runs whatever the inputs ("" when the fast path may run):
+        hooks on its modules, modules replaced by ones the fast path cannot run."""
+        return self._guard().why_not()
+
+    def _guard(self) -> TreeGuard:
+        guard = self.__dict__.get("_fastinfer_guard")
+        if guard is None:  # built, or copied (a copy checks its own tree on its first call)
+            guard = self.__dict__["_fastinfer_guard"] = TreeGuard(self, self._read_layers)
+        return guard  # type: ignore[no-any-return]
+
+    def _read_layers(self) -> str:
+        """Read the fast path's parts from the layers the model holds now; why not, or ""."""
+        self.__dict__.pop("_fastinfer_cache", None)  # rebuilt for the new parts on first use
+        layers = self._modules.get("layer")
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            self.__dict__["_fast"] = []
+            return "it no longer holds a ModuleList of layers"
+        for i, lyr in enumerate(layers):
+            why = hf_layer_unsupported(lyr)
+            if not why and self.mode == "fused":
+                why = hf_layer_fused_unsupported(HF_LAYER_PARTS[type(lyr).__name__](lyr))
+            if why:
+                self.__dict__["_fast"] = []
+                return f"layer {i}: {why}"
+        # one assignment: a concurrent call runs the old list or the new one, not a half-built one
+        self.__dict__["_fast"] = [FastHFLayer(lyr, self, i) for i, lyr in enumerate(layers)]
+        return ""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Weights loaded in place into inference tensors (no version counter to tell): the
+        # cached concatenated / reordered weights must go, whatever their key says.
+        self.__dict__.pop("_fastinfer_cache", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _fallback(self, *args: Any, **kwargs: Any) -> Any:
         self.fallbacks += 1
+        self._original.training = self.training
         return self._original(*args, **kwargs)
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any
     ) -> Any:
+        if tracing():  # jit.trace / export / compile: the original's plain ops, no side effects
+            return self._original(hidden_states, attention_mask, *args, **kwargs)
         extra = [
             k
             for k in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values")
             if kwargs.get(k) is not None
         ]
+        guard = self._guard()
         if (
-            (args and any(a is not None for a in args))
+            not isinstance(hidden_states, torch.Tensor)
+            or (args and any(a is not None for a in args))
             or extra
             or kwargs.get("use_cache")
             or self.training
-            or (torch.is_grad_enabled() and hidden_states.requires_grad)
-            or not isinstance(hidden_states, torch.Tensor)
             or hidden_states.dim() != 3
+            # a layer replaced or quantized, a hook on a layer: the original modules must run
+            or guard.why_not()
+            # autograd through the encoder's weights or its input: the original layers
+            or (torch.is_grad_enabled() and (hidden_states.requires_grad or guard.wants_grad()))
             or autocast_enabled(hidden_states)
             # transformers records hidden states/attentions with hooks on its own layers: run them
             or _capturing_outputs()

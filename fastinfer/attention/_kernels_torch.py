@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from fastinfer.attention._guard import TreeGuard, tracing
 from fastinfer.attention._kernels_hf import act_name
 from fastinfer.attention._packing import Packing, autocast_enabled, dense, drop_cache, prepack
 
@@ -22,6 +24,17 @@ def torch_layer_unsupported(layer: nn.Module) -> str:
         return "self_attn has separate q/k/v projections (kdim/vdim)"
     if a.bias_k is not None or a.bias_v is not None or a.add_zero_attn:
         return "self_attn uses bias_k/bias_v/add_zero_attn"
+    linears = (a.out_proj, layer.linear1, layer.linear2)
+    odd = [
+        type(m).__name__
+        for m in (*linears, layer.norm1, layer.norm2)
+        if type(m) not in (nn.Linear, NonDynamicallyQuantizableLinear, nn.LayerNorm)
+    ]
+    if odd:  # quantized, wrapped: the packed path reads .weight/.bias and runs them its own way
+        return f"it has a {odd[0]} where the packed path needs a plain nn.Linear / nn.LayerNorm"
+    tensors = [a.in_proj_weight, a.in_proj_bias, *(t for m in linears for t in (m.weight, m.bias))]
+    if any(t is not None and type(t) not in (nn.Parameter, torch.Tensor) for t in tensors):
+        return "it has weights of a tensor subclass (quantized?) the packed path cannot run"
     return ""
 
 
@@ -54,18 +67,21 @@ class PackedTorchEncoder(nn.Module):
     """Replaces an ``nn.TransformerEncoder``: same ``layers``/``norm`` children and state dict.
 
     Runs the packed path for eval, no-autograd, key-padding-only calls; anything else (an attention
-    ``mask``, training, autograd) runs the original encoder.
+    ``mask``, training, autograd, tracing, hooks on the layers, layers no longer plain) runs the
+    original encoder, which shares its ``_modules`` dict with this one.
     """
 
     def __init__(self, encoder: nn.TransformerEncoder):
         super().__init__()
         self.__dict__["_original"] = encoder
-        self.layers = encoder.layers
-        self.norm = encoder.norm
+        self.__dict__["_modules"] = encoder._modules  # layers/norm, shared: see FastHFEncoder
+        if "norm" not in self._modules:  # norm=None: a plain attribute, not a child
+            self.norm = encoder.norm
         self.num_layers = encoder.num_layers
         self.training = encoder.training
         self.batch_first = encoder.layers[0].self_attn.batch_first
         self.fallbacks = 0
+        self._guard().why_not()
         for i, layer in enumerate(self.layers):  # reorder the weights now, not in a request
             a = layer.self_attn
             prepack(self, f"{i}.qkv", a.in_proj_weight, a.in_proj_bias)
@@ -82,6 +98,33 @@ class PackedTorchEncoder(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         return drop_cache(self)
 
+    @property
+    def fallback_reason(self) -> str:
+        """Why the original encoder runs whatever the inputs ("" when the fast path may run):
+        hooks on its modules, modules replaced by ones the fast path cannot run."""
+        return self._guard().why_not()
+
+    def _guard(self) -> TreeGuard:
+        guard = self.__dict__.get("_fastinfer_guard")
+        if guard is None:
+            guard = self.__dict__["_fastinfer_guard"] = TreeGuard(self, self._check_layers)
+        return guard  # type: ignore[no-any-return]
+
+    def _check_layers(self) -> str:
+        self.__dict__.pop("_fastinfer_cache", None)
+        layers = self._modules.get("layers")
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            return "it no longer holds a ModuleList of layers"
+        for i, layer in enumerate(layers):
+            why = torch_layer_unsupported(layer)
+            if why:
+                return f"layer {i}: {why}"
+        return ""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_fastinfer_cache", None)  # see FastHFEncoder._load_from_state_dict
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(
         self,
         src: torch.Tensor,
@@ -89,19 +132,21 @@ class PackedTorchEncoder(nn.Module):
         src_key_padding_mask: torch.Tensor | None = None,
         is_causal: bool | None = None,
     ) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and (
-            src.requires_grad or any(p.requires_grad for p in self.layers.parameters())
-        )
+        if tracing():  # jit.trace / export / compile: the original's plain ops
+            return self._original(src, mask, src_key_padding_mask, is_causal)  # type: ignore[no-any-return]
+        guard = self._guard()
         if (
             mask is not None
             or is_causal
             or self.training
-            or grad
             or src.dim() != 3
             or src.is_nested
+            or guard.why_not()
+            or (torch.is_grad_enabled() and (src.requires_grad or guard.wants_grad()))
             or autocast_enabled(src)
         ):
             self.fallbacks += 1
+            self._original.training = self.training
             return self._original(src, mask, src_key_padding_mask, is_causal)  # type: ignore[no-any-return]
         x = src if self.batch_first else src.transpose(0, 1)  # (B, T, D)
         if src_key_padding_mask is None:

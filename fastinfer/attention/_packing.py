@@ -105,7 +105,10 @@ def _cached(owner: Any, name: str, parts: list[torch.Tensor], build: Callable[[]
     in-place write through the parameter itself (``load_state_dict``, ``p.copy_()`` under
     ``no_grad``). The entry holds the parts' storages, so a new tensor can never reuse the old
     one's address and pass for it. Writes through ``p.data`` bypass the version counter and are
-    not seen: ``undo_attention_swap_`` and swap again after them.
+    not seen: ``undo_attention_swap_`` and swap again after them. Inference tensors (made under
+    ``inference_mode``) have no version counter at all: the replacement encoders drop this cache
+    whenever ``load_state_dict`` loads into them or a module above them; other in-place writes
+    into inference tensors are not seen either.
     """
     key = tuple(
         (p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype, p.device) for p in parts
@@ -123,9 +126,12 @@ def _cached(owner: Any, name: str, parts: list[torch.Tensor], build: Callable[[]
 
 def drop_cache(owner: Any) -> dict[str, Any]:
     """``owner``'s state without its caches: oneDNN's reordered weights cannot be copied or
-    pickled (``copy.deepcopy``, ``torch.save``), and a copy rebuilds them on its first call."""
+    pickled (``copy.deepcopy``, ``torch.save``), and a copy rebuilds them on its first call.
+    The tree guard goes too: a copy checks its own tree (and the hooks on it) on its first call,
+    against a hook counter of its own process."""
     state = dict(owner.__dict__)
     state.pop("_fastinfer_cache", None)
+    state.pop("_fastinfer_guard", None)
     return state
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +16,8 @@ from fastinfer.attention import _decisions
 from fastinfer.attention._candidate import Candidate
 from fastinfer.attention._diagnose import diagnose, diagnose_static, native_modules
 from fastinfer.attention._discover import discover
+from fastinfer.attention._kernels_hf import FastHFEncoder
+from fastinfer.attention._kernels_torch import PackedTorchEncoder
 from fastinfer.attention._profile import PaddingProfile, profile_inputs
 from fastinfer.attention._select import (
     Measured,
@@ -27,7 +28,7 @@ from fastinfer.attention._select import (
     verify_choice,
 )
 from fastinfer.attention._types import ORIGINAL, AttentionReport, PathResult
-from fastinfer.attention._undo import Undo
+from fastinfer.attention._undo import DropAttr, Undo
 from fastinfer.errors import AttentionSwapError, ConfigError
 
 __all__ = ["DEFAULT_BUDGET_SECONDS", "swap_attention_", "undo_attention_swap_"]
@@ -37,9 +38,36 @@ logger = logging.getLogger("fastinfer.attention")
 #: The default time budget of one measured choice (seconds, on the injected clock).
 DEFAULT_BUDGET_SECONDS = 5.0
 
-_SWAPPED: weakref.WeakKeyDictionary[nn.Module, tuple[Undo, AttentionReport]] = (
-    weakref.WeakKeyDictionary()
-)
+#: Where a swap's record ``(undo, report)`` lives: on the swapped model itself, so that
+#: ``copy.deepcopy``, ``pickle`` and ``torch.save`` carry it to a copy (pointing at the copy's
+#: own modules) and the copy can be undone, or refuses a second swap, like the original.
+SWAP_RECORD = "_fastinfer_swap"
+
+
+def _already_swapped(model: nn.Module) -> str:
+    """Why ``model`` cannot be swapped again ("" when it can): it, or a module inside it, is
+    swapped already (a second swap would wrap the replacement in another one)."""
+    entry = model.__dict__.get(SWAP_RECORD)
+    if entry is not None and entry[1].chosen != ORIGINAL:
+        return (
+            f"{type(model).__name__} is already swapped (to {entry[1].chosen}); "
+            "call fastinfer.undo_attention_swap_(model) first"
+        )
+    for name, m in model.named_modules():
+        entry = m.__dict__.get(SWAP_RECORD)
+        if name and entry is not None and entry[1].chosen != ORIGINAL:
+            return (
+                f"{type(model).__name__}'s submodule {name!r} is already swapped (to "
+                f"{entry[1].chosen}); undo that first: "
+                f"fastinfer.undo_attention_swap_(model.get_submodule({name!r}))"
+            )
+        if isinstance(m, (FastHFEncoder, PackedTorchEncoder)):
+            return (
+                f"{type(model).__name__}'s submodule {name!r} is a {type(m).__name__}, put in by "
+                "an earlier swap_attention_ whose record is not on this model; swap the model "
+                "that swap was made on, after undo_attention_swap_, or a copy taken before it"
+            )
+    return ""
 
 
 def swap_attention_(
@@ -90,17 +118,16 @@ def swap_attention_(
     other HF models, torch:fastpath-nested for nn.TransformerEncoder, registered replacements).
 
     Raises:
-        AttentionSwapError: the model is already swapped, or a preferred path is unavailable.
+        AttentionSwapError: the model (a copy of a swapped model included) or a module inside
+            it is already swapped, or a preferred path is unavailable.
         ConfigError: bad arguments.
     """
     started = clock()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"swap_attention_ needs an nn.Module, got {type(model).__name__}")
-    if model in _SWAPPED and _SWAPPED[model][1].chosen != ORIGINAL:
-        raise AttentionSwapError(
-            f"{type(model).__name__} is already swapped (to {_SWAPPED[model][1].chosen}); "
-            "call fastinfer.undo_attention_swap_(model) first"
-        )
+    swapped = _already_swapped(model)
+    if swapped:
+        raise AttentionSwapError(swapped)
     if repeat < 1 or warmup < 0:
         raise ConfigError(f"repeat must be >= 1 and warmup >= 0, got {repeat}, {warmup}")
     if budget_seconds is not None and not budget_seconds > 0:
@@ -265,8 +292,8 @@ def swap_attention_(
         # Read by compile selectors (primitives do not import each other): compile or not.
         info = {"path": chosen, "compile_useful": compile_useful, "compile_reason": compile_reason}
         model.__dict__["_fastinfer_attention"] = info
-        undo.push(lambda: model.__dict__.pop("_fastinfer_attention", None))
-    _SWAPPED[model] = (undo, report)  # undo is a no-op when the original was kept
+        undo.push(DropAttr(model, "_fastinfer_attention"))
+    model.__dict__[SWAP_RECORD] = (undo, report)  # undo is a no-op when the original was kept
     logger.info(
         "attention swap for %s: %s (%.2f s%s)",
         type(model).__name__,
@@ -345,10 +372,13 @@ def _apply_measured(
 def undo_attention_swap_(model: nn.Module) -> AttentionReport:
     """Restore the model exactly as it was before :func:`swap_attention_`; returns that report.
 
+    A copy of a swapped model (``copy.deepcopy``, ``pickle``, ``torch.save``) carries the swap's
+    record and is undone the same way, on its own modules.
+
     Raises:
         AttentionSwapError: the model is not swapped.
     """
-    entry = _SWAPPED.pop(model, None)
+    entry = model.__dict__.pop(SWAP_RECORD, None)
     if entry is None:
         raise AttentionSwapError(
             f"{type(model).__name__} has no attention swap to undo: swap_attention_ was not "
