@@ -944,6 +944,40 @@ def test_a_batcher_survives_its_loop_closing() -> None:
     b.close()
 
 
+def test_a_batcher_leaves_a_stopped_idle_home_loop_for_the_callers() -> None:
+    # A loop kept for run_until_complete, or a pytest-asyncio session fixture's loop between
+    # tests: stopped, not closed. A submit from another loop used to wait for it forever.
+    b = DynamicBatcher(lambda xs: [x * 2 for x in xs], max_batch_size=4, max_wait_ms=0)
+    kept = asyncio.new_event_loop()
+    try:
+        assert kept.run_until_complete(b.submit(1)) == 2  # binds to `kept`, which then stops
+        assert run(asyncio.wait_for(b.submit(2), 10)) == 4  # idle: rebinds to this loop
+        assert kept.run_until_complete(b.submit(3)) == 6  # that one closed: back to `kept`
+        run(asyncio.wait_for(b.aclose(), 10))  # from another loop: nothing to drain
+        assert b.closed and b.statistics().closed
+    finally:
+        kept.close()
+
+
+def test_submit_refuses_a_stopped_home_loop_that_holds_requests() -> None:
+    model = Model(gated=True)
+    b = DynamicBatcher(model, max_batch_size=4, max_wait_ms=0)
+    kept = asyncio.new_event_loop()
+    try:
+        first = kept.create_task(b.submit(1))
+        kept.run_until_complete(settle())  # its batch runs (gated), then the loop stops
+        assert b.statistics().batches_in_flight == 1
+        with pytest.raises(WouldBlockError, match=r"not running.*own_loop=True"):
+            run(b.submit(2))  # a clear error, not a request that waits forever
+        with pytest.raises(WouldBlockError, match="aclose"):
+            run(b.aclose())
+        model.release()
+        assert kept.run_until_complete(first) == 10
+        kept.run_until_complete(b.aclose())
+    finally:
+        kept.close()
+
+
 async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait for a condition another thread makes true (polled; fails loudly on timeout)."""
     loop = asyncio.get_running_loop()

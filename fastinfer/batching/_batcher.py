@@ -425,12 +425,29 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
             self._clock = LoopClock(loop, clock)  # type: ignore[arg-type]
 
     def _bind_async(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Bind to the caller's loop if unbound; True when ``loop`` is the batcher's home."""
+        """Bind to the caller's loop if unbound; True when ``loop`` is the batcher's home.
+
+        A home loop that is closed, or stopped while the batcher holds nothing (a pytest-asyncio
+        session fixture's loop between tests, a loop kept for ``run_until_complete``), is left
+        for the caller's. One that is stopped while it holds requests cannot run a new one:
+        ``WouldBlockError`` says so, where a request sent there would wait forever."""
         home = self._loop
         if home is loop:
             return True
         with self._bind_lock:
-            if self._loop is None or self._loop.is_closed():
+            home = self._loop
+            stopped = home is not None and not home.is_closed() and not home.is_running()
+            if stopped and not self._idle():
+                raise WouldBlockError(
+                    f"this {self._name} holds {self._depth} queued request(s) and "
+                    f"{self._in_flight} running batch(es) on an event loop that is not running "
+                    "(the loop it was first used on, stopped but not closed: a pytest-asyncio "
+                    "session-scoped fixture's loop, a loop kept for run_until_complete), so a "
+                    "request submitted now would wait for it forever. Fix: run that loop until "
+                    "its requests finish (or `await batcher.aclose()` on it), create the batcher "
+                    "on the loop that uses it, or pass own_loop=True"
+                )
+            if home is None or home.is_closed() or stopped:
                 if self._own_loop:
                     self._start_own_loop()
                 else:

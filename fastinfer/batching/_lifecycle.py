@@ -42,6 +42,14 @@ class Lifecycle(BatcherCore):
         if self._loop is None or self._loop.is_closed():
             self._finish_close()
             return
+        if not self._loop.is_running():
+            if not self._idle():  # what it holds can only finish on that loop
+                raise WouldBlockError(
+                    f"{self._name} holds requests on an event loop that is not running; run "
+                    "`await batcher.aclose()` on that loop"
+                )
+            self._finish_close()  # a stopped home loop, idle: nothing to drain (as close())
+            return
         if self._loop is asyncio.get_running_loop():
             await self._aclose_home(cancel_pending, timeout)
         else:

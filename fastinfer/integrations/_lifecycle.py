@@ -1,5 +1,6 @@
 """Lifecycle helpers of :class:`~fastinfer.integrations.fastapi.FastInferService`: the setup
-thread, closing managed objects, and the managed objects' health behind ``/readyz``."""
+thread, closing managed objects, the managed objects' health behind ``/readyz``, what requests
+are told before the service is ready, and the disconnect watch of ``svc.submit``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from fastinfer.errors import ClientDisconnected, ConfigError, NotReady
+from fastinfer.integrations._limits import RESPONSE_COMPLETE
 
 logger = logging.getLogger("fastinfer.integrations.fastapi")
 T = TypeVar("T")
@@ -37,9 +39,29 @@ class State(SimpleNamespace):
             raise NotReady(svc._not_ready_detail())
         raise AttributeError(f"svc.state has no {name!r}: set it in the setup function")
 
+    def _new_lifespan(self) -> None:
+        """A lifespan starts: forget what an earlier lifespan's setup set (its objects are
+        closed; the setup sets them again). What was set before the first lifespan stays."""
+        kept = vars(self).get("_kept")
+        if kept is None:
+            object.__setattr__(self, "_kept", frozenset(vars(self)) | {"_kept"})
+            return
+        for key in [k for k in vars(self) if k not in kept]:
+            delattr(self, key)
+
     def __repr__(self) -> str:
-        items = {k: v for k, v in vars(self).items() if k != "_svc"}
+        items = {k: v for k, v in vars(self).items() if k not in ("_svc", "_kept")}
         return f"state({', '.join(f'{k}={v!r}' for k, v in items.items())})"
+
+
+#: ``/readyz`` and model routes while the phase is still "not started": the lifespan never ran
+NOT_STARTED = (
+    "the service's lifespan never ran, so its setup never started and it will not become "
+    "ready: pass lifespan=svc.lifespan to the app the server runs (FastAPI(lifespan="
+    "svc.lifespan); Starlette does not run a mounted app's lifespan, so when this app is mounted "
+    "in another, pass it to the outer app); in tests, enter the client (`with TestClient(app) as "
+    "client:`) or, with httpx.ASGITransport, run `async with svc.lifespan(app):` around it"
+)
 
 
 def not_ready_detail(setup_error: BaseException | None, stopping: bool, phase: str) -> str:
@@ -52,6 +74,8 @@ def not_ready_detail(setup_error: BaseException | None, stopping: bool, phase: s
         )
     if stopping:
         return "the service is shutting down"
+    if phase == "not started":
+        return NOT_STARTED
     return f"the service is not ready yet (phase: {phase}); retry shortly"
 
 
@@ -73,10 +97,21 @@ async def stop_setup(task: asyncio.Task[None], is_async: bool, grace: float, pha
     )
 
 
-async def run_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+_setup_thread = threading.local()
+
+
+def setup_lifespan() -> int | None:
+    """The lifespan whose setup this thread runs (None: not a setup thread). A setup abandoned
+    at shutdown runs on in its thread; once a later lifespan started, what it still registers
+    must not join that lifespan's objects."""
+    return getattr(_setup_thread, "lifespan", None)
+
+
+async def run_in_thread(fn: Callable[..., Any], *args: Any, lifespan: int | None = None) -> Any:
     """``await fn(*args)`` run in a daemon thread of its own, not the loop's default executor:
     the server's event loop, when it closes, joins that executor's threads, so a setup blocked
-    in a 40 s ``init`` would hold the process up; this thread is left behind instead."""
+    in a 40 s ``init`` would hold the process up; this thread is left behind instead.
+    ``lifespan`` is what :func:`setup_lifespan` says in that thread."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Any] = loop.create_future()
 
@@ -89,6 +124,7 @@ async def run_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
             fut.set_result(result)
 
     def target() -> None:
+        _setup_thread.lifespan = lifespan
         try:
             result, exc = fn(*args), None
         except BaseException as e:  # handed to the awaiting task, or dropped after shutdown
@@ -193,29 +229,35 @@ def health_problems(managed: Iterable[tuple[str, Any]]) -> list[str]:
     return problems
 
 
-def track(recorder: Any, obj: Any, name: str, standard: bool) -> None:
-    """Export ``obj.statistics()`` through ``recorder`` (``svc.manage``), naming the fix when two
-    managed objects would feed the same standard metrics."""
-    try:
-        recorder.track(obj, prefix=f"fastinfer_{name}", standard=standard)
-    except ConfigError as exc:
-        if "would both write" not in str(exc):
-            raise
-        raise ConfigError(
-            f"manage({name!r}): {type(obj).__name__} feeds the same standard metrics as "
-            f"an object already managed ({exc}). Fix: svc.manage(..., name={name!r}, "
-            f"standard=False) exports its statistics as fastinfer_{name}_* only"
-        ) from None
+def retired_error(names: list[str]) -> ConfigError:
+    """The setup error of a lifespan after the first when objects were managed outside the setup
+    function: they were closed when the previous lifespan ended."""
+    listed = ", ".join(repr(n) for n in names)
+    return ConfigError(
+        f"{listed}: passed to svc.manage outside the setup function (at import time, say), so "
+        "closed when the previous lifespan ended (a server's shutdown, the end of a `with "
+        "TestClient(app)` block), and a closed object cannot serve this one. Fix: create it in "
+        "the setup function (@svc.setup), which runs again at every lifespan start"
+    )
 
 
 async def unless_disconnected(request: Any, awaitable: Awaitable[T]) -> T:
-    """``svc.run``: await ``awaitable``, cancelled if the HTTP client disconnects first."""
+    """``svc.run``: await ``awaitable``, cancelled if the HTTP client disconnects first.
+
+    Only an HTTP request whose response is not complete is watched. A WebSocket is not (reading
+    it would take the client's messages: its leaving shows in the app's own ``receive``), nor
+    ``None``, nor a request whose response was sent (a ``BackgroundTasks`` job: the server then
+    reports a disconnect to every ``receive()``)."""
+    scope = getattr(request, "scope", None)
+    if not isinstance(scope, dict) or scope.get("type") != "http" or scope.get(RESPONSE_COMPLETE):
+        return await awaitable
     work = asyncio.ensure_future(awaitable)
 
-    async def disconnected() -> None:
+    async def disconnected() -> bool:
         # The body has been read by now, so the next ASGI message is the disconnect.
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        return not scope.get(RESPONSE_COMPLETE)  # after the response, no client is leaving
 
     watcher = asyncio.ensure_future(disconnected())
     try:
@@ -227,6 +269,8 @@ async def unless_disconnected(request: Any, awaitable: Awaitable[T]) -> T:
     if work in done:
         watcher.cancel()
         return work.result()
+    if watcher.exception() is None and not watcher.result():
+        return await work  # the response completed meanwhile: keep waiting, unwatched
     work.cancel()
     try:
         await work

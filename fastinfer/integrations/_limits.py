@@ -32,6 +32,7 @@ from http import HTTPStatus
 from typing import Any
 
 __all__ = [
+    "RESPONSE_COMPLETE",
     "Door",
     "HTTPMetrics",
     "RequestLimits",
@@ -39,11 +40,16 @@ __all__ = [
     "error_code",
     "on_event_loop",
     "retry_after_header",
+    "route_path",
     "send_error",
     "validation_message",
 ]
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: set in the ASGI scope once the response's last body message was sent: from then on the server
+#: reports ``http.disconnect`` to ``receive()`` (a BackgroundTasks job is not a client leaving)
+RESPONSE_COMPLETE = "fastinfer.response_complete"
 
 # error codes that differ from the status phrase (the rest: "Not Found" -> "not_found")
 _CODES = {413: "body_too_large", 408: "client_timeout", 499: "client_disconnected"}
@@ -141,6 +147,13 @@ class Door:
             cap = min(float(self.limit), cap + 1.0)
         self._cap = cap
 
+    def reset(self) -> None:
+        """Forget the admission limit and the shed windows: a new lifespan sizes them again."""
+        self._until.clear()
+        self._routes.clear()
+        self.limit, self.target_seconds, self.floor = None, None, 0
+        self._cap, self._lowered_at = None, float("-inf")
+
     def route_of(self, method: str, path: str) -> Any:
         """The route a request to ``method path`` was last routed to (None: not seen yet)."""
         return self._routes.get((method, path))
@@ -172,6 +185,17 @@ class Door:
             del self._until[(method, path)]
             return None
         return left, entry[1]
+
+
+def route_path(scope: Any) -> str:
+    """The path the app routes on: ``scope["path"]`` without its ``root_path`` prefix. Under
+    ``uvicorn --root-path /api``, or in an app mounted at ``/v1``, ASGI puts the prefix in both
+    (``/api/readyz``), so the service's own paths are compared with what follows it."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -212,7 +236,7 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         door = self.door
-        if door is None or scope.get("path") in door.exempt:
+        if door is None or route_path(scope) in door.exempt:
             await self._limited(scope, receive, send)
             return
         shed = door.check(scope.get("method", ""), scope.get("path", ""))
@@ -285,16 +309,18 @@ class RequestLimits:
         which then drops the keep-alive connection without ``Connection: close``: the client's
         next request on it is lost. Once the response has started, the exception goes on up
         (the connection must close: the response is incomplete)."""
-        if self.on_error is None:
-            await self.app(scope, receive, send)
-            return
         started = False
 
         async def tracking_send(message: Any) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                scope[RESPONSE_COMPLETE] = True  # svc.submit stops watching for a disconnect
 
+        if self.on_error is None:
+            await self.app(scope, receive, tracking_send)
+            return
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
@@ -361,7 +387,7 @@ class HTTPMetrics:
         self.app, self.histogram, self.skip = app, histogram, skip
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.skip:
+        if scope["type"] != "http" or route_path(scope) in self.skip:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
@@ -386,16 +412,35 @@ def _tensor_to_list(t: Any) -> Any:
     return t.detach().cpu().tolist()
 
 
+def _to_list(a: Any) -> Any:
+    return a.tolist()
+
+
 def encode_tensors() -> None:
-    """Teach FastAPI's ``jsonable_encoder`` torch tensors: a tensor in a response becomes its
-    nested list (a 0-d tensor its number). Without this FastAPI falls back to ``vars(tensor)``
-    and answers ``{}`` with a 200, silently (``return {"y": result}`` where the batcher's
-    result is a tensor). NaN or inf in one still fails the response, as for any float."""
+    """Teach FastAPI's ``jsonable_encoder`` torch tensors and numpy arrays: one in a response
+    becomes its nested list (a 0-d one its number), a numpy scalar (``np.float32``) its number.
+    Without this FastAPI falls back to ``vars(tensor)`` and answers ``{}`` with a 200, silently,
+    and fails a numpy result with a 500 (``return {"y": result}`` where the batcher's result is
+    one). NaN or inf in one still fails the response, as for any float. numpy is imported here,
+    not by ``import fastinfer``."""
     import torch
     from fastapi.encoders import ENCODERS_BY_TYPE
 
-    for cls in (torch.Tensor, torch.nn.Parameter):
-        ENCODERS_BY_TYPE.setdefault(cls, _tensor_to_list)
+    for tensor_type in (torch.Tensor, torch.nn.Parameter):
+        ENCODERS_BY_TYPE.setdefault(tensor_type, _tensor_to_list)
+    try:
+        import numpy as np
+    except ImportError:  # no numpy: no numpy results either
+        return
+    # FastAPI looks encoders up by exact type: every concrete scalar type is listed
+    found: list[type] = [np.ndarray]
+    stack: list[type] = [np.bool_, np.integer, np.floating]
+    while stack:
+        cls = stack.pop()
+        found.append(cls)
+        stack.extend(cls.__subclasses__())
+    for cls in found:
+        ENCODERS_BY_TYPE.setdefault(cls, _to_list)
 
 
 def retry_after_header(seconds: float) -> str:

@@ -155,6 +155,7 @@ def serve_model(
     call_timeout: float | Literal["auto"] | None = "auto",
     startup_timeout: float = 300.0,
     name: str = "model",
+    labels: Mapping[str, object] | None = None,
     **batcher_options: Any,
 ) -> DynamicBatcher[Any, Any]:
     """The fastest measured serving path, built and sized: returns the (managed) batcher.
@@ -178,6 +179,8 @@ def serve_model(
     the server process (``workers=0``) nothing can stop a running call, so it applies to
     workers only (the batcher's ``batch_timeout`` abandons a call that runs here).
     ``startup_timeout`` (seconds, default 300) is how long each worker's ``init`` may take.
+    ``labels`` (``{"model": name}``) label the model's standard metrics, for a service of
+    several models (each with its labels: see :meth:`FastInferService.manage`).
 
     The cost is measured on a full batch of ``max_batch_size`` items (default: the example's
     size): a smaller ``example_batch`` is filled by cycling its items (a larger one is cut), and
@@ -247,6 +250,7 @@ def serve_model(
 
     dry: Callable[[Any], Any] = _pool_call if processes else functools.partial(fn, None)
     _check_batcher_options(batcher_options, size, max_wait_ms, dry)
+    hooks = svc.batcher_hooks(labels=labels)  # labels that do not fit: refused before a worker
     how = "its items cycled" if items < size else f"its first {size} items"
     if items != size:
         logger.info(
@@ -292,11 +296,13 @@ def serve_model(
             pool.timeout = call_timeout
         serving["call_timeout_s"] = pool.timeout
     logger.info("serving %s: %s", name, reason)
-    options = {"policy": "adaptive", **limits, **svc.batcher_hooks(), **batcher_options}
+    if pool is not None and pool.cpus_shared_warning:  # another server process's pool
+        serving["warning"] = pool.cpus_shared_warning
+    options = {"policy": "adaptive", **limits, **hooks, **batcher_options}
     batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
         call, max_batch_size=size, max_wait_ms=max_wait_ms, **options
     )
-    return svc.manage(batcher, name=name)
+    return svc.manage(batcher, name=name, labels=labels)
 
 
 def _start_and_measure(

@@ -60,9 +60,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastinfer._optional import require
 from fastinfer.errors import (
@@ -81,6 +81,12 @@ from fastinfer.integrations._admission import (
     AdmissionReport,
     measure_admission,
 )
+from fastinfer.integrations._exporting import (
+    Registrations,
+    labelled_hooks,
+    track,
+    unlabelled_metrics,
+)
 from fastinfer.integrations._lifecycle import (
     SetupCancelled,
     State,
@@ -88,9 +94,10 @@ from fastinfer.integrations._lifecycle import (
     close_now,
     health_problems,
     not_ready_detail,
+    retired_error,
     run_in_thread,
+    setup_lifespan,
     stop_setup,
-    track,
     unless_disconnected,
 )
 from fastinfer.integrations._limits import (
@@ -106,10 +113,7 @@ from fastinfer.integrations._limits import (
 from fastinfer.integrations._model import serve_model
 from fastinfer.integrations._server import run_server
 from fastinfer.integrations._sizing import ServingPlan, admission, measure_serving
-from fastinfer.metrics import BatcherHooks, MetricsRecorder, standard_metrics
-
-if TYPE_CHECKING:
-    pass
+from fastinfer.metrics import BatcherHooks, MetricsRecorder, StandardMetrics
 
 fastapi = require("fastapi", purpose="fastinfer.integrations.fastapi")
 prometheus_client = require("prometheus_client", purpose="the /metrics endpoint")
@@ -197,7 +201,7 @@ class FastInferService:
         if not dashboard_path.startswith("/"):
             raise ConfigError(f"dashboard_path must start with '/', got {dashboard_path!r}")
         self.recorder = recorder if recorder is not None else MetricsRecorder()
-        self.metrics = standard_metrics(self.recorder)
+        self._metrics: StandardMetrics | None = None
         self.state = State(self)
         self.background_setup = background_setup
         self.retry_after_seconds = retry_after_seconds
@@ -215,6 +219,9 @@ class FastInferService:
         self._serving: dict[str, Any] = {}
         self._setup_fn: Callable[[FastInferService], Any] | None = None
         self._managed: list[tuple[str, Any]] = []
+        self._registered = Registrations()
+        self._in_setup = self._warned_not_started = False
+        self._lifespans = 0
         self._lock = threading.Lock()  # manage() runs on the setup thread, shutdown on the loop
         self._stopping = False
         self._phases: dict[str, float] = {}
@@ -268,40 +275,59 @@ class FastInferService:
         self._check_stopping(name)
 
     def _check_stopping(self, where: str) -> None:
-        if self._stopping:
+        if self._stale():
             raise SetupCancelled(f"setup stopped at {where!r}: the service is shutting down")
 
-    def manage(self, obj: T, *, name: str, standard: bool = True) -> T:
+    def manage(
+        self,
+        obj: T,
+        *,
+        name: str,
+        standard: bool = True,
+        labels: Mapping[str, object] | None = None,
+    ) -> T:
         """Close ``obj`` (draining it) at shutdown, in reverse order, and export its ``statistics()``.
 
         Its fields go to the standard metrics they declare (queue depth, requests by outcome...)
         and the rest to ``fastinfer_<name>_*``. The standard metrics describe one front stage:
         a second object that feeds the same ones (a :class:`fastinfer.PinnedPool` behind the
-        batcher) takes ``standard=False`` and is exported under ``fastinfer_<name>_*`` only.
+        batcher) takes ``standard=False`` and is exported under ``fastinfer_<name>_*`` only; a
+        second model takes ``labels`` (``{"model": "b"}``, and the first model its own), as does
+        its :meth:`batcher_hooks`. Call it in the setup function: an object managed outside it is
+        closed at the end of the lifespan, and a second lifespan fails setup naming it.
 
         Once shutdown has begun (a setup still running), ``obj`` is closed at once and
         :class:`SetupCancelled` raised."""
         if not (hasattr(obj, "aclose") or hasattr(obj, "close")):
             raise ConfigError(f"manage({name!r}): {type(obj).__name__} has no close() or aclose()")
         with self._lock:
-            if not self._stopping:
-                return self._register(obj, name, standard)
+            if not self._stale():
+                exported = None
+                if hasattr(obj, "statistics"):
+                    exported = track(self.recorder, obj, name, standard, labels)
+                self._registered.add(obj, exported, self._in_setup)
+                self._managed.append((name, obj))
+                return obj
         close_now(name, obj)
         self._check_stopping(f"manage({name!r})")
         return obj
 
-    def _register(self, obj: T, name: str, standard: bool) -> T:
-        if hasattr(obj, "statistics"):
-            track(self.recorder, obj, name, standard)
-        self._managed.append((name, obj))
-        return obj
-
-    def batcher_hooks(self) -> BatcherHooks:
+    def batcher_hooks(self, labels: Mapping[str, object] | None = None) -> BatcherHooks:
         """``on_batch``/``on_request`` callbacks for a :class:`fastinfer.DynamicBatcher` that record
         the standard distributions (request latency, queue wait, batch size, batch execution time):
         pass them as ``DynamicBatcher(..., **svc.batcher_hooks())``. Counts and gauges (requests
-        by outcome, queue depth) come from the batcher's ``statistics()`` via :meth:`manage`."""
-        return self.metrics.batcher_hooks()
+        by outcome, queue depth) come from the batcher's ``statistics()`` via :meth:`manage`.
+        ``labels`` (``{"model": "a"}``) labels them, for a service of several models."""
+        if labels is None:
+            return self.metrics.batcher_hooks()
+        return labelled_hooks(self.recorder, labels)
+
+    @property
+    def metrics(self) -> StandardMetrics:
+        """The standard metrics on :attr:`recorder`, unlabelled (created at first use)."""
+        if self._metrics is None:
+            self._metrics = unlabelled_metrics(self.recorder)
+        return self._metrics
 
     @property
     def ready(self) -> bool:
@@ -334,7 +360,11 @@ class FastInferService:
         return [] if self._stopping else health_problems(managed)
 
     def _not_ready_detail(self) -> str:
-        return not_ready_detail(self._setup_error, self._stopping, self._phase)
+        detail = not_ready_detail(self._setup_error, self._stopping, self._phase)
+        if self._phase == "not started" and not self._warned_not_started:
+            self._warned_not_started = True
+            logger.warning("fastinfer service not ready: %s", detail)
+        return detail
 
     #: size a batcher from ``fn``'s measured cost (``_sizing.py``; its docstring says how)
     admission = admission
@@ -350,13 +380,15 @@ class FastInferService:
             raise self._setup_error
 
     async def _run_setup(self) -> None:
-        self._phase = "setup"
+        self._phase, self._in_setup = "setup", True
         try:
+            if self._registered.retired:  # closed at the end of the previous lifespan
+                raise retired_error(self._registered.retired)
             if self._setup_fn is not None:
                 if inspect.iscoroutinefunction(self._setup_fn):
                     await self._setup_fn(self)
                 else:  # a sync setup runs in a thread so /healthz keeps answering
-                    await run_in_thread(self._setup_fn, self)
+                    await run_in_thread(self._setup_fn, self, lifespan=self._lifespans)
             self._check_stopping("the end of setup")
             if self.freeze_gc:
                 with self.phase("gc freeze"):
@@ -373,10 +405,13 @@ class FastInferService:
             await self._close_managed("after the setup failure")
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            self._in_setup = False
 
     async def _close_managed(self, why: str) -> None:
         with self._lock:  # from here on, manage() closes what it is given at once
             items, self._managed = self._managed[::-1], []
+            self._registered.closing(items)
         if items and why:
             logger.warning("closing %s %s", ", ".join(n for n, _ in items), why)
         await close_all(items, self.shutdown_timeout_seconds)
@@ -393,9 +428,27 @@ class FastInferService:
             gc.unfreeze()
             self._gc_frozen = False
 
+    def _stale(self) -> bool:
+        """Shutdown began, or this is the thread of an earlier lifespan's abandoned setup."""
+        return self._stopping or setup_lifespan() not in (None, self._lifespans)
+
+    def _start_afresh(self) -> None:
+        """A lifespan starts: a second one (another `with TestClient(app)`) builds everything
+        again, as the first did."""
+        with self._lock:
+            self._stopping, self._lifespans = False, self._lifespans + 1
+        self._ready, self._setup_error, self._setup_task = False, None, None
+        self._phase, self._phases, self._serving, self._admission = "starting", {}, {}, {}
+        self.state._new_lifespan()
+        self._registered.new_lifespan()
+        if self.door is not None:
+            self.door.reset()
+
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
-        """The FastAPI lifespan: run the setup (in the background by default), drain at shutdown."""
+        """The FastAPI lifespan: run the setup (in the background by default), drain at shutdown.
+        Each lifespan starts the service afresh: the setup runs again."""
+        self._start_afresh()
         if self.background_setup:
             self._setup_task = asyncio.create_task(self._run_setup())
         else:
@@ -417,7 +470,10 @@ class FastInferService:
     async def run(self, request: Any, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` unless the HTTP client disconnects first, in which case it is
         cancelled (a queued batcher request is removed and never reaches the model) and
-        :class:`ClientDisconnected` is raised."""
+        :class:`ClientDisconnected` is raised. A WebSocket, ``None``, or a request whose response
+        was sent (a ``BackgroundTasks`` job) is not watched: ``awaitable`` is just awaited."""
+        if not self._ready and inspect.iscoroutine(awaitable):
+            awaitable.close()  # not ready: never awaited, and no warning that says so
         self.check_ready()
         return await unless_disconnected(request, awaitable)
 
@@ -425,7 +481,8 @@ class FastInferService:
         self, batcher: Any, item: Any, request: Any, *, timeout: float | None = None
     ) -> Any:
         """``await batcher.submit(item)``, cancelled if the client disconnects first."""
-        return await self.run(request, batcher.submit(item, timeout=timeout))
+        self.check_ready()  # before the coroutine exists
+        return await unless_disconnected(request, batcher.submit(item, timeout=timeout))
 
     def _unavailable(self, exc: BaseException, code: str, retry: dict[str, str]) -> Any:
         """503 for ``NotReady`` / ``ClosedError``, with the code that is true now: a failed
@@ -434,6 +491,8 @@ class FastInferService:
             return _error(503, "setup_failed", self._not_ready_detail())
         if self._stopping:
             return _error(503, "shutting_down", str(exc), retry)
+        if self._phase == "not started":  # the lifespan never ran: retrying will not help
+            return _error(503, code, str(exc))
         if code == "unhealthy":  # closed, though the service is not shutting down
             problems = self._problems()
             return _error(503, code, "; ".join([str(exc), *problems]), None if problems else retry)

@@ -12,11 +12,13 @@ import pickle
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from fastinfer._common.quantiles import summary
 from fastinfer.errors import ClosedError, ConfigError, WorkerCrashed
+from fastinfer.pool._claims import CpuClaim
 from fastinfer.pool._plan import CorePlan
 from fastinfer.pool._records import CallRecord, PoolStatistics, WorkerStatistics
 from fastinfer.pool._slots import Call, Worker, down_error
@@ -209,6 +211,13 @@ class PinnedPool(Supervisor):
             if msg:
                 self.foreign_load_warning = msg
                 logger.warning("PinnedPool: %s", msg)
+        # Pinned cores another server process's pool holds too (uvicorn --workers 2): say so.
+        self._claim = CpuClaim({c for w in self.split for c in w.cpus} if pin else ())
+        weakref.finalize(self, self._claim.release)
+        self.cpus_shared_warning: str | None = self._claim.warning()
+        if self.cpus_shared_warning:
+            self._notes.append(self.cpus_shared_warning)
+            logger.warning("PinnedPool: %s", self.cpus_shared_warning)
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a worker became ready / failed
@@ -228,6 +237,7 @@ class PinnedPool(Supervisor):
         self._started.wait()
         if self._startup_error is not None:
             self._thread.join()
+            self._claim.release()
             raise self._startup_error
 
     # ---------------------------------------------------------------- public API
@@ -345,6 +355,7 @@ class PinnedPool(Supervisor):
                         keep.append(call)
                 self._pending = keep
         self._wake()
+        self._claim.release()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
