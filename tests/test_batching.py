@@ -102,7 +102,6 @@ def test_a_full_batch_goes_at_once() -> None:
             "wait_expired": 0,
             "adaptive": 0,
             "idle": 0,
-            "prefetch": 0,
         }
         await b.aclose()
 

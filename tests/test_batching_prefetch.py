@@ -51,7 +51,7 @@ async def _warm(b: DynamicBatcher[int, int], fn: OneWorker, clock: ManualClock) 
     await asyncio.gather(*first)
 
 
-def test_a_prefetched_batch_is_sealed_just_before_its_slot_frees_and_fills_meanwhile() -> None:
+def test_a_prefetched_batch_is_sealed_by_the_usual_policy_and_waits_in_fn() -> None:
     async def main() -> None:
         clock, fn = ManualClock(), OneWorker()
         b = DynamicBatcher(
@@ -65,32 +65,33 @@ def test_a_prefetched_batch_is_sealed_just_before_its_slot_frees_and_fills_meanw
         await _warm(b, fn, clock)
         running = [asyncio.ensure_future(b.submit(i)) for i in range(100, 108)]
         await settle()
-        assert len(fn.batches) == 2  # the slot took a full batch at t=0.1; it ends ~0.2
+        assert len(fn.batches) == 2  # the slot took a full batch
         early = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
         await settle()
-        clock.advance(0.05)  # far past max_wait_ms: no slot is free, so nothing is sealed
+        clock.advance(0.004)
         await settle()
-        assert len(fn.batches) == 2
-        late = [asyncio.ensure_future(b.submit(i)) for i in (3, 4, 5)]
-        await settle()
-        # sealed 2 ms + 15% of a batch before the slot's predicted end (0.2), not at 0.105
-        clock.advance(0.2 - 0.002 - 0.015 - clock.time() - 0.001)
-        await settle()
-        assert len(fn.batches) == 2
+        assert len(fn.batches) == 2  # max_wait_ms has not passed
         clock.advance(0.002)
         await settle()
-        assert fn.batches[2] == [1, 2, 3, 4, 5]  # one batch, with what arrived meanwhile
-        assert b.statistics().dispatch_reasons["prefetch"] == 1
-        clock.advance(0.2 - clock.time())
+        assert fn.batches[2] == [1, 2]  # handed to fn, which holds it behind the running one
+        late = [asyncio.ensure_future(b.submit(i)) for i in (3, 4)]
+        await settle()
+        clock.advance(0.01)
+        await settle()
+        assert len(fn.batches) == 3  # slot and prefetch taken: the next waits for room
+        assert b.statistics().batches_in_flight == 2
+        clock.advance(0.1)
         fn.finish(1)
+        await settle()
+        assert fn.batches[3] == [3, 4]  # room again: sealed at once (it waited past max_wait)
         fn.finish(2)
+        fn.finish(3)
         assert await asyncio.gather(*running, *early, *late) == [
             *(x * 10 for x in range(100, 108)),
             10,
             20,
             30,
             40,
-            50,
         ]
         await b.aclose()
 
@@ -132,38 +133,6 @@ def test_a_full_prefetched_batch_goes_at_once_and_its_cost_counts_from_when_its_
         # from its hand-off it took 0.2 s (0.1 waiting in fn's queue): not its cost
         assert b.statistics().cost_per_batch_seconds == pytest.approx(0.1)
         await b.aclose()
-
-    run(main())
-
-
-def test_without_a_cost_estimate_or_when_closing_a_prefetched_batch_is_not_held() -> None:
-    async def main() -> None:
-        clock, fn = ManualClock(), OneWorker()
-        b = DynamicBatcher(
-            fn,
-            max_batch_size=8,
-            max_wait_ms=5,
-            max_concurrent_batches=1,
-            prefetch_batches=1,
-            clock=clock,
-        )
-        first = [asyncio.ensure_future(b.submit(i)) for i in range(8)]
-        second = [asyncio.ensure_future(b.submit(i)) for i in (8, 9)]
-        await settle()
-        clock.advance(0.006)  # no cost measured yet: the usual max_wait_ms decides
-        await settle()
-        assert fn.batches == [list(range(8)), [8, 9]]
-        third = asyncio.ensure_future(b.submit(10))
-        await settle()
-        closing = asyncio.ensure_future(b.aclose())
-        await settle()
-        assert fn.batches == [list(range(8)), [8, 9]]  # both slots (run + prefetch) taken
-        fn.finish(0)
-        await settle()
-        assert fn.batches[2] == [10]  # draining: sealed at once, not held for company
-        fn.finish(1)
-        fn.finish(2)
-        await asyncio.gather(*first, *second, third, closing)
 
     run(main())
 

@@ -67,9 +67,8 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
         max_concurrent_batches: executor slots; a batch is sealed only when one is free.
         prefetch_batches: batches ``fn`` may hold queued behind the ones it runs (a
             :class:`fastinfer.PinnedPool`'s ``workers x prefetch``), so a slot never waits for
-            this loop between batches. Such a batch is sealed when full or just before a slot
-            is predicted to free up (dispatch reason ``prefetch``), so it fills with what
-            arrives meanwhile; its execution time is counted from when a slot frees.
+            this loop between batches. Such a batch is sealed by the same policy, whole; its
+            execution time is counted from when a slot frees (not its wait in ``fn``'s queue).
         max_queue_size: queued requests beyond which ``submit`` raises ``QueueFull`` at once
             (default unbounded).
         timeout: default per-request deadline in seconds (``submit(timeout=)`` overrides it).

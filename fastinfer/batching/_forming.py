@@ -14,12 +14,6 @@ from fastinfer.errors import DeadlineExceeded
 
 __all__ = ["Forming"]
 
-# A prefetched batch is sealed this long before its slot is predicted to free (a fixed margin
-# for the hand-off, plus a share of a full batch's cost for the prediction's error): a worker
-# that frees early finds it there, and it still takes in most of what arrives meanwhile.
-PREFETCH_LEAD_S = 0.002
-PREFETCH_LEAD_SHARE = 0.15
-
 
 class Forming(BatcherCore):
     """Batch formation: the dispatch decision, the one timer, FIFO/priority/bucketed selection."""
@@ -53,7 +47,10 @@ class Forming(BatcherCore):
         shares, share_cap, reason = 0, self._effective_max(), None
         while self._depth > 0 and self._in_flight < self._max_concurrent + self._prefetch:
             if shares == 0 and self._in_flight >= self._max_concurrent:
-                reason, wake = self._decide_prefetch(now)
+                # Every slot is busy; fn can queue one more batch (prefetch): sealed by the same
+                # policy, whole (not shared out: it runs after the others, not beside them).
+                # Holding it until just before a slot frees was measured slower (bench notes).
+                reason, wake = self._decide(now)
                 if reason is None:
                     break
                 shares, share_cap = 1, self._effective_max()
@@ -129,31 +126,6 @@ class Forming(BatcherCore):
             if overdue is not None and overdue > now:
                 wake = min(wake, overdue)
         return None, wake
-
-    def _decide_prefetch(self, now: float) -> tuple[str | None, float | None]:
-        """Every slot is busy and ``fn`` can queue one more batch: seal it when full, or just
-        before the slot it will take is predicted to free up, not at once. Sealed early it
-        would hold only what is queued now and wait in ``fn``'s queue anyway; sealed late it
-        takes in what arrives meanwhile (closed-loop callers of the batch ending then), so the
-        slots run full batches at the same start time."""
-        if self._state != OPEN:
-            return "idle", None
-        if self._depth >= self._effective_max():
-            return "full", None
-        if self._max_cost is not None and self._queued_cost >= self._max_cost:
-            return "full", None
-        if not self._cost.ready:
-            return self._decide(now)  # nothing to time it by yet: as if a slot were free
-        ends = sorted(run.end_at for run in self._runs.values() if run.compute_at is not None)
-        if not ends:
-            return "prefetch", None
-        ahead = self._in_flight - len(ends)  # prefetched batches that take the next slots
-        full = self._cost.predict(self._effective_max())
-        starts_at = ends[ahead % len(ends)] + (ahead // len(ends)) * full
-        due = starts_at - PREFETCH_LEAD_S - PREFETCH_LEAD_SHARE * full
-        if now >= due:
-            return "prefetch", None
-        return None, due
 
     def _take(self, now: float, cap: int | None = None) -> list[Request]:
         cap = self._effective_max() if cap is None else cap

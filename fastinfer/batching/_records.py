@@ -13,7 +13,7 @@ QUEUE_DEPTH = "fastinfer_queue_depth"
 BATCHES_IN_FLIGHT = "fastinfer_batches_in_flight"
 REQUESTS = "fastinfer_requests_total"
 
-DISPATCH_REASONS = ("full", "wait_expired", "adaptive", "idle", "prefetch")
+DISPATCH_REASONS = ("full", "wait_expired", "adaptive", "idle")
 
 
 @dataclass(frozen=True)
