@@ -121,7 +121,7 @@ def test_workers_run_the_model_in_pinned_processes_behind_the_batcher() -> None:
         assert serving["processes"] == 2 and "workers=2" in serving["choice"]
         assert "PinnedPool" in serving["reason"]
         admission = _readyz(url)["admission"]["model"]
-        assert admission["prefetch_batches"] == 2  # each worker holds its next batch ready
+        assert admission["buffered"] == 2  # each worker holds its next batch ready
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert "fastinfer_model_pool_" in metrics and "fastinfer_batch_size_count" in metrics
 

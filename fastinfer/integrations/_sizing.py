@@ -230,12 +230,12 @@ def admission(
     the :class:`fastinfer.PinnedPool` the batcher will feed (``DynamicBatcher(pool.run,
     ...)``): its workers are the slots (each pinned, with its own threads), and the cost is
     measured through the pool, every worker busy; nothing in this process is changed; and the
-    batcher may also fill the pool's ``prefetch`` buffers (``prefetch_batches``: ``workers x
-    prefetch`` more), so no worker waits for this process between batches. The
-    queue is then sized so that a request admitted last still finishes within
-    ``latency_target_ms``. Returns ``{"max_concurrent_batches": n, "prefetch_batches": k,
-    "max_queue_size": q}`` for ``DynamicBatcher(..., **limits)``; the measurements show in ``/readyz`` under
-    ``"serving"`` and ``"admission"``. With ``shed_at_door``, at most that queue plus what the
+    batcher may also fill the pool's ``prefetch`` buffers (``workers x (1 + prefetch)`` batches
+    at once, ``"buffered"`` in ``/readyz``), so no worker waits for this process between
+    batches. The queue is then sized so that a request admitted last still finishes within
+    ``latency_target_ms``. Returns ``{"max_concurrent_batches": n, "prefetch_batches": 0,
+    "max_queue_size": q}`` for ``DynamicBatcher(..., **limits)``; the measurements show in
+    ``/readyz`` under ``"serving"`` and ``"admission"``. With ``shed_at_door``, at most that queue plus what the
     batch slots run is let past the door at once; the next request is answered 503 before it
     is read. Call it in the setup function, once per batcher (the runs double as warm-up)."""
     from fastinfer.pool import PinnedPool
@@ -259,14 +259,17 @@ def admission(
     )
     # A pool holds `prefetch` batches per worker ready behind the one it runs, so a worker
     # never waits on this process between batches: the batcher may dispatch that many more,
-    # taken from the queue's share (they wait the same way, in the worker's pipe).
+    # taken from the queue's share (they wait the same way, in the worker's pipe). They count
+    # as slots, not as `prefetch_batches`: the fitted batch cost then includes their wait in
+    # the pipe, which makes the adaptive policy wait for larger batches; counted from the slot
+    # (prefetch_batches) it was measured 4-7% slower at 64 connections (benchmarks/README.md).
     buffered = fn.workers * fn.prefetch if isinstance(fn, PinnedPool) else 0
     queue = max(report.max_queue_size - buffered * size, size)
     concurrent = plan.slots + buffered
     limits = AdmissionLimits(
-        max_concurrent_batches=plan.slots, prefetch_batches=buffered, max_queue_size=queue
+        max_concurrent_batches=concurrent, prefetch_batches=0, max_queue_size=queue
     )
-    self._admission[name] = {**report.to_dict(), **limits}
+    self._admission[name] = {**report.to_dict(), **limits, "buffered": buffered}
     if self.door is not None:  # at most what the batcher holds past the door at once
         self.door.limit = (self.door.limit or 0) + queue + size * concurrent
         self.door.floor += size * plan.slots  # never below what the slots run
