@@ -544,3 +544,24 @@ def test_a_pinned_pool_says_when_another_process_pinned_its_cores(
         finally:
             pool.close()
         assert not any(name.endswith(f".{os.getpid()}") for name in os.listdir(tmp_path))
+
+
+def test_a_closed_object_managed_in_setup_is_refused_naming_the_fix() -> None:
+    # a batcher made at import, managed inside the setup: closed by the first lifespan's end
+    batcher = fastinfer.DynamicBatcher(double, max_batch_size=4, max_wait_ms=1, own_loop=True)
+    svc = FastInferService(background_setup=False)
+
+    @svc.setup
+    def build(svc: FastInferService) -> None:
+        svc.state.batcher = svc.manage(batcher, name="glob")
+
+    app = FastAPI(lifespan=svc.lifespan)
+
+    async def lifespan() -> None:
+        async with svc.lifespan(app):
+            assert await batcher.submit(2) == 4
+
+    asyncio.run(lifespan())
+    assert batcher.closed
+    with pytest.raises(ConfigError, match=r"manage\('glob'\).*closed already.*setup function"):
+        asyncio.run(lifespan())

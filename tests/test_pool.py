@@ -20,7 +20,7 @@ import _pool_helpers as h
 import psutil
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 import fastinfer.pool as pool_mod
 from fastinfer import (
@@ -477,3 +477,22 @@ def test_watchdog_exits_a_worker_whose_parent_is_gone() -> None:
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child), "the orphan's watchdog did not exit it"
+
+
+def test_a_first_submit_imports_nothing_so_an_event_loop_never_stalls_on_it() -> None:
+    # The message encoder imports torch (1-2 s cold); made when the pool starts, not on the
+    # caller's first submit (an event loop's thread, whose timers and deadlines would stall).
+    code = (
+        "import operator, sys\n"
+        "import fastinfer\n"
+        "pool = fastinfer.PinnedPool(list, operator.concat, workers=1, pin=False)\n"
+        "before = set(sys.modules)\n"
+        "assert pool.submit([1]).result(60) == [1]\n"
+        "print('NEW', sorted(set(sys.modules) - before))\n"
+        "print('CLOSED', pool.closed)\n"
+        "pool.close()\n"
+        "print('CLOSED', pool.closed)\n"
+    )
+    out = run_python(code, timeout=180).stdout
+    assert "NEW []" in out
+    assert "CLOSED False" in out and "CLOSED True" in out

@@ -229,6 +229,18 @@ def health_problems(managed: Iterable[tuple[str, Any]]) -> list[str]:
     return problems
 
 
+def closed_error(name: str, obj: Any) -> ConfigError | None:
+    """``svc.manage`` of an object that is closed already (``obj.closed``): it cannot serve."""
+    if getattr(obj, "closed", False) is not True:
+        return None
+    return ConfigError(
+        f"manage({name!r}): this {type(obj).__name__} is closed already, so it cannot serve. One "
+        "made at import time (outside the setup function) is closed when a lifespan ends (a "
+        "server's shutdown, the end of a `with TestClient(app)` block). Fix: create it in the "
+        "setup function (@svc.setup), which runs again at every lifespan start"
+    )
+
+
 def retired_error(names: list[str]) -> ConfigError:
     """The setup error of a lifespan after the first when objects were managed outside the setup
     function: they were closed when the previous lifespan ended."""

@@ -92,6 +92,7 @@ from fastinfer.integrations._lifecycle import (
     State,
     close_all,
     close_now,
+    closed_error,
     health_problems,
     not_ready_detail,
     retired_error,
@@ -300,6 +301,8 @@ class FastInferService:
         :class:`SetupCancelled` raised."""
         if not (hasattr(obj, "aclose") or hasattr(obj, "close")):
             raise ConfigError(f"manage({name!r}): {type(obj).__name__} has no close() or aclose()")
+        if (closed := closed_error(name, obj)) is not None:
+            raise closed
         with self._lock:
             if not self._stale():
                 exported = None

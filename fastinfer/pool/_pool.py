@@ -58,6 +58,17 @@ _NUMA_MODES = ("off", "preferred", "bind")
 MAX_TIMEOUT = 7 * 24 * 3600.0
 
 
+def _dumper() -> Callable[[Any], bytes]:
+    """The message encoder (tensors by value); made once: it imports torch (1-2 s cold), which
+    the pool does when it starts, not on a caller's first submit (an event loop's thread)."""
+    global _dumps_fn
+    if _dumps_fn is None:
+        from fastinfer.pool._wire import make_dumps
+
+        _dumps_fn = make_dumps()
+    return _dumps_fn
+
+
 class PinnedPool(Supervisor):
     """Worker processes pinned to disjoint physical cores, each serving ``fn(state, batch)``.
 
@@ -234,6 +245,7 @@ class PinnedPool(Supervisor):
         self._wake_r.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="fastinfer-pool", daemon=True)
         self._thread.start()
+        _dumper()  # while the workers start: a first submit from an event loop imports nothing
         self._started.wait()
         if self._startup_error is not None:
             self._thread.join()
@@ -246,6 +258,11 @@ class PinnedPool(Supervisor):
     def workers(self) -> int:
         """Number of worker slots."""
         return len(self._workers)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has begun (or the pool gave up): it takes no more calls."""
+        return self._closing
 
     def submit(self, item: Any, /) -> concurrent.futures.Future[Any]:
         """Run ``fn(state, item)`` on the next free worker; returns a Future. Thread-safe.
@@ -436,12 +453,7 @@ class PinnedPool(Supervisor):
     # ---------------------------------------------------------------- internals
 
     def _dumps(self, call: Call) -> bytes:
-        global _dumps_fn
-        if _dumps_fn is None:
-            from fastinfer.pool._wire import make_dumps
-
-            _dumps_fn = make_dumps()
-        return _dumps_fn(("call", call.id, call.kind, call.args))
+        return _dumper()(("call", call.id, call.kind, call.args))
 
     def _wake(self) -> None:
         try:
