@@ -42,27 +42,25 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def _warm(b: DynamicBatcher[int, int], fn: OneWorker, clock: ManualClock) -> None:
-    """One full batch of 8 that takes 0.1 s: the cost model predicts 0.1 s for a batch."""
+async def _warm() -> tuple[DynamicBatcher[int, int], OneWorker, ManualClock]:
+    """A batcher of one slot and one prefetched batch over :class:`OneWorker`, after one full
+    batch of 8 that took 0.1 s: the cost model predicts 0.1 s for a batch."""
+    clock, fn = ManualClock(), OneWorker()
+    b = DynamicBatcher(
+        fn, max_batch_size=8, max_wait_ms=5, max_concurrent_batches=1, prefetch_batches=1,
+        clock=clock,
+    )  # fmt: skip
     first = [asyncio.ensure_future(b.submit(i)) for i in range(8)]
     await settle()
     clock.advance(0.1)
     fn.finish(0)
     await asyncio.gather(*first)
+    return b, fn, clock
 
 
 def test_a_prefetched_batch_is_sealed_by_the_usual_policy_and_waits_in_fn() -> None:
     async def main() -> None:
-        clock, fn = ManualClock(), OneWorker()
-        b = DynamicBatcher(
-            fn,
-            max_batch_size=8,
-            max_wait_ms=5,
-            max_concurrent_batches=1,
-            prefetch_batches=1,
-            clock=clock,
-        )
-        await _warm(b, fn, clock)
+        b, fn, clock = await _warm()
         running = [asyncio.ensure_future(b.submit(i)) for i in range(100, 108)]
         await settle()
         assert len(fn.batches) == 2  # the slot took a full batch
@@ -102,16 +100,7 @@ def test_a_full_prefetched_batch_goes_at_once_and_its_cost_counts_from_when_its_
     None
 ):
     async def main() -> None:
-        clock, fn = ManualClock(), OneWorker()
-        b = DynamicBatcher(
-            fn,
-            max_batch_size=8,
-            max_wait_ms=5,
-            max_concurrent_batches=1,
-            prefetch_batches=1,
-            clock=clock,
-        )
-        await _warm(b, fn, clock)
+        b, fn, clock = await _warm()
         running = [asyncio.ensure_future(b.submit(i)) for i in range(8)]
         queued = [asyncio.ensure_future(b.submit(i)) for i in range(8, 16)]
         third = [asyncio.ensure_future(b.submit(i)) for i in range(16, 24)]

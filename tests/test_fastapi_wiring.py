@@ -92,14 +92,14 @@ def ready(client: Any, prefix: str = "") -> None:
 
 
 def model_app(
-    fn: Any = double, svc: FastInferService | None = None, **svc_kw: Any
+    fn: Any = double, svc: FastInferService | None = None, max_batch_size: int = 4, **svc_kw: Any
 ) -> tuple[FastAPI, FastInferService]:
     svc = svc or FastInferService(**svc_kw)
 
     @svc.setup
     def build(svc: FastInferService) -> None:
         batcher = fastinfer.DynamicBatcher(
-            fn, max_batch_size=4, max_wait_ms=1, **svc.batcher_hooks()
+            fn, max_batch_size=max_batch_size, max_wait_ms=1, **svc.batcher_hooks()
         )
         svc.state.batcher = svc.manage(batcher, name="model")
 
@@ -305,16 +305,8 @@ def test_a_test_client_without_the_lifespan_is_told_and_can_run_it() -> None:
 
 
 def test_submit_in_a_background_task_runs_after_the_response() -> None:
-    svc = FastInferService()
+    app, svc = model_app()
     out: list[Any] = []
-
-    @svc.setup
-    def build(svc: FastInferService) -> None:
-        batcher = fastinfer.DynamicBatcher(double, max_batch_size=4, max_wait_ms=1)
-        svc.state.batcher = svc.manage(batcher, name="model")
-
-    app = FastAPI(lifespan=svc.lifespan)
-    svc.install(app)
 
     @app.post("/enqueue")
     async def enqueue(body: dict[str, int], request: Request, tasks: BackgroundTasks) -> Any:
@@ -338,15 +330,7 @@ def test_submit_in_a_background_task_runs_after_the_response() -> None:
 def test_submit_with_a_websocket_takes_none_of_its_messages() -> None:
     wsc = pytest.importorskip("websockets.sync.client")
     gate = Gate()
-    svc = FastInferService()
-
-    @svc.setup
-    def build(svc: FastInferService) -> None:
-        batcher = fastinfer.DynamicBatcher(gate, max_batch_size=1, max_wait_ms=1)
-        svc.state.batcher = svc.manage(batcher, name="model")
-
-    app = FastAPI(lifespan=svc.lifespan)
-    svc.install(app)
+    app, svc = model_app(gate, max_batch_size=1)
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket) -> None:

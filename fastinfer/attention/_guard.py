@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TreeGuard", "tracing"]
+__all__ = ["GuardedEncoder", "TreeGuard", "tracing"]
 
 logger = logging.getLogger("fastinfer.attention")
 
@@ -150,3 +150,31 @@ class TreeGuard:
                     "modules to run"
                 )
         return ""
+
+
+class GuardedEncoder(nn.Module):
+    """What the replacement encoders share: a :class:`TreeGuard` over their own tree, built on
+    first use (so a copy checks its own tree), and a weight cache (``_fastinfer_cache``) dropped
+    when weights are loaded. A subclass implements :meth:`_rebuild`."""
+
+    def _rebuild(self) -> str:
+        """Re-read the fast path's parts from the layers held now; why it cannot run, or ""."""
+        raise NotImplementedError
+
+    @property
+    def fallback_reason(self) -> str:
+        """Why the original encoder runs whatever the inputs ("" when the fast path may run):
+        hooks on its modules, modules replaced by ones the fast path cannot run."""
+        return self._guard().why_not()
+
+    def _guard(self) -> TreeGuard:
+        guard = self.__dict__.get("_fastinfer_guard")
+        if guard is None:  # built, or copied (a copy checks its own tree on its first call)
+            guard = self.__dict__["_fastinfer_guard"] = TreeGuard(self, self._rebuild)
+        return guard  # type: ignore[no-any-return]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Weights loaded in place into inference tensors (no version counter to tell): the
+        # cached concatenated / reordered weights must go, whatever their key says.
+        self.__dict__.pop("_fastinfer_cache", None)
+        super()._load_from_state_dict(*args, **kwargs)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastinfer import _torch_compat
-from fastinfer.attention._guard import TreeGuard, tracing
+from fastinfer.attention._guard import GuardedEncoder, tracing
 from fastinfer.attention._packing import (
     Packing,
     autocast_enabled,
@@ -272,7 +272,7 @@ def valid_from_hf_mask(mask: Any, batch: int, seq: int) -> torch.Tensor | None:
     return keys
 
 
-class FastHFEncoder(nn.Module):
+class FastHFEncoder(GuardedEncoder):
     """Replaces an HF encoder (``BertEncoder``, DistilBERT's ``Transformer``...), same state dict.
 
     ``mode`` is ``"packed"`` or ``"fused"``. Anything the fast path does not handle runs the
@@ -310,19 +310,7 @@ class FastHFEncoder(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         return drop_cache(self)
 
-    @property
-    def fallback_reason(self) -> str:
-        """Why the original encoder runs whatever the inputs ("" when the fast path may run):
-        hooks on its modules, modules replaced by ones the fast path cannot run."""
-        return self._guard().why_not()
-
-    def _guard(self) -> TreeGuard:
-        guard = self.__dict__.get("_fastinfer_guard")
-        if guard is None:  # built, or copied (a copy checks its own tree on its first call)
-            guard = self.__dict__["_fastinfer_guard"] = TreeGuard(self, self._read_layers)
-        return guard  # type: ignore[no-any-return]
-
-    def _read_layers(self) -> str:
+    def _rebuild(self) -> str:
         """Read the fast path's parts from the layers the model holds now; why not, or ""."""
         self.__dict__.pop("_fastinfer_cache", None)  # rebuilt for the new parts on first use
         layers = self._modules.get("layer")
@@ -339,12 +327,6 @@ class FastHFEncoder(nn.Module):
         # one assignment: a concurrent call runs the old list or the new one, not a half-built one
         self.__dict__["_fast"] = [FastHFLayer(lyr, self, i) for i, lyr in enumerate(layers)]
         return ""
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        # Weights loaded in place into inference tensors (no version counter to tell): the
-        # cached concatenated / reordered weights must go, whatever their key says.
-        self.__dict__.pop("_fastinfer_cache", None)
-        super()._load_from_state_dict(*args, **kwargs)
 
     def _fallback(self, *args: Any, **kwargs: Any) -> Any:
         self.fallbacks += 1

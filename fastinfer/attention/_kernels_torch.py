@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from fastinfer.attention._guard import TreeGuard, tracing
+from fastinfer.attention._guard import GuardedEncoder, tracing
 from fastinfer.attention._kernels_hf import act_name
 from fastinfer.attention._packing import Packing, autocast_enabled, dense, drop_cache, prepack
 
@@ -63,7 +63,7 @@ def _torch_layer_packed(
     return layer.norm2(h + ff(h))
 
 
-class PackedTorchEncoder(nn.Module):
+class PackedTorchEncoder(GuardedEncoder):
     """Replaces an ``nn.TransformerEncoder``: same ``layers``/``norm`` children and state dict.
 
     Runs the packed path for eval, no-autograd, key-padding-only calls; anything else (an attention
@@ -98,19 +98,7 @@ class PackedTorchEncoder(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         return drop_cache(self)
 
-    @property
-    def fallback_reason(self) -> str:
-        """Why the original encoder runs whatever the inputs ("" when the fast path may run):
-        hooks on its modules, modules replaced by ones the fast path cannot run."""
-        return self._guard().why_not()
-
-    def _guard(self) -> TreeGuard:
-        guard = self.__dict__.get("_fastinfer_guard")
-        if guard is None:
-            guard = self.__dict__["_fastinfer_guard"] = TreeGuard(self, self._check_layers)
-        return guard  # type: ignore[no-any-return]
-
-    def _check_layers(self) -> str:
+    def _rebuild(self) -> str:
         self.__dict__.pop("_fastinfer_cache", None)
         layers = self._modules.get("layers")
         if not isinstance(layers, nn.ModuleList) or not len(layers):
@@ -120,10 +108,6 @@ class PackedTorchEncoder(nn.Module):
             if why:
                 return f"layer {i}: {why}"
         return ""
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__.pop("_fastinfer_cache", None)  # see FastHFEncoder._load_from_state_dict
-        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(
         self,

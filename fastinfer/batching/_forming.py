@@ -49,7 +49,7 @@ class Forming(BatcherCore):
             if shares == 0 and self._in_flight >= self._max_concurrent:
                 # Every slot is busy; fn can queue one more batch (prefetch): sealed by the same
                 # policy, whole (not shared out: it runs after the others, not beside them).
-                # Holding it until just before a slot frees was measured slower (bench notes).
+                # Holding it until just before a slot frees measured slower (benchmarks/README.md).
                 reason, wake = self._decide(now)
                 if reason is None:
                     break
