@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -35,6 +34,8 @@ _held: Counter[tuple[str, int]] = Counter()  # (directory, cpu) -> this process'
 
 def claims_dir() -> str | None:
     """The shared directory of claim files (None when none can be written: no check then)."""
+    import tempfile  # here, not at import: it pulls in random and hashlib
+
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
     path = os.path.join(base, "fastinfer-cpus")
     try:
