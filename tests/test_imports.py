@@ -97,10 +97,14 @@ def test_whole_public_api_within_20_percent_of_torch(tmp_path) -> None:
     # the way torch's own modules are already compiled in site-packages.
     env = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache")}
     run_python("import torch; " + IMPORT_ALL, env=env)
-    # Seven: the whole API allocates enough to set off that collection in most starts (measured
-    # 1.11-1.19x here, one fresh-clone run in three at 1.21x with five).
-    torch_alone = _best_of_five("import torch", env, runs=7)
-    with_api = _best_of_five("import torch; " + IMPORT_ALL, env, runs=7)
+    # `import torch` leaves enough garbage-collector debt that the next ~100 ms of allocations set
+    # off a full collection of torch's objects (about 85 ms here), whoever makes them: it landed
+    # inside fastinfer's import in most starts (1.11-1.25x) and would land in the user's next
+    # import otherwise. Both sides pay that one collection at the same point, so what is compared
+    # is fastinfer's own cost (1.14x measured with it).
+    settle = "import torch, gc; gc.collect()"
+    torch_alone = _best_of_five(settle, env)
+    with_api = _best_of_five(settle + "; " + IMPORT_ALL, env)
     assert with_api <= 1.2 * torch_alone, (
         f"fastinfer's whole public API took {with_api:.3f}s with torch vs {torch_alone:.3f}s (> +20%)"
     )
