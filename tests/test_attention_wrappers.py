@@ -146,3 +146,48 @@ def test_a_swapped_torch_model_pickles_copies_and_saves(path: str) -> None:
         with torch.inference_mode():
             torch.testing.assert_close(twin(ids, mask), want, rtol=1e-4, atol=1e-5)
     fastinfer.undo_attention_swap_(model)
+
+
+class _PadNamed(nn.Module):
+    """A wrapper of torch's encoder whose padding mask is called ``pad`` (True = padding)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, src_key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_torch_padding_mask_under_another_name_is_found(batch_first: bool) -> None:
+    # Was: torch:packed rejected as differing "on 192 valid elements", which were the padded
+    # positions (the mask was looked up by name only).
+    torch.manual_seed(0)
+    model = _PadNamed(batch_first).eval()
+    x = torch.randn(4, 16, 32) if batch_first else torch.randn(16, 4, 32)
+    pad = torch.zeros(4, 16, dtype=torch.bool)
+    pad[1, 10:] = True
+    pad[3, 5:] = True
+    with torch.inference_mode():
+        want = model(x, pad)
+    report = fastinfer.swap_attention_(model, example_inputs=(x, pad), prefer="torch:packed")
+    packed = next(p for p in report.paths if p.name == "torch:packed")
+    assert packed.verified, str(report)
+    with torch.inference_mode():
+        got = model(x, pad)
+    valid = ~pad if batch_first else (~pad).t()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-3, atol=1e-4)
+
+
+def test_an_ambiguous_bool_argument_is_not_taken_for_a_padding_mask() -> None:
+    from fastinfer._common.padding import valid_mask
+
+    model = _PadNamed(True).eval()
+    x, pad = torch.randn(2, 4, 32), torch.zeros(2, 4, dtype=torch.bool)
+    assert valid_mask(model, (x, pad)) is not None
+    # two (B, T) bool arguments: no guess
+    assert valid_mask(model, {"x": x, "pad": pad, "other": pad.clone()}) is None
+    # not a model of torch's encoders: no guess
+    assert valid_mask(nn.Linear(32, 32), (x, pad)) is None

@@ -35,7 +35,33 @@ def valid_mask(
         for value in named.values():
             if isinstance(value, Mapping) and (found := _mask_in(value)) is not None:
                 break
+    if found is None:
+        found = _torch_padding_argument(model, named)
     return found
+
+
+_TORCH_ATTENTION = (
+    torch.nn.TransformerEncoder,
+    torch.nn.TransformerEncoderLayer,
+    torch.nn.MultiheadAttention,
+)
+
+
+def _torch_padding_argument(model: Any, named: Mapping[str, Any]) -> torch.Tensor | None:
+    """A wrapper of torch's own encoder whose padding mask has another name (``pad``): the one
+    ``(B, T)`` bool argument that matches a 3-D float input (``(B, T, E)``, or ``(T, B, E)``
+    sequence-first), read with torch's convention (True = padding, the only meaning a bool
+    key-padding mask has in ``nn``)."""
+    modules = getattr(model, "modules", None)
+    if modules is None or not any(isinstance(m, _TORCH_ATTENTION) for m in modules()):
+        return None
+    values = [v for v in named.values() if isinstance(v, torch.Tensor)]
+    leading = {tuple(v.shape[:2]) for v in values if v.dim() == 3 and v.is_floating_point()}
+    masks = [v for v in values if v.dim() == 2 and v.dtype == torch.bool]
+    fits = [m for m in masks if {tuple(m.shape), tuple(m.shape[::-1])} & leading]
+    if len(fits) != 1:
+        return None  # none, or more than one candidate: no guess
+    return ~fits[0]
 
 
 def _mask_in(named: Mapping[str, Any]) -> torch.Tensor | None:

@@ -94,7 +94,8 @@ def swap_attention_(
             positional ones, or one tensor). With it every candidate path is verified on valid
             positions and timed, and the fastest correct one is kept. The padding mask is found
             by name (``attention_mask``: 1 = token; ``src_key_padding_mask`` /
-            ``key_padding_mask``: True = padding).
+            ``key_padding_mask``: True = padding) or, around torch's own encoders, as the one
+            ``(B, T)`` bool argument.
         prefer: a path name (or names) to restrict the choice to, e.g. ``"hf:packed"``.
         verify: compare with the original and undo the swap on mismatch (needs example inputs).
         padding_profile: ``(batch_size, seq_len, padding_fraction)`` to synthesise example inputs
