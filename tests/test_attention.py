@@ -1035,6 +1035,9 @@ def test_errors_are_clear() -> None:
         fastinfer.swap_attention_(model, example_inputs={"wrong": torch.zeros(2, 4)})
     with pytest.raises(AttentionSwapError, match="cannot run here"):
         fastinfer.swap_attention_(_my_with_odd_encoder(), prefer="torch:fastpath-nested")
+    empty = (torch.zeros(0, 8, dtype=torch.long), torch.ones(0, 8, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"empty batch \(example_inputs\[0\] has 0 rows\)"):
+        fastinfer.swap_attention_(model, example_inputs=empty)  # was a raw ValueError (NaN)
 
 
 def _my_with_odd_encoder() -> nn.Module:

@@ -15,7 +15,7 @@ from torch import nn
 
 import fastinfer
 from fastinfer import testing
-from fastinfer.attention import _select, _swap
+from fastinfer.attention import _decisions, _select, _swap
 
 
 class FakeClock:
@@ -250,3 +250,55 @@ def test_budget_must_be_positive() -> None:
         fastinfer.swap_attention_(model, example_inputs=_inputs(), budget_seconds=0)
     with pytest.raises(fastinfer.ConfigError, match="sample_rows must be >= 1"):
         fastinfer.swap_attention_(model, example_inputs=_inputs(), sample_rows=0)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda doc: None,
+        lambda doc: [],
+        lambda doc: {**doc, "environment": "x"},
+        lambda doc: {**doc, "notes": None},
+        lambda doc: {**doc, "measured_on": "ab"},
+        lambda doc: {**doc, "paths": 5},
+        lambda doc: {**doc, "chosen": 3},
+    ],
+)
+def test_a_damaged_decision_is_measured_again(
+    tmp_path: Path, damage: Callable[[dict[str, Any]], Any]
+) -> None:
+    # Was: a raw AttributeError / TypeError / ValueError out of swap_attention_.
+    _swap_cached(testing.bert_like_classifier(d_model=32, dim_feedforward=64), tmp_path)
+    (record,) = (tmp_path / "decisions").glob("attention-*.json")
+    record.write_text(json.dumps(damage(json.loads(record.read_text()))))
+    model = testing.bert_like_classifier(d_model=32, dim_feedforward=64)
+    report = _swap_cached(model, tmp_path)
+    assert not report.from_cache
+    assert any("ignored the unreadable attention decision" in n for n in report.notes)
+    assert json.loads(record.read_text())["chosen"] == report.chosen  # rewritten
+
+
+def test_a_decision_that_cannot_be_stored_leaves_a_whole_swap(tmp_path: Path) -> None:
+    # Was: a raw FileExistsError after the model was already swapped, with no undo record.
+    (tmp_path / "decisions").write_text("a file where the folder goes")
+    model = testing.bert_like_classifier(d_model=32, dim_feedforward=64)
+    report = _swap_cached(model, tmp_path, prefer="torch:packed")
+    assert report.chosen == "torch:packed"
+    assert any("the decision was not stored" in n and "writable" in n for n in report.notes)
+    fastinfer.undo_attention_swap_(model)  # the swap is recorded: it can be undone
+    with pytest.raises(fastinfer.AttentionSwapError, match="no attention swap to undo"):
+        fastinfer.undo_attention_swap_(model)
+
+
+def test_left_and_right_padding_are_different_decisions(tmp_path: Path) -> None:
+    # torch's nested fastpath takes left-aligned masks only: one side's choice is not the other's
+    model = testing.bert_like_classifier(d_model=32, dim_feedforward=64)
+    ids, mask = testing.text_batch(4, 16, padding=0.5, seed=0)
+    left = torch.stack([m.roll(int((m == 0).sum()), 0) for m in mask])  # right padding -> left
+    keys = [
+        _decisions.decision_key(
+            model, (ids, m), prefer=[], verify=True, rtol=None, atol=None, manifest={}
+        )[1]["padding_side"]
+        for m in (mask, left)
+    ]
+    assert keys == ["right", "left"]

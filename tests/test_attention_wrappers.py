@@ -191,3 +191,21 @@ def test_an_ambiguous_bool_argument_is_not_taken_for_a_padding_mask() -> None:
     assert valid_mask(model, {"x": x, "pad": pad, "other": pad.clone()}) is None
     # not a model of torch's encoders: no guess
     assert valid_mask(nn.Linear(32, 32), (x, pad)) is None
+
+
+@pytest.mark.transformers
+def test_a_4d_attention_mask_in_the_example_is_read_for_validity() -> None:
+    # Was: every path rejected as differing "on 1344 valid elements" (the padded ones).
+    from fastinfer._common.padding import valid_mask
+
+    features = _features()
+    mask = features["attention_mask"]
+    additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    t = mask.shape[1]
+    causal_bool = mask[:, None, None, :].bool() & torch.ones(t, t).tril().bool()
+    for four_d in (additive, causal_bool):
+        assert torch.equal(valid_mask(None, {"attention_mask": four_d}), mask.bool())
+    model = _bert().eval()
+    inputs = {"input_ids": features["input_ids"], "attention_mask": additive}
+    report = fastinfer.swap_attention_(model, example_inputs=inputs, prefer="hf:sdpa", repeat=1)
+    assert report.path("hf:sdpa").verified, str(report)

@@ -125,6 +125,51 @@ def test_transformers_capture_hooks_do_not_turn_the_fast_path_off() -> None:
     assert model.encoder.fallbacks == fallbacks
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_an_eager_model_keeps_its_attention_maps_after_the_swap(path: str) -> None:
+    """A model set to eager attention to read its attention maps: the swap used to switch the
+    whole model to sdpa, so output_attentions=True (which runs the original layers) gave ()."""
+    ref = _bert()
+    ref.set_attn_implementation("eager")
+    model = copy.deepcopy(ref)
+    inputs = _inputs()
+    report = fastinfer.swap_attention_(model, example_inputs=inputs, prefer=path, repeat=1)
+    assert report.chosen == path and model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        want = ref(**inputs, output_attentions=True).attentions
+        got = model(**inputs, output_attentions=True).attentions
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
+    fallbacks = model.encoder.fallbacks
+    _close(_out(model, inputs), _out(ref, inputs), inputs)  # eager's additive masks: fast path
+    assert model.encoder.fallbacks == fallbacks
+
+
+def test_a_model_left_in_training_mode_is_judged_as_it_will_run(tmp_path: Any) -> None:
+    """Built from a config (training mode, dropout 0.1 as in every checkpoint's config) and not
+    put in eval(): the original was called with dropout on while every candidate ran in eval, so
+    each path "differed" and the original was chosen, and cached for the eval model too."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BertModel(config)
+    assert model.training
+    inputs = _inputs()
+    kw: dict[str, Any] = {"example_inputs": inputs, "cache_dir": tmp_path, "repeat": 1}
+    report = fastinfer.swap_attention_(model, prefer=PATHS, **kw)
+    assert report.chosen in PATHS and all(report.path(p).verified for p in PATHS), str(report)
+    assert not model.training  # a swapped model is prepared for inference, as before
+    fastinfer.undo_attention_swap_(model)
+    assert model.training
+    again = fastinfer.swap_attention_(copy.deepcopy(model).eval(), prefer=PATHS, **kw)
+    assert again.from_cache and again.chosen == report.chosen
+
+
 def test_hooks_on_torch_packed_layers_run() -> None:
     model = testing.bert_like_classifier(enable_nested_tensor=False)
     ids, mask = testing.text_batch(4, 16, padding=0.5)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["valid_mask", "zero_padded"]
+__all__ = ["empty_batch", "valid_mask", "zero_padded"]
 
 
 def valid_mask(
@@ -64,10 +64,36 @@ def _torch_padding_argument(model: Any, named: Mapping[str, Any]) -> torch.Tenso
     return ~fits[0]
 
 
+def empty_batch(inputs: Any, where: str = "example_inputs") -> str:
+    """Where an input's batch dimension is empty (a ``(0, ...)`` tensor), as
+    ``example_inputs['input_ids']`` or ``example_inputs[0]``; "" when none is. ``inputs`` is a
+    dict of keyword arguments, a tuple of positional ones, or one tensor (a dict inside is
+    searched too)."""
+    if isinstance(inputs, torch.Tensor):
+        return where if inputs.dim() > 0 and inputs.shape[0] == 0 else ""
+    if isinstance(inputs, Mapping):
+        items = list(inputs.items())
+    elif isinstance(inputs, tuple | list):
+        items = list(enumerate(inputs))
+    else:
+        return ""
+    for name, value in items:
+        if isinstance(value, torch.Tensor | Mapping) and (
+            found := empty_batch(value, f"{where}[{name!r}]")
+        ):
+            return found
+    return ""
+
+
 def _mask_in(named: Mapping[str, Any]) -> torch.Tensor | None:
     mask = named.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return mask != 0
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1:
+        # a 4-D mask (B, 1, Q, T), bool (True = attend) or additive (0 = attend, a large
+        # negative number = masked): a key is a token when some query attends to it
+        allowed = mask if mask.dtype == torch.bool else mask > -1.0
+        return allowed[:, 0].any(dim=1)
     for key in ("src_key_padding_mask", "key_padding_mask", "padding_mask"):
         mask = named.get(key)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:

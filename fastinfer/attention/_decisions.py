@@ -86,6 +86,10 @@ def decision_key(
     """``(key, the document it hashes)`` for a decision about ``model`` on inputs like ``inputs``."""
     valid = valid_mask(model, inputs)
     padding = 0.0 if valid is None else 1.0 - float(valid.float().mean())
+    # which side the padding is on: torch's nested fastpath takes left-aligned masks only
+    side = None
+    if valid is not None and valid.dim() == 2 and valid.shape[1] > 0 and not bool(valid.all()):
+        side = "left" if bool((~valid[:, 0] & valid[:, -1]).any()) else "right"
     tensors, others = _named_tensors(inputs)
     registered = sorted(
         f"{cls.__module__}.{cls.__qualname__}={getattr(fn, '__qualname__', repr(fn))}"
@@ -101,6 +105,7 @@ def decision_key(
         "transformers": getattr(transformers, "__version__", None) if transformers else None,
         "registered": registered,
         "inputs": [*shapes, *others],
+        "padding_side": side,
         "grad": [torch.is_grad_enabled(), torch.is_inference_mode_enabled()],
         "prefer": prefer,
         "verify": verify,
@@ -132,12 +137,35 @@ def load(folder: Path, key: str, manifest: Mapping[str, Any]) -> tuple[dict[str,
             )
             logger.warning("%s", why)
             return None, why
+        _check_record(doc)
         doc["paths"] = tuple(PathResult(**p) for p in doc["paths"])
         return doc, ""
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         why = f"ignored the unreadable attention decision {path}: {type(exc).__name__}: {exc}"
         logger.warning("%s", why)
         return None, why
+
+
+def _check_record(doc: Any) -> None:
+    """Raise ValueError unless ``doc`` has the fields a decision is read from, of their types
+    (a file edited by hand, or written by something else, is measured again, never trusted)."""
+    ok = (
+        isinstance(doc.get("chosen"), str)
+        and isinstance(doc.get("paths"), list)
+        and all(isinstance(p, dict) for p in doc["paths"])
+        and isinstance(doc.get("notes"), list)
+        and all(isinstance(n, str) for n in doc["notes"])
+        and (
+            doc.get("measured_on") is None
+            or (
+                isinstance(doc["measured_on"], list)
+                and len(doc["measured_on"]) == 2
+                and all(type(v) is int for v in doc["measured_on"])
+            )
+        )
+    )
+    if not ok:
+        raise ValueError("a field is missing or of the wrong type")
 
 
 def store(

@@ -204,7 +204,11 @@ def hf_candidates(model: Any, once: Once) -> tuple[str, list[Candidate], list[st
         for mode in ("packed", "fused"):
 
             def apply_enc(undo: Undo, mode: str = mode) -> None:
-                _set_attn(model, "sdpa", undo)  # masks arrive as bool (or None when unpadded)
+                # sdpa's masks arrive as bool (or None when unpadded); eager's additive ones are
+                # read as well, and an eager model stays eager: the calls that fall back to its
+                # original layers (output_attentions=True) still get the attention maps
+                if model.config._attn_implementation != "eager":
+                    _set_attn(model, "sdpa", undo)
                 undo.freeze(model)
                 for _, enc in encoders:
                     where = find_parent(model, enc)

@@ -232,12 +232,29 @@ class Measured:
     reference_seconds: float = 0.0  # one call of the original on the slice
 
 
+@contextlib.contextmanager
+def in_eval(model: nn.Module) -> Iterator[None]:
+    """The original in ``eval()``, as every candidate runs (each one's :meth:`Undo.freeze`),
+    its modules' modes restored after. A model left in training mode (built from a config, or a
+    wrapper whose own flag was never reset) was judged with dropout on: every path "differed",
+    and that decision was cached. Grad flags are left as they are: what the original costs with
+    them is what a swap that freezes them wins."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def reference(
     model: nn.Module, inputs: Any
 ) -> tuple[list[torch.Tensor], tuple[tuple[str, str], ...]]:
     """The original's outputs on ``inputs`` and, from the same call, its fastpath diagnosis."""
     try:
-        reasons, out = diagnose_call(model, inputs)
+        with in_eval(model):
+            reasons, out = diagnose_call(model, inputs)
         return [t.detach().clone() for t in output_tensors(out)], reasons
     except Exception as exc:
         fix = (
@@ -371,7 +388,10 @@ def measure(
             try:
                 if runner is not None:
                     runner.apply(undo)
-                yield
+                    yield
+                else:
+                    with in_eval(model):
+                        yield
             finally:
                 undo()
 

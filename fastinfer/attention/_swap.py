@@ -12,6 +12,7 @@ from torch import nn
 
 from fastinfer import _torch_compat
 from fastinfer._common.manifest import environment_manifest
+from fastinfer._common.padding import empty_batch
 from fastinfer.attention import _decisions
 from fastinfer.attention._candidate import Candidate
 from fastinfer.attention._diagnose import diagnose, diagnose_static, native_modules
@@ -137,6 +138,11 @@ def swap_attention_(
         if example_inputs is not None:
             raise ConfigError("pass example_inputs or padding_profile, not both")
         example_inputs = profile_inputs(model, PaddingProfile(*padding_profile))
+    if example_inputs is not None and (empty := empty_batch(example_inputs)):
+        raise ConfigError(
+            f"example_inputs has an empty batch ({empty} has 0 rows): nothing can be verified or "
+            "timed on it; pass a batch of at least one row, like those you serve"
+        )
 
     # timing the model as built and its nested candidates makes nested tensors: torch's
     # one-time prototype warning is nothing the user can act on
@@ -239,17 +245,26 @@ def swap_attention_(
                 model, chosen, by_name, undo, results, verify, notes
             )
             if folder is not None and _worth_storing(outcome):
-                _decisions.store(
-                    folder,
-                    key,
-                    key_doc,
-                    manifest,
-                    chosen=chosen,
-                    paths=tuple(results[n] for n in [ORIGINAL, *names] if n in results),
-                    notes=tuple(outcome.notes),
-                    measured_on=measured_on,
-                    selection_seconds=clock() - started,
-                )
+                try:
+                    _decisions.store(
+                        folder,
+                        key,
+                        key_doc,
+                        manifest,
+                        chosen=chosen,
+                        paths=tuple(results[n] for n in [ORIGINAL, *names] if n in results),
+                        notes=tuple(outcome.notes),
+                        measured_on=measured_on,
+                        selection_seconds=clock() - started,
+                    )
+                except OSError as exc:  # read-only, full, or a file where the folder goes
+                    why = (
+                        f"the decision was not stored in {folder} ({type(exc).__name__}: {exc}): "
+                        "the next start measures again; point cache_dir (FASTINFER_CACHE_DIR) "
+                        "at a writable folder"
+                    )
+                    logger.warning("%s", why)
+                    notes.append(why)
     else:
         fast_before = diagnose_static(model)
         chosen = rule_choice([c.name for c in usable])

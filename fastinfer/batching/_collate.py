@@ -8,6 +8,7 @@ variable-length sequences (bare tensors, lists of token ids, or tokenizer dicts)
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -115,18 +116,69 @@ def split_output(output: Any, n: int, *, where: str = "") -> list[Any]:
     )
 
 
-def _as_tensor(item: Any, index: int) -> torch.Tensor:
+def _as_tensor(item: Any, index: int, where: str = "") -> torch.Tensor:
+    """``item`` (``items[index]``, or its value at ``where``, e.g. ``"['input_ids']"``) as a tensor."""
     if _is_tensor(item):
         return item
     torch = _torch()
     if _is_array(item):
-        return torch.from_numpy(item)
+        return _from_numpy(item, f"item {index}{where}")
     if isinstance(item, list | tuple) and all(isinstance(v, int | float) for v in item):
         return torch.tensor(item)
     raise BatchError(
-        f"item {index} is a {type(item).__name__}; the built-in collators take tensors, arrays, "
-        "lists of numbers, or dicts of those (pass collate=None to receive the raw list)"
+        f"item {index}{where} is a {type(item).__name__}; the built-in collators take tensors, "
+        "arrays, lists of numbers, or dicts of those (pass collate=None to receive the raw list)"
     )
+
+
+def _from_numpy(a: Any, what: str) -> torch.Tensor:
+    np = sys.modules["numpy"]
+    if a.dtype.kind not in "biufc":  # str, bytes, object, datetime...: torch has no such dtype
+        raise BatchError(
+            f"{what} is a numpy array of dtype {a.dtype}; the built-in collators take numeric "
+            "arrays (bool, int, float, complex): convert it (e.g. tokenize strings first), or "
+            "pass collate=None to receive the raw list"
+        )
+    if any(s < 0 for s in a.strides) or not a.dtype.isnative:  # np.flip, a[::-1], big-endian
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+    try:
+        return _torch().from_numpy(a)
+    except (TypeError, ValueError) as e:  # a numeric dtype torch lacks (np.longdouble)
+        raise BatchError(
+            f"{what} is a numpy array of dtype {a.dtype}, which torch cannot hold ({e}); "
+            "convert it (a.astype(np.float64)) before submitting"
+        ) from e
+
+
+def _result_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype every item fits in (type promotion, as ``torch.stack`` does). Empty items do not
+    vote: ``[]`` becomes a float tensor, which must not turn every other item's ids to floats."""
+    voters = [t for t in tensors if t.numel() > 0] or list(tensors)
+    return functools.reduce(_torch().promote_types, (t.dtype for t in voters))
+
+
+def _check_keys(items: Sequence[Any]) -> list[str]:
+    """The keys every dict item shares (item 0's order); a :class:`BatchError` naming the item and
+    the keys that differ otherwise."""
+    keys = list(items[0])
+    for i, it in enumerate(items):
+        if not isinstance(it, Mapping):
+            raise BatchError(
+                f"item {i} is a {type(it).__name__}, item 0 is a dict with keys {keys}; the items "
+                "of a batch must all be dicts with the same keys, or all be tensors/arrays/lists"
+            )
+        if set(it) != set(keys):
+            missing = [k for k in keys if k not in it]
+            extra = [k for k in it if k not in keys]
+            diff = ", ".join(
+                f"{verb} {ks}" for verb, ks in (("lacks", missing), ("adds", extra)) if ks
+            )
+            raise BatchError(
+                f"item {i} has keys {list(it)}, item 0 has {keys} (item {i} {diff}); dict items "
+                "must share keys: give every request the same keys (e.g. tokenize every text "
+                "with the same options)"
+            )
+    return keys
 
 
 class StackCollate:
@@ -141,17 +193,11 @@ class StackCollate:
     def _stack(self, items: Sequence[Any], key: str) -> Any:
         first = items[0]
         if isinstance(first, Mapping):
-            keys = list(first)
-            for i, it in enumerate(items):
-                if not isinstance(it, Mapping) or list(it) != keys:
-                    got = list(it) if isinstance(it, Mapping) else type(it).__name__
-                    raise BatchError(
-                        f"item {i} has keys {got}, item 0 has {keys}; dict items must share keys"
-                    )
-            return {k: self._stack([it[k] for it in items], f"[{k!r}]") for k in keys}
+            keys = _check_keys(items)
+            return {k: self._stack([it[k] for it in items], f"{key}[{k!r}]") for k in keys}
         if isinstance(first, int | float) and not isinstance(first, bool):
             return _torch().tensor(list(items))
-        tensors = [_as_tensor(it, i) for i, it in enumerate(items)]
+        tensors = [_as_tensor(it, i, key) for i, it in enumerate(items)]
         shapes = {i: tuple(t.shape) for i, t in enumerate(tensors)}
         if len(set(shapes.values())) > 1:
             odd = {i: s for i, s in shapes.items() if s != shapes[0]}
@@ -165,10 +211,24 @@ class StackCollate:
         return split_output(output, n)
 
 
-def _seq(x: Any, index: int, key: str | None) -> torch.Tensor:
-    t = _as_tensor(x, index)
-    # A tokenizer called on one text returns (1, T): drop that leading batch dim.
-    if key is not None and t.ndim == 2 and t.shape[0] == 1:
+_LEAD_KEYS = ("input_ids", "attention_mask")
+
+
+def _has_batch_dim(item: Mapping[str, Any]) -> bool:
+    """Whether a dict item is a tokenizer's ``return_tensors="pt"`` output for one text: its
+    ``input_ids`` (else ``attention_mask``) is ``(1, T)``. Then every value has a leading batch
+    dim. Without either key a leading 1 is never dropped: in ``{"inputs_embeds": (1, D)}`` it is
+    the sequence length of a one-token item, and nothing tells it from a batch dim."""
+    for k in _LEAD_KEYS:
+        if k in item:
+            shape = _shape(item[k])
+            return shape is not None and len(shape) == 2 and shape[0] == 1
+    return False
+
+
+def _seq(x: Any, index: int, key: str | None, batched: bool = False) -> torch.Tensor:
+    t = _as_tensor(x, index, "" if key is None else f"[{key!r}]")
+    if batched and t.ndim >= 2 and t.shape[0] == 1:  # the tokenizer's batch dim
         t = t[0]
     if t.ndim == 0:
         raise BatchError(
@@ -182,7 +242,8 @@ class PadCollate:
     """Pad variable-length sequences to the longest in the batch; cut outputs back per item.
 
     Items are tensors ``(T, ...)``, lists of numbers (token ids) or dicts of those (a tokenizer's
-    output for one text; a leading ``(1, T)`` batch dim is dropped). Bare items give ``fn`` a
+    output for one text: when its ``input_ids``, else ``attention_mask``, is ``(1, T)``, the leading
+    batch dim of every value is dropped). Bare items give ``fn`` a
     :class:`PaddedBatch`; dict items give a dict of ``(B, T)`` tensors with ``attention_mask``
     added when missing (and ``lengths`` when ``return_lengths``), ready for ``model(**batch)``.
 
@@ -192,7 +253,8 @@ class PadCollate:
 
     Args:
         pad_value: the fill value, or a dict per key (``attention_mask`` is always padded with 0).
-        side: ``"right"`` (BERT) or ``"left"`` (decoder-only generation).
+        side: ``"right"`` (the default: correct for every model) or ``"left"`` (decoder-only
+            generation; see ``add_position_ids``).
         return_mask: give an attention mask (1 = real token).
         return_lengths: give each item's length.
         unpad_outputs: cut outputs back to each item's length (the default); ``False`` returns
@@ -203,6 +265,15 @@ class PadCollate:
             or tuple of dims for every output, or a mapping per output name or tuple position
             (``{"last_hidden_state": 1, "pooler_output": None}``).
         pad_to_multiple_of: round the padded length up (fewer distinct shapes for compiled models).
+        add_position_ids: with ``side="left"``, dict items get ``position_ids`` computed from the
+            attention mask (real tokens count from 0; padding gets 1, as Hugging Face's
+            ``generate`` does) unless they carry their own. Models with absolute positions
+            (GPT-2, BERT) need them: otherwise a left-padded item's tokens sit at shifted
+            positions and its outputs differ from the item run alone. ``False`` for a model
+            whose forward takes no ``position_ids`` (and then pad such a model on the right).
+
+    Items of one batch are promoted to a common dtype (an int8 item beside an int64 one gives
+    int64; an empty item does not vote). Dict items must share keys (:class:`BatchError`).
     """
 
     pad_value: float | Mapping[str, float] = 0
@@ -212,6 +283,7 @@ class PadCollate:
     unpad_outputs: bool = True
     pad_to_multiple_of: int | None = None
     sequence_dims: SequenceDims = AUTO
+    add_position_ids: bool = True
 
     def __post_init__(self) -> None:
         if self.side not in ("right", "left"):
@@ -235,12 +307,18 @@ class PadCollate:
         for i, s in enumerate(seqs):
             if s.shape[1:] != first.shape[1:]:
                 where = "" if key is None else f"[{key!r}]"
+                hint = ""
+                if s.ndim == 2 and s.shape[0] == first.shape[0] == 1:
+                    hint = (
+                        "; a leading 1 is dropped as a tokenizer's batch dim only in dict items "
+                        "whose input_ids (or attention_mask) is (1, T): submit (T, ...) values"
+                    )
                 raise BatchError(
                     f"item {i}{where} has shape {tuple(s.shape)} but item 0 has {tuple(first.shape)}; "
-                    "only the first (sequence) dimension may differ"
+                    f"only the first (sequence) dimension may differ{hint}"
                 )
         out = torch.full(
-            (len(seqs), width, *first.shape[1:]), self._pad_value(key), dtype=first.dtype
+            (len(seqs), width, *first.shape[1:]), self._pad_value(key), dtype=_result_dtype(seqs)
         )  # (B, T, ...)
         for i, s in enumerate(seqs):
             if self.side == "right":
@@ -263,14 +341,25 @@ class PadCollate:
 
     def collate(self, items: Sequence[Any]) -> tuple[Any, Unpad]:
         if isinstance(items[0], Mapping):
-            keys = list(items[0])
-            per_key = {k: [_seq(it[k], i, k) for i, it in enumerate(items)] for k in keys}
+            keys = _check_keys(items)
+            batched = [_has_batch_dim(it) for it in items]
+            per_key = {
+                k: [_seq(it[k], i, k, batched[i]) for i, it in enumerate(items)] for k in keys
+            }
             lead = "input_ids" if "input_ids" in per_key else keys[0]
             lengths = [int(s.shape[0]) for s in per_key[lead]]
             width = self._width(lengths)
             batch: dict[str, torch.Tensor] = {k: self._pad(v, width, k) for k, v in per_key.items()}
             if self.return_mask and "attention_mask" not in batch:
                 batch["attention_mask"] = self._mask(lengths, width)
+            if self.side == "left" and self.add_position_ids and "position_ids" not in batch:
+                mask = batch.get("attention_mask")
+                if mask is None:
+                    mask = self._mask(lengths, width)
+                # Absolute-position models (GPT-2, BERT) would see each left-padded item's tokens
+                # shifted by its padding; count real tokens instead, 1 at padding (HF's generate).
+                pos = mask.long().cumsum(-1) - 1  # (B, T)
+                batch["position_ids"] = pos.masked_fill(mask == 0, 1)
             if self.return_lengths:
                 batch["lengths"] = _torch().tensor(lengths)
             return batch, Unpad(lengths, width, self.side)
@@ -292,13 +381,14 @@ class PadCollate:
 
 def default_length(item: Any) -> int:
     """An item's sequence length, for length bucketing: dim 0 of a tensor, ``len()`` of a list,
-    ``input_ids`` of a tokenizer dict (a leading ``(1, T)`` dim is skipped), words of a string."""
+    ``input_ids`` of a tokenizer dict (a leading ``(1, T)`` batch dim is skipped, as
+    :class:`PadCollate` drops it), words of a string."""
     if isinstance(item, Mapping):
         if not item:
             return 0
         value = item["input_ids"] if "input_ids" in item else next(iter(item.values()))
         shape = _shape(value)
-        if shape is not None and len(shape) == 2 and shape[0] == 1:
+        if shape is not None and len(shape) >= 2 and shape[0] == 1 and _has_batch_dim(item):
             return shape[1]
         return default_length(value)
     shape = _shape(item)
