@@ -166,3 +166,21 @@ def test_interleaved_samples_round_robin_outside_the_setup() -> None:
     assert order == ["+a", "a", "-a", "+b", "b", "-b"] * 2
     timing.interleaved_samples(fns, rounds=1, clock=clock, names=["b"], into=samples)  # type: ignore[arg-type]
     assert samples["b"] == [3.0, 3.0, 3.0] and timing.median(samples["b"]) == 3.0
+
+
+def test_the_weights_fingerprint_counts_buffers_left_out_of_the_state_dict() -> None:
+    # Was: two models equal in state_dict() but not in a non-persistent buffer (baked into an
+    # ONNX export as a constant) shared one cached ONNX file: the second got the first's outputs.
+    from fastinfer._common.keys import weights_fingerprint
+
+    def model(scale: float) -> torch.nn.Module:
+        m = torch.nn.Linear(4, 4)
+        m.register_buffer("scale", torch.full((4,), scale), persistent=False)
+        torch.nn.init.ones_(m.weight)
+        torch.nn.init.zeros_(m.bias)
+        return m
+
+    a, b = model(1.0), model(2.0)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    assert weights_fingerprint(a) == weights_fingerprint(model(1.0))

@@ -96,14 +96,18 @@ def structure_key(model: Any) -> str:
 
 def weights_fingerprint(model: Any) -> str:
     """A sha256 over every parameter's and buffer's bytes (for artefacts that embed the weights,
-    such as an exported ONNX file; a decision uses :func:`structure_key` instead)."""
+    such as an exported ONNX file; a decision uses :func:`structure_key` instead). Buffers left
+    out of the state dict (``persistent=False``: position ids, rotary tables, masks) count too:
+    an export bakes them in as constants just the same."""
     import torch
     from torch import nn
 
     h = hashlib.sha256()
     if not isinstance(model, nn.Module):
         return h.hexdigest()
-    for name, t in sorted(model.state_dict(keep_vars=False).items()):
+    tensors = dict(model.named_parameters())
+    tensors.update((f"buffer:{n}", b) for n, b in model.named_buffers() if b is not None)
+    for name, t in sorted(tensors.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         if t.numel():
