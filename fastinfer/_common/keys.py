@@ -105,10 +105,10 @@ def weights_fingerprint(model: Any) -> str:
     h = hashlib.sha256()
     if not isinstance(model, nn.Module):
         return h.hexdigest()
-    tensors = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
     tensors.update((f"buffer:{n}", b) for n, b in model.named_buffers() if b is not None)
-    for name, t in sorted(tensors.items()):
-        t = t.detach().cpu().contiguous()
+    for name, value in sorted(tensors.items()):
+        t = value.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -181,7 +181,10 @@ def build_backend(
     the winner of a cached :func:`select_backend` decision, for instance. Runtime artefacts come
     from ``cache_dir`` (default ``$FASTINFER_CACHE_DIR``) when they were exported before.
 
-    Raises :class:`ConfigError` (with the reason) when the candidate cannot run here.
+    Raises :class:`ConfigError` (with the reason) when the candidate cannot run here. A runtime
+    (``onnxruntime``, ``openvino``) is called once on the example and compared with eager, as
+    :func:`select_backend` verifies it: :class:`CompileError` when it cannot run,
+    :class:`VerificationError` when it answers otherwise. It is never handed back unverified.
     """
     from fastinfer import _env
     from fastinfer.compiling._inputs import check_batch_sizes, inputs_for, tensors
@@ -208,4 +211,42 @@ def build_backend(
         why = builder.skip(ctx)
         if why:
             raise ConfigError(f"backend {name!r} cannot be built here: {why}")
-        return builder.build(ctx)[1]
+        fn, obj = builder.build(ctx)
+        if isinstance(builder, (OnnxRuntimeBuilder, OpenVinoBuilder)):
+            _verify_call(name, model, fn, args, kwargs, reference)
+        return obj
+
+
+def _verify_call(
+    name: str,
+    model: Callable[..., Any],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    reference: Any,
+) -> None:
+    """One call on the example, compared with eager's ``reference`` on valid positions."""
+    from fastinfer._common.padding import valid_mask
+    from fastinfer.compiling._inputs import batch_of
+    from fastinfer.compiling._verify import check_close
+    from fastinfer.errors import FastInferError
+
+    try:
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+    except FastInferError:
+        raise
+    except Exception as exc:
+        raise CompileError(
+            f"backend {name!r} built a model that fails on the example ({type(exc).__name__}: "
+            f"{str(exc)[:300]}). Fix: serve the model in float32 with this candidate, or use "
+            "eager / another candidate"
+        ) from exc
+    check_close(
+        out,
+        reference,
+        rtol=None,
+        atol=None,
+        where=f"backend {name!r} on the example (batch size {batch_of(args, kwargs)})",
+        valid=valid_mask(model, args, kwargs),
+    )

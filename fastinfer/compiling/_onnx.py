@@ -12,6 +12,10 @@ outputs compare with eager's one to one. Non-tensor arguments are baked into the
   (``dynamo=True``, needs ``onnxscript``) if that fails. For Hugging Face BERT-family models the
   export runs with ``attn_implementation="eager"`` (restored afterwards): that subgraph is the one
   the optimizer fuses into a single ``Attention`` op.
+* Data-dependent control flow: where the model turns a tensor computed from its inputs' values
+  into a Python value while the TorchScript exporter traces it (``if x.sum() > 0:``), the graph
+  would always take the example's branch; that export counts as failed (:mod:`._trace_values`),
+  and the dynamo exporter, which refuses such code rather than baking it in, is tried instead.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from fastinfer import _torch_compat
+from fastinfer.compiling._trace_values import mark_inputs, watch_values
 from fastinfer.compiling._verify import leaves
 from fastinfer.errors import CompileError
 
@@ -44,7 +49,7 @@ __all__ = [
 ]
 
 #: Bumped when the export recipe changes (part of the artefact key).
-EXPORTER_VERSION = 1
+EXPORTER_VERSION = 2  # 2: exports with data-dependent control flow are refused
 _OPSET = 17
 _BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
 
@@ -104,6 +109,7 @@ class TensorsOnly(nn.Module):
         self._kw_slots = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mark_inputs(tensors)  # what "computed from the inputs' values" starts from
         args = list(self._args)
         for slot, t in zip(self._arg_slots, tensors):
             args[slot] = t
@@ -155,12 +161,13 @@ def export_onnx(
     names = [n for n, _ in named]
     axes = dynamic_axes(named)
     errors = []
+    branches: list[str] = []
     # The MHA / TransformerEncoderLayer fastpath (taken under no_grad) calls fused ops that no
     # exporter handles; the plain path computes the same.
     with _eager_attention(model), _torch_compat.mha_fastpath_disabled(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated and chatty
         try:
-            with torch.no_grad():
+            with torch.no_grad(), watch_values() as branches:
                 torch.onnx.export(
                     wrapper,
                     tensors,
@@ -172,6 +179,8 @@ def export_onnx(
                     dynamo=False,
                     verbose=False,  # else a failure prints the whole TorchScript graph
                 )
+            if branches:
+                raise CompileError(_data_dependent(branches))
             return "torchscript"
         except Exception as exc:
             errors.append(f"TorchScript exporter: {type(exc).__name__}: {_plain(exc)}")
@@ -193,8 +202,24 @@ def export_onnx(
             return "dynamo"
         except Exception as exc:
             errors.append(f"dynamo exporter: {type(exc).__name__}: {_plain(exc)}")
+    fix = (
+        "write the branch with tensor ops (torch.where) or torch.cond so that the graph keeps "
+        "both sides, or serve this model eagerly or with another candidate (inductor)"
+        if branches
+        else "make the model exportable (torch.onnx.export)"
+    )
     raise CompileError(
         f"exporting {type(model).__name__} to ONNX failed with both exporters: "
         + "; ".join(errors)
-        + ". Fix: make the model exportable (torch.onnx.export) or leave the ONNX candidates out"
+        + f". Fix: {fix}, or leave the ONNX candidates out"
+    )
+
+
+def _data_dependent(places: list[str]) -> str:
+    first = list(dict.fromkeys(places))[:3]
+    return (
+        "data-dependent control flow: the model turns a tensor computed from its inputs' "
+        f"values into a Python value at {'; '.join(first)} (a TracerWarning), "
+        "so the traced graph would always do what the example did and answer other inputs "
+        "wrongly"
     )

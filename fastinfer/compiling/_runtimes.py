@@ -18,7 +18,9 @@ tolerances) and, when the export made the sequence axis dynamic, once more at ha
 length, so a graph that baked the example's length in is rejected rather than served. The callable
 takes the tensors by name or positionally in ``forward``'s order, returns eager's output structure
 (a transformers ``ModelOutput`` with ``.logits``, a dict, a tuple: :class:`OutputStructure`) and
-ignores non-tensor arguments (they were baked in at export).
+refuses non-tensor arguments that differ from the ones baked in at export (:mod:`._runtime_args`).
+Models the runtimes cannot run here (bfloat16; a graph whose ops the runtime has no kernel for at
+the model's dtype, float64 GELU in ONNX Runtime) are refused when built, naming the dtype.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from fastinfer.compiling._onnx import (
     named_tensors,
     positional_names,
 )
+from fastinfer.compiling._runtime_args import BakedArguments, as_graph_dtype
 from fastinfer.compiling._verify import check_close, leaves
 from fastinfer.errors import CompileError
 
@@ -102,7 +105,11 @@ class OutputStructure:
 class RuntimeModel:
     """A runtime session called like the model: tensors in (by the export's input names, or
     positionally in the order of the model's ``forward``), eager's output structure out.
-    Thread-safe (one call at a time per session)."""
+    Thread-safe (one call at a time per session).
+
+    ``dtypes``: the dtype each input was exported with (another is converted when nothing is
+    lost, else refused); ``baked``: the non-tensor arguments the export fixed (a call that passes
+    others is refused). Both raise :class:`CompileError` naming the argument and the fix."""
 
     def __init__(
         self,
@@ -111,12 +118,17 @@ class RuntimeModel:
         arg_names: list[str],
         structure: OutputStructure | None = None,
         exported: list[str] | None = None,
+        *,
+        dtypes: Mapping[str, torch.dtype] | None = None,
+        baked: BakedArguments | None = None,
     ) -> None:
         self._run = run
         self._inputs = input_names
         self.arg_names = arg_names
         self._structure = structure
         self._exported = set(input_names) | set(exported or ())
+        self._dtypes = dict(dtypes or {})
+        self._baked = baked
         self._lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -136,6 +148,8 @@ class RuntimeModel:
                 "include them in example_inputs when it is built (select_backend / build_backend) "
                 "so that the graph takes them"
             )
+        if self._baked is not None:
+            self._baked.check(named, self._exported)
         feed = {}
         for n in self._inputs:
             t = named.get(n)
@@ -144,22 +158,48 @@ class RuntimeModel:
                     f"the exported model needs the tensor input {n!r} (it takes "
                     f"{', '.join(map(repr, self._inputs))}, by name or in forward's order)"
                 )
-            feed[n] = t.detach().cpu().contiguous().numpy()
+            feed[n] = _array(n, as_graph_dtype(n, t, self._dtypes.get(n)))
         with self._lock:
             try:
                 outs = self._run(feed)
             except Exception as exc:
-                shapes = ", ".join(f"{n}{tuple(v.shape)}" for n, v in feed.items())
-                raise CompileError(
-                    f"the exported graph failed on {shapes}: {type(exc).__name__}: "
-                    f"{str(exc)[:300]}. The export may have fixed a size the example had (a "
-                    "Python int computed from a tensor's shape); leave this candidate out or "
-                    "serve the example's shapes"
-                ) from exc
+                raise CompileError(_run_failure(feed, exc)) from exc
         tensors = tuple(torch.from_numpy(o) for o in outs)
         if self._structure is not None:
             return self._structure(tensors)
         return tensors[0] if len(tensors) == 1 else tensors
+
+
+def _array(name: str, t: torch.Tensor) -> Any:
+    try:
+        return t.detach().cpu().contiguous().numpy()
+    except TypeError as exc:  # bfloat16: numpy has no such dtype
+        raise CompileError(
+            f"the input {name!r} is {t.dtype}, which numpy (through which ONNX Runtime and "
+            "OpenVINO take their inputs) cannot hold. Fix: serve the model in float32 with this "
+            "candidate, or use eager / inductor for bfloat16"
+        ) from exc
+
+
+def _run_failure(feed: Mapping[str, Any], exc: Exception) -> str:
+    """What a runtime's failure on a call means, with the fix."""
+    shapes = ", ".join(f"{n}{tuple(v.shape)} {v.dtype}" for n, v in feed.items())
+    text = f"the exported graph failed on {shapes}: {type(exc).__name__}: {str(exc)[:300]}."
+    lowered = str(exc).lower()
+    if "not_implemented" in lowered or "could not find an implementation" in lowered:
+        return (
+            f"{text} The runtime has no kernel for one of the graph's ops at these dtypes. Fix: "
+            "serve the model in float32 with this candidate, or use eager / inductor"
+        )
+    if "data type" in lowered or "element type" in lowered:
+        return (
+            f"{text} The graph takes other dtypes. Fix: pass the inputs in the example's "
+            "dtypes, or build the candidate with example_inputs of the dtypes you serve"
+        )
+    return (
+        f"{text} The export may have fixed a size the example had (a Python int computed from a "
+        "tensor's shape); leave this candidate out or serve the example's shapes"
+    )
 
 
 def _call_names(ctx: BuildContext, ex: _Export) -> list[str]:
@@ -193,6 +233,20 @@ class _Export:
             named,
             arg_names(ctx.model, len(args)),
             any(1 in ax for ax in axes.values()),
+        )
+
+    def runner(
+        self, ctx: BuildContext, run: Callable[[dict[str, Any]], list[Any]], inputs: list[str]
+    ) -> RuntimeModel:
+        """A :class:`RuntimeModel` on ``run`` that checks calls against this export."""
+        return RuntimeModel(
+            run,
+            inputs,
+            _call_names(ctx, self),
+            _structure(ctx),
+            [n for n, _ in self.named],
+            dtypes={n: t.dtype for n, t in self.named},
+            baked=BakedArguments.of(ctx.model, self.args, self.kwargs, self.arg_names),
         )
 
     def spec(self) -> list[Any]:
@@ -258,6 +312,40 @@ def _wrap(name: str, ctx: BuildContext, runner: RuntimeModel) -> CompiledModel:
     return CompiledModel(ctx.model, runner, stats=stats, on_recompile="error", uses_dynamo=False)
 
 
+def _dtypes(ctx: BuildContext) -> list[torch.dtype]:
+    """The floating dtypes the model computes in (its parameters', the example's tensors')."""
+    args, kwargs = split(ctx.example_inputs)
+    found = [t.dtype for _, t in _params(ctx)]
+    found += [v.dtype for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    return sorted({d for d in found if d.is_floating_point}, key=str)
+
+
+def _refuse_bfloat16(ctx: BuildContext, what: str) -> None:
+    if torch.bfloat16 in _dtypes(ctx):
+        lacks = (
+            "ONNX Runtime's CPU kernels lack (no bfloat16 Gemm, MatMul, Erf)"
+            if what == "ONNX Runtime"
+            else "numpy, through which OpenVINO takes its inputs and gives its outputs, lacks"
+        )
+        raise CompileError(
+            f"{what} does not run bfloat16 models here: the model's parameters or example "
+            f"inputs are torch.bfloat16, which {lacks}. Fix: serve the model in float32 with "
+            "this candidate (model.float(), float32 inputs), or use eager / inductor, which run "
+            "bfloat16"
+        )
+
+
+def _cannot_load(what: str, ctx: BuildContext, exc: Exception) -> CompileError:
+    dtypes = ", ".join(map(str, _dtypes(ctx))) or "no floating dtype"
+    return CompileError(
+        f"{what} cannot load the exported graph on the CPU ({type(exc).__name__}: "
+        f"{str(exc)[:300]}); the model computes in {dtypes}, and {what}'s CPU kernels cover "
+        "float32 fully but other dtypes only in part (ONNX Runtime has no float64 Erf, say). "
+        "Fix: serve the model in float32 with this candidate (model.float()), or use eager / "
+        "inductor"
+    )
+
+
 def _runtime_skip(ctx: BuildContext, module: str, extra: str, what: str) -> str:
     if not available(module):
         return NOT_INSTALLED.format(extra=extra)
@@ -284,6 +372,7 @@ class OnnxRuntimeBuilder(Builder):
 
     def build(self, ctx: BuildContext) -> tuple[Callable[..., Any], Any]:
         ort = require("onnxruntime", purpose="the onnxruntime candidate of select_backend")
+        _refuse_bfloat16(ctx, "ONNX Runtime")
         ex = _Export.of(ctx)
         root = (ctx.artifacts or ctx.tmp) / "artifacts"
         raw, exporter, _ = _onnx_file(ctx, ex, root)
@@ -331,17 +420,14 @@ class OnnxRuntimeBuilder(Builder):
         # ORT's idle threads otherwise spin for a while after each run, taking the cores from
         # whatever runs next (torch, another candidate being timed, the rest of the service).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(
-            str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
+        try:
+            session = ort.InferenceSession(
+                str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # NOT_IMPLEMENTED: no kernel for an op at the model's dtype
+            raise _cannot_load("ONNX Runtime", ctx, exc) from exc
         inputs = [i.name for i in session.get_inputs()]
-        runner = RuntimeModel(
-            lambda feed: session.run(None, feed),
-            inputs,
-            _call_names(ctx, ex),
-            _structure(ctx),
-            [n for n, _ in ex.named],
-        )
+        runner = ex.runner(ctx, lambda feed: session.run(None, feed), inputs)
         _check_other_length(ctx, ex, runner)
         ctx.notes.extend(
             n for n in [f"export: {exporter}", "cached artefact" if hit else "", *notes] if n
@@ -361,6 +447,7 @@ class OpenVinoBuilder(Builder):
 
     def build(self, ctx: BuildContext) -> tuple[Callable[..., Any], Any]:
         ov = require("openvino", purpose="the openvino candidate of select_backend")
+        _refuse_bfloat16(ctx, "OpenVINO")
         ex = _Export.of(ctx)
         root = (ctx.artifacts or ctx.tmp) / "artifacts"
         raw, exporter, _ = _onnx_file(ctx, ex, root)
@@ -382,7 +469,10 @@ class OpenVinoBuilder(Builder):
         }
         if all(t.dtype != torch.bfloat16 and t.dtype != torch.float16 for _, t in _params(ctx)):
             config["INFERENCE_PRECISION_HINT"] = "f32"  # eager computes in float32
-        compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+        try:
+            compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+        except Exception as exc:
+            raise _cannot_load("OpenVINO", ctx, exc) from exc
         request = compiled.create_infer_request()
         exported = [n for n, _ in ex.named]
         # A port can carry several tensor names (the ONNX input's and, after OpenVINO's own
@@ -397,7 +487,7 @@ class OpenVinoBuilder(Builder):
             request.infer({i: feed[n] for i, n in enumerate(inputs)})  # by port: names may differ
             return [request.get_output_tensor(i).data.copy() for i in range(count)]
 
-        runner = RuntimeModel(run, inputs, _call_names(ctx, ex), _structure(ctx), exported)
+        runner = ex.runner(ctx, run, inputs)
         _check_other_length(ctx, ex, runner)
         ctx.notes.extend(n for n in [f"export: {exporter}", "cached artefact" if hit else ""] if n)
         wrapped = _wrap("openvino", ctx, runner)
