@@ -5,7 +5,8 @@ copied) and which were materialised in fresh memory. Errors from the zip, pickle
 layers are turned into :class:`~fastinfer.CheckpointError` / :class:`~fastinfer.UnsafeCheckpointError`
 messages that name the file. Every file is recorded as it was read (:mod:`._pages`), so a file that
 changes while it loads is reported instead of touched; a safetensors header is validated as strictly
-as the safetensors library does (types, shapes, offsets in bounds, no overlapping tensors).
+as the safetensors library does (types, shapes, tensors covering the data exactly: no overlap, no
+hole, no trailing bytes; string metadata; no duplicate keys).
 """
 
 from __future__ import annotations
@@ -412,25 +413,40 @@ def read_safetensors(path: Path, *, mmap: bool) -> Mapped:
             if len(raw_header) < n:
                 raise ValueError(f"the file ended {n - len(raw_header)} bytes into the header")
             try:
-                header = json.loads(raw_header)
+                header = json.loads(raw_header, object_pairs_hook=st_header.no_duplicate_keys)
             except RecursionError:
                 raise ValueError("the header JSON is nested too deeply") from None
             if not isinstance(header, dict):
                 raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
+    except st_header.DuplicateKey as exc:
+        raise CheckpointError(
+            f"safetensors file {str(path)!r} is corrupt: its header JSON has the key"
+            f"{'s' if len(exc.keys) > 1 else ''} {preview(exc.keys)} twice in one object, so "
+            "which entry is meant is ambiguous (JSON readers keep either one; the safetensors "
+            "library refuses a repeated field); re-save or re-download it"
+        ) from None
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(
             f"safetensors file {str(path)!r} is truncated or corrupt: bad header ({exc}); "
             "re-save or re-download it"
         ) from None
-    aliases = st_header.aliases(path, header.pop("__metadata__", None))
+    metadata = st_header.metadata(path, header.pop("__metadata__", None))
+    aliases = st_header.aliases(path, metadata)
     data_start = 8 + n
     specs = [st_header.entry(path, key, info) for key, info in header.items()]
-    st_header.refuse_overlaps(path, specs)
-    end_max = max((end for *_, end in specs), default=0)
+    end_max = st_header.check_layout(path, specs)
     if data_start + end_max > size:
         raise CheckpointError(
             f"safetensors file {str(path)!r} is truncated: its header needs {data_start + end_max} "
             f"bytes but the file has {size}; re-save or re-download it"
+        )
+    if data_start + end_max < size:
+        raise CheckpointError(
+            f"safetensors file {str(path)!r} is corrupt: its last {size - data_start - end_max} "
+            f"bytes (from byte {data_start + end_max} of {size}) belong to no tensor: the "
+            "header's tensors end before the file does. The format requires the tensors to cover "
+            "the data exactly (the safetensors library refuses the file too: 'file not fully "
+            "covered'); re-save or re-download it"
         )
     out = Mapped(files=[path], format="safetensors")
     source = snapshot(path, st, needed=data_start + end_max)

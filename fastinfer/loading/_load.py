@@ -19,7 +19,7 @@ from fastinfer.loading import _formats as fmt
 from fastinfer.loading import _pages as pages
 from fastinfer.loading._report import LoadReport
 
-__all__ = ["load_weights", "load_weights_"]
+__all__ = ["load_weights", "load_weights_", "validate_options"]
 
 logger = logging.getLogger("fastinfer.loading")
 
@@ -140,7 +140,8 @@ def _listing(title: str, keys: list[str], limit: int = 20) -> str:
     return f"\n  {title} ({len(keys)}):\n{shown}{more}"
 
 
-def _validate_options(dtype: torch.dtype | None, device: str | torch.device) -> torch.device:
+def validate_options(dtype: torch.dtype | None, device: str | torch.device) -> torch.device:
+    """The ``dtype`` and ``device`` options, checked before anything is built or read."""
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ConfigError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     if dtype is not None and not dtype.is_floating_point:
@@ -148,9 +149,17 @@ def _validate_options(dtype: torch.dtype | None, device: str | torch.device) -> 
             f"dtype must be a floating-point dtype (it applies to float tensors), got {dtype}"
         )
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"device {device!r} is not a valid torch device: {exc}") from None
+    if dev.type == "meta":
+        raise ConfigError(
+            f"device={device!r}: loading onto the meta device loads nothing (meta tensors hold "
+            "no data). To build a model without storage use fastinfer.empty_init() (load_model "
+            "and load_pretrained already build under it), and load onto a device that holds "
+            "data: device='cpu' or 'cuda'"
+        )
+    return dev
 
 
 def _convert(
@@ -214,6 +223,7 @@ def load_weights_(
     prefixes such as ``"module."`` from checkpoint keys. ``touch`` pre-faults the mapped pages.
 
     Raises:
+        ConfigError: a bad ``dtype`` or ``device`` (``"meta"`` loads nothing: it is refused).
         CheckpointError: missing, truncated or corrupt file (named).
         UnsafeCheckpointError: the pickle needs a full unpickle and ``trust_pickle`` is False.
         StateDictMismatch: missing/unexpected keys, shape or dtype mismatches, tensors left on meta.
@@ -258,7 +268,7 @@ def load_weights(
     ``from_pretrained`` loads."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
-    dev = _validate_options(dtype, device)
+    dev = validate_options(dtype, device)
     prefixes = [strip_prefix] if isinstance(strip_prefix, str) else list(strip_prefix or [])
     prefixes.extend(extra_prefixes)
     mem0 = memory_before if memory_before is not None else fmt.memory()["anonymous"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from fastinfer.errors import CheckpointError, ConfigError
 from fastinfer.loading import _formats as fmt
 from fastinfer.loading._empty_init import empty_init
 from fastinfer.loading._hf import hf_remap, recompute_buffers_
-from fastinfer.loading._load import load_weights
+from fastinfer.loading._load import load_weights, validate_options
 from fastinfer.loading._report import LoadReport
 
 __all__ = ["load_model", "load_pretrained"]
@@ -58,6 +59,7 @@ def load_model(
     """
     if not callable(factory_or_class):
         raise ConfigError(f"factory_or_class must be callable, got {factory_or_class!r}")
+    validate_options(dtype, device)  # before building: a bad option wastes no construction
     mem0 = fmt.memory()["anonymous"]
     t0 = time.perf_counter()
     with empty_init():
@@ -105,6 +107,65 @@ def _architecture(transformers: Any, config: Any, name: str) -> Any:
     except ImportError:
         return None
     return getattr(module, name, None)
+
+
+def _read_config(transformers: Any, folder: Path, config_kwargs: dict[str, Any]) -> Any:
+    """``AutoConfig.from_pretrained(folder)``, with a damaged ``config.json`` (empty, not JSON,
+    not an object, an unknown ``model_type`` or dtype) a :class:`CheckpointError` that names the
+    file, what is wrong and the fix, instead of the raw ``OSError`` / ``TypeError`` /
+    ``ValueError`` / ``AttributeError`` transformers raises."""
+    path = folder / "config.json"
+    fix = "fix: re-save the model with save_pretrained, or repair the file"
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"config file {str(path)!r} {problem}; {fix}")
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise bad(f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise bad(f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise bad("is empty")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise bad(
+            f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise bad("is not valid JSON (nested too deeply)") from None
+    if not isinstance(doc, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+        raise bad(f"holds JSON {kind.get(type(doc), 'null')}, not an object of config fields")
+    for key in ("dtype", "torch_dtype"):
+        value = config_kwargs.get(key, doc.get(key))
+        if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+            raise bad(
+                f"records {key}={value!r}, which is not a torch dtype (expected a name such as "
+                "'float32', 'float16' or 'bfloat16')"
+            )
+    try:
+        return transformers.AutoConfig.from_pretrained(
+            folder, local_files_only=True, **config_kwargs
+        )
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        given = f" (with the keyword arguments {sorted(config_kwargs)})" if config_kwargs else ""
+        if "model_type" in first or "model type" in first:
+            problem = (
+                f"does not give a model_type transformers {transformers.__version__} knows "
+                f"({type(exc).__name__}: {first})"
+            )
+            fix_hint = (
+                "; fix: set 'model_type' to the model's type (as save_pretrained writes it), or "
+                "upgrade transformers if the model is newer than it"
+            )
+        else:
+            problem = f"does not make a transformers config{given} ({type(exc).__name__}: {first})"
+            fix_hint = f"; {fix}"
+        raise CheckpointError(f"config file {str(path)!r} {problem}{fix_hint}") from exc
 
 
 @contextmanager
@@ -156,6 +217,7 @@ def load_pretrained(
 
         model = fastinfer.load_pretrained("./my-bert")
     """
+    validate_options(dtype, device)
     transformers = require("transformers", purpose="fastinfer.load_pretrained")
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -165,7 +227,7 @@ def load_pretrained(
         )
     mem0 = fmt.memory()["anonymous"]
     t0 = time.perf_counter()
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, **config_kwargs)
+    config = _read_config(transformers, folder, config_kwargs)
     archs = getattr(config, "architectures", None) or []
     saved_cls = _architecture(transformers, config, archs[0]) if archs else None
     cls = model_class if model_class is not None else saved_cls

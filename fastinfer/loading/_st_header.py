@@ -1,11 +1,13 @@
 """Safetensors header validation for :mod:`fastinfer.loading._formats`: the dtypes the format
 defines, each tensor's entry checked as strictly as the safetensors library does (a known dtype,
-a shape of non-negative ints, offsets that fit, no two tensors sharing bytes), and the alias
-record ``save_weights`` leaves in ``__metadata__``."""
+a shape of non-negative ints, offsets that fit, tensors that cover the data contiguously: no two
+sharing bytes, no byte belonging to none; ``__metadata__`` a map of strings to strings; no key
+twice in one JSON object), and the alias record ``save_weights`` leaves in ``__metadata__``."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,17 @@ import torch
 
 from fastinfer.errors import CheckpointError
 
-__all__ = ["ALIASES_METADATA", "Spec", "aliases", "contiguous_stride", "entry", "refuse_overlaps"]
+__all__ = [
+    "ALIASES_METADATA",
+    "DuplicateKey",
+    "Spec",
+    "aliases",
+    "check_layout",
+    "contiguous_stride",
+    "entry",
+    "metadata",
+    "no_duplicate_keys",
+]
 
 # Every dtype the safetensors format defines (its ``Dtype`` enum, safetensors 0.8) and the torch
 # dtype that holds it; None where torch has none (the 6-bit floats). A name outside this table is
@@ -53,6 +65,49 @@ _ST_PACKED = {"F4": 2}  # values per byte (per torch element) of the sub-byte dt
 # the header's __metadata__ (a JSON object alias -> stored key), so the loader gives them the same
 # tensor again. Other readers see only the stored key.
 ALIASES_METADATA = "fastinfer.aliases"
+
+
+class DuplicateKey(ValueError):
+    """A key twice in one object of the header JSON (raised by :func:`no_duplicate_keys`)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(f"duplicate keys {keys!r}")
+        self.keys = keys
+
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads``: a key twice in one object is refused.
+
+    ``json.loads`` keeps the last value silently, so a header naming a tensor twice would load
+    whichever entry came last; the safetensors library refuses a repeated field."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        counts = Counter(k for k, _ in pairs)
+        raise DuplicateKey(sorted(k for k, n in counts.items() if n > 1))
+    return out
+
+
+def metadata(path: Path, value: Any) -> dict[str, str]:
+    """The header's ``__metadata__``, validated as the safetensors library does: absent or null,
+    or a JSON object whose values are all strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(
+            f"safetensors file {str(path)!r} is corrupt: its __metadata__ is a JSON "
+            f"{type(value).__name__}, not an object of strings (the safetensors library refuses "
+            "it too); re-save it"
+        )
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in value.items() if not isinstance(v, str)]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise CheckpointError(
+            f"safetensors file {str(path)!r} is corrupt: its __metadata__ has {len(bad)} "
+            f"value{'s' if len(bad) > 1 else ''} that {'are' if len(bad) > 1 else 'is'} not a "
+            f"string ({shown}); the format allows only string values (the safetensors library "
+            "refuses the file too). Fix: re-save it with string metadata (json.dumps the values)"
+        )
+    return value
 
 
 def aliases(path: Path, metadata: Any) -> dict[str, str]:
@@ -150,18 +205,36 @@ def entry(path: Path, key: str, info: Any) -> Spec:
     return key, dtype, list(shape), begin, end
 
 
-def refuse_overlaps(path: Path, specs: list[Spec]) -> None:
-    """Two tensors sharing bytes would alias each other; the safetensors library refuses it too."""
-    prev: Spec | None = None
-    for spec in sorted((s for s in specs if s[4] > s[3]), key=lambda s: (s[3], s[4])):
-        if prev is not None and spec[3] < prev[4]:
+def check_layout(path: Path, specs: list[Spec]) -> int:
+    """Tensors must cover the data contiguously from byte 0, as the safetensors library requires:
+    two tensors sharing bytes would alias each other, and bytes no tensor covers (a hole before
+    or between tensors) mean the offsets are wrong. Returns where the data ends (bytes after the
+    header)."""
+    pos, prev = 0, None
+    # The library's order: by (begin, end), so a zero-size tensor sits where its offsets put it.
+    for spec in sorted(specs, key=lambda s: (s[3], s[4])):
+        key, _, _, begin, end = spec
+        if begin < pos and prev is not None:
             raise CheckpointError(
                 f"safetensors file {str(path)!r} is corrupt: tensors {prev[0]!r} (bytes "
-                f"{prev[3]}-{prev[4]}) and {spec[0]!r} (bytes {spec[3]}-{spec[4]}) overlap, so "
+                f"{prev[3]}-{prev[4]}) and {key!r} (bytes {begin}-{end}) overlap, so "
                 "they would alias each other; re-save the checkpoint (fastinfer.save_weights or "
                 "safetensors.torch.save_file)"
             )
-        prev = spec
+        if begin > pos:
+            where = (
+                f"after tensor {prev[0]!r} (bytes {prev[3]}-{prev[4]})"
+                if prev is not None
+                else "before the first tensor (the data must start at byte 0)"
+            )
+            raise CheckpointError(
+                f"safetensors file {str(path)!r} is corrupt: data bytes {pos}-{begin} belong to "
+                f"no tensor: a hole {where}, before tensor {key!r} (bytes {begin}-{end}). The "
+                "format requires the tensors to cover the data contiguously, without holes (the "
+                "safetensors library refuses the file too); re-save or re-download it"
+            )
+        pos, prev = end, spec
+    return pos
 
 
 def contiguous_stride(shape: list[int]) -> list[int]:
