@@ -10,6 +10,14 @@ the share of time spent in tiny ops, and a hint when the model is launch-bound (
 kernels: compile it). ``FASTINFER_PROFILE=1`` turns :func:`maybe_profile` blocks on in a running
 service without code changes (``FASTINFER_PROFILE=0`` turns explicit ``profile()`` blocks off);
 traces go to ``FASTINFER_PROFILE_DIR`` (default ``./fastinfer-traces``).
+
+torch's profiler runs one session per process, and a second one started while another runs
+crashes the process (SIGSEGV). So one ``profile()`` block runs at a time: a block nested in an
+active one in the same thread (or inside a ``torch.profiler.profile`` of this thread) is a no-op
+whose ops the outer profile records (``Profile.skipped`` says why; logged once per outer block),
+and a block started while another thread's block runs raises :class:`ConfigError`. A trace that
+cannot be written (folder not writable, a file in its place, disk full) leaves
+``summary.trace_path`` None and the reason in ``summary.trace_error``; the summary is kept.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ class ProfileSummary:
     launch_bound: bool
     hint: str | None
     trace_path: str | None
+    trace_error: str | None = None  # why no trace was written (None when written or not asked)
 
     def __str__(self) -> str:
         lines = [
@@ -94,6 +103,8 @@ class ProfileSummary:
             lines.append(
                 f"trace: {self.trace_path} (open in https://ui.perfetto.dev or chrome://tracing)"
             )
+        elif self.trace_error:
+            lines.append(f"trace: not written ({self.trace_error})")
         return "\n".join(lines)
 
 
@@ -106,6 +117,7 @@ def summarize(
     tiny_op_us: float = 10.0,
     launch_bound_calls: int = 64,
     trace_path: str | None = None,
+    trace_error: str | None = None,
 ) -> ProfileSummary:
     """Build a :class:`ProfileSummary` from a finished ``torch.profiler.profile``."""
     from torch.autograd import DeviceType
@@ -162,11 +174,24 @@ def summarize(
         launch_bound=launch_bound,
         hint=hint,
         trace_path=trace_path,
+        trace_error=trace_error,
     )
 
 
+# torch's profiler is one session per process: at most one Profile runs at a time (see the module
+# docstring). Set under _active_lock before the session starts, cleared once its report is done.
+_active_lock = threading.Lock()
+_active: Profile | None = None
+_active_thread: int | None = None
+_raw_nested_logged = False  # a profile() inside a plain torch.profiler session: logged once
+
+
 class Profile:
-    """The handle returned by :func:`profile`; ``summary`` is set when the block exits."""
+    """The handle returned by :func:`profile`; ``summary`` is set when the block exits.
+
+    ``skipped`` says why a block that was enabled took no profile of its own (it ran nested in
+    another profile of the same thread, which recorded its ops); None otherwise.
+    """
 
     def __init__(
         self,
@@ -193,28 +218,103 @@ class Profile:
         self.enabled = enabled
         self.cuda = cuda
         self.summary: ProfileSummary | None = None
+        self.skipped: str | None = None
         self._prof: Any = None
+        self._annotation: Any = None  # the record_function range of a nested (no-op) block
+        self._nested_logged = False
         self._t0 = 0.0
 
     def __enter__(self) -> Profile:
         if not self.enabled:
             return self
+        global _active, _active_thread
         import torch
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        use_cuda = torch.cuda.is_available() if self.cuda is None else self.cuda
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
-        self._prof = torch_profile(activities=activities, record_shapes=self.record_shapes)
-        self._prof.__enter__()
-        if use_cuda:
-            torch.cuda.synchronize()
+        me = threading.get_ident()
+        in_torch_profiler = getattr(torch.autograd, "_profiler_enabled", lambda: False)()
+        with _active_lock:
+            outer, thread = _active, _active_thread
+            if outer is self or self._annotation is not None:
+                raise ConfigError(
+                    f"fastinfer.profile({self.name!r}) is already running: a Profile is entered "
+                    "once at a time. Fix: create a new fastinfer.profile(...) for another block"
+                )
+            if outer is not None and thread != me:
+                raise ConfigError(
+                    f"fastinfer.profile({self.name!r}) cannot start: profile block "
+                    f"{outer.name!r} is running in thread {_thread_name(thread)}, and torch's "
+                    "profiler runs one session per process (a second one crashes the process). "
+                    "Fix: profile one block at a time (wait for the other block to finish, or "
+                    "profile from one thread only)"
+                )
+            self.skipped = None
+            nested = outer is not None or in_torch_profiler
+            if not nested:
+                _active, _active_thread = self, me
+        if nested:
+            self._skip(outer)
+            return self
+        try:
+            use_cuda = torch.cuda.is_available() if self.cuda is None else self.cuda
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
+            self._prof = torch_profile(activities=activities, record_shapes=self.record_shapes)
+            self._prof.__enter__()
+            if use_cuda:
+                torch.cuda.synchronize()
+        except BaseException:
+            self._prof = None
+            _release(self)
+            raise
         self._t0 = time.perf_counter()
         return self
 
+    def _skip(self, outer: Profile | None) -> None:
+        """Run this block as a no-op inside the profile already running in this thread: its ops
+        are recorded there, under a range named after this block."""
+        global _raw_nested_logged
+        from torch.profiler import record_function
+
+        if outer is not None:
+            self.skipped = (
+                f"nested in the running profile block {outer.name!r}, which records its ops "
+                f"(under the range {self.name!r})"
+            )
+            first, outer._nested_logged = not outer._nested_logged, True
+            once = "once per outer block"
+        else:
+            self.skipped = (
+                "a torch.profiler session is already running in this thread; it records this "
+                f"block's ops (under the range {self.name!r})"
+            )
+            first, _raw_nested_logged = not _raw_nested_logged, True
+            once = "once per process"
+        if first:
+            logger.warning(
+                "fastinfer.profile(%r) took no profile of its own: %s. torch's profiler runs one "
+                "session per process; profile the outer block (or take the inner block out of "
+                "it) to get a separate summary (logged %s)",
+                self.name,
+                self.skipped,
+                once,
+            )
+        self._annotation = record_function(self.name)
+        self._annotation.__enter__()
+
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._annotation is not None:  # a nested block: nothing of its own to report
+            annotation, self._annotation = self._annotation, None
+            annotation.__exit__(exc_type, *exc)
+            return
         if self._prof is None:
             return
+        try:
+            self._finish(exc_type, *exc)
+        finally:
+            _release(self)
+
+    def _finish(self, exc_type: object, *exc: object) -> None:
         import torch
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -224,14 +324,9 @@ class Profile:
         prof.__exit__(exc_type, *exc)
         if exc_type is not None:
             return  # the block failed: keep its exception, skip the report
-        trace = None
+        trace = error = None
         if self.trace_dir is not False:
-            folder = Path(self.trace_dir or _env.get("FASTINFER_PROFILE_DIR") or "fastinfer-traces")
-            folder.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = folder / f"{self.name}-{stamp}-{os.getpid()}-{next(_COUNTER)}.json"
-            prof.export_chrome_trace(str(path))
-            trace = str(path)
+            trace, error = self._write_trace(prof)
         self.summary = summarize(
             prof,
             steps=self.steps,
@@ -240,9 +335,71 @@ class Profile:
             tiny_op_us=self.tiny_op_us,
             launch_bound_calls=self.launch_bound_calls,
             trace_path=trace,
+            trace_error=error,
         )
         if self.print_summary:
             print(self.summary, flush=True)
+
+    def _write_trace(self, prof: Any) -> tuple[str | None, str | None]:
+        """Write the Chrome trace: (its path, None), or (None, why) when it could not be written.
+
+        Never raises: the summary is worth keeping without its trace. torch's exporter writes
+        ``<path>.tmp`` and renames it, and on a full disk it fails silently, leaving the temp file
+        and no trace; so the file is checked, and whatever a failed write left is removed.
+        """
+        folder = Path(self.trace_dir or _env.get("FASTINFER_PROFILE_DIR") or "fastinfer-traces")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = folder / f"{self.name}-{stamp}-{os.getpid()}-{next(_COUNTER)}.json"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(path))
+            if not _complete(path):
+                raise OSError(
+                    f"torch's exporter left no complete {path.name} (is the folder writable, "
+                    "is the disk full?)"
+                )
+        except Exception as e:
+            for leftover in (path, path.with_name(path.name + ".tmp")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            why = f"{type(e).__name__}: {e}"
+            logger.warning(
+                "fastinfer.profile(%r): could not write the trace to folder %s (%s); the summary "
+                "is kept, with trace_path=None. Fix: point FASTINFER_PROFILE_DIR (or "
+                "profile(trace_dir=...)) at a writable folder with free space, or pass "
+                "trace_dir=False to write no trace",
+                self.name,
+                str(folder),
+                why,
+            )
+            return None, why
+        return str(path), None
+
+
+def _complete(path: Path) -> bool:
+    """Whether ``path`` holds a whole trace: a JSON object ends with ``}`` (a write cut short
+    by a full disk does not)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 256))
+            return f.read().rstrip().endswith(b"}")
+    except OSError:
+        return False
+
+
+def _release(prof: Profile) -> None:
+    global _active, _active_thread
+    with _active_lock:
+        if _active is prof:
+            _active, _active_thread = None, None
+
+
+def _thread_name(ident: int | None) -> str:
+    for t in threading.enumerate():
+        if t.ident == ident:
+            return repr(t.name)
+    return str(ident)
 
 
 _COUNTER = iter(range(1, 1 << 62))
@@ -275,6 +432,11 @@ def profile(
         cuda: profile CUDA kernels too (default: when CUDA is available).
 
     Returns a :class:`Profile` whose ``summary`` (:class:`ProfileSummary`) is set on exit.
+
+    Raises ConfigError for bad arguments, when ``FASTINFER_PROFILE`` is not a boolean, and on
+    entering the block while another thread's profile block runs (one runs at a time). A block
+    nested in a running profile of the same thread is a no-op (``Profile.skipped``). A trace that
+    cannot be written is logged and left out (``summary.trace_error``); the summary is kept.
 
         with fastinfer.profile(steps=10) as prof:
             for _ in range(10):
@@ -317,6 +479,7 @@ class _Window:
 
 _windows: dict[str, _Window] = {}
 _windows_lock = threading.Lock()
+_env_errors_logged: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -325,13 +488,22 @@ def maybe_profile(name: str = "serve", *, warmup: int = 3, steps: int = 10) -> I
 
     When it is, calls ``warmup+1 .. warmup+steps`` made under ``name`` (from the thread that made
     call ``warmup+1``) are profiled together, once per process; the trace is written and the summary
-    logged (WARNING, so it shows without logging set up). Later calls run unprofiled.
+    logged (WARNING, so it shows without logging set up). Later calls run unprofiled. A value of
+    ``FASTINFER_PROFILE`` that is not a boolean is logged once (ERROR) and the calls run
+    unprofiled: profiling never breaks the service it observes.
 
         def handle(x):
             with maybe_profile("serve"):
                 return model(x)
     """
-    if _env.flag("FASTINFER_PROFILE") is not True:
+    try:
+        wanted = _env.flag("FASTINFER_PROFILE")
+    except ConfigError as e:  # a typo must not break the service it would observe: log it once
+        if str(e) not in _env_errors_logged:
+            _env_errors_logged.add(str(e))
+            logger.error("maybe_profile(%r) runs unprofiled: %s", name, e)
+        wanted = None
+    if wanted is not True:
         yield
         return
     ident = threading.get_ident()
@@ -371,7 +543,14 @@ def maybe_profile(name: str = "serve", *, warmup: int = 3, steps: int = 10) -> I
             try:
                 w.profile.__exit__(None, None, None)
                 w.summary = w.profile.summary
-                logger.warning("FASTINFER_PROFILE window %r finished:\n%s", name, w.summary)
+                if w.summary is None:
+                    logger.warning(
+                        "FASTINFER_PROFILE window %r took no profile of its own: %s",
+                        name,
+                        w.profile.skipped,
+                    )
+                else:
+                    logger.warning("FASTINFER_PROFILE window %r finished:\n%s", name, w.summary)
             except Exception:
                 logger.exception("FASTINFER_PROFILE: could not finish the profile of %r", name)
 

@@ -7,6 +7,11 @@ and one that is not exportable is left out of that scrape, logged once and count
 (``RecorderStatistics.series_dropped``); every other series is exported. Values are validated
 where they enter (see ``_series``), so this is the guard for what got past that: a subclass, a
 bug, a value written around the public methods.
+
+Names: :meth:`PrometheusCollector.describe` returns the recorder's families (without samples), so
+a registry's own duplicate check covers them when the collector is registered; for metrics created
+afterwards, :func:`check_registries` and :func:`claim_names` do the same check against, and hold
+the names in, the registries that ``MetricsRecorder.register()`` registered on.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from fastinfer.metrics._snapshot import MetricSnapshot, SeriesSnapshot, metric_s
 if TYPE_CHECKING:
     from fastinfer.metrics._recorder import MetricsRecorder
 
-__all__ = ["PrometheusCollector"]
+__all__ = ["DUPLICATES", "PrometheusCollector", "ScrapeOnly", "check_registries", "claim_names"]
 
 logger = logging.getLogger("fastinfer.metrics")
 
@@ -74,7 +79,9 @@ class PrometheusCollector:
         self._recorder = recorder
 
     def describe(self) -> list[Any]:
-        return []  # metrics are created at run time; skip the registry's up-front name check
+        """The recorder's metric families, without samples: a registry checks their names
+        against its other collectors' when this collector is registered."""
+        return [_empty_family(m) for m in list(self._recorder._metrics.values())]
 
     def collect(self) -> Iterator[Any]:
         rec = self._recorder
@@ -93,25 +100,11 @@ class PrometheusCollector:
             yield family
 
     def _family(self, snap: MetricSnapshot) -> Any:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
         from prometheus_client.utils import floatToGoString
 
         names = list(snap.label_names)
-        unit = snap.unit if snap.unit and snap.name.endswith("_" + snap.unit) else ""
-        help = snap.help
-        if not help.isascii():  # checked when created; never let it fail a scrape
-            help = help.encode("utf-8", "backslashreplace").decode("utf-8")
-        fam: Any
-        if snap.kind == "counter":
-            fam = CounterMetricFamily(snap.name, help, labels=names)
-        elif snap.kind == "gauge":
-            fam = GaugeMetricFamily(snap.name, help, labels=names, unit=unit)
-        else:
-            fam = HistogramMetricFamily(snap.name, help, labels=names, unit=unit)
+        fam = _new_family(snap.kind, snap.name, snap.help, names, snap.unit)
+        if snap.kind == "histogram":
             export = snap.export_buckets
             idx = (
                 range(len(snap.buckets))
@@ -150,3 +143,95 @@ class PrometheusCollector:
                 shown,
                 why,
             )
+
+
+def _new_family(kind: str, name: str, help: str, label_names: list[str], unit: str) -> Any:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    unit = unit if unit and name.endswith("_" + unit) else ""
+    if not help.isascii():  # checked when created; never let it fail a scrape
+        help = help.encode("utf-8", "backslashreplace").decode("utf-8")
+    if kind == "counter":
+        return CounterMetricFamily(name, help, labels=label_names)
+    if kind == "gauge":
+        return GaugeMetricFamily(name, help, labels=label_names, unit=unit)
+    return HistogramMetricFamily(name, help, labels=label_names, unit=unit)
+
+
+def _empty_family(metric: Any) -> Any:
+    return _new_family(metric.kind, metric.name, metric.help, list(metric.label_names), metric.unit)
+
+
+class ScrapeOnly:
+    """A collector with no ``describe()``: for a registry of its own (``exposition()``), where
+    there is nothing to check names against."""
+
+    def __init__(self, collector: PrometheusCollector) -> None:
+        self.collect = collector.collect
+
+
+# What prometheus_client's CollectorRegistry.register() raises on a clash starts with this.
+DUPLICATES = "Duplicated timeseries"
+
+
+def _registry_state(registry: Any) -> tuple[Any, dict[str, Any], dict[Any, list[str]]] | None:
+    """A prometheus_client CollectorRegistry's lock and name tables (None for another kind of
+    registry: such a registry checks names only when a collector is registered)."""
+    lock = getattr(registry, "_lock", None)
+    names = getattr(registry, "_names_to_collectors", None)
+    collectors = getattr(registry, "_collector_to_names", None)
+    if lock is None or not isinstance(names, dict) or not isinstance(collectors, dict):
+        return None
+    return lock, names, collectors
+
+
+def check_registries(registrations: list[tuple[Any, Any]], metric: str, samples: list[str]) -> None:
+    """MetricNameError when a sample name of new metric ``metric`` is exposed by another
+    collector of a registry this recorder is registered on."""
+    for registry, collector in registrations:
+        state = _registry_state(registry)
+        if state is None:
+            continue
+        lock, names, collectors = state
+        with lock:
+            if collector not in collectors:
+                continue  # unregistered since
+            for s in samples:
+                owner = names.get(s)
+                if owner is not None and owner is not collector:
+                    from fastinfer.errors import MetricNameError
+
+                    raise MetricNameError(
+                        f"metric {metric!r} would expose {s!r}, which another collector "
+                        f"({type(owner).__module__}.{type(owner).__qualname__}) of a "
+                        "prometheus_client registry this recorder "
+                        "is registered on already exposes; Prometheus would get the same series "
+                        f"twice. Fix: rename the metric (for example 'myapp_{metric}')"
+                    )
+
+
+def claim_names(registrations: list[tuple[Any, Any]], samples: list[str]) -> None:
+    """Hold ``samples`` for this recorder's collector in each registry it is registered on (so a
+    clashing collector registered later is refused there). Never raises: call
+    :func:`check_registries` first. Registrations whose collector was unregistered are dropped."""
+    alive = []
+    for registry, collector in registrations:
+        state = _registry_state(registry)
+        if state is None:
+            alive.append((registry, collector))
+            continue
+        lock, names, collectors = state
+        with lock:
+            held = collectors.get(collector)
+            if held is None:
+                continue
+            for s in samples:
+                if s not in names:
+                    names[s] = collector
+                    held.append(s)
+        alive.append((registry, collector))
+    registrations[:] = alive

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from fastinfer._common.export import counter, gauge
 from fastinfer._optional import require
-from fastinfer.errors import ConfigError
+from fastinfer.errors import ConfigError, MetricNameError
 from fastinfer.metrics._merge import Merging, watch_forks
 from fastinfer.metrics._snapshot import MetricSnapshot, MetricsSnapshot, metric_snapshot
 from fastinfer.metrics._tracking import Tracking
@@ -84,6 +84,7 @@ class MetricsRecorder(Merging, Tracking):
         self._refused = 0
         self._series_dropped = 0
         self._drops_logged = set()
+        self._registrations = []
         watch_forks(self)  # a forked child ships its own deltas, as a new source
 
     # -- snapshots ------------------------------------------------------------------------
@@ -107,17 +108,47 @@ class MetricsRecorder(Merging, Tracking):
         return PrometheusCollector(self)
 
     def register(self, registry: Any = None) -> Any:
-        """Register :meth:`collector` on ``registry`` (prometheus_client's global one by default)."""
+        """Register :meth:`collector` on ``registry`` (prometheus_client's global one by default).
+
+        Raises :class:`MetricNameError` when a metric of this recorder exposes a sample name that
+        another collector of ``registry`` exposes (prometheus_client's process, platform and gc
+        collectors in the global registry, or your own prometheus_client metrics); nothing is
+        registered then. A metric created later is checked against the registry when it is
+        created, and its names are held there, so a clashing collector registered later is
+        refused by prometheus_client.
+        """
         prom = require("prometheus_client", purpose="Prometheus export")
+        from fastinfer.metrics._prometheus import DUPLICATES
+
+        if registry is None:
+            registry = prom.REGISTRY
         collector = self.collector()
-        (registry if registry is not None else prom.REGISTRY).register(collector)
+        with self._lock:  # no metric is created between describe() and holding the registry
+            try:
+                registry.register(collector)
+            except ValueError as e:
+                if not str(e).startswith(DUPLICATES):
+                    raise
+                clash = sorted(getattr(e, "duplicates", ()) or ())
+                mine = sorted({self._sample_names.get(s, s) for s in clash})
+                raise MetricNameError(
+                    f"cannot register this MetricsRecorder: its metric(s) {mine} expose sample "
+                    f"name(s) {clash} that another collector of the registry already exposes "
+                    "(prometheus_client's default process/platform/gc collectors, or a "
+                    "prometheus_client metric of yours); Prometheus would get the same series "
+                    "twice. Fix: rename the recorder's metric (for example with your app's prefix, "
+                    f"'myapp_{mine[0] if mine else 'name'}')"
+                ) from None
+            self._registrations.append((registry, collector))
         return collector
 
     def exposition(self, *, openmetrics: bool = False) -> str:
         """This recorder's metrics in the Prometheus text format (rendered by prometheus_client)."""
         prom = require("prometheus_client", purpose="Prometheus export")
+        from fastinfer.metrics._prometheus import ScrapeOnly
+
         registry = prom.CollectorRegistry(auto_describe=False)
-        registry.register(self.collector())
+        registry.register(ScrapeOnly(self.collector()))  # a registry of its own: nothing to check
         if openmetrics:
             from prometheus_client.openmetrics.exposition import generate_latest as om_latest
 

@@ -37,6 +37,7 @@ class MetricRegistry:
     _lock: threading.RLock
     _merge_lock: threading.Lock
     _series_dropped: int  # series left out of a scrape (see _prometheus)
+    _registrations: list[tuple[Any, Any]]  # (prometheus registry, our collector) from register()
     _drops_logged: set[tuple[str, str]]
 
     def _refresh_tracked(self) -> None:  # Tracking's: read tracked objects before any read
@@ -71,19 +72,32 @@ class MetricRegistry:
         return [name]
 
     def _check_samples(self, metric: Metric) -> None:
-        """MetricNameError when ``metric`` would expose a sample name another metric exposes."""
-        for s in self._samples(metric):
+        """MetricNameError when ``metric`` would expose a sample name another metric exposes, in
+        this recorder or in a prometheus_client registry it was registered on with register()."""
+        samples = self._samples(metric)
+        for s in samples:
             owner = self._sample_names.get(s)
             if owner is not None and owner != metric.name:
                 raise MetricNameError(
                     f"metric {metric.name!r} would expose {s!r}, which metric {owner!r} already "
                     "exposes; rename one of them"
                 )
+        if self._registrations:
+            from fastinfer.metrics._prometheus import check_registries
+
+            check_registries(self._registrations, metric.name, samples)
 
     def _reserve(self, metric: Metric) -> None:
+        """Check ``metric``'s sample names, then hold them (here and in the registries this
+        recorder is registered on, so that a collector registered there later cannot clash)."""
         self._check_samples(metric)
-        for s in self._samples(metric):
+        samples = self._samples(metric)
+        for s in samples:
             self._sample_names[s] = metric.name
+        if self._registrations:
+            from fastinfer.metrics._prometheus import claim_names
+
+            claim_names(self._registrations, samples)
 
     def _common(
         self, name: str, labels: Iterable[str], kind: str, help: object = ""
