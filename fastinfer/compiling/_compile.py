@@ -19,14 +19,18 @@ from fastinfer._common.export import counter, gauge, not_exported
 from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._cache_files import call_repairing
 from fastinfer.compiling._freezing import freezing_config, freezing_mode
-from fastinfer.compiling._guards import batch_specialisation, recompile_message
+from fastinfer.compiling._guards import batch_specialisation, recompile_message, settings
 from fastinfer.compiling._inputs import (
+    CallBinder,
     Inputs,
     batch_of,
+    batched_keys,
     check_batch_sizes,
     cpu_inputs,
     inputs_for,
+    non_batch_hint,
     normal_inputs,
+    split,
     tensors,
 )
 from fastinfer.compiling._manifest import cache_counters, compiler_path
@@ -42,7 +46,15 @@ from fastinfer.compiling._verify import (
 )
 from fastinfer.errors import CompileError, ConfigError, RecompileError, VerificationError
 
-__all__ = ["CompileStatistics", "CompiledModel", "compile_model", "new_stats", "resolve_cache"]
+__all__ = [
+    "CompileStatistics",
+    "CompiledModel",
+    "compile_model",
+    "eager_inputs",
+    "new_stats",
+    "refuse_training",
+    "resolve_cache",
+]
 
 logger = logging.getLogger("fastinfer.compiling")
 
@@ -86,7 +98,9 @@ class CompiledModel:
     copied to normal tensors, tensors that require grad are detached. For a compiled backend the
     call runs under ``torch.compiler.set_stance("fail_on_recompile")`` (or ``"eager_on_recompile"``).
     The stance is process-wide while a call runs, so do not warm up another model in a second
-    thread while this one serves.
+    thread while this one serves. With ``binder`` (compile_model's), a call's arguments are bound
+    to the model's signature and passed as they were at warm-up (positionally or by keyword), so
+    ``cm(ids, attention_mask=m)`` runs the graphs warmed with ``cm(input_ids=ids, ...)``.
     """
 
     def __init__(
@@ -97,11 +111,15 @@ class CompiledModel:
         stats: dict[str, Any],
         on_recompile: str,
         uses_dynamo: bool,
+        binder: CallBinder | None = None,
     ) -> None:
         self.model = model
         self.compiled = compiled
         self._stats = stats
         self._uses_dynamo = uses_dynamo
+        self._binder = binder
+        # dynamo guards on these (thread count, autocast...): named only when they changed
+        self._settings = settings()
         self._lock = threading.Lock()
         self.on_recompile = on_recompile
 
@@ -125,6 +143,9 @@ class CompiledModel:
             with torch.inference_mode():
                 return self.compiled(*args, **kwargs)
         args, kwargs = normal_inputs(args), normal_inputs(kwargs)
+        note = None
+        if self._binder is not None:
+            args, kwargs, note = self._binder.prepare(args, kwargs)
         stance = "fail_on_recompile" if self._on_recompile == "error" else "eager_on_recompile"
         try:
             with torch.inference_mode(), torch.compiler.set_stance(stance):
@@ -136,7 +157,14 @@ class CompiledModel:
                 self._stats["recompiles_refused"] += 1
             shapes = [tuple(t.shape) for t in tensors(args, kwargs)]
             warmed = self._stats["warmed_batch_sizes"]
-            raise RecompileError(recompile_message(str(exc), shapes, warmed)) from exc
+            text = recompile_message(
+                str(exc),
+                shapes,
+                warmed,
+                compiled=self._settings,
+                call=note,
+            )
+            raise RecompileError(text) from exc
 
     forward = __call__
 
@@ -168,6 +196,31 @@ def _quiet_guard_errors(active: bool) -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+def refuse_training(model: Any, what: str) -> None:
+    """Raise :class:`ConfigError` for a module in training mode: dropout makes eager's outputs
+    random, so no compiled or exported candidate could be verified against them."""
+    if isinstance(model, nn.Module) and model.training:
+        raise ConfigError(f"model is in training mode: call model.eval() before {what}")
+
+
+def eager_inputs(
+    model: Callable[..., Any],
+    example_inputs: Inputs,
+    sizes: tuple[int, ...],
+    seconds: dict[int, float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[dict[int, tuple[tuple[Any, ...], dict[str, Any]]], dict[int, Any], tuple[str, ...]]:
+    """:func:`eager_reference`, its ConfigError for inputs the model fails on naming a tensor
+    that was resized only because its leading dimension equals the batch size."""
+    try:
+        return eager_reference(model, example_inputs, sizes, seconds, clock)
+    except ConfigError as exc:
+        hint = non_batch_hint(example_inputs)
+        if not hint:
+            raise
+        raise ConfigError(f"{exc}{hint}") from exc.__cause__
 
 
 def resolve_cache(cache: InductorCache | None, backend: Any) -> InductorCache | None:
@@ -274,8 +327,7 @@ def compile_model(
     if mode is not None and options is not None:
         raise ConfigError("pass either mode or options, not both")
     sizes = check_batch_sizes((1, *batch_sizes))
-    if isinstance(model, nn.Module) and model.training:
-        raise ConfigError("model is in training mode: call model.eval() before compile_model")
+    refuse_training(model, "compile_model")
     backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
     # A model swap_attention_ marked as not worth compiling: refused before any work.
     refused = swap_refusal(model, f"compiling with {backend_name!r}")
@@ -286,7 +338,7 @@ def compile_model(
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
     frozen = freezing_mode(freezing, backend_name, cpu_inputs(args0, kwargs0), options)
     stats = new_stats(backend_name, mode, warmed_batch_sizes=sizes, freezing=frozen)
-    batches, expected, opaque = eager_reference(model, example_inputs, sizes)
+    batches, expected, opaque = eager_inputs(model, example_inputs, sizes)
     stats["opaque_fused_ops"] = opaque
     if opaque:
         log_once(
@@ -322,13 +374,18 @@ def compile_model(
     if "recompile_limit" in inspect.signature(torch_compile).parameters:  # torch >= 2.12
         per_model = {"recompile_limit": limit, "isolate_recompiles": True}
 
-    def compile_with(dyn: bool | None) -> Any:
+    def compile_with(dyn: bool) -> Any:
+        # dynamic=False, never None: with None, dynamo makes a dimension dynamic on its own
+        # ("automatic dynamic") once its per-code-object record saw it change, and that record is
+        # shared by every compile of the code (two compile_model calls on one module, even other
+        # modules): a static compile could serve unwarmed sizes from a dynamic graph. The batch
+        # dimension is marked dynamic explicitly instead (mark_dynamic works with False).
         return torch_compile(
             model, backend=backend, mode=mode, options=options, dynamic=dyn, **per_model
         )
 
     try:
-        compiled = compile_with(False if dynamic is False else (True if dynamic else None))
+        compiled = compile_with(bool(dynamic))
     except Exception as exc:  # bad backend name, unsupported Python...
         return give_up(explain(exc), exc)
 
@@ -341,13 +398,14 @@ def compile_model(
         stats["batch_dim_reason"] = _static_reason(sizes)
 
     first_graphs: list[int | None] = [None]  # graphs made by the first call (not recompiles)
+    batched = batched_keys(example_inputs)  # tensors passed as is (no batch dim) stay static
 
     def warm_up(fn: Any, mark: bool) -> None:
         for b in order:
             args, kwargs = batches[b]
             if mark and b >= 2:
-                for t in tensors(args, kwargs):
-                    if t.dim() > 0:
+                for key, t in [*enumerate(args), *kwargs.items()]:
+                    if key in batched and isinstance(t, torch.Tensor) and t.dim() > 0:
                         _torch_compat.mark_dynamic(t, 0, min=2, max=max(sizes))
             with torch.inference_mode():
                 out = call_repairing(cache, fn, *args, **kwargs)
@@ -408,7 +466,15 @@ def compile_model(
             c1[1] - c0[1],
             c1[2] - c0[2],
         )
-    result = CompiledModel(model, compiled, stats=stats, on_recompile="error", uses_dynamo=True)
+    binder = CallBinder(model, *split(example_inputs))
+    result = CompiledModel(
+        model,
+        compiled,
+        stats=stats,
+        on_recompile="error",
+        uses_dynamo=True,
+        binder=binder,
+    )
     # Prove the warm-up stuck: every warmed size again, with compiling forbidden.
     for b in sizes:
         try:

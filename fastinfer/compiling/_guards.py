@@ -3,17 +3,26 @@
 When a warmed model is called with something its graphs were not traced for, dynamo lists the
 guard that failed for each graph ("triggered by the following guard failure(s): ..."). These
 helpers turn that list into :class:`~fastinfer.errors.RecompileError` messages that name the kind
-of change (shape, dtype, device, grad mode, a Python value) and the fix for it, and recognise the
-constraint violation dynamo raises when the model's code specialises a dimension that was marked
-dynamic.
+of change (shape, dtype, device, grad mode, a Python value, a process-wide torch setting such as
+the thread count or autocast) and the fix for it, and recognise the constraint violation dynamo
+raises when the model's code specialises a dimension that was marked dynamic.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["GuardFailure", "batch_specialisation", "guard_failures", "recompile_message"]
+import torch
+
+__all__ = [
+    "GuardFailure",
+    "batch_specialisation",
+    "guard_failures",
+    "recompile_message",
+    "settings",
+]
 
 _HEADER = "triggered by the following guard failure(s):"
 
@@ -21,7 +30,7 @@ _HEADER = "triggered by the following guard failure(s):"
 _KINDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     (
         "grad mode",
-        ("dispatch key set mismatch", "requires_grad mismatch", "grad_mode", "global_state"),
+        ("dispatch key set mismatch", "requires_grad mismatch"),
         "call under torch.no_grad() or torch.inference_mode() with tensors that do not require "
         "grad (CompiledModel normalises inference tensors itself; a tensor that requires grad, or "
         "a tensor subclass, still differs from what was warmed)",
@@ -58,7 +67,146 @@ _VALUE_FIX = (
 )
 
 
+_GLOBAL_STATE = "GLOBAL_STATE changed:"
+_SETTING_FIX = "set it back to its value at compile time, or set it before compile_model"
+_EAGER = "; or pass on_recompile='eager' to run such calls eagerly"
+# Dynamo's global-state guard field -> (kind, fix). Fields dynamo does not document here fall back
+# to a generic "process-wide torch setting" kind naming the field.
+_GLOBAL_FIELDS: dict[str, tuple[str, str]] = {
+    "num_threads": (
+        "thread count",
+        "torch's intra-op thread count differs from the one the model was compiled with, and "
+        "dynamo guards on it (inductor writes its CPU kernels for that count). Set the thread "
+        "count before compile_model and keep it: fastinfer.configure_threads(n) (or "
+        "torch.set_num_threads(n)) at start-up, before compiling; a worker that sizes its own "
+        "threads does so before it compiles (or loads its cache); or set it back with "
+        "torch.set_num_threads(<the count at compile time>)",
+    ),
+    "grad_mode": (
+        "grad mode",
+        "the grad mode around the compiled graph differs from warm-up's; call the "
+        "CompiledModel itself (it runs every call under torch.inference_mode())",
+    ),
+    "default_dtype": (
+        "default dtype",
+        f"torch.set_default_dtype changed since warm-up: {_SETTING_FIX}",
+    ),
+    "deterministic_algorithms": (
+        "deterministic-algorithms setting",
+        f"torch.use_deterministic_algorithms changed since warm-up: {_SETTING_FIX}",
+    ),
+    "allow_tf32": (
+        "matmul precision setting",
+        "torch.backends.cuda.matmul.allow_tf32 / torch.backends.cudnn.allow_tf32 (or "
+        f"torch.set_float32_matmul_precision) changed since warm-up: {_SETTING_FIX}",
+    ),
+    "torch_function": (
+        "torch function mode",
+        "the call runs with torch function handling enabled/disabled otherwise than at warm-up "
+        "(a torch function mode, or torch function disabled, around it): call it as at "
+        "warm-up",
+    ),
+}
+_GLOBAL_FIELDS["deterministic_algorithms_warn_only"] = _GLOBAL_FIELDS["deterministic_algorithms"]
+_GLOBAL_FIELDS["allow_fp16_reduce"] = _GLOBAL_FIELDS["allow_tf32"]
+_GLOBAL_FIELDS["allow_bf16_reduce"] = _GLOBAL_FIELDS["allow_tf32"]
+_GLOBAL_FIELDS["torch_function_all_disabled"] = _GLOBAL_FIELDS["torch_function"]
+_SETTING_KINDS = {k for k, _ in _GLOBAL_FIELDS.values()} - {"grad mode"} | {
+    "autocast state",
+    "process-wide torch setting",
+}
+_AUTOCAST = re.compile(r"autocast\((\w+)\)_(enabled|dtype)")
+
+
+def _autocast_change(device: str, what: str) -> tuple[str, str]:
+    where = f"torch.autocast({device!r})"
+    if what == "dtype":
+        state = f"this call runs under {where} with another dtype than the warm-up"
+    else:
+        try:
+            now = torch.is_autocast_enabled(device)
+        except (RuntimeError, TypeError):  # a device type this torch does not know
+            now = None
+        state = {
+            True: f"this call runs under {where} and the model was warmed up outside it",
+            False: f"the model was warmed up under {where} and this call runs outside it",
+            None: f"{where} is on/off otherwise than at warm-up",
+        }[now]
+    return (
+        "autocast state",
+        f"{state}: call the model inside or outside autocast as it was warmed up, or call "
+        f"compile_model under the same {where} you serve under (the warm-up runs under it)",
+    )
+
+
+def settings() -> dict[str, Any]:
+    """The process-wide settings dynamo's GLOBAL_STATE guard checks that can be read with public
+    torch calls, keyed by the guard's own field names (what :class:`CompiledModel` records at
+    compile time, to tell this model's changed setting from another model's graph)."""
+    now: dict[str, Any] = {
+        "num_threads": torch.get_num_threads(),
+        "default_dtype": torch.get_default_dtype(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_algorithms_warn_only": (
+            torch.is_deterministic_algorithms_warn_only_enabled()
+        ),
+    }
+    for device in ("cpu", "cuda"):
+        try:
+            now[f"autocast({device})_enabled"] = torch.is_autocast_enabled(device)
+            now[f"autocast({device})_dtype"] = torch.get_autocast_dtype(device)
+        except (RuntimeError, TypeError, AttributeError):  # pragma: no cover - older torch
+            pass
+    return now
+
+
+def _global_state_changes(
+    text: str, compiled: Mapping[str, Any] | None = None
+) -> list[tuple[str, str]]:
+    """One (kind, fix) per process-wide setting dynamo's GLOBAL_STATE guard reports changed.
+
+    With ``compiled`` (:func:`settings` at compile time), a field whose value is the same now
+    is left out: the guard belongs to another model's graph, compiled under other settings.
+    """
+    fields = text.split(_GLOBAL_STATE, 1)[1].split()
+    if compiled is not None:
+        now = settings()
+        fields = [f for f in fields if f not in compiled or compiled[f] != now.get(f)]
+        if not fields:
+            return []
+    changes: list[tuple[str, str]] = []
+    for field in fields:
+        autocast = _AUTOCAST.fullmatch(field)
+        if autocast:
+            change = _autocast_change(autocast.group(1), autocast.group(2))
+        elif field.startswith("autocast"):  # autocast_cache_enabled
+            change = (
+                "autocast state",
+                "torch.autocast(cache_enabled=...) differs from warm-up: call as at warm-up",
+            )
+        else:
+            change = _GLOBAL_FIELDS.get(
+                field,
+                (
+                    "process-wide torch setting",
+                    f"the process-wide torch setting {field!r} changed since warm-up: "
+                    f"{_SETTING_FIX}",
+                ),
+            )
+        if change not in changes:
+            changes.append(change)
+    return changes or [("process-wide torch setting", f"a torch setting: {_SETTING_FIX}")]
+
+
 _IDENTITY = re.compile(r"___check_(obj|type)_id\(")
+# A guard on the compiled callable itself: dynamo's wrapper calls it ``fn``. Every module
+# compiled with torch.compile runs through that one wrapper code, so dynamo lists the graphs of
+# every compiled model in the process, and another model's graphs fail on ``fn`` (its identity,
+# ``len(fn._modules)``): not this call's change, when this model's graphs report one.
+_ROOT = re.compile(r"(?<![\w.'\[])fn\b")
+# Dynamo's own note when its recompile-reason analysis disagrees with the runtime guards: not
+# a change of the call, shown but never named as one.
+_NOISE = "Unexpected recompilation"
 _KEY_SETS = re.compile(r"expected DispatchKeySet\(([^)]*)\), actual DispatchKeySet\(([^)]*)\)")
 _DEVICE_FIX = (
     "pass real tensors on the device the model was compiled on (a meta, sparse or other-backend "
@@ -77,21 +225,30 @@ def _backend_changed(text: str) -> bool:
     return any(not k.startswith(grad_keys) for k in expected ^ actual)
 
 
+def _classify(text: str) -> list[tuple[str, str]]:
+    if _GLOBAL_STATE in text:
+        return _global_state_changes(text)
+    if text.startswith(_NOISE):
+        return [("unexplained", "dynamo could not tell which guard failed")]
+    if _backend_changed(text):
+        return [("device", _DEVICE_FIX)]
+    lowered = text.lower()
+    for kind, markers, fix in _KINDS:
+        if any(m in lowered for m in markers):
+            return [(kind, fix)]
+    return [("Python value", _VALUE_FIX)]
+
+
 class GuardFailure:
-    """One failed guard: its kind ("shape", "dtype", "device", "grad mode", "Python value")
-    and dynamo's own text for it."""
+    """One failed guard: its kind ("shape", "dtype", "device", "grad mode", "Python value", a
+    process-wide setting such as "thread count" or "autocast state") and dynamo's own text for
+    it. A global-state guard can report several settings at once: ``changes`` lists each
+    (kind, fix); ``kind`` / ``fix`` are the first."""
 
     def __init__(self, text: str) -> None:
         self.text = text
-        lowered = text.lower()
-        self.kind, self.fix = "Python value", _VALUE_FIX
-        if _backend_changed(text):
-            self.kind, self.fix = "device", _DEVICE_FIX
-            return
-        for kind, markers, fix in _KINDS:
-            if any(m in lowered for m in markers):
-                self.kind, self.fix = kind, fix
-                break
+        self.changes = _classify(text)
+        self.kind, self.fix = self.changes[0]
 
     def __repr__(self) -> str:
         return f"GuardFailure({self.kind!r}, {self.text!r})"
@@ -106,7 +263,7 @@ def guard_failures(message: str) -> list[GuardFailure]:
     if _HEADER not in message:
         return []
     seen: dict[str, GuardFailure] = {}
-    numbered = re.compile(r"^- \d+/\d+: ")
+    numbered = re.compile(r"^- \d+/\d+\S*: ")
     for line in message.split(_HEADER, 1)[1].splitlines():
         line = line.strip()
         if not line.startswith("- "):
@@ -120,37 +277,87 @@ def guard_failures(message: str) -> list[GuardFailure]:
     return list(seen.values())
 
 
+def _other_model(text: str) -> bool:
+    guard = text.split(" # ", 1)[0]  # dynamo appends the source line after " # "
+    return bool(_IDENTITY.match(guard) or _ROOT.search(guard))
+
+
 def recompile_message(
-    message: str, shapes: Sequence[tuple[int, ...]], warmed: Sequence[int]
+    message: str,
+    shapes: Sequence[tuple[int, ...]],
+    warmed: Sequence[int],
+    *,
+    compiled: Mapping[str, Any] | None = None,
+    call: tuple[str, str] | None = None,
 ) -> str:
-    """The :class:`RecompileError` text for dynamo's ``fail_on_recompile`` ``message``."""
+    """The :class:`RecompileError` text for dynamo's ``fail_on_recompile`` ``message``.
+
+    ``compiled``: :func:`settings` at compile time (a setting is named only when it differs from
+    it; the thread count with both values);
+    ``call``: how the call's arguments differ from the warm-up's (``CallBinder.prepare``): a
+    "call style" that could not be bound is the cause (first, with the fix), other "arguments"
+    a detail after the guards' kinds.
+    """
     failures = guard_failures(message)
+    # What each graph's failure says changed: a setting as this model was compiled with is not
+    # a change (another model's graph, compiled under other settings, fails on it).
+    said = {
+        id(f): _global_state_changes(f.text, compiled)
+        if compiled is not None and _GLOBAL_STATE in f.text
+        else f.changes
+        for f in failures
+    }
+    # Another model's graphs (of this class: its module's identity; of another: its structure).
+    # Dynamo's "Unexpected recompilation" note comes from a graph of another isolated compile.
+    mine = [
+        f for f in failures if said[id(f)] and f.kind != "unexplained" and not _other_model(f.text)
+    ]
+    others = len(failures) - len(mine) if mine else 0
+    if not mine:
+        said = {id(f): f.changes for f in failures}
+    failures = mine or failures
     head = (
         f"a call with input shapes {list(shapes)} needs a new compilation, which is forbidden "
         f"after warm-up (warmed batch sizes: {list(warmed)})"
     )
-    if not failures:
+    if not failures and call is None:
         first = message.splitlines()[0] if message else ""
         return (
             f"{head}; dynamo gave no guard failure. Fix: call with inputs like the example "
             f"inputs (shape, dtype, device), or pass on_recompile='eager'.\n{first}"
         )
-    # Graphs cached for another instance of the same class (another model object in the same
-    # process) fail on the identity of their own module/parameters: not this model's change.
-    relevant = [f for f in failures if not _IDENTITY.match(f.text)] or failures
-    kinds = list(dict.fromkeys(f.kind for f in relevant))
-    if len(kinds) > 1 and "shape" in kinds:
+    relevant = [f for f in failures if f.kind != "unexplained"] or failures
+    changes: dict[str, str] = {}
+    for f in relevant:
+        for kind, fix in said[id(f)]:
+            changes.setdefault(kind, fix)
+    if call is not None and call[0] == "call style":
+        # How the arguments arrive explains the guards on them (``not args``, ``len(kwargs)``).
+        rest = {k: v for k, v in changes.items() if k != "Python value"}
+        changes = {call[0]: call[1], **rest}
+    changes.pop("unexplained", None)
+    if len(changes) > 1 and "shape" in changes:
         # Each cached graph reports its own failure: the graphs of the other batch sizes fail on
         # their size, which is not news when something else changed for the graph of this size.
-        kinds.remove("shape")
+        del changes["shape"]
+    if compiled is not None and "thread count" in changes:
+        changes["thread count"] = (
+            f"compiled with {compiled['num_threads']} thread(s), torch.get_num_threads() is now "
+            f"{torch.get_num_threads()}: {changes['thread count']}"
+        )
+    kinds = list(changes) or ["call"]
     lines = [f"{head}: the {' and '.join(kinds)} changed."]
-    for kind in kinds:
-        fix = next(f.fix for f in relevant if f.kind == kind)
-        lines.append(f"  {kind}: fix: {fix}")
+    for kind, fix in changes.items():
+        end = _EAGER if kind in _SETTING_KINDS or kind == "call style" else ""
+        lines.append(f"  {kind}: fix: {fix}{end}")
+    if call is not None and call[0] == "arguments":
+        lines.append(f"  arguments: {call[1]}")
     lines.append("  dynamo's failed guard(s):")
     lines += [f"    - {f.text}" for f in failures[:6]]
     if len(failures) > 6:
         lines.append(f"    ... and {len(failures) - 6} more")
+    if others:
+        lines.append(f"    ({others} failed guard(s) of other compiled models' graphs left out)")
     return "\n".join(lines)
 
 

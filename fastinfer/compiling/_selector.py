@@ -33,9 +33,10 @@ from fastinfer._common.padding import valid_mask
 from fastinfer._common.timing import median, race
 from fastinfer.compiling._builders import BUILDERS, BuildContext, builder_for
 from fastinfer.compiling._cache import InductorCache
+from fastinfer.compiling._compile import eager_inputs, refuse_training
 from fastinfer.compiling._inputs import Inputs, check_batch_sizes, inputs_for, split, tensors
 from fastinfer.compiling._report import BackendReport, CandidateResult, pick_winner
-from fastinfer.compiling._verify import check_close, eager_reference, explain, max_error
+from fastinfer.compiling._verify import check_close, explain, max_error
 from fastinfer.errors import ConfigError, VerificationError
 
 __all__ = [
@@ -176,6 +177,13 @@ def select_backend(
         raise ConfigError(f"repeat must be >= 1, got {repeat!r}")
     named = _parse_candidates(candidates)
     names = [n for n, _ in named]
+    # Dropout on makes eager's reference random: every candidate would be "rejected" for it.
+    refuse_training(model, "select_backend")
+    for n, c in named:
+        if not isinstance(c, str) and isinstance(c, torch.nn.Module) and c.training:
+            raise ConfigError(
+                f"candidate {n!r} is in training mode: call .eval() on it before select_backend"
+            )
 
     key_doc = {
         "model": structure_key(model),
@@ -203,9 +211,7 @@ def select_backend(
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
     on_gpu = any(t.is_cuda for t in tensors(args0, kwargs0))
     reference_seconds: dict[int, float] = {}
-    batches, expected, opaque = eager_reference(
-        model, example_inputs, sizes, reference_seconds, clock
-    )
+    batches, expected, opaque = eager_inputs(model, example_inputs, sizes, reference_seconds, clock)
     deadline = None if budget_seconds is None else started + budget_seconds
 
     built: dict[str, Callable[..., Any]] = {}
