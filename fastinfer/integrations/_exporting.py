@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from fastinfer._common.export import counter, gauge
 from fastinfer.errors import ConfigError
 from fastinfer.metrics import (
     STANDARD_METRICS,
@@ -23,9 +25,24 @@ from fastinfer.metrics import (
     StandardMetrics,
     standard_metrics,
 )
-from fastinfer.metrics._standard import BATCH_EXECUTION, BATCH_SIZE, QUEUE_WAIT, REQUEST_LATENCY
+from fastinfer.metrics._standard import (
+    BATCH_EXECUTION,
+    BATCH_SIZE,
+    QUEUE_WAIT,
+    REQUEST_LATENCY,
+    WORKER_BUSY_RATIO,
+    WORKER_RESTARTS,
+    WORKERS_ALIVE,
+)
 
-__all__ = ["Exported", "Registrations", "labelled_hooks", "track", "unlabelled_metrics"]
+__all__ = [
+    "Exported",
+    "PoolWorkers",
+    "Registrations",
+    "labelled_hooks",
+    "track",
+    "unlabelled_metrics",
+]
 
 
 def _labels_hint(name: str) -> str:
@@ -83,6 +100,38 @@ def track(
     return exported
 
 
+@dataclass(frozen=True)
+class WorkerCounts:
+    """The standard worker metrics of one pool (a :class:`PoolWorkers` snapshot)."""
+
+    workers_alive: int = gauge(standard=WORKERS_ALIVE)
+    worker_restarts_total: int = counter(standard=WORKER_RESTARTS)
+    busy_ratio_per_worker: dict[int, float] = gauge(
+        standard=WORKER_BUSY_RATIO, key_label="worker", default_factory=dict
+    )
+
+
+class PoolWorkers:
+    """A pool's worker counts as their standard metrics (``fastinfer_workers_alive``,
+    ``fastinfer_worker_restarts_total``, ``fastinfer_worker_busy_ratio{worker}``, what the
+    dashboards plot). ``serve_model`` manages its pool with ``standard=False`` (its queue depth
+    and request counts would double the batcher's), so these are tracked apart."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def statistics(self) -> WorkerCounts:
+        s = self.pool.statistics()
+        return WorkerCounts(
+            workers_alive=s.workers_alive,
+            worker_restarts_total=s.worker_restarts_total,
+            busy_ratio_per_worker=dict(s.busy_ratio_per_worker),
+        )
+
+    def __repr__(self) -> str:
+        return f"<worker metrics of {self.pool!r}>"
+
+
 def labelled_hooks(recorder: MetricsRecorder, labels: Mapping[str, object]) -> BatcherHooks:
     """``svc.batcher_hooks(labels=...)``: the standard distributions of one model, labelled."""
     if not isinstance(labels, Mapping) or not labels:
@@ -138,23 +187,25 @@ class Registrations:
     those are closed at the end of a lifespan, and a later lifespan cannot use them."""
 
     def __init__(self) -> None:
-        self.exported: dict[int, Exported] = {}
+        self.exported: dict[int, list[Exported]] = {}
         self.outside: set[int] = set()
         self.retired: list[str] = []  # managed outside setup, closed: no later lifespan serves
         self._stale: list[Exported] = []  # closed objects' statistics, dropped at the next start
 
     def add(self, obj: Any, exported: Exported | None, in_setup: bool) -> None:
         if exported is not None:
-            self.exported[id(obj)] = exported
+            self.attach(obj, exported)
         if not in_setup:
             self.outside.add(id(obj))
+
+    def attach(self, obj: Any, exported: Exported) -> None:
+        """Export more of managed ``obj``'s statistics: dropped when ``obj`` is."""
+        self.exported.setdefault(id(obj), []).append(exported)
 
     def closing(self, items: list[tuple[str, Any]]) -> None:
         """``items`` are being closed: their metrics stay until the next lifespan starts."""
         for name, obj in items:
-            exported = self.exported.pop(id(obj), None)
-            if exported is not None:
-                self._stale.append(exported)
+            self._stale.extend(self.exported.pop(id(obj), []))
             if id(obj) in self.outside:
                 self.outside.discard(id(obj))
                 self.retired.append(name)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from fastinfer.errors import ClientDisconnected, ConfigError, NotReady
+from fastinfer.integrations._answers import cause_line
 from fastinfer.integrations._limits import RESPONSE_COMPLETE
 
 logger = logging.getLogger("fastinfer.integrations.fastapi")
@@ -67,10 +68,9 @@ NOT_STARTED = (
 def not_ready_detail(setup_error: BaseException | None, stopping: bool, phase: str) -> str:
     """Why requests cannot be served now; retrying is suggested only while setup still runs."""
     if setup_error is not None:
-        first = (str(setup_error).strip().splitlines() or [""])[0]
-        return (
-            f"setup failed ({type(setup_error).__name__}: {first}); the service cannot serve "
-            "until the cause is fixed and it is restarted"
+        return (  # the line that names the cause, not a traceback's header
+            f"setup failed ({type(setup_error).__name__}: {cause_line(setup_error)}); the "
+            "service cannot serve until the cause is fixed and it is restarted"
         )
     if stopping:
         return "the service is shutting down"
@@ -184,7 +184,8 @@ def health_problems(managed: Iterable[tuple[str, Any]]) -> list[str]:
     than ``workers``, ``workers_alive`` and ``closed`` are read with defaults, so a pool that does
     not report them still works: ``gave_up`` (bool or the reason), ``gave_up_reason``,
     ``last_exit`` (on the pool, else on its ``per_worker`` records), ``consecutive_crashes`` and
-    ``restart_backoff_seconds``.
+    ``restart_backoff_seconds``. A batcher (``abandoned_threads``) is unhealthy once as many calls
+    of ``fn`` hung past its ``batch_timeout`` as it replaces threads for.
     """
     problems = []
     for name, obj in managed:
@@ -199,6 +200,8 @@ def health_problems(managed: Iterable[tuple[str, Any]]) -> list[str]:
         if not hasattr(s, "workers_alive"):
             if closed:
                 problems.append(f"{name}: closed")
+            elif (stuck := _stuck_threads(name, s)) is not None:
+                problems.append(stuck)
             continue
         gave_up = getattr(s, "gave_up", None)
         if gave_up or closed:
@@ -227,6 +230,25 @@ def health_problems(managed: Iterable[tuple[str, Any]]) -> list[str]:
                 line += f"; next restart in {backoff:.3g} s"
             problems.append(line)
     return problems
+
+
+def _stuck_threads(name: str, s: Any) -> str | None:
+    """A batcher whose calls of ``fn`` hung past ``batch_timeout`` (each left running in an
+    abandoned thread) as many times as it replaces them: the next hung call takes its slot for
+    good, and with every slot taken each request waits out ``batch_timeout`` and fails."""
+    abandoned = getattr(s, "abandoned_threads", 0)
+    if not isinstance(abandoned, int) or abandoned < 1:
+        return None
+    slots = getattr(s, "max_concurrent_batches", 1)
+    # DynamicBatcher's bound on abandoned threads (batching/_running.py: SlotPool(max_abandoned=))
+    limit = max(8, 4 * slots) if isinstance(slots, int) else 8
+    if abandoned < limit:
+        return None
+    return (
+        f"{name}: {abandoned} calls of fn ran past batch_timeout and still run in abandoned "
+        f"threads, the most the batcher replaces ({limit}): a slot stuck in the next one is not "
+        "replaced. Find why fn hangs (the log names the first such batch) and restart the service"
+    )
 
 
 def closed_error(name: str, obj: Any) -> ConfigError | None:

@@ -38,6 +38,7 @@ __all__ = [
     "RequestLimits",
     "encode_tensors",
     "error_code",
+    "match_route",
     "on_event_loop",
     "retry_after_header",
     "route_path",
@@ -198,6 +199,28 @@ def route_path(scope: Any) -> str:
     return path
 
 
+def match_route(scope: dict[str, Any], routes: Any) -> Any:
+    """The route of ``routes`` (a Starlette app's) that ``scope`` matches, as its router would
+    pick it: the first full match (inside a mount, the mounted app's route), else the first
+    that matches the path but not the method (answered 405); None when none does."""
+    if not routes:
+        return None
+    from starlette.routing import Match
+
+    partial = None
+    for route in routes:
+        try:
+            match, child = route.matches(scope)
+        except Exception:  # a route of the app's own that cannot match this scope
+            continue
+        if match == Match.FULL:
+            inner = getattr(route, "routes", None)  # a Mount: the route inside it
+            return match_route({**scope, **child}, inner) if inner is not None else route
+        if match == Match.PARTIAL and partial is None:
+            partial = route
+    return partial
+
+
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
     for k, v in scope.get("headers", ()):
         if k.lower() == name:
@@ -242,6 +265,7 @@ class RequestLimits:
         shed = door.check(scope.get("method", ""), scope.get("path", ""))
         if shed is not None:
             left, route = shed
+            route = route or self._route(scope)
             if route is not None:
                 scope["route"] = route  # the HTTP metrics label it by its route template
             door.shed += 1
@@ -257,7 +281,7 @@ class RequestLimits:
             return
         allowed = door.allowed()
         if allowed is not None and door.in_flight >= allowed:
-            route = door.route_of(scope.get("method", ""), scope.get("path", ""))
+            route = self._route(scope)
             if route is not None:
                 scope["route"] = route
             door.shed += 1
@@ -279,6 +303,18 @@ class RequestLimits:
             door.in_flight -= 1
             door.finished(time.perf_counter() - started)
             door.remember_route(scope.get("method", ""), scope.get("path", ""), scope.get("route"))
+
+    def _route(self, scope: dict[str, Any]) -> Any:
+        """The route a request shed here would have reached: the one a request to its path
+        was routed to before, else matched against the app's routes now (remembered), so that
+        its HTTP metrics carry its route template even before any request to it finished."""
+        assert self.door is not None
+        method, path = scope.get("method", ""), scope.get("path", "")
+        route = self.door.route_of(method, path)
+        if route is None:
+            route = match_route(scope, getattr(scope.get("app"), "routes", None))
+            self.door.remember_route(method, path, route)
+        return route
 
     async def _limited(self, scope: Any, receive: Any, send: Any) -> None:
         length = _header(scope, b"content-length")

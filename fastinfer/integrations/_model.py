@@ -21,8 +21,10 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
-from fastinfer.errors import ConfigError, WorkerStartupError
+from fastinfer.errors import BatchError, ConfigError, WorkerCrashed, WorkerStartupError
 from fastinfer.integrations._admission import batch_len, fill_batch
+from fastinfer.integrations._answers import marking_lone_crashes
+from fastinfer.integrations._exporting import PoolWorkers, track
 
 if TYPE_CHECKING:
     from fastinfer.batching import DynamicBatcher
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from fastinfer.integrations.fastapi import FastInferService
     from fastinfer.pool import PinnedPool
 
-__all__ = ["auto_call_timeout", "choose_workers", "serve_model"]
+__all__ = ["auto_call_timeout", "check_splittable", "choose_workers", "serve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,66 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def check_splittable(output: Any, size: int, collate: Any, name: str) -> None:
+    """Raise the :class:`~fastinfer.BatchError` the batcher would raise at every batch when
+    ``fn``'s output on the example batch of ``size`` items cannot be split into one result per
+    item (the batcher's own rules: a list of one result per item; a tensor, array, dict or tuple
+    batched on dim 0; a tuple of one plain value per item). A collator of the app's own is not
+    checked (its ``split`` needs the context its ``collate`` made)."""
+    from fastinfer.batching._collate import (
+        PadCollate,
+        StackCollate,
+        is_tensor_or_array,
+        split_output,
+    )
+
+    try:
+        if collate is None:
+            if isinstance(output, list) or (isinstance(output, tuple) and not output):
+                split_output(list(output), size)
+            elif isinstance(output, tuple):
+                try:
+                    split_output(output, size)
+                except BatchError:
+                    plain = not any(
+                        isinstance(v, list | tuple | Mapping) or is_tensor_or_array(v)
+                        for v in output
+                    )
+                    if not (plain and len(output) == size):  # one plain result per item
+                        raise
+            else:
+                split_output(output, size)
+        elif collate in ("stack", "pad") or isinstance(collate, StackCollate | PadCollate):
+            split_output(output, size)
+    except BatchError as exc:
+        raise BatchError(
+            f"serve_model({name!r}): fn's output on example_batch ({size} items) cannot be split "
+            f"into one result per item, so every request would fail: {exc}. Fix fn to return one "
+            "result per item: a list of them, or a tensor (or a dict/tuple of tensors) with the "
+            "batch on dim 0"
+        ) from None
+
+
+def _call_timeout(
+    call_timeout: float | Literal["auto"] | None,
+    latency_target_ms: float,
+    batch_seconds: float,
+    size: int,
+) -> float | None:
+    """The longest one batch may run, from ``serve_model``'s ``call_timeout`` and the cost."""
+    if call_timeout == "auto":
+        return auto_call_timeout(latency_target_ms, batch_seconds)
+    if call_timeout is not None and call_timeout < MIN_TIMEOUT_BATCHES * batch_seconds:
+        raise ConfigError(
+            f"call_timeout={call_timeout:g}s is below {MIN_TIMEOUT_BATCHES:g}x the measured "
+            f"cost of one full batch ({batch_seconds:.3g}s for {size} items): every batch would "
+            f"time out (and, in workers, restart its worker). Fix: raise call_timeout above "
+            f"{MIN_TIMEOUT_BATCHES * batch_seconds:.3g}s, pass call_timeout='auto', or lower "
+            "max_batch_size"
+        )
+    return call_timeout
+
+
 def _check_batcher_options(
     options: dict[str, Any], size: int, max_wait_ms: float, call: Callable[[Any], Any]
 ) -> None:
@@ -176,8 +238,9 @@ def serve_model(
     largest of 5 s, 10x the latency target and 50x the measured full-batch cost (a batch that
     slow is stuck, not slow), at most a week; None: no limit. A number below twice the measured
     full-batch cost is refused (``ConfigError``) once measured: every batch would time out. In
-    the server process (``workers=0``) nothing can stop a running call, so it applies to
-    workers only (the batcher's ``batch_timeout`` abandons a call that runs here).
+    the server process (``workers=0``) nothing can stop a running call, so it becomes the
+    batcher's ``batch_timeout`` (unless ``batch_timeout`` is passed): a call past it is given
+    up, its thread abandoned, its batch's requests answered 504, later ones served.
     ``startup_timeout`` (seconds, default 300) is how long each worker's ``init`` may take.
     ``labels`` (``{"model": name}``) label the model's standard metrics, for a service of
     several models (each with its labels: see :meth:`FastInferService.manage`).
@@ -187,7 +250,9 @@ def serve_model(
     the log and ``/readyz`` say so. Every worker, a replacement included, runs ``fn`` on that
     batch once before it takes calls (``PinnedPool(warmup=...)``), so no first call is a cold
     one. Every argument, ``batcher_options`` included, is checked before any worker starts;
-    a bad one raises :class:`~fastinfer.ConfigError` naming it."""
+    a bad one raises :class:`~fastinfer.ConfigError` naming it; an output of ``fn`` on the example
+    batch that cannot be split per item fails with the batcher's :class:`~fastinfer.BatchError`.
+    A request that alone crashed its worker is answered 500, not retryable (``_answers.py``)."""
     from fastinfer.batching import DynamicBatcher
     from fastinfer.pool._pool import MAX_TIMEOUT
 
@@ -244,6 +309,12 @@ def serve_model(
             f"an example_batch of {size} items (a list, a tuple or a tensor can be filled)"
         ) from None
     processes, reason = choose_workers(init, fn, workers)
+    if not processes and "batch_timeout" in batcher_options and call_timeout not in ("auto", None):
+        raise ConfigError(
+            f"serve_model got call_timeout={call_timeout!r} and batch_timeout="
+            f"{batcher_options['batch_timeout']!r}: in the server process (workers=0) both are "
+            "the batcher's batch_timeout. Fix: pass one of them"
+        )
 
     async def _pool_call(xs: Any) -> Any:  # stands for pool.run in the dry run
         return xs
@@ -264,8 +335,9 @@ def serve_model(
         )
     try:
         call, limits, pool = _start_and_measure(
-            svc, init, fn, batch, size, processes, latency_target_ms, startup_timeout, name
-        )
+            svc, init, fn, batch, size, processes, latency_target_ms, startup_timeout, name,
+            batcher_options.get("collate"),
+        )  # fmt: skip
     except WorkerStartupError as exc:
         if "did not start within" not in str(exc):
             raise
@@ -279,22 +351,17 @@ def serve_model(
         serving["example_batch"] = (
             f"{items} item(s), measured as a batch of max_batch_size={size}: {how}"
         )
-    if processes:
-        batch_seconds = serving.get("batch_seconds") or 0.0
-        assert pool is not None
-        if call_timeout == "auto":
-            pool.timeout = auto_call_timeout(latency_target_ms, batch_seconds)
-        else:
-            if call_timeout is not None and call_timeout < MIN_TIMEOUT_BATCHES * batch_seconds:
-                raise ConfigError(
-                    f"call_timeout={call_timeout:g}s is below {MIN_TIMEOUT_BATCHES:g}x the "
-                    f"measured cost of one full batch ({batch_seconds:.3g}s for "
-                    f"{size} items): every batch would time out and restart its worker. Fix: "
-                    f"raise call_timeout above {MIN_TIMEOUT_BATCHES * batch_seconds:.3g}s, pass "
-                    "call_timeout='auto', or lower max_batch_size"
-                )
-            pool.timeout = call_timeout
+    batch_seconds = serving.get("batch_seconds") or 0.0
+    if pool is not None:  # past it the worker is killed and replaced
+        pool.timeout = _call_timeout(call_timeout, latency_target_ms, batch_seconds, size)
         serving["call_timeout_s"] = pool.timeout
+    elif "batch_timeout" in batcher_options or batcher_options.get("run_in_thread") is False:
+        # the app's own choice (a sync fn run inline on the loop cannot be given up)
+        serving["call_timeout_s"] = batcher_options.get("batch_timeout")
+    else:  # a call here cannot be stopped: the batcher gives it up (its thread is abandoned)
+        timeout = _call_timeout(call_timeout, latency_target_ms, batch_seconds, size)
+        batcher_options = {**batcher_options, "batch_timeout": timeout}
+        serving["call_timeout_s"] = timeout
     logger.info("serving %s: %s", name, reason)
     if pool is not None and pool.cpus_shared_warning:  # another server process's pool
         serving["warning"] = pool.cpus_shared_warning
@@ -302,7 +369,13 @@ def serve_model(
     batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
         call, max_batch_size=size, max_wait_ms=max_wait_ms, **options
     )
-    return svc.manage(batcher, name=name, labels=labels)
+    managed = svc.manage(batcher, name=name, labels=labels)
+    if pool is not None:  # the standard worker metrics (the dashboard's) follow this pool
+        counts = track(svc.recorder, PoolWorkers(pool), name, True, labels)
+        with svc._lock:  # unless shutdown closed the pool meanwhile (it would stay tracked)
+            if not svc._stale() and any(obj is pool for _, obj in svc._managed):
+                svc._registered.attach(pool, counts)
+    return managed
 
 
 def _start_and_measure(
@@ -315,8 +388,11 @@ def _start_and_measure(
     latency_target_ms: float,
     startup_timeout: float,
     name: str,
+    collate: Any = None,
 ) -> tuple[Callable[[Any], Any], AdmissionLimits, PinnedPool | None]:
-    """Start the workers (or run ``init`` here) and measure a full batch: (call, limits, pool)."""
+    """Start the workers (or run ``init`` here), check that ``fn``'s output on the example
+    batch splits into one result per item, and measure a full batch: (call, limits, pool)."""
+    from fastinfer.integrations._sizing import through_pool
     from fastinfer.pool import PinnedPool
 
     pool: PinnedPool | None = None
@@ -333,12 +409,21 @@ def _start_and_measure(
             )
             pool.wait_ready()  # a worker whose init failed: the measurement below raises why
         sized: Any = pool
-        call = pool.run
+        once = through_pool(pool)
+
+        def gave_up(pool: PinnedPool = pool) -> bool:
+            s = pool.statistics()
+            return bool(getattr(s, "gave_up", False) or s.closed)
+
+        # the request a crash was isolated to is told not to send it again (_answers.py)
+        call = marking_lone_crashes(pool.run, gave_up, WorkerCrashed)
     else:
         with svc.phase("load"):
             state = init()
-        call = sized = functools.partial(fn, state)
+        call = sized = once = functools.partial(fn, state)
     with svc.phase("measure"):  # a full batch's cost, through the workers (also the warm-up)
+        # an output the batcher cannot split fails every request: fail the setup instead
+        check_splittable(once(batch), size, collate, name)
         limits = svc.admission(
             sized, batch, latency_target_ms=latency_target_ms, batch_size=size, name=name
         )

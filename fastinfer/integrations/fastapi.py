@@ -34,8 +34,9 @@ What :meth:`FastInferService.install` adds:
   setup phase finished: loaded, compiled, warmed up; 503 before, with the current phase);
 - exception handlers: ``QueueFull`` → 503 with ``Retry-After``, ``DeadlineExceeded`` → 504,
   invalid input (``InvalidInput``, request validation) → 422 naming the problem, ``WorkerCrashed``
-  / ``ClosedError`` / not ready → 503, ``WorkerTimeout`` → 504; any other error → 500 with no
-  traceback in the response;
+  / ``ClosedError`` / not ready → 503 (``Retry-After`` only where retrying helps; 500 for the
+  request that crashed its worker alone), ``WorkerTimeout`` → 504; any other error → 500; never
+  a traceback in the response;
 - ``GET /metrics``: Prometheus text from the service's :class:`fastinfer.MetricsRecorder` through
   ``prometheus_client``, with request latency, queue wait, batch size, batch execution time,
   outcomes, queue depth and startup phase times recorded automatically;
@@ -77,10 +78,8 @@ from fastinfer.errors import (
     WorkerCrashed,
     WorkerTimeout,
 )
-from fastinfer.integrations._admission import (
-    AdmissionReport,
-    measure_admission,
-)
+from fastinfer.integrations._admission import AdmissionReport, measure_admission
+from fastinfer.integrations._answers import crash_reply, one_line
 from fastinfer.integrations._exporting import (
     Registrations,
     labelled_hooks,
@@ -136,7 +135,8 @@ T = TypeVar("T")
 
 
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Any:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    body = {"error": code, "detail": one_line(detail)}  # never a worker's traceback
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class FastInferService:
@@ -349,9 +349,9 @@ class FastInferService:
             out["admission"] = self._admission
         if self._setup_error is not None:
             out["error"] = "setup_failed"
-            out["detail"] = f"{type(self._setup_error).__name__}: {self._setup_error}"
+            out["detail"] = one_line(f"{type(self._setup_error).__name__}: {self._setup_error}")
         elif problems:
-            out["error"], out["detail"] = "unhealthy", "; ".join(problems)
+            out["error"], out["detail"] = "unhealthy", one_line("; ".join(problems))
         elif not ready:
             out["error"] = "shutting_down" if self._stopping else "not_ready"
             out["detail"] = self._not_ready_detail()
@@ -558,7 +558,7 @@ class FastInferService:
             QueueFull: queue_full,
             HTTPException: http_error,
             NotReady: lambda r, e: svc._unavailable(e, "not_ready", retry_after(e)),
-            WorkerCrashed: lambda r, e: _error(503, "worker_crashed", str(e), retry_after(e)),
+            WorkerCrashed: lambda r, e: _error(*crash_reply(e, svc._problems(), retry_after(e))),
             WorkerTimeout: lambda r, e: _error(504, "worker_timeout", str(e)),
             ClosedError: lambda r, e: svc._unavailable(e, "unhealthy", retry_after(e)),
             DeadlineExceeded: lambda r, e: _error(504, "deadline_exceeded", str(e)),

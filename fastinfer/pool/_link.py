@@ -19,12 +19,15 @@ import collections
 import itertools
 import os
 import select
+import selectors
 import signal
 import socket
 import struct
 import subprocess
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["Link"]
+__all__ = ["Link", "watch"]
 
 _CHUNK = 1 << 20  # bytes asked for per recv()
 _IOV_MAX = 512  # buffers per sendmsg() (POSIX guarantees 16; Linux takes 1024)
@@ -167,3 +170,41 @@ class Link:
         if self.exit_fd is not None:
             os.close(self.exit_fd)
             self.exit_fd = None
+
+
+#: a link's registered socket descriptor (None: not read), its pidfd, and the socket's events
+Watched = dict[Link, tuple[int | None, int | None, int]]
+
+
+def watch(
+    sel: selectors.BaseSelector, watched: Watched, links: Sequence[tuple[Any, Link, bool]]
+) -> None:
+    """Bring ``sel`` up to date with ``links`` (``(data, link, read)``): each link's pidfd, and
+    its socket (readable; writable while bytes wait) while ``read`` (a link the pool no longer
+    reads, a worker being ended, has only its exit watched). Closed links go first, as a new one
+    may have reused their numbers."""
+    current = {link for _, link, _ in links}
+    for link in [link for link in watched if link not in current]:
+        fd, exit_fd, _ = watched.pop(link)
+        if fd is not None:
+            sel.unregister(fd)
+        if exit_fd is not None:
+            sel.unregister(exit_fd)
+    for w, link, read in links:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.wants_write else 0)
+        if link not in watched:
+            fd = None
+            if read:
+                fd = link.fileno()
+                sel.register(fd, events, (w, link, "socket"))
+            if link.exit_fd is not None:
+                sel.register(link.exit_fd, selectors.EVENT_READ, (w, link, "exit"))
+            watched[link] = (fd, link.exit_fd, events)
+            continue
+        fd, exit_fd, was = watched[link]
+        if fd is not None and not read:  # for good: a link is not read again once let go
+            sel.unregister(fd)
+            watched[link] = (None, exit_fd, 0)
+        elif fd is not None and was != events:
+            sel.modify(fd, events, (w, link, "socket"))
+            watched[link] = (fd, exit_fd, events)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from fastinfer._common.quantiles import summary
-from fastinfer.errors import ClosedError, ConfigError, WorkerCrashed
+from fastinfer.errors import ClosedError, ConfigError, InvalidInput, WorkerCrashed
 from fastinfer.pool._claims import CpuClaim
 from fastinfer.pool._plan import CorePlan
 from fastinfer.pool._records import CallRecord, PoolStatistics, WorkerStatistics
@@ -241,6 +241,7 @@ class PinnedPool(Supervisor):
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
         self._gave_up: str | None = None
+        self._gave_up_tb: str | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="fastinfer-pool", daemon=True)
@@ -269,7 +270,8 @@ class PinnedPool(Supervisor):
 
         ``item`` is data for ``fn`` whatever its type (a callable item included); to run another
         function in a worker use :meth:`submit_call`. Raises :class:`ClosedError` after
-        :meth:`close`. While no worker is up and the next restart waits (its workers keep
+        :meth:`close`, :class:`InvalidInput` for data nested too deeply to send (a client's JSON
+        can be), :class:`ConfigError` for another ``item`` that cannot be pickled. While no worker is up and the next restart waits (its workers keep
         crashing), or after the pool gave up restarting them, the Future fails at once with
         :class:`WorkerCrashed` saying why.
         """
@@ -295,6 +297,13 @@ class PinnedPool(Supervisor):
             # fresh shared-memory segment that only this call holds, so the worker gets a copy,
             # not the caller's memory, and only a handle is sent.
             call.data = self._dumps(call)
+        except RecursionError as exc:  # data nested too deep (a client's JSON can be): its input
+            what = "item" if kind == "fn" else "call's arguments"
+            raise InvalidInput(
+                f"cannot send this {what} ({type(payload).__name__}) to a worker: it is nested "
+                f"too deeply to pickle ({type(exc).__name__}: {exc}); limit the nesting depth of "
+                "the input (validate it, e.g. with a fixed-shape request model) or flatten it"
+            ) from exc
         except Exception as exc:
             what = "item" if kind == "fn" else "call"
             raise ConfigError(f"cannot send this {what} to a worker: {exc}") from exc
@@ -310,7 +319,7 @@ class PinnedPool(Supervisor):
     def _refused(self) -> WorkerCrashed | None:
         """Why a call made now fails at once (the pool gave up, or no worker is up and the next
         restart waits), or None; raises :class:`ClosedError` after :meth:`close`. Lock held."""
-        down = down_error(self._workers, self._gave_up)
+        down = down_error(self._workers, self._gave_up, self._gave_up_tb)
         if down is None and self._closing:
             raise ClosedError("cannot submit to a closed PinnedPool")
         return down
@@ -417,6 +426,8 @@ class PinnedPool(Supervisor):
                         consecutive_crashes=w.crashes,
                         busy_ratio=min(1.0, busy / up) if up > 0 else 0.0,
                         latency_seconds=summary(lat),
+                        start_error=w.start_error or None,
+                        start_traceback=w.start_traceback,
                     )
                 )
             alive = [p for p in per if p.alive]

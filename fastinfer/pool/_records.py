@@ -47,6 +47,10 @@ class WorkerStatistics:
     consecutive_crashes: int = gauge()
     busy_ratio: float = gauge()
     latency_seconds: Mapping[str, float] = gauge(key_label="key")
+    #: why the slot's last failed start (after the pool started) failed, on one line; None: none
+    start_error: str | None = not_exported("text", default=None)
+    #: the worker's traceback of that failure (init() raised), for operators; never sent to clients
+    start_traceback: str | None = not_exported("text", default=None)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ it leaves behind (such a child, holding the old socket and pinned to the same co
 when it ends, before its replacement starts.
 
 Restarts after crashes in a row wait (backoff), and a pool whose slots all failed to restart gives
-up: see ``_slots``.
+up: see ``_slots``. The thread never waits for one worker: a worker to end is killed and its exit
+watched from the loop (``_slots.end``), and a call past its timeout is failed only after its answer was
+looked for, so time this thread spent elsewhere is not charged to another worker's call.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import collections
 import functools
 import json
 import logging
+import math
 import os
 import selectors
 import socket
@@ -31,19 +34,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from fastinfer.errors import WorkerCrashed, WorkerError, WorkerStartupError, WorkerTimeout
-from fastinfer.pool._link import Link
+from fastinfer.errors import WorkerCrashed, WorkerError, WorkerTimeout
+from fastinfer.pool._link import Link, Watched, watch
 from fastinfer.pool._plan import CorePlan, Split, cpus_str
 from fastinfer.pool._records import CallRecord
 from fastinfer.pool._slots import (
+    EXIT_POLL_S,
     START_TRIES,
     Call,
     Worker,
     count_crash,
     down_error,
+    end,
     gave_up_error,
-    kill,
-    reap,
+    kill_if_due,
+    one_line,
+    reap_ended,
+    shutdown_workers,
+    startup_error,
 )
 from fastinfer.pool._threads import THREAD_VARS
 from fastinfer.pool._wire import remote_error
@@ -53,7 +61,6 @@ __all__ = ["Supervisor"]
 logger = logging.getLogger("fastinfer.pool")
 
 _WORKER_ENTRY = Path(__file__).with_name("_worker.py")
-_EXIT_POLL_S = 0.5  # how often a worker's exit is polled where the OS has no pidfd
 # Each worker leads a process group of its own (also keeps a terminal's Ctrl+C, meant for the
 # parent, from reaching the workers mid-call): ``process_group`` is Python 3.11+.
 _OWN_GROUP: dict[str, Any] = (
@@ -89,7 +96,8 @@ class Supervisor:
     _counts: collections.Counter[str]
     _started: threading.Event
     _startup_error: BaseException | None
-    _gave_up: str | None  # why every slot was given up
+    _gave_up: str | None  # why every slot was given up (one line)
+    _gave_up_tb: str | None  # the worker's traceback of the last failed start, if any
     _wake_r: socket.socket
     _wake_w: socket.socket
 
@@ -135,7 +143,7 @@ class Supervisor:
         except OSError as exc:  # out of memory or pids: a start failure, not a pool failure
             parent.close()
             w.proc, w.link, w.state = None, None, "starting"
-            self._start_failed(w, f"cannot start worker {w.index}: {exc}", reaped=True)
+            self._start_failed(w, f"cannot start worker {w.index}: {exc}")
             return
         finally:
             child.close()
@@ -159,7 +167,7 @@ class Supervisor:
                 self._startup_error = WorkerError(why)
                 self._started.set()
         finally:
-            self._shutdown_workers()
+            shutdown_workers(self._workers, kill_all=self._startup_error is not None)
             with self._changed:
                 self._closed = True
                 self._closing = True
@@ -173,7 +181,7 @@ class Supervisor:
             self._serve(sel)
 
     def _serve(self, sel: selectors.BaseSelector) -> None:
-        watched: dict[Link, tuple[int, int | None, int]] = {}  # socket fd, pidfd, events
+        watched: Watched = {}
         while True:
             # Housekeeping first, so every state change (including ones made while spawning)
             # is acted on before the thread sleeps.
@@ -191,7 +199,7 @@ class Supervisor:
                 gave_up = self._gave_up
                 down = bool(self._pending) and down_error(self._workers, None) is not None
             if gave_up is not None:
-                self._fail_everything(functools.partial(gave_up_error, gave_up))
+                self._fail_everything(functools.partial(gave_up_error, gave_up, self._gave_up_tb))
                 return
             if down:  # queued behind a restart that waits: fail them now, not when it comes
                 self._fail_pending_while_down()
@@ -203,8 +211,8 @@ class Supervisor:
                 deadline = self._next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if any(link.exit_fd is None for _, link in links):
-                timeout = _EXIT_POLL_S if timeout is None else min(timeout, _EXIT_POLL_S)
-            self._watch(sel, watched, links)
+                timeout = EXIT_POLL_S if timeout is None else min(timeout, EXIT_POLL_S)
+            watch(sel, watched, [(w, link, w.state != "ending") for w, link in links])
             events = sel.select(timeout)
             exited = []
             for key, mask in events:
@@ -218,67 +226,60 @@ class Supervisor:
                 w, link, what = key.data
                 if what == "exit":  # the pidfd: handled once the sockets have been read
                     exited.append((w, link))
-                elif w.link is link:
+                elif w.link is link and w.state != "ending":
                     if mask & selectors.EVENT_WRITE:
                         link.flush()
                     if mask & selectors.EVENT_READ:
                         self._receive(w, link)
             exited += [(w, link) for w, link in links if link.exit_fd is None and link.exited()]
             for w, link in exited:
-                if w.link is link:
+                if w.link is link and w.state == "ending":
+                    reap_ended(w)
+                elif w.link is link:
                     # What it sent before dying (a result, an init error) counts; then its exit.
                     self._receive(w, link, ended=True)
             self._check_deadlines()
-
-    @staticmethod
-    def _watch(
-        sel: selectors.BaseSelector,
-        watched: dict[Link, tuple[int, int | None, int]],
-        links: list[tuple[Worker, Link]],
-    ) -> None:
-        """Bring ``sel`` up to date: each current link's socket (readable; writable while bytes
-        wait) and pidfd. Closed links go first, as a new one may have reused their numbers."""
-        current = {link for _, link in links}
-        for link in [link for link in watched if link not in current]:
-            fd, exit_fd, _ = watched.pop(link)
-            sel.unregister(fd)
-            if exit_fd is not None:
-                sel.unregister(exit_fd)
-        for w, link in links:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.wants_write else 0)
-            if link not in watched:
-                fd = link.fileno()
-                sel.register(fd, events, (w, link, "socket"))
-                if link.exit_fd is not None:
-                    sel.register(link.exit_fd, selectors.EVENT_READ, (w, link, "exit"))
-                watched[link] = (fd, link.exit_fd, events)
-            elif watched[link][2] != events:
-                fd, exit_fd, _ = watched[link]
-                sel.modify(fd, events, (w, link, "socket"))
-                watched[link] = (fd, exit_fd, events)
 
     def _receive(self, w: Worker, link: Link, *, ended: bool = False) -> None:
         """Handle the messages ``w`` has sent, then its exit at EOF (or ``ended``: the process
         has exited, and a child it forked may hold its socket open, so no EOF may ever come)."""
         messages, eof = link.receive(everything=ended)
         for raw in messages:
-            if w.link is not link:
-                return  # a message showed the worker dead (and it was restarted)
+            if w.link is not link or w.state == "ending":
+                return  # a message showed the worker dead (and it was restarted, or is ended)
             self._on_message(w, raw)
-        if (eof or ended) and w.link is link:
-            self._on_exit(w)
+        if (eof or ended) and w.link is link and w.state != "ending":
+            self._on_exit(w, wait=not ended)
 
     def _next_deadline(self) -> float | None:
         ds = [w.deadline for w in self._workers if w.state == "starting"]
         ds += [w.restart_at for w in self._workers if w.state == "backoff"]
+        ds += [w.kill_at for w in self._workers if w.state == "ending" and w.kill_at < math.inf]
         if self.timeout is not None:
-            ds += [w.calls[0].started + self.timeout for w in self._workers if w.calls]
+            ds += [
+                w.calls[0].started + self.timeout
+                for w in self._workers
+                if w.calls and w.state == "ready"
+            ]
         return min(ds) if ds else None
+
+    def _late(self, w: Worker, now: float) -> bool:
+        """``w``'s running call is past its timeout and its answer is not waiting to be read
+        (this thread may have been busy elsewhere when it came: that is not the call's time)."""
+        if self.timeout is None or w.state != "ready" or not w.calls:
+            return False
+        if now < w.calls[0].started + self.timeout:
+            return False
+        if w.link is not None:
+            self._receive(w, w.link)
+        return w.state == "ready" and bool(w.calls) and now >= w.calls[0].started + self.timeout
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for w in self._workers:
-            if w.state == "backoff" and now >= w.restart_at:
+            if w.state == "ending":
+                kill_if_due(w, now)
+            elif w.state == "backoff" and now >= w.restart_at:
                 if self._closing and not self._pending:
                     w.state = "dead"  # closing: no restart is needed
                 else:
@@ -286,11 +287,11 @@ class Supervisor:
                         w.restarts += 1
                     self._spawn(w)
             elif w.state == "starting" and now >= w.deadline:
-                kill(w)
                 self._start_failed(
                     w, f"worker {w.index} did not start within {self._startup_timeout:g}s"
                 )
-            elif self.timeout is not None and w.calls and now >= w.calls[0].started + self.timeout:
+            elif self._late(w, now):
+                assert self.timeout is not None
                 call = w.calls.popleft()
                 self._requeue(w)
                 self._counts["timeouts"] += 1
@@ -303,8 +304,7 @@ class Supervisor:
                         f"(pid {w.pid}, cpus {cpus_str(w.cores.cpus)}); the worker was replaced"
                     ),
                 )
-                kill(w)
-                self._restart(w)
+                end(w, functools.partial(self._restart, w))
 
     def _on_message(self, w: Worker, raw: bytes) -> None:
         from multiprocessing.reduction import ForkingPickler
@@ -319,7 +319,6 @@ class Supervisor:
                 logger.warning(
                     "PinnedPool: cannot read a message from worker %d", w.index, exc_info=True
                 )
-                kill(w)
                 self._on_exit(w)
                 return
             # A healthy worker's answer that this process cannot rebuild (a class it cannot
@@ -349,9 +348,10 @@ class Supervisor:
             with self._changed:
                 self._changed.notify_all()
         elif kind == "init_error":
-            kill(w)
             what = "init() or its warm-up call" if self._warms else "init()"
-            self._start_failed(w, f"worker {w.index}'s {what} raised:\n{msg[1]}")
+            tb = msg[1]
+            cause = msg[2] if len(msg) > 2 else (tb.strip().splitlines() or ["?"])[-1]
+            self._start_failed(w, f"worker {w.index}'s {what} raised {one_line(cause)}", tb=tb)
         elif kind in ("ok", "err"):
             if not w.calls or w.calls[0].id != msg[1]:
                 logger.error("PinnedPool: worker %d answered an unknown call %r", w.index, msg[1])
@@ -414,12 +414,23 @@ class Supervisor:
             except Exception:
                 logger.exception("PinnedPool: on_call raised")
 
-    def _on_exit(self, w: Worker) -> None:
-        """The worker died (EOF on its socket, or its exit seen), or exited during startup."""
-        how = reap(w)
-        if w.state == "starting":
-            self._start_failed(w, f"worker {w.index} {how} during startup", reaped=True)
-            return
+    def _on_exit(self, w: Worker, *, wait: bool = False) -> None:
+        """The worker died (its exit was seen), or must: its socket closed (EOF, ``wait``: it may
+        still run, so it gets ``LINK_GRACE_S`` to exit before it is killed), or it sent what
+        cannot be read (killed now). Once it is gone, its calls fail (or are retried) and it
+        restarts, or its start failed."""
+        starting = w.state == "starting"
+
+        def then(how: str) -> None:
+            if starting:
+                self._start_failed(w, f"worker {w.index} {how} during startup")
+            else:
+                self._crashed(w, how)
+
+        end(w, then, wait=wait)
+
+    def _crashed(self, w: Worker, how: str) -> None:
+        """``w``, ended, held calls (or could have): a crash of the call it ran."""
         call = w.calls.popleft() if w.calls else None
         self._requeue(w)
         self._counts["crashes"] += 1
@@ -451,7 +462,7 @@ class Supervisor:
                     w, call, "crashed", error=WorkerCrashed(f"{where} while running a call{again}")
                 )
         if delay == 0:
-            self._restart(w, reaped=True)
+            self._restart(w)
 
     def _requeue(self, w: Worker) -> None:
         """Put a dead worker's prefetched calls back at the front of the queue. They never
@@ -463,9 +474,8 @@ class Supervisor:
                 call.started = 0.0
                 self._pending.appendleft(call)
 
-    def _restart(self, w: Worker, *, reaped: bool = False) -> None:
-        if not reaped:
-            reap(w)
+    def _restart(self, w: Worker, how: str = "") -> None:
+        """Start ``w`` again (it has been ended and reaped), unless the pool is closing idle."""
         w.state = "dead"
         if self._closing and not self._pending:
             return
@@ -473,17 +483,21 @@ class Supervisor:
             w.restarts += 1
         self._spawn(w)
 
-    def _start_failed(self, w: Worker, message: str, *, reaped: bool = False) -> None:
-        if not reaped:
-            reap(w)
+    def _start_failed(self, w: Worker, message: str, *, tb: str | None = None) -> None:
+        """``w`` failed to start: ``message`` is one line (it reaches callers, and HTTP clients
+        through them), ``tb`` the worker's traceback (logged, and kept for operators). A process
+        still there is ended first (killed; this goes on once it is reaped)."""
+        if w.link is not None:
+            end(w, lambda how: self._start_failed(w, message, tb=tb))
+            return
         if not self._started.is_set():
             if self._startup_error is None:
-                self._startup_error = WorkerStartupError(message)
+                self._startup_error = startup_error(message, tb)
             w.state = "failed"
             return
         w.start_failures += 1
-        w.start_error = message
-        logger.error("PinnedPool: %s", message)
+        w.start_error, w.start_traceback = message, tb
+        logger.error("PinnedPool: %s%s", message, f"\nThe worker's traceback:\n{tb}" if tb else "")
         if w.start_failures >= START_TRIES:
             logger.error(
                 "PinnedPool: worker %d failed to start %d times; giving up on it",
@@ -497,10 +511,11 @@ class Supervisor:
                         f"every worker failed to start {START_TRIES} times in a row after a "
                         f"crash; the last error: {w.start_error}"
                     )
+                    self._gave_up_tb = w.start_traceback
                     logger.error("PinnedPool: gave up: %s", self._gave_up)
                 self._changed.notify_all()
             return
-        self._restart(w, reaped=True)
+        self._restart(w)
 
     def _fail_pending_while_down(self) -> None:
         """Fail the queued calls with :func:`down_error` (workers change state only on this
@@ -508,7 +523,9 @@ class Supervisor:
         with self._lock:
             calls = list(self._pending)
             self._pending.clear()
-            errors = [down_error(self._workers, self._gave_up) for _ in calls]  # one each
+            errors = [  # one each
+                down_error(self._workers, self._gave_up, self._gave_up_tb) for _ in calls
+            ]
         for call, error in zip(calls, errors):
             if error is not None and (
                 call.fut.running() or call.fut.set_running_or_notify_cancel()
@@ -561,36 +578,3 @@ class Supervisor:
                 call.fut.running() or call.fut.set_running_or_notify_cancel()
             ):
                 call.fut.set_exception(error())
-
-    def _shutdown_workers(self) -> None:
-        from multiprocessing.reduction import ForkingPickler
-
-        for w in self._workers:
-            if self._startup_error is not None or w.state == "starting":
-                # A failed start (do not wait for the others' init()), or a replacement still in
-                # init(): it holds no call and its init() would be thrown away; _reap kills
-                # what it started in its process group too.
-                kill(w)
-            elif w.link is not None and w.state == "ready":
-                w.link.send(bytes(ForkingPickler.dumps(("close",))))
-        end = time.monotonic() + 5.0
-        # Let queued bytes (a start's setup, then "close") reach workers still reading them.
-        while time.monotonic() < end:
-            behind = [
-                w.link
-                for w in self._workers
-                if w.link is not None and w.link.wants_write and not w.link.exited()
-            ]
-            if not behind:
-                break
-            with selectors.PollSelector() as sel:
-                for link in behind:
-                    sel.register(link.sock, selectors.EVENT_WRITE)
-                sel.select(min(_EXIT_POLL_S, max(0.0, end - time.monotonic())))
-            for link in behind:
-                link.flush()
-        for w in self._workers:
-            if w.proc is not None:
-                reap(w, wait_s=end - time.monotonic())
-            if w.state != "failed":
-                w.state = "stopped"

@@ -129,9 +129,9 @@ def main(argv: list[str]) -> None:
 
         _wire.set_worker_state(state)
         dumps = _wire.make_dumps()
-    except BaseException:
+    except BaseException as exc:
         try:
-            conn.send_bytes(pickle.dumps(("init_error", traceback.format_exc())))
+            conn.send_bytes(pickle.dumps(("init_error", traceback.format_exc(), _cause(exc))))
         finally:
             os._exit(1)
 
@@ -208,6 +208,16 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: message`` on one line, for a message that must not carry the whole traceback."""
+    try:
+        text = " ".join(str(exc).split())
+    except Exception:
+        text = ""
+    name = type(exc).__qualname__
+    return f"{name}: {text[:300]}" if text else name
 
 
 def _describe(exc: BaseException) -> str:
