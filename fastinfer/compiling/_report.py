@@ -100,32 +100,34 @@ class BackendReport:
         from_cache: bool = False,
         selection_seconds: float | None = None,
     ) -> BackendReport:
-        results = tuple(
-            CandidateResult(
-                name=r["name"],
-                status=r["status"],
-                reason=r["reason"],
-                compile_seconds=r["compile_seconds"],
-                latency_seconds={int(k): v for k, v in r["latency_seconds"].items()},
-                speedup={int(k): v for k, v in r["speedup"].items()},
-                max_error=math.inf if r["max_error"] is None else r["max_error"],
-            )
-            for r in doc["results"]
-        )
+        """The report ``to_dict`` wrote. Every field is checked for its type: a document that is
+        not one (``null``, a list, ``"results": 5``, a latency of ``null``) raises ``ValueError``
+        naming the field."""
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"a report is a JSON object, got {type(doc).__name__}")
+        raw = _get(doc, "results", list, "the report")
+        results = tuple(_result(r, f"results[{i}]") for i, r in enumerate(raw))
+        sizes = _get(doc, "batch_sizes", list, "the report")
+        if not sizes or not all(_is_int(b) and b >= 1 for b in sizes):
+            raise ValueError(f"batch_sizes is {sizes!r}, not a list of positive integers")
+        budget = doc.get("budget_seconds")
+        notes = doc.get("notes", [])
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise ValueError(f"notes is {notes!r}, not a list of strings")
         return cls(
-            winner=doc["winner"],
-            margin=doc["margin"],
-            batch_sizes=tuple(doc["batch_sizes"]),
+            winner=_get(doc, "winner", str, "the report"),
+            margin=_number(_get(doc, "margin", object, "the report"), "margin"),
+            batch_sizes=tuple(sizes),
             results=results,
-            key=doc["key"],
+            key=_get(doc, "key", str, "the report"),
             from_cache=from_cache,
             selection_seconds=(
-                doc.get("selection_seconds", 0.0)
+                _number(doc.get("selection_seconds", 0.0), "selection_seconds")
                 if selection_seconds is None
                 else selection_seconds
             ),
-            budget_seconds=doc.get("budget_seconds"),
-            notes=tuple(doc.get("notes", ())),
+            budget_seconds=None if budget is None else _number(budget, "budget_seconds"),
+            notes=tuple(notes),
         )
 
     def table(self) -> str:
@@ -166,3 +168,60 @@ def pick_winner(results: Sequence[CandidateResult], margin: float) -> str:
         if r.geomean_speedup >= best_score:
             best, best_score = r.name, r.geomean_speedup
     return best
+
+
+STATUSES = ("ok", "skipped", "failed", "rejected")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any, what: str, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{what} is {v!r}, not a finite number")
+    if v < 0 or (positive and v == 0):
+        raise ValueError(
+            f"{what} is {v!r}, not a {'positive' if positive else 'non-negative'} number"
+        )
+    return float(v) if isinstance(v, float) else v
+
+
+def _get(doc: Mapping[str, Any], name: str, kind: type, where: str) -> Any:
+    if name not in doc:
+        raise ValueError(f"{where} has no {name!r}")
+    v = doc[name]
+    if not isinstance(v, kind):
+        raise ValueError(f"{name} in {where} is {v!r}, not a {kind.__name__}")
+    return v
+
+
+def _per_size(v: Any, what: str, *, positive: bool) -> dict[int, float]:
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{what} is {v!r}, not an object of batch size to number")
+    out: dict[int, float] = {}
+    for k, x in v.items():
+        if not (isinstance(k, str) and k.isdigit()):
+            raise ValueError(f"{what} has the key {k!r}, not a batch size")
+        out[int(k)] = _number(x, f"{what}[{k!r}]", positive=positive)
+    return out
+
+
+def _result(r: Any, where: str) -> CandidateResult:
+    if not isinstance(r, Mapping):
+        raise ValueError(f"{where} is {r!r}, not a JSON object")
+    status = _get(r, "status", str, where)
+    if status not in STATUSES:
+        raise ValueError(f"status in {where} is {status!r}, not one of {list(STATUSES)}")
+    err = _get(r, "max_error", object, where)
+    return CandidateResult(
+        name=_get(r, "name", str, where),
+        status=status,
+        reason=_get(r, "reason", str, where),
+        compile_seconds=_number(_get(r, "compile_seconds", object, where), "compile_seconds"),
+        latency_seconds=_per_size(
+            _get(r, "latency_seconds", object, where), f"latency_seconds in {where}", positive=False
+        ),
+        speedup=_per_size(_get(r, "speedup", object, where), f"speedup in {where}", positive=True),
+        max_error=math.inf if err is None else _number(err, f"max_error in {where}"),
+    )

@@ -14,7 +14,7 @@ the environment, so a restart or a second worker reuses it without building or t
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import tempfile
@@ -26,14 +26,14 @@ from typing import Any
 import torch
 
 from fastinfer import _env
-from fastinfer._common.files import atomic_write_text
 from fastinfer._common.keys import batch_bucket, digest, padding_bucket, structure_key
 from fastinfer._common.manifest import compiler_path, compiler_version, environment_manifest
-from fastinfer._common.padding import valid_mask
+from fastinfer._common.padding import empty_batch, valid_mask
 from fastinfer._common.timing import median, race
 from fastinfer.compiling._builders import BUILDERS, BuildContext, builder_for
 from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._compile import eager_inputs, refuse_training
+from fastinfer.compiling._decisions import load_decision, store_decision
 from fastinfer.compiling._inputs import Inputs, check_batch_sizes, inputs_for, split, tensors
 from fastinfer.compiling._report import BackendReport, CandidateResult, pick_winner
 from fastinfer.compiling._verify import check_close, explain, max_error
@@ -175,6 +175,11 @@ def select_backend(
         raise ConfigError(f"budget_seconds must be > 0 or None, got {budget_seconds!r}")
     if repeat < 1:
         raise ConfigError(f"repeat must be >= 1, got {repeat!r}")
+    if empty := empty_batch(example_inputs):
+        raise ConfigError(
+            f"example_inputs has an empty batch ({empty} has 0 rows): nothing can be verified or "
+            "timed on it; pass a batch of at least one row, like those you serve"
+        )
     named = _parse_candidates(candidates)
     names = [n for n, _ in named]
     # Dropout on makes eager's reference random: every candidate would be "rejected" for it.
@@ -197,16 +202,14 @@ def select_backend(
     key = digest(key_doc)
     root = _cache_root(cache_dir)
     record = root / "decisions" / f"{key[:32]}.json" if root else None
+    # about this call's cache use, not the measurement: returned, never stored
+    cache_notes: list[str] = []
     if record is not None and record.is_file() and not refresh:
-        try:
-            doc = json.loads(record.read_text())
-            report = BackendReport.from_dict(
-                doc, from_cache=True, selection_seconds=clock() - started
-            )
-            logger.info("select_backend: reusing the decision in %s (%s)", record, report.winner)
-            return report
-        except (ValueError, KeyError) as exc:
-            logger.warning("select_backend: ignoring unreadable decision %s: %s", record, exc)
+        cached, ignored = load_decision(record, key=key, names=names, sizes=sizes, margin=margin)
+        if cached is not None:
+            logger.info("select_backend: reusing the decision in %s (%s)", record, cached.winner)
+            return dataclasses.replace(cached, selection_seconds=clock() - started)
+        cache_notes.append(ignored)
 
     args0, kwargs0 = inputs_for(example_inputs, sizes[-1])
     on_gpu = any(t.is_cuda for t in tensors(args0, kwargs0))
@@ -332,7 +335,11 @@ def select_backend(
         r.status == "skipped" and r.reason.startswith("not built") for r in results
     )
     if record is not None and (len(built) > 1 or not skipped_for_budget):
-        atomic_write_text(record, report.to_json())
+        unstored = store_decision(record, report)
+        if unstored:  # the selection stands; only the next start pays for it
+            cache_notes.append(unstored)
+    if cache_notes:
+        report = dataclasses.replace(report, notes=(*cache_notes, *report.notes))
     return report
 
 
