@@ -75,10 +75,16 @@ def load_factory(target: str) -> Any:
 
 
 def run_warm(args: Any) -> int:
+    from fastinfer._common.files import writable_target
     from fastinfer.compiling import InductorCache, compile_model, export_aot
 
     if bool(args.bundle) == bool(args.aot):
         raise ConfigError("give exactly one of --bundle PATH or --aot PATH")
+    # An unwritable destination fails now, not after minutes of compiling.
+    if args.bundle:
+        writable_target(args.bundle, what="cache bundle (--bundle)", example="model.tar")
+    else:
+        writable_target(args.aot, what="AOT package (--aot)", example="model.pt2")
     try:
         sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     except ValueError as exc:

@@ -17,12 +17,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fastinfer.errors import ConfigError
+
 __all__ = [
     "atomic_dir",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "writable_target",
 ]
 
 
@@ -106,3 +109,33 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(target: str | os.PathLike[str], doc: Mapping[str, Any] | Any) -> None:
     atomic_write_text(target, json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def writable_target(path: str | os.PathLike[str], *, what: str, example: str) -> Path:
+    """``path`` resolved, once a file can be written there: checked before any long work.
+
+    Raises :class:`ConfigError` naming the path and the fix when ``path`` is a folder or its
+    folder cannot be created or written (read-only, another user's, a pseudo filesystem such as
+    ``/proc``). ``example`` is a file name to suggest inside a folder.
+    """
+    try:
+        target = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # "~nouser/x"
+        raise ConfigError(
+            f"cannot use {what} path {os.fspath(path)!r} ({exc}); pass an absolute path"
+        ) from None
+    if target.is_dir():
+        raise ConfigError(
+            f"the {what} path {target} is a folder; pass a file path, e.g. {target / example}"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the {what} {target}: its folder {target.parent} is not writable here "
+            f"({exc.strerror or exc}). Fix: pass a path in a folder this process can write"
+        ) from None
+    return target

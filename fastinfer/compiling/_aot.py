@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastinfer import _torch_compat
-from fastinfer._common.files import atomic_path
+from fastinfer._common.files import atomic_path, writable_target
 from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._compile import CompiledModel, new_stats, resolve_cache
 from fastinfer.compiling._inputs import Inputs, check_batch_sizes, cpu_inputs, inputs_for
@@ -47,7 +47,10 @@ def export_aot(
     The batch dimension ranges over ``min(batch_sizes)..max(batch_sizes)``; every size in
     ``batch_sizes`` is checked against eager before the package is renamed into place. The package
     records the environment it was built for (torch, CPU ISA, GPU) and :func:`load_aot` checks it.
-    The compile runs inside ``cache`` (default ``$FASTINFER_CACHE_DIR`` when set). Raises :class:`CompileError` (no C++ compiler, export failure) or :class:`VerificationError`.
+    The compile runs inside ``cache`` (default ``$FASTINFER_CACHE_DIR`` when set). Raises
+    :class:`ConfigError` when ``path`` is a folder or cannot be written (checked before
+    compiling), :class:`CompileError` (no C++ compiler, export failure) or
+    :class:`VerificationError`.
     """
     sizes = check_batch_sizes(batch_sizes)
     if not isinstance(model, nn.Module):
@@ -57,11 +60,10 @@ def export_aot(
     refused = swap_refusal(model, "an AOTInductor export")
     if refused:
         raise ConfigError(refused)
+    out = writable_target(path, what="AOT package", example="model.pt2")  # before compiling
     args, kwargs = inputs_for(example_inputs, max(sizes))
     if cpu_inputs(args, kwargs) and compiler_path() is None:
         raise CompileError(f"export_aot failed: {NO_COMPILER}")
-    out = Path(path).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     from torch import (
         _inductor,  # aoti_compile_and_package is public API; the module is slow to import
     )
@@ -99,9 +101,15 @@ def export_aot(
                 )
         except Exception as exc:
             raise CompileError(f"export_aot failed: {explain(exc)}") from exc
-        with zipfile.ZipFile(tmp, "a", compression=zipfile.ZIP_STORED) as zf:
-            root = zf.namelist()[0].split("/")[0]
-            zf.writestr(f"{root}/{_AOT_MANIFEST}", json.dumps(environment_manifest()))
+        try:
+            with zipfile.ZipFile(tmp, "a", compression=zipfile.ZIP_STORED) as zf:
+                root = zf.namelist()[0].split("/")[0]
+                zf.writestr(f"{root}/{_AOT_MANIFEST}", json.dumps(environment_manifest()))
+        except OSError as exc:  # a full disk: the package is left unpublished
+            raise CompileError(
+                f"export_aot could not write {out} ({exc.strerror or exc}); free space in "
+                f"{out.parent} or pass another path"
+            ) from exc
         if verify:
             loaded = load_aot(tmp)
             for b in sizes:
@@ -110,6 +118,33 @@ def export_aot(
                     expected = model(*a, **k)
                 check_close(loaded(*a, **k), expected, rtol=rtol, atol=atol, where=f"AOT batch {b}")
     return out
+
+
+def _package_manifest(p: Path, raw: bytes | None) -> dict[str, Any]:
+    """The environment manifest export_aot put in package ``p``; :class:`CacheMismatchError`
+    when there is none usable (missing, ``null``, not JSON, not an object): without it the
+    package cannot be checked against this machine, and a wrong CPU ISA gives wrong outputs."""
+    problem = "has none" if raw is None else ""
+    built: Any = None
+    if raw is not None:
+        try:
+            built = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            problem = f"is not valid JSON ({type(exc).__name__})"
+        else:
+            if not isinstance(built, dict):
+                problem = (
+                    f"holds {'null' if built is None else type(built).__name__}, not an object"
+                )
+    if problem:
+        raise CacheMismatchError(
+            f"AOT package {p} has no usable fastinfer manifest ({_AOT_MANIFEST} {problem}), so "
+            "the environment it was built for (torch, CPU ISA, GPU) cannot be checked: it was "
+            "written by another tool or an older fastinfer, or damaged. Fix: re-export it with "
+            "this fastinfer (fastinfer.export_aot or `fastinfer warm --aot`), or pass "
+            "check_environment=False to load it unchecked"
+        )
+    return dict(built)
 
 
 def _positional_names(model: nn.Module, n: int) -> list[str]:
@@ -121,21 +156,28 @@ def load_aot(path: str | os.PathLike[str], *, check_environment: bool = True) ->
     """Load an AOTInductor package written by :func:`export_aot`: no JIT, no C++ compiler needed.
 
     Raises :class:`~fastinfer.CacheMismatchError` when the package was built for another
-    environment (torch version, CPU ISA, GPU) and :class:`~fastinfer.LoadError`-like
-    :class:`CompileError` when the file is not a package.
+    environment (torch version, CPU ISA, GPU) or carries no usable manifest (unless
+    ``check_environment=False``), :class:`ConfigError` when ``path`` is missing or a folder,
+    and :class:`CompileError` when the file is not a package.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(
+            f"AOT package {p} is a folder, not a .pt2 file; pass the file fastinfer.export_aot "
+            "wrote (e.g. model.pt2)"
+        )
     if not p.is_file():
         raise ConfigError(f"AOT package {p} does not exist; build one with fastinfer.export_aot")
-    built: dict[str, Any] | None = None
+    raw: bytes | None = None
     try:
         with zipfile.ZipFile(p) as zf:
             for name in zf.namelist():
                 if name.endswith(_AOT_MANIFEST):
-                    built = json.loads(zf.read(name))
-    except zipfile.BadZipFile as exc:
+                    raw = zf.read(name)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise CompileError(f"{p} is not an AOTInductor .pt2 package ({exc})") from exc
-    if check_environment and built is not None:
+    if check_environment:
+        built = _package_manifest(p, raw)
         here = environment_manifest()
         diff = manifest_diff(
             {k: built.get(k) for k in _AOT_FIELDS}, {k: here.get(k) for k in _AOT_FIELDS}

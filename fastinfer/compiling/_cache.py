@@ -93,6 +93,26 @@ class CacheStatistics:
     read_only: bool = gauge()  # used as a read-only prebuilt cache (through a scratch overlay)
 
 
+def _cache_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute; refused when no compile could work in it."""
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # "~nouser/x": no such user's home
+        raise ConfigError(
+            f"compile cache path {os.fspath(path)!r} cannot be expanded ({exc}); pass an absolute "
+            "path (or set FASTINFER_CACHE_DIR to one)"
+        ) from None
+    if any(c.isspace() for c in str(resolved)):
+        # torch puts cache paths into the C++ compiler's command line unquoted: every compile
+        # fails there (g++: "input file ... is the same as output file").
+        raise ConfigError(
+            f"compile cache path {str(resolved)!r} contains whitespace, and torch passes cache "
+            "paths to the C++ compiler unquoted, so no compile can work in it. Fix: use a path "
+            "without spaces (e.g. /var/cache/fastinfer), or set FASTINFER_CACHE_DIR to one"
+        )
+    return resolved
+
+
 class InductorCache:
     """A context manager that points torch's compile caches at ``path`` for the ``with`` block.
 
@@ -140,7 +160,7 @@ class InductorCache:
             raise ConfigError(f"on_mismatch must be 'error' or 'replace', got {on_mismatch!r}")
         if tag is not None and (not isinstance(tag, str) or not tag):
             raise ConfigError(f"tag must be a non-empty string or None, got {tag!r}")
-        self.path = Path(path).expanduser().resolve()
+        self.path = _cache_path(path)
         self.tag = tag
         self.on_mismatch = on_mismatch
         self.lock_timeout = lock_timeout
@@ -202,6 +222,17 @@ class InductorCache:
         if self.path.exists() and not writable(self.path):
             self._check_prebuilt(here)
             return here
+        try:
+            self._check_writable(here)
+        except OSError as exc:  # a full disk, a folder where a file belongs
+            raise ConfigError(
+                f"cannot set up the compile cache {self.path}: {exc.strerror or exc}"
+                f"{f' ({exc.filename})' if exc.filename else ''}. Fix: free space on that "
+                "filesystem, remove what is in the way, or pass another path"
+            ) from None
+        return here
+
+    def _check_writable(self, here: dict[str, Any]) -> None:
         with flock(self.path / LOCK_FILE, timeout=self.lock_timeout, what=str(self.path)):
             try:
                 built = self.manifest()
@@ -220,9 +251,10 @@ class InductorCache:
                 self._wipe()
                 built = None
             if built is None:
+                if self.manifest_path.is_dir() and not self.manifest_path.is_symlink():
+                    shutil.rmtree(self.manifest_path)  # replacing: a folder where it belongs
                 self.inductor_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(self.manifest_path, here)
-        return here
 
     def _check_prebuilt(self, here: dict[str, Any]) -> None:
         """A folder we cannot write: usable only as a complete, matching prebuilt cache."""
@@ -310,6 +342,19 @@ class InductorCache:
                 f"cannot create the compile cache folder {self.path} ({exc.strerror or exc}); pass "
                 "a writable path, or a folder that already holds a prebuilt cache"
             ) from None
+        try:
+            self._enter()
+        except BaseException:
+            # Nothing half-entered is left behind: environment, config and overlay restored.
+            if self._saved is not None:
+                self.close()
+            elif self._overlay is not None:
+                shutil.rmtree(self._overlay, ignore_errors=True)
+                self._overlay = None
+            raise
+        return self
+
+    def _enter(self) -> None:
         self.check()
         self._read_only = not writable(self.path)
         if self._read_only:
@@ -332,7 +377,6 @@ class InductorCache:
         _torch_compat.inductor_clear_caches()  # in-memory caches may point into the previous folder
         self._replay_isa_probe()
         self._base = cache_counters()
-        return self
 
     def _make_overlay(self) -> Path:
         try:
@@ -342,6 +386,13 @@ class InductorCache:
                 f"compile cache {self.path} is read-only here, and using it needs a writable "
                 f"scratch folder in the temporary directory ({exc}); set TMPDIR to a writable folder"
             ) from None
+        if any(c.isspace() for c in str(overlay)):
+            shutil.rmtree(overlay, ignore_errors=True)
+            raise ConfigError(
+                f"compile cache {self.path} is read-only here, and its scratch folder {overlay} "
+                "contains whitespace, which the C++ compiler's command line cannot take. Fix: set "
+                "TMPDIR to a writable folder without spaces"
+            )
         try:
             linked = build_overlay(self.path, overlay)
         except BaseException:
@@ -376,9 +427,14 @@ class InductorCache:
             return
         record = self.path / _ISA_PROBE
         try:
-            known: dict[str, bool] = json.loads(record.read_text())
-        except (OSError, ValueError):
-            known = {}
+            doc = json.loads(record.read_text())
+        except (OSError, ValueError, RecursionError):
+            doc = None
+        # A damaged record (not an object of booleans) is ignored and written again.
+        known: dict[str, bool] = {
+            k: v for k, v in (doc if isinstance(doc, dict) else {}).items() if isinstance(v, bool)
+        }
+        damaged = record.exists() and (not isinstance(doc, dict) or len(known) != len(doc))
         seen: dict[str, bool] = {}
 
         def probe(vec_isa: Any, output_path: str) -> bool:
@@ -398,7 +454,7 @@ class InductorCache:
             return
         finally:
             isa.VecISA._probe_load = original  # type: ignore[method-assign]
-        if seen and {**known, **seen} != known:
+        if seen and ({**known, **seen} != known or damaged):
             with contextlib.suppress(OSError):
                 atomic_write_json(record, {**known, **seen})
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastinfer._common.files import atomic_path
+from fastinfer._common.files import atomic_path, writable_target
 from fastinfer.compiling._cache_files import (
     COMPILE_LOCK_FILE,
     LOCK_FILE,
@@ -44,13 +44,20 @@ def export_bundle(cache: InductorCache, bundle_path: str | os.PathLike[str]) -> 
         raise ConfigError(f"{cache.path} holds no fastinfer cache yet: compile into it first")
     import tarfile
 
-    bundle = Path(bundle_path).expanduser().resolve()
+    bundle = writable_target(bundle_path, what="cache bundle", example="cache.tar")
     skip = {LOCK_FILE, COMPILE_LOCK_FILE}
-    with atomic_path(bundle) as tmp, cache.exclusive(), tarfile.open(tmp, "w") as tar:
-        for child in sorted(cache.path.iterdir()):
-            if child.name in skip:
-                continue
-            tar.add(child, arcname=child.name, filter=_no_locks)
+    try:
+        with atomic_path(bundle) as tmp, cache.exclusive(), tarfile.open(tmp, "w") as tar:
+            for child in sorted(cache.path.iterdir()):
+                if child.name in skip:
+                    continue
+                tar.add(child, arcname=child.name, filter=_no_locks)
+    except OSError as exc:  # a full disk, an unreadable cached file; no partial bundle is left
+        raise ConfigError(
+            f"writing cache bundle {bundle} from {cache.path} failed ({exc.strerror or exc}"
+            f"{f': {exc.filename}' if exc.filename else ''}). Fix: free space where the bundle "
+            "goes, or pass another path"
+        ) from None
     return bundle
 
 
@@ -106,7 +113,7 @@ def import_bundle(
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.import."))
         try:
             with tarfile.open(bundle) as tar:
-                _extract(tar, tmp)
+                _extract(tar, tmp, bundle)
             if path.exists():
                 path.rmdir()  # empty (checked above)
             os.rename(tmp, path)  # atomic publish
@@ -121,16 +128,30 @@ def _no_locks(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return None if name.endswith(".lock") or name == "locks" else info
 
 
-def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+def _extract(tar: tarfile.TarFile, dest: Path, bundle: Path) -> None:
+    """Unpack into ``dest``: nothing outside it, no links out, no device files (tarfile's
+    ``data`` filter); a bundle that tries is refused with :class:`ConfigError`."""
     import tarfile
 
-    if hasattr(tarfile, "data_filter"):
-        tar.extractall(dest, filter="data")
-    else:  # pragma: no cover - Python without PEP 706
-        for m in tar.getmembers():
-            if m.name.startswith("/") or ".." in Path(m.name).parts:
-                raise ConfigError(f"unsafe path {m.name!r} in cache bundle")
-        tar.extractall(dest)
+    try:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # pragma: no cover - Python without PEP 706
+            for m in tar.getmembers():
+                if m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise ConfigError(f"unsafe path {m.name!r} in cache bundle {bundle}")
+            tar.extractall(dest)
+    except (tarfile.TarError, EOFError) as exc:  # FilterError, a member cut short
+        raise ConfigError(
+            f"cache bundle {bundle} cannot be unpacked: {exc} ({type(exc).__name__}; nothing was "
+            "written outside the destination). The bundle is damaged or was not made by fastinfer; "
+            f"{_NOT_A_BUNDLE}"
+        ) from None
+    except OSError as exc:  # a full disk
+        raise ConfigError(
+            f"unpacking cache bundle {bundle} into {dest.parent} failed ({exc.strerror or exc}). "
+            "Fix: free space there, or import into another folder"
+        ) from None
 
 
 def _merge_bundle(bundle: Path, path: Path) -> None:
@@ -140,7 +161,7 @@ def _merge_bundle(bundle: Path, path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.merge."))
     try:
         with tarfile.open(bundle) as tar:
-            _extract(tar, tmp)
+            _extract(tar, tmp, bundle)
         for src in sorted(tmp.rglob("*")):
             rel = src.relative_to(tmp)
             dst = path / rel

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +21,9 @@ import torch
 from fastinfer import _torch_compat
 from fastinfer._common.padding import zero_padded
 from fastinfer._common.tolerances import tolerance_for
+from fastinfer.compiling._cache_files import causes, compiler_failure, disk_full
 from fastinfer.compiling._inputs import inputs_for
+from fastinfer.compiling._manifest import compiler_path
 from fastinfer.errors import ConfigError, VerificationError
 
 __all__ = [
@@ -195,12 +200,71 @@ def log_once(key: str, level: int, msg: str, *args: Any) -> None:
         logger.log(level, msg, *args)
 
 
+def _compiler_missing(exc: BaseException, text: str) -> bool:
+    """Whether ``exc`` says no C++ compiler runs here (not that one ran and failed)."""
+    lowered = text.lower()
+    if "invalidcxxcompiler" in lowered or "no working c++ compiler" in lowered:
+        return True
+    names = {
+        "g++",
+        "c++",
+        "clang++",
+        "gcc",
+        "cc",
+        os.path.basename(os.environ.get("CXX", "") or "g++"),
+    }
+    for e in causes(exc):
+        missing = getattr(e, "filename", None) if isinstance(e, FileNotFoundError) else None
+        if missing and os.path.basename(os.fsdecode(missing)) in names:
+            return True
+    return compiler_failure(exc) is not None and compiler_path() is None
+
+
+def _first_errors(output: str, limit: int = 4) -> str:
+    """The compiler's own first error lines (its warnings and include traces left out)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [
+        line
+        for line in lines
+        if re.search(r"\b(error|fatal)\b|no space left|cannot find|undefined reference", line, re.I)
+    ]
+    return " / ".join(line[:200] for line in (errors or lines)[:limit]) or "(no output)"
+
+
 def explain(exc: BaseException) -> str:
+    """A short account of a compile failure with the fix: a full disk, no C++ compiler, the
+    compiler's own first errors, a model that pins the batch size; else the error itself."""
     text = f"{type(exc).__name__}: {exc}"
     lowered = text.lower()
-    markers = ("cppcompileerror", "invalidcxxcompiler", "no such file or dir")
-    if any(s in lowered for s in markers) and any(s in lowered for s in ("g++", "c++", "compiler")):
+    failure = compiler_failure(exc)
+    folder = disk_full(exc)
+    if folder is not None:
+        where = f" in {folder}" if folder else ""
+        said = f" The compiler said: {_first_errors(failure[1])}." if failure else ""
+        return (
+            f"no space left on device: compiling could not write its output{where}.{said} Fix: "
+            f"free space on that filesystem (df -h {folder or '.'}), or point the compile cache at "
+            "a volume with room (InductorCache(path), FASTINFER_CACHE_DIR; TMPDIR for torch's "
+            "default cache)"
+        )
+    if _compiler_missing(exc, text):
         return f"{NO_COMPILER}. Cause: {text[:800]}"
+    if failure is not None:
+        command, output = failure
+        dirs = [os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""), tempfile.gettempdir()]
+        spaced = [d for d in dirs if d and any(c.isspace() for c in d)]
+        fix = (
+            f"the folder {spaced[0]!r} contains whitespace, and torch passes paths to the compiler "
+            "unquoted: use a path without spaces (InductorCache(path), FASTINFER_CACHE_DIR, TMPDIR)"
+            if spaced
+            else "read the compiler's error above; an error in generated code is a torch bug (run "
+            "again with TORCHDYNAMO_VERBOSE=1 to report it), or pass fallback='eager' to serve eager"
+        )
+        return (
+            f"the C++ compiler ({command.split(' ')[0] or compiler_path()}) is installed but failed: "
+            f"{_first_errors(output)}. Fix: {fix}. Command: {command[:200]}"
+            f"{'...' if len(command) > 200 else ''}"
+        )
     if "constraintviolation" in lowered or "specialized" in lowered:
         return (
             f"{text[:1200]}\nFix: the model fixes the batch size in its code; pass dynamic=False "
