@@ -279,7 +279,11 @@ def guard_failures(message: str) -> list[GuardFailure]:
 
 def _other_model(text: str) -> bool:
     guard = text.split(" # ", 1)[0]  # dynamo appends the source line after " # "
-    return bool(_IDENTITY.match(guard) or _ROOT.search(guard))
+    # a graph compiled with another backend callable is another compile's, never this model's
+    # (each compile_model call has its own backend)
+    return bool(
+        _IDENTITY.match(guard) or _ROOT.search(guard) or guard.startswith("BACKEND_MATCH")
+    )
 
 
 def recompile_message(
