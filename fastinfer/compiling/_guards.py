@@ -281,9 +281,7 @@ def _other_model(text: str) -> bool:
     guard = text.split(" # ", 1)[0]  # dynamo appends the source line after " # "
     # a graph compiled with another backend callable is another compile's, never this model's
     # (each compile_model call has its own backend)
-    return bool(
-        _IDENTITY.match(guard) or _ROOT.search(guard) or guard.startswith("BACKEND_MATCH")
-    )
+    return bool(_IDENTITY.match(guard) or _ROOT.search(guard) or guard.startswith("BACKEND_MATCH"))
 
 
 def recompile_message(
