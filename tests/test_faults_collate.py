@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from typing import Any
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_left_padding_gives_each_caller_its_output_alone(arch: str) -> None:
         with torch.inference_mode():
             return model(**batch, **options)
 
-    out, _ = _serve(fn, PadCollate(side="left"), items)
+    out, _ = _serve(fn, PadCollate(side="left", add_position_ids=True), items)
     assert len(seen) == 1 and len(seen[0]["input_ids"]) == len(items)
     for item, got in zip(items, out):
         with torch.inference_mode():
@@ -182,13 +183,30 @@ def test_left_padding_gives_each_caller_its_output_alone(arch: str) -> None:
 
 def test_left_position_ids_count_real_tokens() -> None:
     items = [{"input_ids": [1, 2, 3]}, {"input_ids": [4]}]
-    batch = PadCollate(side="left").collate(items)[0]
+    batch = PadCollate(side="left", add_position_ids=True).collate(items)[0]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [1, 1, 0]]  # padding: 1, as generate
     own = [{"input_ids": [1, 2], "position_ids": [5, 6]}, {"input_ids": [4], "position_ids": [7]}]
-    assert PadCollate(side="left").collate(own)[0]["position_ids"].tolist() == [[5, 6], [0, 7]]
+    assert PadCollate(side="left", add_position_ids=True).collate(own)[0][
+        "position_ids"
+    ].tolist() == [[5, 6], [0, 7]]
     assert "position_ids" not in PadCollate(side="left", add_position_ids=False).collate(items)[0]
     assert "position_ids" not in PadCollate().collate(items)[0]  # right padding needs none
+
+
+def test_left_padding_without_the_option_warns_once_and_adds_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Adding them by default broke models (and compiled or exported graphs) that take no
+    # position_ids: opt in, and the default says so once.
+    items = [{"input_ids": [1, 2, 3]}, {"input_ids": [4]}]
+    collate = PadCollate(side="left")
+    with caplog.at_level(logging.WARNING, logger="fastinfer.batching"):
+        for _ in range(3):
+            assert "position_ids" not in collate.collate(items)[0]
+        PadCollate(side="left", add_position_ids=False).collate(items)
+    warnings = [r for r in caplog.records if "add_position_ids=True" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 # ------------------------------------------------------------------------------------- numpy

@@ -373,3 +373,16 @@ def test_a_merged_worker_metric_that_clashes_is_refused_whole() -> None:
     with pytest.raises(MetricNameError, match="app_jobs_total"):
         parent.merge(worker.collect_delta(), worker="0")
     assert parent.names() == [] and parent.statistics().deltas_refused == 1
+
+
+def test_registering_a_recorder_twice_into_one_registry_is_a_no_op() -> None:
+    # Was: a MetricNameError blaming "another collector" (the recorder itself).
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    rec = fastinfer.MetricsRecorder()
+    rec.counter("jobs_total").inc()
+    first = rec.register(registry)
+    assert rec.register(registry) is first
+    assert "jobs_total 1.0" in prometheus_client.generate_latest(registry).decode()
+    registry.unregister(first)
+    assert rec.register(registry) is not first  # registered again after an unregister

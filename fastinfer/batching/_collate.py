@@ -9,6 +9,7 @@ variable-length sequences (bare tensors, lists of token ids, or tokenizer dicts)
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from fastinfer.errors import BatchError, ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger("fastinfer.batching")
 
 # torch and numpy are imported only when a batch is collated (``import fastinfer`` stays light;
 # ``import torch`` alone pulls in torch.hub and tqdm). Type checks look them up in sys.modules:
@@ -265,12 +268,14 @@ class PadCollate:
             or tuple of dims for every output, or a mapping per output name or tuple position
             (``{"last_hidden_state": 1, "pooler_output": None}``).
         pad_to_multiple_of: round the padded length up (fewer distinct shapes for compiled models).
-        add_position_ids: with ``side="left"``, dict items get ``position_ids`` computed from the
-            attention mask (real tokens count from 0; padding gets 1, as Hugging Face's
-            ``generate`` does) unless they carry their own. Models with absolute positions
-            (GPT-2, BERT) need them: otherwise a left-padded item's tokens sit at shifted
-            positions and its outputs differ from the item run alone. ``False`` for a model
-            whose forward takes no ``position_ids`` (and then pad such a model on the right).
+        add_position_ids: with ``side="left"``, ``True`` gives dict items ``position_ids``
+            computed from the attention mask (real tokens count from 0; padding gets 1, as
+            Hugging Face's ``generate`` does) unless they carry their own. Models with absolute
+            positions (GPT-2, BERT) need them: otherwise a left-padded item's tokens sit at
+            shifted positions and its outputs differ from the item run alone. Not the default
+            (``None``: not added, and a warning says so once), because a model whose forward,
+            compiled graph or exported graph takes no ``position_ids`` would then fail;
+            ``False`` leaves them out without the warning. Right padding needs none.
 
     Items of one batch are promoted to a common dtype (an int8 item beside an int64 one gives
     int64; an empty item does not vote). Dict items must share keys (:class:`BatchError`).
@@ -283,7 +288,7 @@ class PadCollate:
     unpad_outputs: bool = True
     pad_to_multiple_of: int | None = None
     sequence_dims: SequenceDims = AUTO
-    add_position_ids: bool = True
+    add_position_ids: bool | None = None
 
     def __post_init__(self) -> None:
         if self.side not in ("right", "left"):
@@ -352,7 +357,18 @@ class PadCollate:
             batch: dict[str, torch.Tensor] = {k: self._pad(v, width, k) for k, v in per_key.items()}
             if self.return_mask and "attention_mask" not in batch:
                 batch["attention_mask"] = self._mask(lengths, width)
-            if self.side == "left" and self.add_position_ids and "position_ids" not in batch:
+            if self.side == "left" and "position_ids" not in batch and not self.add_position_ids:
+                if self.add_position_ids is None and not self.__dict__.get("_warned"):
+                    self.__dict__["_warned"] = True
+                    logger.warning(
+                        "PadCollate(side='left') pads token dicts on the left without "
+                        "position_ids: a model with absolute positions (GPT-2, BERT) then sees "
+                        "each item's tokens shifted by its padding and answers differently from "
+                        "the item alone. Pass add_position_ids=True if its forward takes "
+                        "position_ids, add_position_ids=False to keep them out (RoPE models, "
+                        "or this warning off), or pad on the right"
+                    )
+            elif self.side == "left" and self.add_position_ids and "position_ids" not in batch:
                 mask = batch.get("attention_mask")
                 if mask is None:
                     mask = self._mask(lengths, width)

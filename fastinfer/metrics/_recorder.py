@@ -115,13 +115,19 @@ class MetricsRecorder(Merging, Tracking):
         collectors in the global registry, or your own prometheus_client metrics); nothing is
         registered then. A metric created later is checked against the registry when it is
         created, and its names are held there, so a clashing collector registered later is
-        refused by prometheus_client.
+        refused by prometheus_client. Registering again into the same registry returns the
+        collector already there.
         """
         prom = require("prometheus_client", purpose="Prometheus export")
         from fastinfer.metrics._prometheus import DUPLICATES
 
         if registry is None:
             registry = prom.REGISTRY
+        for reg, registered in self._registrations:  # twice into one registry: the same one
+            if reg is registry and registered in getattr(
+                registry, "_collector_to_names", {registered: None}
+            ):
+                return registered
         collector = self.collector()
         with self._lock:  # no metric is created between describe() and holding the registry
             try:
