@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "decision_not_stored",
     "writable_target",
 ]
 
@@ -139,3 +140,13 @@ def writable_target(path: str | os.PathLike[str], *, what: str, example: str) ->
             f"({exc.strerror or exc}). Fix: pass a path in a folder this process can write"
         ) from None
     return target
+
+
+def decision_not_stored(folder: str | os.PathLike[str], exc: OSError) -> str:
+    """The note (report and log) for a measured decision that could not be written: the
+    measurement stands, the next start measures again."""
+    return (
+        f"the decision was not stored in {folder} ({type(exc).__name__}: {exc}): "
+        "the next start measures again; point cache_dir (FASTINFER_CACHE_DIR) at a "
+        "writable folder"
+    )

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from fastinfer import _torch_compat
+from fastinfer._common.files import decision_not_stored
 from fastinfer._common.manifest import environment_manifest
 from fastinfer._common.padding import empty_batch
 from fastinfer.attention import _decisions
@@ -258,11 +259,7 @@ def swap_attention_(
                         selection_seconds=clock() - started,
                     )
                 except OSError as exc:  # read-only, full, or a file where the folder goes
-                    why = (
-                        f"the decision was not stored in {folder} ({type(exc).__name__}: {exc}): "
-                        "the next start measures again; point cache_dir (FASTINFER_CACHE_DIR) "
-                        "at a writable folder"
-                    )
+                    why = decision_not_stored(folder, exc)
                     logger.warning("%s", why)
                     notes.append(why)
     else:

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from fastinfer._common.files import atomic_write_text
+from fastinfer._common.files import atomic_write_text, decision_not_stored
 from fastinfer.compiling._report import BackendReport, pick_winner
 
 __all__ = ["load_decision", "store_decision"]
@@ -61,11 +61,7 @@ def store_decision(record: Path, report: BackendReport) -> str:
     try:
         atomic_write_text(record, report.to_json())
     except OSError as exc:  # read-only, full, or a file where the folder goes
-        why = (
-            f"the decision was not stored in {record.parent} ({type(exc).__name__}: {exc}): "
-            "the next start measures again; point cache_dir (FASTINFER_CACHE_DIR) at a "
-            "writable folder"
-        )
+        why = decision_not_stored(record.parent, exc)
         logger.warning("select_backend: %s", why)
         return why
     return ""
