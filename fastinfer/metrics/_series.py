@@ -244,6 +244,7 @@ class _HistogramSeries:
         "_local",
         "_lock",
         "_metric",
+        "_retired",
         "_shards",
         "labels",
     )
@@ -254,6 +255,7 @@ class _HistogramSeries:
         self._bounds = bounds
         self._base = _Shard(len(bounds) + 1)  # last slot: +Inf; merges and retired shards
         self._shards: list[_Shard] = []
+        self._retired: list[_Shard] = []  # shards of ended threads, folded under the lock
         self._local = threading.local()
         self._lock = threading.Lock()
 
@@ -289,6 +291,7 @@ class _HistogramSeries:
         shard = _Shard(len(self._bounds) + 1)
         token = _ThreadToken()
         with self._lock:
+            self._fold_retired()
             self._shards.append(shard)
         # a weak reference: a series dropped while the thread lives on must not be kept alive
         weakref.finalize(token, _retire_shard, weakref.ref(self), shard)
@@ -297,7 +300,15 @@ class _HistogramSeries:
         return shard
 
     def _retire(self, shard: _Shard) -> None:
-        with self._lock:
+        # Run by a finalizer, which the garbage collector can run inside any allocation, this
+        # series' locked sections included: no lock here (waiting on one deadlocked), only an
+        # atomic append; the shard stays counted where it is until the next locked section.
+        self._retired.append(shard)
+
+    def _fold_retired(self) -> None:
+        """Fold the retired shards into the base (the lock is held)."""
+        while self._retired:
+            shard = self._retired.pop()
             if shard in self._shards:
                 self._shards.remove(shard)
                 self._base.fold(shard)
@@ -310,6 +321,7 @@ class _HistogramSeries:
 
     def _read(self) -> tuple[list[int], float, float, float]:
         with self._lock:
+            self._fold_retired()
             base = self._base
             counts, total, lo, hi = list(base.counts), base.sum, base.min, base.max
             for sh in self._shards:
@@ -329,6 +341,7 @@ class _HistogramSeries:
         hi: float | None,
     ) -> None:
         with self._lock:
+            self._fold_retired()
             base = self._base
             counts = base.counts
             for i, c in bucket_deltas:

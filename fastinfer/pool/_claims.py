@@ -28,7 +28,10 @@ __all__ = ["CpuClaim", "claims_dir"]
 logger = logging.getLogger("fastinfer.pool")
 
 _NAME = re.compile(r"cpu(\d+)\.(\d+)")
-_lock = threading.Lock()
+# Re-entrant: a pool's claim is released by a weakref finalizer, which the garbage collector can
+# run inside any allocation, including this module's own locked section of another claim (a plain
+# Lock then deadlocked the thread that was starting a pool).
+_lock = threading.RLock()
 _held: Counter[tuple[str, int]] = Counter()  # (directory, cpu) -> this process's pools on it
 
 
