@@ -224,3 +224,23 @@ def test_numpy_items_torch_cannot_take_as_they_are(collate: Any) -> None:
         collate.collate([np.arange(2), np.array(["a", "b"])])
     with pytest.raises(BatchError, match=r"item 0\['x'\] is a numpy array of dtype object"):
         collate.collate([{"x": np.array([None, 1])}, {"x": np.array([None, 2])}])
+
+
+# ------------------------------------------------------------------- values of one dict item
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1, 1, 1, 1]},  # shorter: a token hidden
+        {"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 0, 1]},  # longer
+        {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1]])},
+    ],
+    ids=["short-mask", "long-type-ids", "tokenizer-shaped"],
+)
+def test_a_dict_item_whose_values_differ_in_length_is_refused(item: dict[str, Any]) -> None:
+    # Before: the shorter mask was padded with 0 like the batch's padding, so a real token was
+    # masked out and the caller got a different answer with no error.
+    other = {k: [1, 1] for k in item}
+    with pytest.raises(BatchError, match=r"item 1\[.*\] has \d+ positions but its 'input_ids'"):
+        PadCollate().collate([other, item])

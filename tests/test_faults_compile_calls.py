@@ -308,6 +308,33 @@ def test_a_broadcast_tensor_keeps_its_shape_at_every_size() -> None:
     assert one["ids"].shape == (3, 5) and one["bias"].shape == (3, 4)
 
 
+@pytest.mark.parametrize("style", ["kwargs", "args"])
+def test_export_aot_keeps_a_tensor_without_a_batch_dim_static(
+    style: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: dim 0 of every tensor was the dynamic batch, and torch.export refused the (1, D)
+    # bias ("L['bias'].size()[0] = 1 is not equal to L['x'].size()[0] = 8"). The export call is
+    # stopped after its arguments are seen (a real AOT compile takes ~15 s).
+    import torch.export
+
+    from fastinfer import CompileError, export_aot
+
+    seen: dict[str, Any] = {}
+
+    def export(model: Any, args: Any, kwargs: Any, *, dynamic_shapes: Any) -> Any:
+        seen["shapes"] = dynamic_shapes
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(torch.export, "export", export)
+    x, bias = torch.randn(4, 8), torch.randn(1, 4)
+    example: Any = {"x": x, "bias": bias} if style == "kwargs" else (x, bias)
+    with pytest.raises(CompileError, match="stopped by the test"):
+        export_aot(_Biased().eval(), example, tmp_path / "m.pt2", batch_sizes=(1, 8))
+    shapes = seen["shapes"]
+    x_spec, bias_spec = (shapes["x"], shapes["bias"]) if style == "kwargs" else shapes
+    assert bias_spec is None and list(x_spec) == [0]
+
+
 def test_a_vector_as_long_as_the_batch_gets_a_hint() -> None:
     model = _Biased().eval()
     example = {"x": torch.randn(4, 8), "bias": torch.randn(4)}  # D == batch: ambiguous

@@ -240,6 +240,22 @@ def _seq(x: Any, index: int, key: str | None, batched: bool = False) -> torch.Te
     return t
 
 
+def _check_lengths(
+    per_key: Mapping[str, list[torch.Tensor]], lead: str, lengths: list[int]
+) -> None:
+    """Every value of a dict item runs along the same tokens as its ``lead`` value: one that is
+    shorter would be padded as if its tokens were real (a mask of 4 beside 5 input_ids hides a
+    real token), one that is longer would not fit."""
+    for key, seqs in per_key.items():
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            if s.shape[0] != n:
+                raise BatchError(
+                    f"item {i}[{key!r}] has {s.shape[0]} positions but its {lead!r} has {n}; "
+                    "every value of a dict item runs along the same tokens. Fix: build the "
+                    "item's values together (one tokenizer call), or collate it yourself"
+                )
+
+
 @dataclass(frozen=True)
 class PadCollate:
     """Pad variable-length sequences to the longest in the batch; cut outputs back per item.
@@ -353,6 +369,7 @@ class PadCollate:
             }
             lead = "input_ids" if "input_ids" in per_key else keys[0]
             lengths = [int(s.shape[0]) for s in per_key[lead]]
+            _check_lengths(per_key, lead, lengths)
             width = self._width(lengths)
             batch: dict[str, torch.Tensor] = {k: self._pad(v, width, k) for k, v in per_key.items()}
             if self.return_mask and "attention_mask" not in batch:

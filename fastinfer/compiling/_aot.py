@@ -19,7 +19,13 @@ from fastinfer import _torch_compat
 from fastinfer._common.files import atomic_path, writable_target
 from fastinfer.compiling._cache import InductorCache
 from fastinfer.compiling._compile import CompiledModel, new_stats, resolve_cache
-from fastinfer.compiling._inputs import Inputs, check_batch_sizes, cpu_inputs, inputs_for
+from fastinfer.compiling._inputs import (
+    Inputs,
+    batched_keys,
+    check_batch_sizes,
+    cpu_inputs,
+    inputs_for,
+)
 from fastinfer.compiling._manifest import compiler_path, environment_manifest, manifest_diff
 from fastinfer.compiling._verify import NO_COMPILER, check_close, explain, swap_refusal
 from fastinfer.errors import CacheMismatchError, CompileError, ConfigError
@@ -42,7 +48,8 @@ def export_aot(
     inductor_configs: dict[str, Any] | None = None,
     cache: InductorCache | None = None,
 ) -> Path:
-    """Write an AOTInductor ``.pt2`` package with a dynamic batch dimension (dim 0 of each tensor).
+    """Write an AOTInductor ``.pt2`` package with a dynamic batch dimension (dim 0 of each batched
+    tensor: one whose leading dimension is the example's batch size).
 
     The batch dimension ranges over ``min(batch_sizes)..max(batch_sizes)``; every size in
     ``batch_sizes`` is checked against eager before the package is renamed into place. The package
@@ -69,8 +76,10 @@ def export_aot(
     )
     from torch import export as torch_export
 
-    def spec(value: Any, dim: Any) -> Any:
-        return {0: dim} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+    batched = batched_keys(example_inputs)  # a (1, D) input beside (B, D) ones keeps its size
+
+    def spec(key: int | str, value: Any, dim: Any) -> Any:
+        return {0: dim} if key in batched and isinstance(value, torch.Tensor) else None
 
     dim: Any = None
     if len(sizes) > 1:
@@ -78,14 +87,14 @@ def export_aot(
     dynamic_shapes: Any = None
     if dim is not None:
         dynamic_shapes = (
-            {k: spec(v, dim) for k, v in kwargs.items()}
+            {k: spec(k, v, dim) for k, v in kwargs.items()}
             if not args
-            else tuple(spec(a, dim) for a in args)
+            else tuple(spec(i, a, dim) for i, a in enumerate(args))
         )
         if args and kwargs:
             dynamic_shapes = {
                 **dict(zip(_positional_names(model, len(args)), dynamic_shapes)),
-                **{k: spec(v, dim) for k, v in kwargs.items()},
+                **{k: spec(k, v, dim) for k, v in kwargs.items()},
             }
     cache = resolve_cache(cache, "inductor")
     with atomic_path(out, suffix=".pt2") as tmp_path:
