@@ -335,6 +335,36 @@ def test_export_aot_keeps_a_tensor_without_a_batch_dim_static(
     assert bias_spec is None and list(x_spec) == [0]
 
 
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(100, 8), nn.Linear(40, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(ids).flatten(1))
+
+
+@pytest.mark.parametrize("view", ["sliced", "sliced-inference", "transposed"])
+def test_a_contiguous_view_with_other_strides_on_a_size_1_dim_is_served(view: str) -> None:
+    # full[:, :5] of a (1, 12) tensor is contiguous, with strides (12, 1): dynamo's guard saw
+    # another layout and the call was refused, with a fix (x.contiguous()) that changes nothing.
+    torch.manual_seed(0)
+    model = _Tokens().eval()  # its own class: dynamo's graphs are per class (see the test below)
+    compiled = compile_model(
+        model, torch.randint(0, 100, (4, 5)), backend="eager", batch_sizes=(1, 4)
+    )
+    full = torch.randint(0, 100, (1, 12))
+    if view == "sliced-inference":
+        with torch.inference_mode():
+            full = full.clone()
+    x = full[:, :5] if view != "transposed" else torch.randint(0, 100, (5, 1)).t()  # strides (1, 1)
+    assert x.is_contiguous() and x.stride() != (5, 1)
+    with torch.inference_mode():
+        want = model(x)
+    torch.testing.assert_close(compiled(x), want)
+    assert compiled.statistics().recompiles_refused == 0
+
+
 def test_a_vector_as_long_as_the_batch_gets_a_hint() -> None:
     model = _Biased().eval()
     example = {"x": torch.randn(4, 8), "bias": torch.randn(4)}  # D == batch: ambiguous

@@ -679,3 +679,60 @@ def test_a_safetensors_header_whose_length_starts_with_0x80_is_not_taken_for_a_p
     model.register_buffer(key, torch.zeros(2))
     report = fastinfer.load_weights_(model, tmp_path / "x.safetensors")
     assert report.format == "safetensors" and torch.equal(getattr(model, key), torch.arange(2.0))
+
+
+# -- models whose __init__ reads parameter values (outside probe, round 5) ------------------------
+
+
+class _ReadsAWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.scale = float(self.lin.weight.abs().max())  # no data under empty_init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+class _DerivedBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("wt", self.lin.weight.detach().t().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.wt
+
+
+def test_a_model_whose_init_reads_a_weight_gets_a_load_error_with_the_fix(tmp_path: Path) -> None:
+    # Before: torch's raw "RuntimeError: Tensor.item() cannot be called on meta tensors".
+    path = tmp_path / "m.safetensors"
+    fastinfer.save_weights(_ReadsAWeight(), path)
+    with pytest.raises(
+        fastinfer.LoadError, match=r"_ReadsAWeight\(\.\.\.\) failed when built"
+    ) as e:
+        fastinfer.load_model(_ReadsAWeight, path)
+    assert "load_weights_(model, checkpoint)" in str(e.value)
+    assert isinstance(e.value, RuntimeError)  # code catching torch's error still catches it
+    model = _ReadsAWeight()
+    fastinfer.load_weights_(model, path)  # the fix it names works
+
+
+def test_a_buffer_computed_from_a_weight_in_init_names_that_cause(tmp_path: Path) -> None:
+    # Before: the fix given was "build the model under fastinfer.empty_init()", which
+    # load_model had done.
+    path = tmp_path / "m.safetensors"
+    fastinfer.save_weights(_DerivedBuffer(), path)
+    with pytest.raises(fastinfer.StateDictMismatch, match="computed the buffer from a parameter"):
+        fastinfer.load_model(_DerivedBuffer, path)
+
+
+def test_a_models_own_error_in_init_is_not_rewrapped(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    fastinfer.save_weights(nn.Linear(2, 2), path)
+
+    def broken() -> nn.Module:
+        raise RuntimeError("the user's own bug")
+
+    with pytest.raises(RuntimeError, match=r"^the user's own bug$"):
+        fastinfer.load_model(broken, path)

@@ -124,11 +124,31 @@ def _name(key: int | str) -> str:
 
 
 def _normal(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as dynamo saw tensors at warm-up: not an inference tensor, not requiring grad."""
+    """``t`` as dynamo saw tensors at warm-up: not an inference tensor, not requiring grad, and
+    a contiguous one with the standard strides."""
     if t.is_inference():
         with torch.inference_mode(False):
-            return t.clone()  # a normal tensor (the only copy: an inference tensor has no twin)
-    return t.detach() if t.requires_grad else t
+            t = t.clone()  # a normal tensor (the only copy: an inference tensor has no twin)
+    elif t.requires_grad:
+        t = t.detach()
+    return _standard_strides(t)
+
+
+def _standard_strides(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``t`` viewed with the standard strides. A size-1 dim's stride never matters
+    for addressing, so ``full[:, :5]`` of a ``(1, 12)`` tensor is contiguous with strides
+    ``(12, 1)``; dynamo guards on them all the same, and neither ``.contiguous()`` nor ``.clone()``
+    changes them. The view shares the memory (no copy)."""
+    if t.dim() == 0 or not t.is_contiguous():
+        return t
+    want, step = [], 1
+    for n in reversed(t.shape):
+        want.append(step)
+        step *= max(int(n), 1)
+    want.reverse()
+    if list(t.stride()) == want:
+        return t
+    return t.as_strided(t.shape, want)
 
 
 def normal_inputs(value: Any) -> Any:

@@ -486,8 +486,11 @@ def _check_no_meta(model: nn.Module) -> None:
         if slot.tensor.is_meta:
             if slot.kind == "buffer" and not slot.persistent:
                 why = (
-                    "non-persistent buffer, never saved: build the model under "
-                    "fastinfer.empty_init(), which creates buffers for real"
+                    "non-persistent buffer, never saved: either the model was built on the meta "
+                    "device (build it under fastinfer.empty_init(), which creates buffers for "
+                    "real), or its __init__ computed the buffer from a parameter, which has no "
+                    "data under empty_init (as load_model builds): compute it after loading, or "
+                    "build the model normally and use fastinfer.load_weights_"
                 )
             else:
                 why = "not in the checkpoint"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastinfer._optional import require
-from fastinfer.errors import CheckpointError, ConfigError
+from fastinfer.errors import CheckpointError, ConfigError, LoadError
 from fastinfer.loading import _formats as fmt
 from fastinfer.loading._empty_init import empty_init
 from fastinfer.loading._hf import hf_remap, recompute_buffers_
@@ -62,8 +62,20 @@ def load_model(
     validate_options(dtype, device)  # before building: a bad option wastes no construction
     mem0 = fmt.memory()["anonymous"]
     t0 = time.perf_counter()
-    with empty_init():
-        model = factory_or_class(*args, **kwargs)
+    try:
+        with empty_init():
+            model = factory_or_class(*args, **kwargs)
+    except (RuntimeError, NotImplementedError) as exc:
+        if "meta" not in str(exc):
+            raise  # the model's own error, not the empty construction's
+        name = getattr(factory_or_class, "__qualname__", repr(factory_or_class))
+        raise LoadError(
+            f"{name}(...) failed when built under fastinfer.empty_init(), where parameters have "
+            f"no data yet (meta device): {type(exc).__name__}: {exc}. Its __init__ reads a "
+            "parameter's values (.item(), float(), a tensor computed from a weight). Fix: build "
+            "the model normally and load with fastinfer.load_weights_(model, checkpoint), or "
+            "compute that value after loading (in forward, or a method you call after)"
+        ) from exc
     construct_seconds = time.perf_counter() - t0
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factory_or_class returned a {type(model).__name__}, not an nn.Module")
