@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["empty_batch", "valid_mask", "zero_padded"]
+__all__ = ["empty_batch", "padding_layout", "padding_variants", "valid_mask", "zero_padded"]
 
 
 def valid_mask(
@@ -113,3 +113,63 @@ def zero_padded(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         vt = v.t()
         return t.masked_fill(~vt.reshape(*vt.shape, *([1] * (t.dim() - 2))), 0)
     return t
+
+
+def padding_layout(valid: torch.Tensor | None) -> str | None:
+    """How a ``(B, T)`` validity lays its padding out: ``"unpadded"`` (every position valid),
+    ``"right"`` (each row's tokens first, then padding), ``"left"`` (padding first), ``"mixed"``
+    (a masked position between valid ones, or rows padded on different sides); None without a
+    ``(B, T)`` mask. A row that is all tokens or all padding fits either side."""
+    if valid is None or valid.dim() != 2 or valid.numel() == 0:
+        return None
+    v = valid.bool()
+    if bool(v.all()):
+        return "unpadded"
+    # right-padded: validity never rises along a row; left-padded: it never falls
+    steps = v[:, 1:].int() - v[:, :-1].int()
+    right, left = not bool((steps > 0).any()), not bool((steps < 0).any())
+    if right:
+        return "right"  # a batch whose rows are all-token or all-padding counts as right
+    return "left" if left else "mixed"
+
+
+def padding_variants(named: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The batch ``named`` (keyword arguments with a 2-D ``attention_mask``, 1 = token) laid out
+    otherwise, each ``(label, arguments)``: its rows moved to the other padding side (right to
+    left, left to right; an unpadded batch left-padded by masking each row's first quarter), and
+    a masked token inside its longest row. Every ``(B, T, ...)`` tensor moves with its mask, so a
+    path that handles the example's layout only (a mask turned into per-row lengths) answers
+    otherwise than eager on one of them. Empty without such a mask."""
+    mask = named.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.numel() == 0:
+        return []
+    valid = mask != 0
+    rows, width = valid.shape
+    layout = padding_layout(valid)
+    out: list[tuple[str, dict[str, Any]]] = []
+    if layout in ("right", "left"):
+        pads = (~valid).sum(dim=1)
+        shift = pads if layout == "right" else -pads
+        columns = torch.arange(width, device=mask.device)
+        index = (columns - shift[:, None]) % width  # row r rolled by shift[r]
+        row = torch.arange(rows, device=mask.device)[:, None]
+        moved = {k: v[row, index] if _per_position(v, valid) else v for k, v in named.items()}
+        out.append(("left-padded" if layout == "right" else "right-padded", moved))
+    elif layout == "unpadded" and width >= 2:
+        cut = mask.clone()
+        cut[:, : max(1, width // 4)] = 0
+        out.append(("left-padded", {**named, "attention_mask": cut}))
+    counts = valid.sum(dim=1)
+    longest = int(counts.argmax())
+    if int(counts[longest]) >= 3:  # a hole between two tokens
+        positions = valid[longest].nonzero().flatten()
+        holed = mask.clone()
+        holed[longest, positions[len(positions) // 2]] = 0
+        out.append(
+            (f"with a masked token inside row {longest}", {**named, "attention_mask": holed})
+        )
+    return out
+
+
+def _per_position(t: Any, valid: torch.Tensor) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(valid.shape)

@@ -7,8 +7,9 @@ builds a callable; a name the registry does not know is tried as a dynamo backen
 variant). Selection is bounded by ``budget_seconds``: a build whose estimate does not fit in what is
 left is skipped with the reason, timing rounds stop at the deadline, and clearly slower candidates
 are dropped after each round (:func:`fastinfer._common.timing.race`). The decision is cached on
-disk, keyed by the model's structure, the inputs' shape class, the batch sizes, the candidates and
-the environment, so a restart or a second worker reuses it without building or timing anything.
+disk, keyed by the model's structure, the inputs' shape class and padding layout, the batch sizes,
+the candidates and the environment, so a restart or a second worker reuses it without building or
+timing anything.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from fastinfer import _env
 from fastinfer._common.keys import batch_bucket, digest, padding_bucket, structure_key
 from fastinfer._common.manifest import compiler_path, compiler_version, environment_manifest
-from fastinfer._common.padding import empty_batch, valid_mask
+from fastinfer._common.padding import empty_batch, padding_layout, valid_mask
 from fastinfer._common.timing import median, race
 from fastinfer.compiling._builders import BUILDERS, BuildContext, builder_for
 from fastinfer.compiling._cache import InductorCache
@@ -163,9 +164,12 @@ def select_backend(
     after each round; the candidates still racing after ``repeat`` rounds (a close call) get up
     to three times the rounds while the budget lasts. The decision is stored under ``cache_dir`` (default
     ``$FASTINFER_CACHE_DIR``) in ``decisions/``, keyed by the model's structure (not its weights),
-    the inputs' shape class, the batch sizes, the candidates and the environment, so a restart
-    reuses it without building or timing anything (``refresh=True`` measures again); exported
-    ONNX / OpenVINO files are cached in ``artifacts/`` beside it.
+    the inputs' shape class and padding layout (right, left, unpadded, mixed), the batch sizes,
+    the candidates and the environment, so a restart reuses it without building or timing
+    anything (``refresh=True`` measures again); exported ONNX / OpenVINO files are cached in
+    ``artifacts/`` beside it. A runtime candidate (``onnxruntime``, ``openvino``) is verified
+    also on the example laid out otherwise (its rows on the other padding side, a masked token
+    inside a row) and rejected when it handles the example's layout only.
     """
     started = clock()
     sizes = check_batch_sizes(batch_sizes)
@@ -193,6 +197,9 @@ def select_backend(
     key_doc = {
         "model": structure_key(model),
         "inputs": input_spec(example_inputs),
+        # right, left, unpadded, mixed: a path may handle one layout only (a fused attention
+        # that reads the mask as per-row lengths), so a decision is not reused for another
+        "padding_layout": padding_layout(valid_mask(model, *split(example_inputs))),
         "batch_sizes": list(sizes),
         "candidates": [n if isinstance(c, str) else f"{n}={structure_key(c)}" for n, c in named],
         "margin": margin,
@@ -260,6 +267,11 @@ def select_backend(
             t0 = clock()
             try:
                 fn, obj = builder.build(ctx)
+            except VerificationError as exc:  # a runtime's own checks (another length, padding)
+                outcome[name] = CandidateResult(
+                    name, "rejected", str(exc).splitlines()[0][:600], clock() - t0
+                )
+                continue
             except Exception as exc:
                 outcome[name] = CandidateResult(name, "failed", explain(exc)[:400])
                 continue

@@ -27,6 +27,7 @@ from fastinfer.compiling._manifest import compiler_path
 from fastinfer.errors import ConfigError, VerificationError
 
 __all__ = [
+    "MISMATCH_CAUSES",
     "NO_COMPILER",
     "OPAQUE_FIX",
     "OPAQUE_FUSED_OPS",
@@ -57,6 +58,16 @@ OPAQUE_FIX = (
     "(nn.TransformerEncoder/MultiheadAttention fastpath), which the compiler cannot see into. "
     "Fix: call torch.backends.mha.set_fastpath_enabled(False) before compiling so the attention "
     "and feed-forward ops are compiled, or keep the model eager"
+)
+# What an output that differs from eager may come from (which one cannot be told from it).
+MISMATCH_CAUSES = (
+    "Possible causes (the difference cannot tell which): the inputs are padded otherwise than "
+    "the example the backend was built and verified on (left padding, or a masked token inside "
+    "a row, where the example was right-padded: some fused attention paths handle one layout "
+    "only), or a compile cache built for another CPU ISA or torch. Fix: build and verify the "
+    "backend with an example padded like the batches you serve (select_backend keys its decision "
+    "by the padding layout), use a cache built on this machine or another backend, or loosen "
+    "rtol/atol if the difference is expected."
 )
 # What fastinfer.swap_attention_ records on a swapped model for compile selectors to read
 # (primitives do not import each other): {"path", "compile_useful", "compile_reason"}.
@@ -109,9 +120,8 @@ def check_close(
         except AssertionError as exc:
             raise VerificationError(
                 f"{where}: output {i} ({y.dtype}, shape {tuple(y.shape)}) differs from eager "
-                f"beyond rtol={rt:g}, atol={at:g} (max error {max_error(x, y):.3g}). This is what "
-                "a cache built for another CPU ISA looks like; fix: use a matching cache or "
-                "backend, or loosen rtol/atol if the difference is expected.\n"
+                f"beyond rtol={rt:g}, atol={at:g} (max error {max_error(x, y):.3g}). "
+                f"{MISMATCH_CAUSES}\n"
                 f"{str(exc)[:500]}"
             ) from None
 
