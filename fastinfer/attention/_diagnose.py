@@ -36,19 +36,30 @@ def diagnose_static(model: nn.Module) -> tuple[tuple[str, str], ...]:
     return _diagnose_static(found) if found else ()
 
 
-def diagnose_call(model: nn.Module, inputs: Any) -> tuple[tuple[tuple[str, str], ...], Any]:
+def diagnose_call(
+    model: nn.Module, inputs: Any, grad: bool | None = None
+) -> tuple[tuple[tuple[str, str], ...], Any]:
     """Call the model once on ``inputs`` with the diagnosis hooks on: ``(reasons, output)``.
 
-    The call doubles as the reference call of a measurement; exceptions propagate.
+    The call doubles as the reference call of a measurement; exceptions propagate. ``grad``: the
+    grad mode the reasons are for, when the call runs in another (the reference call runs
+    without grad, as the model is served, and reports what a caller in grad mode gets). The
+    modules' own parameters are read as they are; an input that would require grad in that
+    mode only through a trainable module upstream reads as not requiring it.
     """
     found = native_modules(model)
     if not found:
         return (), call(model, inputs)
     results: dict[str, str] = {}
     handles = []
+    mode = torch.is_grad_enabled() if grad is None else grad
 
     def make_hook(name: str, mod: nn.Module) -> Callable[..., None]:
         def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            with torch.set_grad_enabled(mode):
+                reason(m, args, kwargs)
+
+        def reason(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             bound = inspect.signature(m.forward).bind(*args, **kwargs).arguments
             if isinstance(m, nn.TransformerEncoder):
                 why = _why.encoder_nested_reason(

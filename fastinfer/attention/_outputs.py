@@ -45,17 +45,19 @@ def compare(
     valid: torch.Tensor | None,
     rtol: float | None = None,
     atol: float | None = None,
+    original: str = "the original",
 ) -> tuple[float, str]:
-    """Max abs error on valid positions and a mismatch message ("" if within tolerance)."""
+    """Max abs error on valid positions and a mismatch message ("" if within tolerance);
+    ``original`` names what ``ref`` is in the message."""
     if len(ref) != len(out):
-        return float("inf"), f"returned {len(out)} tensors, the original {len(ref)}"
+        return float("inf"), f"returned {len(out)} tensors, {original} {len(ref)}"
     worst = 0.0
     problem = ""
     for i, (r, o) in enumerate(zip(ref, out)):
         if r.shape != o.shape:
             return float(
                 "inf"
-            ), f"output {i} has shape {tuple(o.shape)}, the original {tuple(r.shape)}"
+            ), f"output {i} has shape {tuple(o.shape)}, {original} {tuple(r.shape)}"
         if not r.is_floating_point():
             if not torch.equal(r, o):
                 return float("inf"), f"output {i} ({r.dtype}) differs"
@@ -71,7 +73,7 @@ def compare(
         bad = diff > tol.atol + tol.rtol * rn.abs().masked_fill(both_nan, 0)
         if bool(bad.any()) and not problem:
             problem = (
-                f"output {i} differs from the original on {int(bad.sum())} valid elements "
+                f"output {i} differs from {original} on {int(bad.sum())} valid elements "
                 f"(max abs error {err:.3g}, tolerance rtol={tol.rtol:g} atol={tol.atol:g} for {r.dtype})"
             )
     return worst, problem

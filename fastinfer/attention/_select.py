@@ -10,6 +10,8 @@
   rule-based choice prefers, so a short budget goes to the likely winners first.
 * **Early elimination.** After every interleaved round, a path whose fastest sample is slower than
   the best path's median by more than noise explains is dropped (1.5x after one sample).
+* **As served.** Every path is verified against the original as a service calls it: in
+  ``eval()`` and without grad (:func:`served`), whatever mode ``swap_attention_`` is called in.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "measure",
     "representative",
     "rule_choice",
+    "served",
     "verify_choice",
 ]
 
@@ -248,30 +251,89 @@ def in_eval(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@contextlib.contextmanager
+def served() -> Iterator[None]:
+    """A call as a service makes it (under ``torch.inference_mode()``): without grad.
+
+    The original and every path are verified in this mode, whatever mode the caller is in. In
+    grad mode, with parameters requiring grad (as built), PyTorch's fastpath and nested tensors
+    do not run in the original, and it can answer otherwise: its encoder leaves values, not the
+    nested path's zeros, at padded positions, which a mean over all positions or a decoder
+    attending to that memory unmasked reads (0.77 and 1.28 apart on the repros). Judged in grad
+    mode, ``torch:fastpath`` (dense, frozen) matched there and changed the served answer by as
+    much. A path's own call is served too: a swap freezes only what it replaces (an HF path, the
+    HF model a wrapper holds), and the rest keeps its grad-mode route in grad mode.
+
+    ``torch.no_grad()``, not ``inference_mode()``: every branch PyTorch and the replacement
+    encoders take reads ``torch.is_grad_enabled()``, False under both, and an ``inference_mode``
+    call inside a grad-mode swap could leave inference tensors cached in the model (BEiT's
+    relative position bias) that the caller's next grad-mode call refuses."""
+    with torch.no_grad():
+        yield
+
+
+def as_original() -> str:
+    """What a path is compared with, as a mismatch names it."""
+    if torch.is_grad_enabled():
+        return "the original as served (both called without grad, as under inference_mode)"
+    return "the original"
+
+
+def call_failed(model: nn.Module, exc: Exception) -> ConfigError:
+    """The error for the original failing on the example inputs."""
+    fix = (
+        "pass what the model takes: a dict of keyword arguments, a tuple of positional "
+        "arguments, or one tensor"
+    )
+    if "inference tensor" in str(exc).lower():
+        # a tensor the model cached during an earlier call under inference_mode (BEiT's
+        # relative position bias) cannot take part in a grad-mode call
+        fix = (
+            "call swap_attention_ under torch.inference_mode() or torch.no_grad(), as the "
+            "model is served: it holds tensors made under inference_mode by an earlier call"
+        )
+    return ConfigError(
+        f"calling {type(model).__name__} with example_inputs failed ({type(exc).__name__}: "
+        f"{exc}); {fix}"
+    )
+
+
+def _grad_mixed(model: nn.Module, inputs: Any) -> bool:
+    """Whether some parameters require grad and others not, or an input tensor does: then a
+    call without grad cannot tell which inputs of a native module would require grad."""
+    flags = {p.requires_grad for p in model.parameters()}
+    if isinstance(inputs, Mapping):
+        values = list(inputs.values())
+    else:
+        values = list(inputs) if isinstance(inputs, tuple | list) else [inputs]
+    return len(flags) > 1 or any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
 def reference(
-    model: nn.Module, inputs: Any
+    model: nn.Module, inputs: Any, diagnosis: bool = True
 ) -> tuple[list[torch.Tensor], tuple[tuple[str, str], ...]]:
-    """The original's outputs on ``inputs`` and, from the same call, its fastpath diagnosis."""
+    """The original's outputs on ``inputs`` as served (:func:`in_eval`, :func:`served`) and,
+    from the same call, its fastpath diagnosis for the caller's mode (exact when every parameter
+    requires grad, or none and no input does; otherwise, in grad mode, from one more call)."""
+    grad = torch.is_grad_enabled()
     try:
-        with in_eval(model):
-            reasons, out = diagnose_call(model, inputs)
+        with in_eval(model), served():
+            reasons, out = diagnose_call(model, inputs, grad=grad)
+        if diagnosis and grad and reasons and _grad_mixed(model, inputs):
+            with in_eval(model):
+                reasons = diagnose_call(model, inputs)[0]
         return [t.detach().clone() for t in output_tensors(out)], reasons
     except Exception as exc:
-        fix = (
-            "pass what the model takes: a dict of keyword arguments, a tuple of positional "
-            "arguments, or one tensor"
-        )
-        if "inference tensor" in str(exc).lower():
-            # a tensor the model cached during an earlier call under inference_mode (BEiT's
-            # relative position bias) cannot take part in a grad-mode call
-            fix = (
-                "call swap_attention_ under torch.inference_mode() or torch.no_grad(), as the "
-                "model is served: it holds tensors made under inference_mode by an earlier call"
-            )
-        raise ConfigError(
-            f"calling {type(model).__name__} with example_inputs failed ({type(exc).__name__}: "
-            f"{exc}); {fix}"
-        ) from exc
+        raise call_failed(model, exc) from exc
+
+
+def call_original(model: nn.Module, inputs: Any) -> Any:
+    """One timed call of the original in the caller's mode; a failure that only this mode
+    meets (an inference tensor the model cached, in grad mode) gets :func:`call_failed`'s fix."""
+    try:
+        return call(model, inputs)
+    except Exception as exc:
+        raise call_failed(model, exc) from exc
 
 
 def verify_choice(
@@ -281,16 +343,19 @@ def verify_choice(
     rtol: float | None,
     atol: float | None,
 ) -> tuple[Undo, str]:
-    """Apply ``cand`` and compare it with the original on ``inputs``; ``(undo, problem)``."""
-    ref, _ = reference(model, inputs)
+    """Apply ``cand`` and compare it with the original (as served) on ``inputs``;
+    ``(undo, problem)``."""
+    ref, _ = reference(model, inputs, diagnosis=False)
     undo = Undo()
     try:
         cand.apply(undo)
-        got = output_tensors(call(model, inputs))
+        with served():
+            got = output_tensors(call(model, inputs))
     except Exception as exc:
         undo()
         return Undo(), f"failed: {type(exc).__name__}: {exc}"
-    _, problem = compare(ref, got, valid_mask(model, inputs), rtol=rtol, atol=atol)
+    valid = valid_mask(model, inputs)
+    _, problem = compare(ref, got, valid, rtol=rtol, atol=atol, original=as_original())
     if problem:
         undo()
         return Undo(), problem
@@ -348,9 +413,12 @@ def measure(
         try:
             cand.apply(undo)
             t1 = clock()
-            got = output_tensors(call(model, inputs))
+            with served():  # as the original: a swap does not freeze what it does not replace
+                got = output_tensors(call(model, inputs))
             estimate[cand.name] = max(clock() - t1, 0.0)
-            errors[cand.name] = compare(ref, got, valid, rtol=rtol, atol=atol)
+            errors[cand.name] = compare(
+                ref, got, valid, rtol=rtol, atol=atol, original=as_original()
+            )
             for _ in range(max(warmup - 1, 0)):
                 if not fits(estimate[cand.name]):
                     break
@@ -399,7 +467,7 @@ def measure(
 
     left = None if deadline is None else deadline - clock()
     fns = {
-        name: functools.partial(call, model, inputs)
+        name: functools.partial(call_original if name == ORIGINAL else call, model, inputs)
         for name in finalists(runners, estimate, left, _favorite(runners))
     }
     timing = race(
