@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -17,9 +18,10 @@ from typing import Any, Generic, Literal, TypeVar
 
 from fastinfer._common.quantiles import summary
 from fastinfer.batching._admission import Admission
+from fastinfer.batching._bridge import HomeLost, discard, wait_async, wait_sync
 from fastinfer.batching._collate import Collator, default_length, make_collator
 from fastinfer.batching._config import BatcherConfig
-from fastinfer.batching._core import CLOSED, CLOSING, IN_FN, OPEN, WINDOW
+from fastinfer.batching._core import CLOSED, CLOSING, OPEN, WINDOW
 from fastinfer.batching._cost_model import ArrivalRate, CostModel
 from fastinfer.batching._forming import Forming
 from fastinfer.batching._lifecycle import Lifecycle
@@ -235,6 +237,9 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
         self._latencies: deque[float] = deque(maxlen=WINDOW)
         self._exec_times: deque[float] = deque(maxlen=WINDOW)
         self._callback_failed = False
+        self._pid: int | None = None  # set when bound: a forked copy cannot use it
+        self._shutting = False
+        self._shut = concurrent.futures.Future[None]()
 
     # ---------------------------------------------------------------- configuration & state
 
@@ -291,6 +296,8 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
                 f"{self._preferred[-1]}; preferred sizes are fixed at construction"
             )
         config = self._config.replace(**changes)  # validates
+        if (forked := self._forked_error()) is not None:
+            raise forked
 
         def apply() -> None:
             if self._executor is not None:
@@ -417,6 +424,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
             self._runs.clear()
         self._loop = loop
         self._loop_thread_id = thread_id
+        self._pid = os.getpid()
         clock = self._clock_arg
         if clock is not None and hasattr(clock, "call_at"):
             self._clock = clock  # type: ignore[assignment]
@@ -434,6 +442,8 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
         if home is loop:
             return True
         with self._bind_lock:
+            if self._state != OPEN:  # closed meanwhile: start no loop thread
+                raise self._closed_error()
             home = self._loop
             stopped = home is not None and not home.is_closed() and not home.is_running()
             if stopped and not self._idle():
@@ -464,9 +474,18 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
         except RuntimeError:
             running = None
         with self._bind_lock:
+            if self._state != OPEN:  # closed meanwhile: start no loop thread
+                raise self._closed_error()
             home = self._loop
             if home is None or home.is_closed():
                 self._start_own_loop()
+            elif home is running and self._thread is not None and home is self._thread.loop:
+                raise WouldBlockError(
+                    f"submit_sync() was called on this {self._name}'s own loop thread (from an "
+                    "on_batch/on_request callback, or code scheduled on that loop), where "
+                    "blocking would stall every request it serves. Fix: `await batcher.submit("
+                    "item)` in a task there, or call submit_sync from another thread"
+                )
             elif home is running or not home.is_running():
                 if not self._idle():
                     raise WouldBlockError(
@@ -492,50 +511,65 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
             QueueFull: at once, when the queue is full or the latency target cannot be met
                 (``retry_after`` says when to retry).
             DeadlineExceeded: the deadline passed first.
-            ClosedError: the batcher is closed or closing.
+            ClosedError: the batcher is closed or closing; it is bound to another process (this
+                one is a fork); or the loop it is bound to ended while the request waited.
             BatchError: ``fn`` broke its contract (e.g. returned the wrong number of results).
-            WouldBlockError: called from inside this batcher's own ``fn``.
+            WouldBlockError: called from inside this batcher's own ``fn``, or the loop it is
+                bound to stopped while the request waited.
         """
+        if (forked := self._forked_error()) is not None:
+            raise forked
         if self._state != OPEN:
             raise self._closed_error()
         self._refuse_reentry("submit()")
         loop = asyncio.get_running_loop()
         if self._bind_async(loop):
             return await self._enqueue(item, timeout, priority)
-        assert self._loop is not None
-        cf = asyncio.run_coroutine_threadsafe(
-            self._submit_home(item, timeout, priority), self._loop
-        )
-        return await asyncio.wrap_future(cf)
+        home = self._loop
+        assert home is not None
+        try:  # the home loop may end before it runs the request, or while it waits there
+            coro = self._submit_home(item, timeout, priority)
+            try:
+                cf = asyncio.run_coroutine_threadsafe(coro, home)
+            except RuntimeError:  # closed since _bind_async looked
+                coro.close()
+                raise HomeLost("closed") from None
+            try:
+                return await wait_async(cf, home)
+            except HomeLost:
+                discard(coro, cf, home)
+                raise
+        except HomeLost as e:
+            raise self._home_lost_error(e.how) from None
 
     def submit_sync(self, item: T, *, timeout: float | None = None, priority: int = 0) -> R:
         """Blocking twin of :meth:`submit`, safe from any thread (a Jupyter cell included).
 
         With no running home loop, the batcher starts its own loop thread. Raises
-        ``WouldBlockError`` when called on the thread of a home loop that holds requests, or
-        from inside this batcher's own ``fn``.
+        ``WouldBlockError`` when called on the thread of a home loop that holds requests, on the
+        batcher's own loop thread (an ``on_batch``/``on_request`` callback), or from inside this
+        batcher's own ``fn``.
         """
+        if (forked := self._forked_error()) is not None:
+            raise forked
         if self._state != OPEN:
             raise self._closed_error()
         self._refuse_reentry("submit_sync()")
         loop = self._bind_sync()
-        cf = asyncio.run_coroutine_threadsafe(self._submit_home(item, timeout, priority), loop)
+        coro = self._submit_home(item, timeout, priority)
         try:
-            return cf.result()
+            cf = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop closed since _bind_sync (a concurrent close())
+            coro.close()
+            raise self._home_lost_error("closed") from None
+        try:
+            return wait_sync(cf, loop)
+        except HomeLost as e:  # the loop ended before it answered (a concurrent close())
+            discard(coro, cf, loop)
+            raise self._home_lost_error(e.how) from None
         except BaseException:
             cf.cancel()  # KeyboardInterrupt etc.: the queued item is withdrawn
             raise
-
-    def _refuse_reentry(self, what: str) -> None:
-        inside = IN_FN.get() is self or (
-            self._executor is not None and self._executor.owns_current_thread()
-        )
-        if inside:
-            raise WouldBlockError(
-                f"{what} was called from inside this {self._name}'s own fn: the item would wait "
-                "for a batch slot that this very call holds, a deadlock until its timeout. Fix: "
-                "call the model directly inside fn, or submit to another DynamicBatcher"
-            )
 
     async def _submit_home(self, item: T, timeout: float | None, priority: int) -> R:
         return await self._enqueue(item, timeout, priority)

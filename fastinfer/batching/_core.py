@@ -8,8 +8,10 @@ failures). Every attribute is declared here, once, with its type.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from fastinfer.batching._loop import Clock, Handle, LoopThread
 from fastinfer.batching._records import BatchRecord, RequestRecord
 from fastinfer.batching._request import DONE, QUEUED, RUNNING, BatchRun, Request
 from fastinfer.batching._threads import SlotPool
-from fastinfer.errors import BatchError, ClosedError, DeadlineExceeded
+from fastinfer.errors import BatchError, ClosedError, DeadlineExceeded, WouldBlockError
 
 __all__ = ["CLOSED", "CLOSING", "HEADROOM", "IN_FN", "OPEN", "WINDOW", "BatcherCore", "stop_error"]
 
@@ -134,6 +136,9 @@ class BatcherCore:
     _latencies: deque[float]
     _exec_times: deque[float]
     _callback_failed: bool
+    _pid: int | None  # the process whose loop and threads the batcher is bound to
+    _shutting: bool  # a closer is stopping the executor and the loop thread
+    _shut: concurrent.futures.Future[None]  # ... and it has finished
 
     # implemented by the parts
     def _schedule(self, notify: bool = True) -> None:
@@ -163,6 +168,63 @@ class BatcherCore:
         if self._state == CLOSING:
             return ClosedError(f"cannot submit to a {self._name} that is closing")
         return ClosedError(f"cannot submit to a closed {self._name}")
+
+    def _forked_error(self) -> ClosedError | None:
+        """An error when this process is a fork of the one the batcher is bound to (None if not):
+        the copy's loop thread and worker threads do not run here, so a request would wait for
+        good (its loop even reads as running)."""
+        pid = self._pid
+        if pid is None or pid == os.getpid():
+            return None
+        return ClosedError(
+            f"this {self._name} belongs to process {pid}, where it was bound to an event loop and "
+            f"threads; this process ({os.getpid()}) is a fork of it, where they do not run, so a "
+            "request would wait for good. Fix: create one DynamicBatcher per process, after the "
+            "fork (e.g. in the app's lifespan or the worker's startup), or fork before its first use"
+        )
+
+    def _refuse_reentry(self, what: str) -> None:
+        """``WouldBlockError`` when called from inside this batcher's own ``fn``: a request (or a
+        close, which waits for the running batches) would wait for the call that is waiting."""
+        inside = IN_FN.get() is self or (
+            self._executor is not None and self._executor.owns_current_thread()
+        )
+        if not inside:
+            return
+        if what.startswith("submit"):
+            why = (
+                "the item would wait for a batch slot that this very call holds, a deadlock until "
+                "its timeout. Fix: call the model directly inside fn, or submit to another "
+                "DynamicBatcher"
+            )
+        else:
+            why = (
+                "closing waits for the running batches to finish, this very call of fn among "
+                "them: a deadlock. Fix: close the batcher outside fn, once its requests returned "
+                "(fn may set a flag or an Event that the code which closes it waits for)"
+            )
+        raise WouldBlockError(f"{what} was called from inside this {self._name}'s own fn: {why}")
+
+    def _home_lost_error(self, how: str) -> Exception:
+        """What a caller waiting on the home loop gets when that loop ended first (see _bridge)."""
+        if self._state != OPEN:
+            return self._closed_error()  # closed meanwhile: its loop thread was stopped
+        fix = (
+            "Fix: close the batcher before that loop ends (`await batcher.aclose()` on it, e.g. at "
+            "the end of the lifespan or of the asyncio.run() that uses it), or create it with "
+            "own_loop=True to run it on its own loop thread"
+        )
+        if how == "stopped":
+            return WouldBlockError(
+                f"the event loop this {self._name} is bound to (the first loop that used it) "
+                "stopped, not closed, while this request waited on it, so it would wait until "
+                f"someone runs that loop again. {fix}"
+            )
+        return ClosedError(
+            f"the event loop this {self._name} was bound to (the first loop that used it) ended "
+            "while this request waited on it (its asyncio.run() returned, or it was closed), so "
+            f"the request was dropped. {fix}"
+        )
 
     # ---------------------------------------------------------------- resolution paths
 

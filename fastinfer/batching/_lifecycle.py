@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import threading
 from typing import TYPE_CHECKING
 
+from fastinfer.batching._bridge import HomeLost, discard, wait_async, wait_closed
 from fastinfer.batching._core import CLOSED, CLOSING, OPEN, BatcherCore
 from fastinfer.batching._request import QUEUED
 from fastinfer.errors import ClosedError, ConfigError, WouldBlockError
@@ -39,56 +41,85 @@ class Lifecycle(BatcherCore):
         sync one's thread abandoned), so a hung ``fn`` cannot hold the close up for good.
         """
         _check_timeout(timeout)
-        if self._loop is None or self._loop.is_closed():
-            self._finish_close()
+        if self._forked_error() is not None:
+            self._state = CLOSED  # this copy: the parent's loop and threads are not ours to stop
             return
-        if not self._loop.is_running():
-            if not self._idle():  # what it holds can only finish on that loop
-                raise WouldBlockError(
-                    f"{self._name} holds requests on an event loop that is not running; run "
-                    "`await batcher.aclose()` on that loop"
-                )
-            self._finish_close()  # a stopped home loop, idle: nothing to drain (as close())
-            return
-        if self._loop is asyncio.get_running_loop():
-            await self._aclose_home(cancel_pending, timeout)
-        else:
-            cf = asyncio.run_coroutine_threadsafe(
-                self._aclose_home(cancel_pending, timeout), self._loop
-            )
-            await asyncio.wrap_future(cf)
+        if self._state != CLOSED:
+            self._refuse_reentry("aclose()")
+        while True:  # again when the home loop ends before it ran the close (another closer)
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                self._finish_close()
+                return
+            if not loop.is_running():
+                if not self._idle():  # what it holds can only finish on that loop
+                    raise WouldBlockError(
+                        f"{self._name} holds requests on an event loop that is not running; run "
+                        "`await batcher.aclose()` on that loop"
+                    )
+                self._finish_close()  # a stopped home loop, idle: nothing to drain (as close())
+                return
+            if loop is asyncio.get_running_loop():
+                await self._aclose_home(cancel_pending, timeout)
+                break
+            coro = self._aclose_home(cancel_pending, timeout)
+            try:
+                cf = asyncio.run_coroutine_threadsafe(coro, loop)
+            except RuntimeError:  # closed since we looked
+                coro.close()
+                continue
+            try:
+                await wait_async(cf, loop)
+                break
+            except HomeLost:
+                discard(coro, cf, loop)
         self._finish_close()
 
     def close(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Blocking :meth:`aclose` (same ``cancel_pending`` and ``timeout``), for sync code.
-        Idempotent. On the batcher's own running loop use ``await aclose()`` instead
-        (``WouldBlockError``, unless it is already closed: then it returns at once)."""
+        Idempotent, from any number of threads at once: each returns once the batcher is closed.
+        On the batcher's own running loop use ``await aclose()`` instead (``WouldBlockError``,
+        unless it is already closed: then it returns at once), and never inside its ``fn``."""
         _check_timeout(timeout)
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            self._finish_close()
+        if self._forked_error() is not None:
+            self._state = CLOSED  # this copy: the parent's loop and threads are not ours to stop
             return
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is running:
-            if self._state == CLOSED:
-                return  # already closed and drained: nothing to wait for (idempotent)
-            raise WouldBlockError(
-                f"close() was called on the thread running this {self._name}'s event loop, "
-                "where blocking would deadlock; use `await batcher.aclose()` (or `async with`)"
-            )
-        if not loop.is_running():
-            if not self._idle():
+        if self._state != CLOSED:
+            self._refuse_reentry("close()")
+        while True:  # again when the home loop ends before it ran the close (another closer)
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                self._finish_close()
+                return
+            try:
+                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if loop is running:
+                if self._state == CLOSED:
+                    return  # already closed and drained: nothing to wait for (idempotent)
                 raise WouldBlockError(
-                    f"{self._name} holds requests on an event loop that is not running; run "
-                    "`await batcher.aclose()` on that loop"
+                    f"close() was called on the thread running this {self._name}'s event loop, "
+                    "where blocking would deadlock; use `await batcher.aclose()` (or `async with`)"
                 )
-            self._state = CLOSED
-            self._finish_close()
-            return
-        asyncio.run_coroutine_threadsafe(self._aclose_home(cancel_pending, timeout), loop).result()
+            if not loop.is_running():
+                if not self._idle():
+                    raise WouldBlockError(
+                        f"{self._name} holds requests on an event loop that is not running; run "
+                        "`await batcher.aclose()` on that loop"
+                    )
+                self._finish_close()
+                return
+            coro = self._aclose_home(cancel_pending, timeout)
+            try:
+                cf = asyncio.run_coroutine_threadsafe(coro, loop)
+            except RuntimeError:  # closed since we looked
+                coro.close()
+                continue
+            closed = wait_closed(cf, self._shut, loop)
+            discard(coro, cf, loop)
+            if closed:
+                break
         self._finish_close()
 
     async def _aclose_home(self, cancel_pending: bool, timeout: float | None) -> None:
@@ -141,14 +172,29 @@ class Lifecycle(BatcherCore):
         self._schedule()
 
     def _finish_close(self) -> None:
-        self._state = CLOSED
-        if self._executor is not None:
-            # Drained: every call has returned (or was abandoned), so the workers exit at once.
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self._thread is not None:
-            thread, self._thread = self._thread, None
-            thread.stop()
+        """Stop the worker threads and the loop thread, once, however many closers come: the
+        first does it, a later one returns when it has (unless it runs on one of those threads,
+        which the first may be joining)."""
+        with self._bind_lock:
+            self._state = CLOSED
+            first, self._shutting = not self._shutting, True
+        if first:
+            try:
+                if self._executor is not None:
+                    # Drained: every call has returned (or was abandoned): the workers exit at once.
+                    self._executor.shutdown(wait=True)
+                    self._executor = None
+                if self._thread is not None:
+                    self._thread.stop()
+                    self._thread = None
+            finally:
+                self._shut.set_result(None)
+            return
+        executor = self._executor
+        if threading.get_ident() != self._loop_thread_id and not (
+            executor is not None and executor.owns_current_thread()
+        ):
+            self._shut.result()
 
     async def __aenter__(self) -> Self:
         return self

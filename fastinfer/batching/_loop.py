@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 __all__ = ["Clock", "Handle", "LoopClock", "LoopThread", "UnboundClock"]
 
+SETTLE_SECONDS = 0.1  # a stopped loop thread waits this long for cancelled tasks to end
+
 
 class Handle(Protocol):
     def cancel(self) -> Any: ...
@@ -56,8 +58,22 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_forever()
+            self.loop.run_until_complete(self._settle())
         finally:
             self.loop.close()
+
+    @staticmethod
+    async def _settle() -> None:
+        """Stopped (the batcher closed): run what other threads scheduled meanwhile (a second
+        ``close()``, a ``submit_sync`` racing the close) so that each gets its answer (closed)
+        instead of being dropped with the loop; cancel what is left (a given-up async ``fn``)."""
+        for _ in range(3):
+            await asyncio.sleep(0)
+        rest = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in rest:
+            task.cancel()
+        if rest:
+            await asyncio.wait(rest, timeout=SETTLE_SECONDS)
 
     def stop(self) -> None:
         if not self.loop.is_closed():

@@ -103,10 +103,17 @@ class Running(BatcherCore):
 
     async def _run_batch(self, run: BatchRun, started: float, call: Started | None) -> None:
         outcomes: list[Any] = []
+        dropped = False
         try:
             outcomes = await self._execute(run, call)
+        except GeneratorExit:
+            # The coroutine is being closed outside its loop: the loop was dropped with this batch
+            # pending (a loop left stopped, then collected). That loop runs nothing any more, and
+            # the batcher may be bound to another one by now: leave its state alone.
+            dropped = True
+            raise
         finally:
-            if not run.finished:  # else given up (batch_timeout, close): callers are resolved
+            if not run.finished and not dropped:  # else given up (batch_timeout, close)
                 reqs = run.reqs
                 if len(outcomes) != len(reqs):  # interrupted (loop shutting down): resolve all
                     outcomes = [
@@ -331,9 +338,17 @@ class Running(BatcherCore):
         except (Exception, asyncio.CancelledError):
             raise  # a cancellation keeps its meaning; an Exception is isolated by the caller
         except BaseException as e:  # SystemExit, KeyboardInterrupt...: contained to this batch
+            task = run.task
+            if isinstance(e, GeneratorExit) and (
+                task is None or asyncio.current_task(task.get_loop()) is not task
+            ):
+                raise  # not fn's: the coroutine is being closed from outside its task (see above)
             raise Aborted(e) from e
         finally:
-            IN_FN.reset(token)
+            try:
+                IN_FN.reset(token)
+            except ValueError:  # closed from outside its task, in another context: nothing to undo
+                pass
             run.active = False
             run.call = None
             if timer is not None:
