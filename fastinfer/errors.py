@@ -103,7 +103,9 @@ class ClientDisconnected(FastInferError, ConnectionError):
 
 
 class WouldBlockError(FastInferError, RuntimeError):
-    """A blocking call was made on the thread that runs an event loop it would wait for (deadlock)."""
+    """A blocking call was made where it would wait for itself (a deadlock): on the thread that runs
+    the event loop it would wait for, inside the batched ``fn`` it would wait to finish (``close``),
+    or on a :class:`~fastinfer.PinnedPool`'s own thread (a done-callback waiting on a call)."""
 
 
 class QueueFull(FastInferError, RuntimeError):

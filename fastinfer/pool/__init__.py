@@ -15,9 +15,11 @@
         y = pool.submit(x).result()          # or: y = await pool.run(x)
 
 See docs/pool.md. Layout: ``_pool`` (the public object), ``_supervisor`` (the pool's thread:
-workers' lifecycle), ``_worker`` (the worker process's entry point, run by path), ``_wire`` (what
-travels between them: a leaf both import), ``_plan`` / ``_topology`` (cores and sysfs),
-``_threads`` (:func:`configure_threads`), ``_records`` (statistics and per-call records).
+workers' lifecycle), ``_state`` (what that thread holds instead of the pool, the finalizer of a
+pool dropped unclosed, the calls' Futures), ``_worker`` (the worker process's entry point, run
+by path), ``_wire`` (what travels between them: a leaf both import), ``_plan`` / ``_topology``
+(cores and sysfs), ``_threads`` (:func:`configure_threads`), ``_records`` (statistics and
+per-call records).
 """
 
 from fastinfer.pool._plan import Core, CorePlan, Split, WorkerCores

@@ -35,6 +35,19 @@ _lock = threading.RLock()
 _held: Counter[tuple[str, int]] = Counter()  # (directory, cpu) -> this process's pools on it
 
 
+def _after_fork_in_child() -> None:
+    """A forked child starts with no claims: its parent's pools (and their files, named by the
+    parent's pid) are not its own, so a pool it creates writes its own files. The lock is new too:
+    one another thread of the parent held at the fork would stay held here forever."""
+    global _lock, _held
+    _lock = threading.RLock()
+    _held = Counter()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def claims_dir() -> str | None:
     """The shared directory of claim files (None when none can be written: no check then)."""
     import tempfile  # here, not at import: it pulls in random and hashlib
@@ -80,9 +93,11 @@ def _alive(pid: int, started: str) -> bool:
 
 class CpuClaim:
     """This process's claim on ``cpus`` (made at once); ``others`` maps each other live process
-    that claims some of them to those CPUs. :meth:`release` is idempotent."""
+    that claims some of them to those CPUs. :meth:`release` is idempotent, and does nothing in a
+    forked child (the claim is its parent's)."""
 
     def __init__(self, cpus: Iterable[int], directory: str | None = None) -> None:
+        self._pid = os.getpid()
         self.cpus = tuple(sorted(set(cpus)))
         self.others: dict[int, list[int]] = {}
         self._held = False
@@ -142,6 +157,8 @@ class CpuClaim:
 
     def release(self) -> None:
         """Drop this claim (the file goes when the last pool of this process on a CPU does)."""
+        if self._pid != os.getpid():
+            return  # a forked child's copy: the files and the count are the parent's
         with _lock:
             if not self._held:
                 return

@@ -8,6 +8,7 @@ import concurrent.futures
 import itertools
 import logging
 import math
+import os
 import pickle
 import socket
 import threading
@@ -17,18 +18,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from fastinfer._common.quantiles import summary
-from fastinfer.errors import ClosedError, ConfigError, InvalidInput, WorkerCrashed
+from fastinfer.errors import ConfigError, InvalidInput, WouldBlockError
 from fastinfer.pool._claims import CpuClaim
 from fastinfer.pool._plan import CorePlan
 from fastinfer.pool._records import CallRecord, PoolStatistics, WorkerStatistics
-from fastinfer.pool._slots import Call, Worker, down_error
-from fastinfer.pool._supervisor import Supervisor
+from fastinfer.pool._slots import Call, Worker
+from fastinfer.pool._state import PoolFuture, State, dropped, dumper, live
 
 __all__ = ["MAX_TIMEOUT", "PinnedPool"]
 
 logger = logging.getLogger("fastinfer.pool")
-
-_dumps_fn: Callable[[Any], bytes] | None = None
 
 
 def _sample_cpu_load(cpus: Sequence[int], interval: float = 0.25) -> dict[int, float]:
@@ -58,18 +57,7 @@ _NUMA_MODES = ("off", "preferred", "bind")
 MAX_TIMEOUT = 7 * 24 * 3600.0
 
 
-def _dumper() -> Callable[[Any], bytes]:
-    """The message encoder (tensors by value); made once: it imports torch (1-2 s cold), which
-    the pool does when it starts, not on a caller's first submit (an event loop's thread)."""
-    global _dumps_fn
-    if _dumps_fn is None:
-        from fastinfer.pool._wire import make_dumps
-
-        _dumps_fn = make_dumps()
-    return _dumps_fn
-
-
-class PinnedPool(Supervisor):
+class PinnedPool:
     """Worker processes pinned to disjoint physical cores, each serving ``fn(state, batch)``.
 
     Each worker pins itself (``sched_setaffinity``), sets OMP/MKL variables and torch's thread
@@ -110,6 +98,10 @@ class PinnedPool(Supervisor):
             warm, so a lazy first call (kernel selection, a compile) never meets ``timeout``.
 
     Raises :class:`WorkerStartupError` (with the worker's traceback) when a worker fails to start.
+
+    A pool dropped without :meth:`close` is closed by its thread (with a ``ResourceWarning``). It
+    belongs to the process that created it: in a forked child its methods raise
+    :class:`ClosedError`. Done-callbacks of its Futures run on its thread: they must not block.
     """
 
     def __init__(
@@ -185,24 +177,27 @@ class PinnedPool(Supervisor):
         except Exception as exc:
             raise ConfigError(f"warmup cannot be pickled for the worker processes ({exc})") from exc
 
-        self.plan = plan if plan is not None else CorePlan.detect()
+        # Everything the pool's thread needs lives in ``s``, never in ``self``: the thread holds
+        # only ``s``, so a pool nobody references is collected and its finalizer closes it.
+        s = self._s = State()
+        s._owner = os.getpid()
+        s._abandoned = False
+        self.plan = s.plan = plan if plan is not None else CorePlan.detect()
         n = self.plan.default_workers() if workers is None else workers
-        self.split = self.plan.split(n, smt=smt)
-        self.timeout = timeout
-        self.idempotent = idempotent
-        self._pin, self._threads, self._interop = pin, threads, interop_threads
-        self._numa, self._env = numa, env
-        self._on_report, self._on_call = on_worker_report, on_call
-        self._startup_timeout = startup_timeout
-        self.prefetch = prefetch
-        self._warms = warmup is not None
+        self.split = s.split = self.plan.split(n, smt=smt)
+        s.timeout, s.idempotent, s.prefetch = timeout, idempotent, prefetch
+        s._pin, s._threads, s._interop = pin, threads, interop_threads
+        s._numa, s._env = numa, env
+        s._on_report, s._on_call = on_worker_report, on_call
+        s._startup_timeout = startup_timeout
+        s._warms = warmup is not None
         import multiprocessing.spawn
 
         prep = multiprocessing.spawn.get_preparation_data("fastinfer-pool-worker")
         # The workers share our authkey (as multiprocessing's spawn does) so they can fetch
         # shared-memory tensor handles from our resource sharer and we from theirs.
         prep["authkey"] = bytes(prep["authkey"])
-        self._setup = pickle.dumps(
+        s._setup = pickle.dumps(
             {
                 "prep": prep,
                 "init": blobs["init"],
@@ -212,9 +207,9 @@ class PinnedPool(Supervisor):
                 "warmup": blobs["warmup"],
             }
         )
-        self._notes: list[str] = list(self.split.notes)
+        s._notes = list(self.split.notes)
         if numa != "off" and len(self.plan.nodes) < 2:
-            self._notes.append(f"numa={numa!r} ignored: this machine has one NUMA node")
+            s._notes.append(f"numa={numa!r} ignored: this machine has one NUMA node")
         self.foreign_load_warning: str | None = None
         if load_warning_threshold is not None:
             cpus = sorted({c for w in self.split for c in w.cpus})
@@ -223,47 +218,86 @@ class PinnedPool(Supervisor):
                 self.foreign_load_warning = msg
                 logger.warning("PinnedPool: %s", msg)
         # Pinned cores another server process's pool holds too (uvicorn --workers 2): say so.
-        self._claim = CpuClaim({c for w in self.split for c in w.cpus} if pin else ())
-        weakref.finalize(self, self._claim.release)
-        self.cpus_shared_warning: str | None = self._claim.warning()
+        # Released by the pool's thread once the workers are stopped (and by close()).
+        s._claim = CpuClaim({c for w in self.split for c in w.cpus} if pin else ())
+        self.cpus_shared_warning: str | None = s._claim.warning()
         if self.cpus_shared_warning:
-            self._notes.append(self.cpus_shared_warning)
+            s._notes.append(self.cpus_shared_warning)
             logger.warning("PinnedPool: %s", self.cpus_shared_warning)
 
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # a worker became ready / failed
-        self._pending: collections.deque[Call] = collections.deque()
-        self._workers = [Worker(i, wc) for i, wc in enumerate(self.split)]
+        s._lock = threading.Lock()
+        s._changed = threading.Condition(s._lock)  # a worker became ready / failed
+        s._pending = collections.deque()
+        s._workers = [Worker(i, wc) for i, wc in enumerate(self.split)]
         self._ids = itertools.count()
-        self._closing = False
-        self._closed = False
-        self._counts = collections.Counter[str]()
-        self._started = threading.Event()
-        self._startup_error: BaseException | None = None
-        self._gave_up: str | None = None
-        self._gave_up_tb: str | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._thread = threading.Thread(target=self._run, name="fastinfer-pool", daemon=True)
+        s._closing = False
+        s._closed = False
+        s._counts = collections.Counter()
+        s._started = threading.Event()
+        s._startup_error = None
+        s._gave_up = None
+        s._gave_up_tb = None
+        s._wake_r, s._wake_w = socket.socketpair()
+        s._wake_r.setblocking(False)
+        s._wake_w.setblocking(False)
+        self._thread = threading.Thread(target=s._run, name="fastinfer-pool", daemon=True)
         self._thread.start()
-        _dumper()  # while the workers start: a first submit from an event loop imports nothing
-        self._started.wait()
-        if self._startup_error is not None:
+        live.add(s)
+        self._finalizer = weakref.finalize(self, dropped, s)
+        self._finalizer.atexit = False  # at exit: _state releases the claim
+        try:
+            dumper()  # while the workers start: a first submit from an event loop imports nothing
+            s._started.wait()
+        except BaseException:  # interrupted (Ctrl+C): nobody gets this pool; its thread closes it
+            self._finalizer.detach()
+            s._abandoned = True
+            s._wake()
+            raise
+        if s._startup_error is not None:
+            self._finalizer.detach()
             self._thread.join()
-            self._claim.release()
-            raise self._startup_error
+            s._claim.release()
+            raise s._startup_error
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a call may run (None: no limit); may be changed while the pool runs."""
+        return self._s.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._s.timeout = value
+
+    @property
+    def idempotent(self) -> bool:
+        """A call whose worker crashed is retried once on another worker."""
+        return self._s.idempotent
+
+    @idempotent.setter
+    def idempotent(self, value: bool) -> None:
+        self._s.idempotent = value
+
+    @property
+    def prefetch(self) -> int:
+        """Calls sent to a worker ahead of the one it runs."""
+        return self._s.prefetch
+
+    @prefetch.setter
+    def prefetch(self, value: int) -> None:
+        self._s.prefetch = value
 
     # ---------------------------------------------------------------- public API
 
     @property
     def workers(self) -> int:
         """Number of worker slots."""
-        return len(self._workers)
+        return len(self._s._workers)
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` has begun (or the pool gave up): it takes no more calls."""
-        return self._closing
+        """True once :meth:`close` has begun (or the pool gave up), and in a process forked from
+        the pool's: it takes no more calls."""
+        return self._s._closing or os.getpid() != self._s._owner
 
     def submit(self, item: Any, /) -> concurrent.futures.Future[Any]:
         """Run ``fn(state, item)`` on the next free worker; returns a Future. Thread-safe.
@@ -286,17 +320,19 @@ class PinnedPool(Supervisor):
         return self._submit("call", (func, args, kwargs))
 
     def _submit(self, kind: str, payload: Any) -> concurrent.futures.Future[Any]:
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        with self._lock:
-            down = self._refused()
+        self._s.check_owner()
+        s = self._s
+        fut: concurrent.futures.Future[Any] = PoolFuture(self._thread)
+        with s._lock:
+            down = s._refused()
             call = Call(next(self._ids), kind, payload, fut)
         if down is not None:
-            return self._failed(fut, down)
+            return s._failed(fut, down)
         try:
             # Pickle here, on the caller's thread: a large tensor is copied (one memcpy) into a
             # fresh shared-memory segment that only this call holds, so the worker gets a copy,
             # not the caller's memory, and only a handle is sent.
-            call.data = self._dumps(call)
+            call.data = s._dumps(call)
         except RecursionError as exc:  # data nested too deep (a client's JSON can be): its input
             what = "item" if kind == "fn" else "call's arguments"
             raise InvalidInput(
@@ -307,30 +343,13 @@ class PinnedPool(Supervisor):
         except Exception as exc:
             what = "item" if kind == "fn" else "call"
             raise ConfigError(f"cannot send this {what} to a worker: {exc}") from exc
-        with self._lock:
-            down = self._refused()
+        with s._lock:
+            down = s._refused()
             if down is None:
-                self._pending.append(call)
+                s._pending.append(call)
         if down is not None:
-            return self._failed(fut, down)
-        self._wake()
-        return fut
-
-    def _refused(self) -> WorkerCrashed | None:
-        """Why a call made now fails at once (the pool gave up, or no worker is up and the next
-        restart waits), or None; raises :class:`ClosedError` after :meth:`close`. Lock held."""
-        down = down_error(self._workers, self._gave_up, self._gave_up_tb)
-        if down is None and self._closing:
-            raise ClosedError("cannot submit to a closed PinnedPool")
-        return down
-
-    def _failed(
-        self, fut: concurrent.futures.Future[Any], error: WorkerCrashed
-    ) -> concurrent.futures.Future[Any]:
-        with self._lock:
-            self._counts["failed"] += 1
-        fut.set_running_or_notify_cancel()
-        fut.set_exception(error)
+            return s._failed(fut, down)
+        s._wake()
         return fut
 
     async def run(self, item: Any, /) -> Any:
@@ -352,36 +371,53 @@ class PinnedPool(Supervisor):
 
         Calls never need this (they queue while a worker restarts); it is for tests, health
         checks and benchmarks that want the whole pool. Returns False at once if the pool is
-        closed or a worker slot gave up restarting.
+        closed or a worker slot gave up restarting. On the pool's own thread (a done-callback)
+        it raises :class:`WouldBlockError` rather than wait: that thread starts the workers.
         """
+        self._s.check_owner()
+        s = self._s
 
         def settled() -> bool:
-            states = {w.state for w in self._workers}
-            return states == {"ready"} or self._closing or "failed" in states
+            states = {w.state for w in s._workers}
+            return states == {"ready"} or s._closing or "failed" in states
 
-        with self._changed:
-            self._changed.wait_for(settled, timeout)
-            return {w.state for w in self._workers} == {"ready"} and not self._closing
+        with s._changed:
+            if threading.current_thread() is self._thread and not settled():
+                raise WouldBlockError(
+                    "wait_ready() was called on the PinnedPool's own thread (in a Future's "
+                    "done-callback, on_call or on_worker_report), which starts the workers it "
+                    "would wait for; check pool.statistics() there instead"
+                )
+            s._changed.wait_for(settled, timeout)
+            return {w.state for w in s._workers} == {"ready"} and not s._closing
 
     def close(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop accepting calls, finish the queued and running ones, stop the workers and join.
 
-        ``cancel_pending=True`` cancels queued calls instead of running them. Idempotent.
+        ``cancel_pending=True`` cancels queued calls instead of running them. Idempotent. On
+        the pool's own thread it does not wait (the thread finishes the close); in a process
+        forked from the pool's it does nothing (the pool, its thread and workers are the parent's).
         """
-        with self._changed:
-            self._closing = True
-            self._changed.notify_all()
+        s = self._s
+        if os.getpid() != s._owner:
+            return
+        self._finalizer.detach()
+        drop: list[Call] = []
+        with s._changed:
+            s._closing = True
+            s._changed.notify_all()
             if cancel_pending:
-                keep: collections.deque[Call] = collections.deque()
-                while self._pending:
-                    call = self._pending.popleft()
-                    if call.fut.cancel():
-                        self._counts["cancelled"] += 1
-                    else:  # already running (re-queued after a crash): it still gets a result
-                        keep.append(call)
-                self._pending = keep
-        self._wake()
-        self._claim.release()
+                # Running ones (re-queued after a crash) stay and still get a result.
+                drop = [call for call in s._pending if not call.fut.running()]
+                s._pending = collections.deque(c for c in s._pending if c.fut.running())
+        # Cancelled outside the lock: a cancelled Future runs its done-callbacks at once, here,
+        # and one that uses the pool (submit, statistics()) would deadlock on the lock.
+        cancelled = sum(call.fut.cancel() for call in drop)
+        if cancelled:
+            with s._lock:
+                s._counts["cancelled"] += cancelled
+        s._wake()
+        s._claim.release()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -403,10 +439,12 @@ class PinnedPool(Supervisor):
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot: workers alive, restarts, queue per worker, busy share, latencies."""
+        self._s.check_owner()
+        s = self._s
         now = time.monotonic()
-        with self._lock:
+        with s._lock:
             per = []
-            for w in self._workers:
+            for w in s._workers:
                 lat = list(w.lat)
                 up = now - w.first_ready if w.first_ready else 0.0
                 head = w.calls[0] if w.calls else None
@@ -418,7 +456,7 @@ class PinnedPool(Supervisor):
                         alive=w.state == "ready",
                         state=w.state,
                         cpus=tuple(w.info.get("affinity") or w.cores.cpus),
-                        threads=int(w.info.get("threads", self._threads or w.cores.threads)),
+                        threads=int(w.info.get("threads", s._threads or w.cores.threads)),
                         in_flight=len(w.calls),
                         calls_ok=w.ok,
                         calls_failed=w.failed,
@@ -431,46 +469,36 @@ class PinnedPool(Supervisor):
                     )
                 )
             alive = [p for p in per if p.alive]
-            backoff = [w.restart_at - now for w in self._workers if w.state == "backoff"]
+            backoff = [w.restart_at - now for w in s._workers if w.state == "backoff"]
             return PoolStatistics(
                 workers=len(per),
                 workers_alive=len(alive),
                 worker_restarts_total=sum(p.restarts for p in per),
-                queue_depth=len(self._pending),
+                queue_depth=len(s._pending),
                 calls_in_flight=sum(p.in_flight for p in per),
-                requests_ok=self._counts["ok"],
-                requests_failed=self._counts["failed"],
-                requests_cancelled=self._counts["cancelled"],
-                crashes=self._counts["crashes"],
-                timeouts=self._counts["timeouts"],
-                retries=self._counts["retries"],
+                requests_ok=s._counts["ok"],
+                requests_failed=s._counts["failed"],
+                requests_cancelled=s._counts["cancelled"],
+                crashes=s._counts["crashes"],
+                timeouts=s._counts["timeouts"],
+                retries=s._counts["retries"],
                 busy_ratio=math.fsum(p.busy_ratio for p in per) / len(per) if per else 0.0,
                 queue_per_worker={p.worker: p.in_flight for p in per},
                 busy_ratio_per_worker={p.worker: p.busy_ratio for p in per},
                 per_worker=tuple(per),
                 foreign_load_warning=self.foreign_load_warning,
-                notes=tuple(self._notes),
-                closed=self._closed,
+                notes=tuple(s._notes),
+                closed=s._closed,
                 consecutive_crashes=max((p.consecutive_crashes for p in per), default=0),
                 restart_backoff_seconds=max(0.0, min(backoff)) if backoff else 0.0,
-                gave_up=self._gave_up is not None,
-                gave_up_reason=self._gave_up,
+                gave_up=s._gave_up is not None,
+                gave_up_reason=s._gave_up,
             )
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "closing" if self._closing else "open"
-        return f"<PinnedPool {state} workers={len(self._workers)}>"
-
-    # ---------------------------------------------------------------- internals
-
-    def _dumps(self, call: Call) -> bytes:
-        return _dumper()(("call", call.id, call.kind, call.args))
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass
+        s = self._s
+        state = "closed" if s._closed else "closing" if s._closing else "open"
+        return f"<PinnedPool {state} workers={len(s._workers)}>"
 
 
 class _PoolExecutor(concurrent.futures.Executor):

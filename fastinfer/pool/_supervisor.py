@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastinfer.errors import WorkerCrashed, WorkerError, WorkerTimeout
+from fastinfer.pool._claims import CpuClaim
 from fastinfer.pool._link import Link, Watched, watch
 from fastinfer.pool._plan import CorePlan, Split, cpus_str
 from fastinfer.pool._records import CallRecord
@@ -69,7 +70,8 @@ _OWN_GROUP: dict[str, Any] = (
 
 
 class Supervisor:
-    """The pool thread's half of :class:`PinnedPool`; its state is declared here."""
+    """What a pool's thread works on (declared here): a PinnedPool holds one, and its thread holds
+    only this, never the PinnedPool, so a pool nobody references is collected, and closed."""
 
     plan: CorePlan
     split: Split
@@ -100,6 +102,8 @@ class Supervisor:
     _gave_up_tb: str | None  # the worker's traceback of the last failed start, if any
     _wake_r: socket.socket
     _wake_w: socket.socket
+    _claim: CpuClaim  # the pool's CPUs: released once its workers are stopped
+    _abandoned: bool  # set by the finalizer of a PinnedPool dropped unclosed: close it
 
     def _dumps(self, call: Call) -> bytes:
         raise NotImplementedError
@@ -168,6 +172,7 @@ class Supervisor:
                 self._started.set()
         finally:
             shutdown_workers(self._workers, kill_all=self._startup_error is not None)
+            self._claim.release()
             with self._changed:
                 self._closed = True
                 self._closing = True
@@ -183,6 +188,9 @@ class Supervisor:
     def _serve(self, sel: selectors.BaseSelector) -> None:
         watched: Watched = {}
         while True:
+            if self._abandoned and not self._closing:  # dropped unclosed: close() it here
+                with self._changed:
+                    self._closing = True
             # Housekeeping first, so every state change (including ones made while spawning)
             # is acted on before the thread sleeps.
             if not self._started.is_set():
