@@ -5,9 +5,11 @@ are told before the service is ready, and the disconnect watch of ``svc.submit``
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -79,11 +81,13 @@ def not_ready_detail(setup_error: BaseException | None, stopping: bool, phase: s
     return f"the service is not ready yet (phase: {phase}); retry shortly"
 
 
-async def stop_setup(task: asyncio.Task[None], is_async: bool, grace: float, phase: str) -> None:
-    """At shutdown, stop a setup still running, waiting at most ``grace`` seconds: an async
-    setup is cancelled at its next await; a sync one (its own thread) stops at its next
-    ``svc.phase()`` or ``svc.manage()``. A 40 s ``init()`` is not waited for. Logs one line."""
-    if is_async:
+async def stop_setup(task: asyncio.Task[None] | None, fn: Any, grace: float, phase: str) -> None:
+    """At shutdown, stop a setup still running (``task``), waiting at most ``grace`` seconds: an
+    async setup (``fn``) is cancelled at its next await; a sync one (its own thread) stops at its
+    next ``svc.phase()`` or ``svc.manage()``. A 40 s ``init()`` is not waited for. Logs one line."""
+    if task is None or task.done():
+        return
+    if inspect.iscoroutinefunction(fn):
         task.cancel()
     await asyncio.wait({task}, timeout=grace)
     stopped = task.done()
@@ -112,13 +116,24 @@ async def run_in_thread(fn: Callable[..., Any], *args: Any, lifespan: int | None
     the server's event loop, when it closes, joins that executor's threads, so a setup blocked
     in a 40 s ``init`` would hold the process up; this thread is left behind instead.
     ``lifespan`` is what :func:`setup_lifespan` says in that thread."""
+    return await _in_daemon_thread(
+        functools.partial(fn, *args), "fastinfer-setup", "the setup", lifespan
+    )
+
+
+def _in_daemon_thread(
+    fn: Callable[[], Any], thread: str, what: str, lifespan: int | None = None
+) -> asyncio.Future[Any]:
+    """A future of ``fn()`` run in a daemon thread named ``thread``: what it returns or raises
+    lands there, unless the future was cancelled (given up) or the loop has closed."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Any] = loop.create_future()
 
     def settle(exc: BaseException | None, result: Any) -> None:
-        if fut.done():
-            return
-        if exc is not None:
+        if fut.done():  # given up: nobody waits for it any more
+            if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                logger.info("%s, given up at shutdown, ended with %r", what, exc)
+        elif exc is not None:
             fut.set_exception(exc)
         else:
             fut.set_result(result)
@@ -126,31 +141,82 @@ async def run_in_thread(fn: Callable[..., Any], *args: Any, lifespan: int | None
     def target() -> None:
         _setup_thread.lifespan = lifespan
         try:
-            result, exc = fn(*args), None
+            result, exc = fn(), None
         except BaseException as e:  # handed to the awaiting task, or dropped after shutdown
             result, exc = None, e
         try:
             loop.call_soon_threadsafe(settle, exc, result)
         except RuntimeError:  # the loop has closed: the server is gone, nobody waits
             if exc is not None and not isinstance(exc, asyncio.CancelledError):
-                logger.info("the setup, abandoned at shutdown, ended with %r", exc)
+                logger.info("%s, abandoned at shutdown, ended with %r", what, exc)
 
-    threading.Thread(target=target, name="fastinfer-setup", daemon=True).start()
-    return await fut
+    threading.Thread(target=target, name=thread, daemon=True).start()
+    return fut
 
 
-async def close_all(items: Iterable[tuple[str, Any]], timeout: float) -> None:
-    """Close ``(name, obj)`` pairs in the order given, each drained for at most ``timeout``."""
+#: once the drain's deadline has passed, how long each object still to close is given
+CLOSE_GRACE_SECONDS = 0.25
+
+
+async def close_all(items: list[tuple[str, Any]], timeout: float, why: str = "") -> None:
+    """Close ``(name, obj)`` pairs in the order given, within one deadline: ``timeout`` seconds
+    (``shutdown_timeout_seconds``) for the whole drain, shared by the objects in that order.
+    ``why``: logged first with the names (nothing when empty).
+
+    An object still closing at the deadline is given up, in one warning line (its ``aclose()``
+    cancelled; its ``close()`` left to the daemon thread it runs in, which does not hold the
+    process up), and the objects after it are still closed, each given ``CLOSE_GRACE_SECONDS``.
+    A close that raises, ``CancelledError`` included (``task.cancel(); await task`` inside an
+    ``aclose()``), is logged and the others are still closed: each close runs as a task of its
+    own, so only the cancellation of this one (the server giving up on the shutdown) propagates."""
+    if items and why:
+        logger.warning("closing %s %s", ", ".join(n for n, _ in items), why)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     for name, obj in items:
+        job = loop.create_task(_close(name, obj), name=f"fastinfer-close-{name}")
+        job.add_done_callback(_retrieve)
         try:
-            if hasattr(obj, "aclose"):
-                await asyncio.wait_for(obj.aclose(), timeout)
-            else:
-                result = await asyncio.to_thread(obj.close)
-                if inspect.isawaitable(result):
-                    await asyncio.wait_for(result, timeout)
-        except Exception:
-            logger.exception("closing %s failed during shutdown", name)
+            await asyncio.wait({job}, timeout=max(deadline - loop.time(), CLOSE_GRACE_SECONDS))
+        except asyncio.CancelledError:  # the shutdown itself is cancelled
+            job.cancel()
+            raise
+        how = "aclose()" if hasattr(obj, "aclose") else "close()"
+        if not job.done():
+            job.cancel()
+            logger.warning(
+                "%s did not drain within %g s; not waiting for it: %s (shutdown_timeout_seconds "
+                "is one deadline for all the managed objects, in their closing order)",
+                name,
+                timeout,
+                "its aclose() was cancelled"
+                if how == "aclose()"
+                else "its close() runs on in a daemon thread, which does not hold the exit up",
+            )
+        elif job.cancelled():
+            logger.error(
+                "closing %s during shutdown: its %s raised CancelledError (not the shutdown "
+                "being cancelled; a task it cancelled and awaited?); closing the others",
+                name,
+                how,
+            )
+        elif (exc := job.exception()) is not None:
+            logger.error("closing %s failed during shutdown", name, exc_info=exc)
+
+
+async def _close(name: str, obj: Any) -> None:
+    if hasattr(obj, "aclose"):
+        await obj.aclose()
+        return
+    result = await _in_daemon_thread(obj.close, f"fastinfer-close-{name}", f"closing {name}")
+    if inspect.isawaitable(result):
+        await result
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A close given up at the deadline may still fail: no "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def close_now(name: str, obj: Any) -> None:
@@ -311,3 +377,46 @@ async def unless_disconnected(request: Any, awaitable: Awaitable[T]) -> T:
     except (asyncio.CancelledError, Exception):
         pass
     raise ClientDisconnected("the client disconnected; its request was cancelled")
+
+
+def lifespan_loop(running: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:
+    """The loop of a lifespan that starts, given that of the one running (None: none runs).
+    ``ConfigError`` while another runs, its loop not closed (a TestClient entered on an app a
+    server is serving; one service installed on two apps, both served)."""
+    if running is None or running.is_closed():
+        return asyncio.get_running_loop()
+    raise ConfigError(
+        "this FastInferService's lifespan is already running (a server serves its app, or a "
+        "TestClient is entered on it): one service runs one lifespan at a time, and a second "
+        "would build its objects again next to the running ones and close them when it ends. "
+        "Fix: build the app and its service per server or test (an app factory: a function "
+        "that makes the FastInferService and its FastAPI app, called by each), or end the "
+        "running lifespan before starting the next"
+    )
+
+
+_installed: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def claim_app(app: Any, svc: Any) -> None:
+    """``svc.install(app)``: one service per app. The exception handlers ``install`` adds are
+    app-wide, each bound to its service, so with two the last installed would answer the
+    other's errors (and its middleware count the other's traffic)."""
+    try:
+        other = _installed.get(app)
+    except TypeError:  # not weak-referenceable: nothing to check against
+        return
+    if other is svc:
+        raise ConfigError(
+            "install(app): this service is installed on this app already (its routes, error "
+            "handlers and middleware are there): call install() once per app"
+        )
+    if other is not None:
+        raise ConfigError(
+            "install(app): another FastInferService is installed on this app already; its error "
+            "handlers are app-wide, so each would answer the other's errors. One service per "
+            "app: a second model goes into the same service, its batcher managed with labels "
+            "(svc.manage(..., labels={'model': 'b'}) and svc.batcher_hooks(labels=...): see "
+            "'Several models' in docs/fastapi.md), or into an app of its own"
+        )
+    _installed[app] = svc

@@ -89,10 +89,12 @@ from fastinfer.integrations._exporting import (
 from fastinfer.integrations._lifecycle import (
     SetupCancelled,
     State,
+    claim_app,
     close_all,
     close_now,
     closed_error,
     health_problems,
+    lifespan_loop,
     not_ready_detail,
     retired_error,
     run_in_thread,
@@ -148,7 +150,7 @@ class FastInferService:
             once, ``/readyz`` and model endpoints say 503 until it finishes: the Kubernetes
             pattern). ``False`` runs it inside the lifespan, before the server accepts requests.
         retry_after_seconds: the ``Retry-After`` sent with 503s when the error does not carry one.
-        shutdown_timeout_seconds: how long shutdown waits for managed objects to drain.
+        shutdown_timeout_seconds: one deadline for all the managed objects to drain at shutdown.
         freeze_gc: once setup has finished, collect garbage and ``gc.freeze()`` what is left
             (the model, torch's and the app's modules) so that Python's full collections no
             longer scan it. With torch imported a full collection takes 56-72 ms on a 2-core VM,
@@ -224,6 +226,7 @@ class FastInferService:
         self._in_setup = self._warned_not_started = False
         self._lifespans = 0
         self._lock = threading.Lock()  # manage() runs on the setup thread, shutdown on the loop
+        self._live_loop: asyncio.AbstractEventLoop | None = None  # the running lifespan's loop
         self._stopping = False
         self._phases: dict[str, float] = {}
         self._phase: str = "not started"
@@ -303,11 +306,11 @@ class FastInferService:
             raise ConfigError(f"manage({name!r}): {type(obj).__name__} has no close() or aclose()")
         if (closed := closed_error(name, obj)) is not None:
             raise closed
+        exported = None  # tracked outside the lock: a statistics() may call svc.readiness()
+        if hasattr(obj, "statistics") and not self._stale():
+            exported = track(self.recorder, obj, name, standard, labels)
         with self._lock:
             if not self._stale():
-                exported = None
-                if hasattr(obj, "statistics"):
-                    exported = track(self.recorder, obj, name, standard, labels)
                 self._registered.add(obj, exported, self._in_setup)
                 self._managed.append((name, obj))
                 return obj
@@ -415,17 +418,13 @@ class FastInferService:
         with self._lock:  # from here on, manage() closes what it is given at once
             items, self._managed = self._managed[::-1], []
             self._registered.closing(items)
-        if items and why:
-            logger.warning("closing %s %s", ", ".join(n for n, _ in items), why)
-        await close_all(items, self.shutdown_timeout_seconds)
+        await close_all(items, self.shutdown_timeout_seconds, why)
 
     async def _shutdown(self) -> None:
         with self._lock:
             self._stopping = True
         phase, self._ready, self._phase = self._phase, False, "shutting down"
-        if self._setup_task is not None and not self._setup_task.done():
-            is_async = inspect.iscoroutinefunction(self._setup_fn)
-            await stop_setup(self._setup_task, is_async, self.setup_grace_seconds, phase)
+        await stop_setup(self._setup_task, self._setup_fn, self.setup_grace_seconds, phase)
         await self._close_managed("")
         if self._gc_frozen:
             gc.unfreeze()
@@ -439,6 +438,7 @@ class FastInferService:
         """A lifespan starts: a second one (another `with TestClient(app)`) builds everything
         again, as the first did."""
         with self._lock:
+            self._live_loop = lifespan_loop(self._live_loop)  # ConfigError while one runs
             self._stopping, self._lifespans = False, self._lifespans + 1
         self._ready, self._setup_error, self._setup_task = False, None, None
         self._phase, self._phases, self._serving, self._admission = "starting", {}, {}, {}
@@ -450,18 +450,21 @@ class FastInferService:
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         """The FastAPI lifespan: run the setup (in the background by default), drain at shutdown.
-        Each lifespan starts the service afresh: the setup runs again."""
+        Each lifespan starts the service afresh: the setup runs again (one lifespan at a time)."""
         self._start_afresh()
-        if self.background_setup:
-            self._setup_task = asyncio.create_task(self._run_setup())
-        else:
-            await self._run_setup()
-            if self._setup_error is not None:
-                raise self._setup_error
         try:
-            yield
+            if self.background_setup:
+                self._setup_task = asyncio.create_task(self._run_setup())
+            else:
+                await self._run_setup()
+                if self._setup_error is not None:
+                    raise self._setup_error
+            try:
+                yield
+            finally:
+                await self._shutdown()
         finally:
-            await self._shutdown()
+            self._live_loop = None
 
     # ------------------------------------------------------------------ request helpers
 
@@ -509,6 +512,7 @@ class FastInferService:
 
     def install(self, app: Any) -> None:
         """Add the health, readiness and metrics routes, the error handlers and the HTTP metrics."""
+        claim_app(app, self)  # one service per app: its error handlers are app-wide
         svc = self
         encode_tensors()  # a tensor in a response is its list, not a silent {}
         probe = {"methods": ["GET", "HEAD"], "include_in_schema": False}  # HEAD: probes, curl -I
