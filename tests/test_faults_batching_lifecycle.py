@@ -165,6 +165,7 @@ def _bridged(
     a_main: Callable[[DynamicBatcher[int, int], threading.Event], Any],
     n: int,
     release: threading.Event,
+    timeout: float = 5,
 ) -> tuple[DynamicBatcher[int, int], list[Any], float]:
     """Thread A binds the batcher to its loop and runs ``a_main``; thread B, on its own loop,
     submits ``n`` requests (bridged to A's loop) while the first batch blocks in ``fn`` until
@@ -183,7 +184,7 @@ def _bridged(
     async def b_main() -> list[Any]:
         async def one(i: int) -> Any:
             try:
-                return await b.submit(i, timeout=5)
+                return await b.submit(i, timeout=timeout)
             except BaseException as e:  # a bare CancelledError included
                 return e
 
@@ -231,10 +232,11 @@ def test_requests_bridged_to_a_home_loop_left_stopped_fail_instead_of_hanging(
         loop.run_until_complete(_bind_and_wait(b, bound, 3))  # the loop is kept, stopped
 
     with caplog.at_level(logging.ERROR, logger="fastinfer.batching"):
-        b, outcomes, waited = _bridged(a_main, 3, release)
+        b, outcomes, waited = _bridged(a_main, 3, release, timeout=1)
         assert all(isinstance(o, WouldBlockError) for o in outcomes), outcomes
         assert "stopped, not closed" in str(outcomes[0])
-        assert waited < 4  # not their timeout (5 s), which that loop cannot even count
+        # their own timeout, which the stopped loop's timers cannot count: the caller does
+        assert 0.9 < waited < 4
         # The stopped loop is dropped with the batch still pending on it: closing its coroutine
         # (as the collector does) is not a GeneratorExit "raised by fn"
         loop = loops[0]
@@ -311,3 +313,50 @@ def test_submit_sync_from_a_callback_on_the_batchers_loop_thread_is_refused() ->
         lambda: not [t for t in threading.enumerate() if t.name == "fastinfer-cb-reentry-loop"],
         "no loop thread left",
     )
+
+
+def test_a_home_loop_driven_step_by_step_serves_requests_bridged_between_steps() -> None:
+    # A loop that run_until_complete drives step by step is stopped between steps, for as long
+    # as the code between them runs (here 0.4 s). A request another thread handed it during a
+    # step, still running in fn when the step ends, is answered at the next step. Before: given
+    # up after 0.2 s of a stopped loop with "stopped, not closed".
+    def fn(xs: list[int]) -> list[int]:
+        time.sleep(0.15)  # outlives the step that started it
+        return [x * 2 for x in xs]
+
+    b = DynamicBatcher(fn, max_batch_size=4, max_wait_ms=0)
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(b.submit(1)) == 2  # binds the batcher to this loop
+        results: list[Any] = []
+
+        stepping = threading.Event()
+
+        def other_thread() -> None:
+            for i in range(3):
+                stepping.wait()  # hand it over while the loop runs (idle and stopped, the
+                try:  # batcher would move to a loop thread of its own)
+                    results.append(b.submit_sync(i, timeout=5))
+                except Exception as e:
+                    results.append(e)
+
+        async def step() -> None:  # until the other thread's next request is in
+            seen = b.statistics().requests_submitted
+            stepping.set()
+            for _ in range(100):
+                if b.statistics().requests_submitted > seen:
+                    break
+                await asyncio.sleep(0.01)
+            stepping.clear()
+
+        t = threading.Thread(target=other_thread, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 20
+        while t.is_alive() and time.monotonic() < deadline:
+            loop.run_until_complete(step())
+            time.sleep(0.4)  # the caller's own work between steps: the loop is stopped
+        assert results == [0, 2, 4]
+        assert b._loop is loop  # served there, not moved to a loop thread
+        loop.run_until_complete(b.aclose())
+    finally:
+        loop.close()

@@ -244,3 +244,17 @@ def test_a_dict_item_whose_values_differ_in_length_is_refused(item: dict[str, An
     other = {k: [1, 1] for k in item}
     with pytest.raises(BatchError, match=r"item 1\[.*\] has \d+ positions but its 'input_ids'"):
         PadCollate().collate([other, item])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"length": [5]}, {"idx": torch.tensor([7])}],
+    ids=["return_length", "caller-id"],
+)
+def test_a_dict_items_other_keys_are_not_held_to_its_length(extra: dict[str, Any]) -> None:
+    # A regression of the check above: a tokenizer's `return_length=True` gives `length` (1,),
+    # and callers add ids; such keys were padded as sequences before and still are.
+    items = [{"input_ids": [5, 6, 7, 8, 9], **extra}, {"input_ids": [1, 2], **extra}]
+    batch, _ = PadCollate().collate(items)
+    assert batch["input_ids"].shape == (2, 5)
+    assert batch[next(iter(extra))].shape == (2, 5)

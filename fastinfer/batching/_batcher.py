@@ -487,12 +487,19 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
                     "item)` in a task there, or call submit_sync from another thread"
                 )
             elif home is running or not home.is_running():
-                if not self._idle():
+                if not self._idle() and home is running:
                     raise WouldBlockError(
                         f"submit_sync() was called on the thread that runs this {self._name}'s "
                         "event loop while it holds requests; blocking here would deadlock. Use "
                         "`await batcher.submit(item)` in async code, or create the batcher with "
                         "own_loop=True"
+                    )
+                if not self._idle():
+                    raise WouldBlockError(
+                        f"the event loop this {self._name} is bound to is stopped (not closed) "
+                        "and holds requests, which can only run on it; submit_sync() would wait "
+                        "until someone runs it. Run that loop again (or `await "
+                        "batcher.aclose()` on it), or create the batcher with own_loop=True"
                     )
                 self._start_own_loop()  # idle: move to a private loop thread
         assert self._loop is not None
@@ -535,7 +542,7 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
                 coro.close()
                 raise HomeLost("closed") from None
             try:
-                return await wait_async(cf, home)
+                return await wait_async(cf, home, self._patience(timeout))
             except HomeLost:
                 discard(coro, cf, home)
                 raise
@@ -563,13 +570,18 @@ class DynamicBatcher(Lifecycle, Forming, Running, Admission, Generic[T, R]):
             coro.close()
             raise self._home_lost_error("closed") from None
         try:
-            return wait_sync(cf, loop)
+            return wait_sync(cf, loop, self._patience(timeout))
         except HomeLost as e:  # the loop ended before it answered (a concurrent close())
             discard(coro, cf, loop)
             raise self._home_lost_error(e.how) from None
         except BaseException:
             cf.cancel()  # KeyboardInterrupt etc.: the queued item is withdrawn
             raise
+
+    def _patience(self, timeout: float | None) -> float | None:
+        """How long a request bridged to a stopped (not closed) home loop waits for it to run
+        again: its own time limit, which a stopped loop's timers cannot enforce."""
+        return timeout if timeout is not None else self._timeout
 
     async def _submit_home(self, item: T, timeout: float | None, priority: int) -> R:
         return await self._enqueue(item, timeout, priority)

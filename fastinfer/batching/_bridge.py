@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -33,8 +34,8 @@ class HomeLost(Exception):
     """The home loop ended before it finished the hand-off (private: never reaches a caller).
 
     ``how``: ``"closed"`` (the loop is closed), ``"cancelled"`` (the loop cancelled it while
-    shutting down, as ``asyncio.run()`` does) or ``"stopped"`` (not running, at two looks in a
-    row: stopped, not closed, so what waits on it would wait until someone runs it again)."""
+    shutting down, as ``asyncio.run()`` does) or ``"stopped"`` (stopped, not closed, for longer
+    than the request's own time limit: it would wait until someone runs the loop again)."""
 
     def __init__(self, how: str) -> None:
         super().__init__(how)
@@ -42,21 +43,28 @@ class HomeLost(Exception):
 
 
 class Watch:
-    """Says when a home loop is gone: closed, or not running at two looks in a row (a loop that
-    ``run_until_complete`` drives call after call is not running between calls for a moment)."""
+    """Says when a home loop is gone: closed, or stopped for longer than ``patience`` seconds
+    (the request's own time limit; None: never given up for being stopped). A loop that
+    ``run_until_complete`` drives step by step is stopped between steps, for as long as the code
+    between them runs: a request waiting there is served at the next step, as before."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, patience: float | None = None) -> None:
         self.loop = loop
-        self._stopped = 0
+        self.patience = patience
+        self._stopped_since: float | None = None
 
     def gone(self) -> str | None:
         if self.loop.is_closed():
             return "closed"
         if self.loop.is_running():
-            self._stopped = 0
+            self._stopped_since = None
             return None
-        self._stopped += 1
-        return "stopped" if self._stopped >= 2 else None
+        now = time.monotonic()
+        if self._stopped_since is None:
+            self._stopped_since = now
+        if self.patience is not None and now - self._stopped_since >= self.patience:
+            return "stopped"
+        return None
 
 
 def withdraw(cf: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
@@ -81,9 +89,14 @@ def discard(
             pass
 
 
-def wait_sync(cf: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop) -> Any:
-    """``cf.result()``, or :class:`HomeLost` when ``loop`` ends first (for a blocking caller)."""
-    watch = Watch(loop)
+def wait_sync(
+    cf: concurrent.futures.Future[Any],
+    loop: asyncio.AbstractEventLoop,
+    patience: float | None = None,
+) -> Any:
+    """``cf.result()``, or :class:`HomeLost` when ``loop`` ends first (for a blocking caller;
+    ``patience``: see :class:`Watch`)."""
+    watch = Watch(loop, patience)
     while True:
         try:
             return cf.result(timeout=POLL_SECONDS)
@@ -102,12 +115,13 @@ def wait_closed(
     cf: concurrent.futures.Future[Any],
     closed: concurrent.futures.Future[None],
     loop: asyncio.AbstractEventLoop,
+    patience: float | None = None,
 ) -> bool:
     """Wait for ``cf`` (a close scheduled on ``loop``) or for ``closed`` (another closer finished).
 
     True when either is done (``cf``'s error, if any, is raised); False when ``loop`` ended first
-    without running ``cf``: the caller looks at the batcher again."""
-    watch = Watch(loop)
+    without running ``cf`` (``patience``: see :class:`Watch`): the caller looks again."""
+    watch = Watch(loop, patience)
     while True:
         done, _ = concurrent.futures.wait(
             (cf, closed), timeout=POLL_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
@@ -123,9 +137,14 @@ def wait_closed(
             return False
 
 
-async def wait_async(cf: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop) -> Any:
+async def wait_async(
+    cf: concurrent.futures.Future[Any],
+    loop: asyncio.AbstractEventLoop,
+    patience: float | None = None,
+) -> Any:
     """``await`` the outcome of ``cf`` (run on ``loop``) from another event loop, or raise
-    :class:`HomeLost` when ``loop`` ends first. Cancelling the caller withdraws ``cf``."""
+    :class:`HomeLost` when ``loop`` ends first (``patience``: see :class:`Watch`). Cancelling the
+    caller withdraws ``cf``."""
     here = asyncio.get_running_loop()
     out: asyncio.Future[Any] = here.create_future()
 
@@ -145,7 +164,7 @@ async def wait_async(cf: concurrent.futures.Future[Any], loop: asyncio.AbstractE
         except RuntimeError:  # pragma: no cover - the caller's loop is closed: nobody waits
             pass
 
-    watch = Watch(loop)
+    watch = Watch(loop, patience)
     timer: asyncio.TimerHandle
 
     def look() -> None:

@@ -240,18 +240,37 @@ def _seq(x: Any, index: int, key: str | None, batched: bool = False) -> torch.Te
     return t
 
 
+# A tokenizer's values that run along the tokens, one per token. Other keys (``length`` from
+# ``return_length=True``, an id the caller added) are padded like sequences, as they always were.
+_PER_TOKEN = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "position_ids",
+        "special_tokens_mask",
+        "offset_mapping",
+        "inputs_embeds",
+    }
+)
+
+
 def _check_lengths(
     per_key: Mapping[str, list[torch.Tensor]], lead: str, lengths: list[int]
 ) -> None:
-    """Every value of a dict item runs along the same tokens as its ``lead`` value: one that is
-    shorter would be padded as if its tokens were real (a mask of 4 beside 5 input_ids hides a
-    real token), one that is longer would not fit."""
+    """A tokenizer's per-token values of a dict item run along the same tokens as its ``lead``
+    value: one that is shorter would be padded as if its tokens were real (a mask of 4 beside 5
+    input_ids hides a real token), one that is longer would not fit."""
+    if lead not in _PER_TOKEN:
+        return
     for key, seqs in per_key.items():
+        if key not in _PER_TOKEN:
+            continue
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             if s.shape[0] != n:
                 raise BatchError(
                     f"item {i}[{key!r}] has {s.shape[0]} positions but its {lead!r} has {n}; "
-                    "every value of a dict item runs along the same tokens. Fix: build the "
+                    "a tokenizer's per-token values run along the same tokens. Fix: build the "
                     "item's values together (one tokenizer call), or collate it yourself"
                 )
 

@@ -69,7 +69,7 @@ class Lifecycle(BatcherCore):
                 coro.close()
                 continue
             try:
-                await wait_async(cf, loop)
+                await wait_async(cf, loop, _close_patience(timeout))
                 break
             except HomeLost:
                 discard(coro, cf, loop)
@@ -116,7 +116,7 @@ class Lifecycle(BatcherCore):
             except RuntimeError:  # closed since we looked
                 coro.close()
                 continue
-            closed = wait_closed(cf, self._shut, loop)
+            closed = wait_closed(cf, self._shut, loop, _close_patience(timeout))
             discard(coro, cf, loop)
             if closed:
                 break
@@ -207,3 +207,9 @@ class Lifecycle(BatcherCore):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_patience(timeout: float | None) -> float:
+    """How long a close handed to a stopped (not closed) home loop waits for it to run again
+    before looking at the batcher afresh (idle: closed at once; holding requests: an error)."""
+    return timeout if timeout is not None else 1.0

@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,11 @@ M = TypeVar("M", bound=nn.Module)
 # torch's default dtype is process-wide: two load_pretrained calls building at once take turns.
 _default_dtype_lock = threading.Lock()
 _DEFAULT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# torch's errors for reading a tensor that has no data ("Tensor.item() cannot be called on meta
+# tensors", "Cannot copy out of meta tensor; no data!", "... on the meta device")
+_META_ERROR = re.compile(r"\bmeta tensors?\b|\bmeta device\b|'Meta' backend")
 
 
 def load_model(
@@ -66,7 +72,7 @@ def load_model(
         with empty_init():
             model = factory_or_class(*args, **kwargs)
     except (RuntimeError, NotImplementedError) as exc:
-        if "meta" not in str(exc):
+        if not _META_ERROR.search(str(exc)):
             raise  # the model's own error, not the empty construction's
         name = getattr(factory_or_class, "__qualname__", repr(factory_or_class))
         raise LoadError(
