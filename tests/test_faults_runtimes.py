@@ -283,3 +283,26 @@ def test_build_backend_calls_the_runtime_before_handing_it_back(
     monkeypatch.setattr(builder, "build", lambda self, ctx: (wrong, wrong))
     with pytest.raises(fastinfer.VerificationError, match=r"differs from eager"):
         build_backend(runtime, model, (x,), batch_sizes=(4,), cache_dir=tmp_path)
+
+
+@pytest.mark.skipif(not available("onnxruntime"), reason="needs onnxruntime")
+def test_a_run_that_fails_is_reported_once_not_also_printed_by_ort(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # This model's export bakes a shape into a Reshape, so ORT fails on another batch size: the
+    # candidate is "failed" with ORT's message in the report. Before, ORT's logger also printed
+    # the error to stderr in colour ("[E:onnxruntime:...]"), outside any logging config.
+    model = testing.bert_like_classifier().eval()
+    ids, mask = testing.text_batch(8, 16, padding=0.4)
+    report = select_backend(
+        model,
+        {"input_ids": ids, "attention_mask": mask},
+        candidates=["eager", "onnxruntime"],
+        batch_sizes=(1, 8),
+        budget_seconds=None,
+        cache_dir=tmp_path,
+    )
+    result = report.result("onnxruntime")
+    assert result.status == "failed" and "Reshape" in result.reason
+    assert report.winner == "eager"
+    assert "onnxruntime" not in capfd.readouterr().err

@@ -457,6 +457,9 @@ class OnnxRuntimeBuilder(Builder):
         # ORT's idle threads otherwise spin for a while after each run, taking the cores from
         # whatever runs next (torch, another candidate being timed, the rest of the service).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # A run that fails raises with ORT's message, which the candidate's report carries; its
+        # logger would also print the same error to stderr, in colour, outside any log config.
+        options.log_severity_level = 4  # fatal only
         try:
             session = ort.InferenceSession(
                 str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
