@@ -40,24 +40,15 @@ class Lifecycle(BatcherCore):
         batches, which are given up as after ``batch_timeout`` (an async ``fn`` is cancelled, a
         sync one's thread abandoned), so a hung ``fn`` cannot hold the close up for good.
         """
-        _check_timeout(timeout)
-        if self._forked_error() is not None:
-            self._state = CLOSED  # this copy: the parent's loop and threads are not ours to stop
+        if self._forked_copy_closed("aclose()", timeout):
             return
-        if self._state != CLOSED:
-            self._refuse_reentry("aclose()")
         while True:  # again when the home loop ends before it ran the close (another closer)
             loop = self._loop
             if loop is None or loop.is_closed():
                 self._finish_close()
                 return
             if not loop.is_running():
-                if not self._idle():  # what it holds can only finish on that loop
-                    raise WouldBlockError(
-                        f"{self._name} holds requests on an event loop that is not running; run "
-                        "`await batcher.aclose()` on that loop"
-                    )
-                self._finish_close()  # a stopped home loop, idle: nothing to drain (as close())
+                self._close_stopped_home()
                 return
             if loop is asyncio.get_running_loop():
                 await self._aclose_home(cancel_pending, timeout)
@@ -80,12 +71,8 @@ class Lifecycle(BatcherCore):
         Idempotent, from any number of threads at once: each returns once the batcher is closed.
         On the batcher's own running loop use ``await aclose()`` instead (``WouldBlockError``,
         unless it is already closed: then it returns at once), and never inside its ``fn``."""
-        _check_timeout(timeout)
-        if self._forked_error() is not None:
-            self._state = CLOSED  # this copy: the parent's loop and threads are not ours to stop
+        if self._forked_copy_closed("close()", timeout):
             return
-        if self._state != CLOSED:
-            self._refuse_reentry("close()")
         while True:  # again when the home loop ends before it ran the close (another closer)
             loop = self._loop
             if loop is None or loop.is_closed():
@@ -103,12 +90,7 @@ class Lifecycle(BatcherCore):
                     "where blocking would deadlock; use `await batcher.aclose()` (or `async with`)"
                 )
             if not loop.is_running():
-                if not self._idle():
-                    raise WouldBlockError(
-                        f"{self._name} holds requests on an event loop that is not running; run "
-                        "`await batcher.aclose()` on that loop"
-                    )
-                self._finish_close()
+                self._close_stopped_home()
                 return
             coro = self._aclose_home(cancel_pending, timeout)
             try:
@@ -120,6 +102,27 @@ class Lifecycle(BatcherCore):
             discard(coro, cf, loop)
             if closed:
                 break
+        self._finish_close()
+
+    def _forked_copy_closed(self, what: str, timeout: float | None) -> bool:
+        """Checks shared by close() and aclose(); True when this is a forked child's copy, now
+        marked closed (the parent's loop and threads are not ours to stop)."""
+        _check_timeout(timeout)
+        if self._forked_error() is not None:
+            self._state = CLOSED
+            return True
+        if self._state != CLOSED:
+            self._refuse_reentry(what)
+        return False
+
+    def _close_stopped_home(self) -> None:
+        """Close on a stopped (not closed) home loop: nothing to drain when idle; what it holds
+        can only finish on that loop."""
+        if not self._idle():
+            raise WouldBlockError(
+                f"{self._name} holds requests on an event loop that is not running; run "
+                "`await batcher.aclose()` on that loop"
+            )
         self._finish_close()
 
     async def _aclose_home(self, cancel_pending: bool, timeout: float | None) -> None:
